@@ -1,0 +1,112 @@
+"""Typed messages passed between the stages (ingress -> vision -> router -> decoder -> back).
+
+Every stage boundary is one of these frozen dataclasses: no dicts, no `Any` passthroughs. They cross Ray
+process boundaries by pickling (tensors as torch tensors), so keep them small and plain.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+
+import torch
+
+
+class FinishReason(str, Enum):
+    STOP = "stop"  # EOS, a stop token id or a stop string
+    LENGTH = "length"  # max_tokens or the model's context
+    ABORT = "abort"  # cancelled by the client (disconnect) or by the server (shutdown)
+    ERROR = "error"  # the engine failed this request; `TokenDelta.error` says why
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """What the OpenAI API calls sampling parameters; greedy when temperature == 0."""
+
+    max_tokens: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = no top-k
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0.0
+
+
+@dataclass(frozen=True)
+class ImageSpan:
+    """Where one image block's soft tokens sit in the prompt.
+
+    `content_hash` identifies the pixels (sha256 of the image bytes + model + preprocessing settings, plus the
+    crop index for Pan & Scan crops). It is mixed into the prefix-cache hash of every KV page that holds these
+    tokens: all image placeholder tokens have the same id, so without it two different images would look like a
+    cache hit.
+    """
+
+    offset: int  # index in prompt_token_ids of the first soft token
+    length: int  # number of soft tokens (mm_tokens_per_image, 256 on Gemma 3)
+    content_hash: str
+
+
+@dataclass(frozen=True)
+class ImageEmbedding:
+    """One image block's soft tokens as produced by the vision service: [length, text_hidden]."""
+
+    content_hash: str
+    embeds: torch.Tensor
+    cache_hit: bool = False
+
+
+@dataclass(frozen=True)
+class GenerateRequest:
+    """A tokenized request on its way to a decoder replica."""
+
+    request_id: str
+    prompt_token_ids: tuple[int, ...]
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    images: tuple[ImageSpan, ...] = ()
+    image_embeds: tuple[ImageEmbedding, ...] = ()  # same order as `images`
+    session_id: str | None = None  # conversation affinity (OpenAI `user` or the x-session-id header)
+    arrival_time: float = 0.0
+
+
+@dataclass(frozen=True)
+class TokenDelta:
+    """One streamed step of a generation. The last delta carries finish_reason and the usage counts."""
+
+    request_id: str
+    token_ids: tuple[int, ...]
+    text: str
+    finish_reason: FinishReason | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens served from the prefix cache
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class KvEvent:
+    """Global-layer KV pages a decoder replica stored or evicted, by their chained block hash."""
+
+    replica_id: str
+    stored: tuple[int, ...] = ()
+    removed: tuple[int, ...] = ()
+    cleared: bool = False  # the replica dropped its whole cache (restart, reset)
+
+
+@dataclass(frozen=True)
+class ReplicaLoad:
+    """A decoder replica's load, published with its KV events."""
+
+    replica_id: str
+    running: int
+    waiting: int
+    free_pages: int
+    total_pages: int
+    page_size: int
+    pending_prefill_tokens: int = 0  # prompt tokens admitted but not yet prefilled
+    max_model_len: int = 0
