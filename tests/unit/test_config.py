@@ -1,0 +1,76 @@
+"""The YAML config: defaults round-trip, typos and contradictions are refused with a message."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import BaseModel, ValidationError
+
+from cluster.config import API_KEYS_ENV, G3ServeConfig, IngressSettings
+
+
+def test_defaults_round_trip_through_yaml(tmp_path):
+    cfg = G3ServeConfig()
+    path = tmp_path / "g3serve.yaml"
+    path.write_text(cfg.to_yaml())
+    assert G3ServeConfig.from_yaml(path) == cfg
+
+
+def test_partial_yaml_keeps_other_defaults(tmp_path):
+    path = tmp_path / "g3serve.yaml"
+    path.write_text("engine:\n  native:\n    page_size: 32\ningress:\n  port: 9001\n")
+    cfg = G3ServeConfig.from_yaml(path)
+    assert cfg.engine.native.page_size == 32
+    assert cfg.ingress.port == 9001
+    assert cfg.engine.native.max_num_seqs == G3ServeConfig().engine.native.max_num_seqs
+
+
+def test_unknown_key_is_an_error(tmp_path):
+    path = tmp_path / "g3serve.yaml"
+    path.write_text("ingress:\n  prot: 9001\n")
+    with pytest.raises(ValidationError, match="prot"):
+        G3ServeConfig.from_yaml(path)
+
+
+def test_float16_is_refused():
+    with pytest.raises(ValidationError, match="dtype"):
+        G3ServeConfig.model_validate({"model": {"dtype": "float16"}})
+
+
+def test_autoscaling_bounds_checked():
+    with pytest.raises(ValidationError, match="min_replicas"):
+        G3ServeConfig.model_validate({"decoder": {"autoscaling": {"min_replicas": 3, "max_replicas": 2}}})
+
+
+def test_non_mapping_yaml_is_refused(tmp_path):
+    path = tmp_path / "g3serve.yaml"
+    path.write_text("- a\n- b\n")
+    with pytest.raises(ValueError, match="mapping"):
+        G3ServeConfig.from_yaml(path)
+
+
+def test_api_keys_merge_config_and_env(monkeypatch):
+    monkeypatch.setenv(API_KEYS_ENV, " k2 , k3,,k1")
+    assert IngressSettings(api_keys=["k1"]).resolved_api_keys() == ("k1", "k2", "k3")
+    monkeypatch.delenv(API_KEYS_ENV)
+    assert IngressSettings().resolved_api_keys() == ()
+
+
+def test_native_engine_config_gets_model_fields():
+    cfg = G3ServeConfig.model_validate({"model": {"max_model_len": 2048, "dtype": "bfloat16"}})
+    native = cfg.native_engine_config("/ckpt")
+    assert (native.checkpoint, native.max_model_len, native.dtype) == ("/ckpt", 2048, "bfloat16")
+    assert native.served_model_name == cfg.model.served_model_name
+    assert G3ServeConfig().native_engine_config("/c").dtype == "float32"
+
+
+def _walk(model: type[BaseModel], path: str = ""):
+    for name, field in model.model_fields.items():
+        yield f"{path}{name}", field
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            yield from _walk(ann, f"{path}{name}.")
+
+
+def test_every_field_is_described():
+    missing = [p for p, f in _walk(G3ServeConfig) if not f.description]
+    assert missing == []
