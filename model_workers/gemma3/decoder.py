@@ -1,0 +1,182 @@
+"""The Gemma 3 text decoder in plain PyTorch, over a flat batch of tokens.
+
+Shapes: every forward takes T tokens from any number of sequences, flattened ([T] ids, [T] positions). The model
+never sees sequences or a KV cache: each attention layer hands its q/k/v to an `AttentionBackend` chosen by the
+caller (a dense one for a single prompt, the engine's paged one for batches), which stores k/v wherever it keeps them
+and returns the attention output. That is what lets one model serve batched, paged and windowed caches.
+
+Gemma 3 specifics, each from the report / the reference implementation:
+- 5 local (sliding-window) layers per global layer; local RoPE base 10k, global 1M (+ linear scaling on 4B+ for 128K).
+- GQA; RMSNorm on q and k per head (QK-norm, replacing Gemma 2's soft-capping); scale query_pre_attn_scalar**-0.5.
+- Pre- and post-norm around both attention and MLP; RMSNorm multiplies by (1 + w); GeLU-tanh gated MLP.
+- Embeddings scaled by sqrt(hidden) (image soft tokens are not scaled); LM head tied to the embeddings.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model_workers.gemma3.config import FULL, RopeConfig, TextConfig
+from model_workers.gemma3.weights import CheckpointReader
+
+
+class AttentionBackend(Protocol):
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q: [T, Hq, D], k/v: [T, Hkv, D] for the step's new tokens (after RoPE). Returns [T, Hq, D]."""
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Computed in fp32 whatever the activations' dtype: Gemma's activations overflow fp16 otherwise.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (xf * (1.0 + self.weight.float())).type_as(x)
+
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, rope: RopeConfig, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    inv_freq = 1.0 / (
+        rope.theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=positions.device) / head_dim)
+    )
+    inv_freq = inv_freq / rope.linear_factor
+    freqs = positions.float()[:, None] * inv_freq[None, :]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype)[:, None, :], emb.sin().to(dtype)[:, None, :]  # [T, 1, D] broadcast over heads
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: TextConfig, index: int):
+        super().__init__()
+        self.index = index
+        self.is_global = cfg.layer_types[index] == FULL
+        self.nq, self.nkv, self.hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        h, eps = cfg.hidden_size, cfg.rms_norm_eps
+        # q, k and v fused into one GEMM (and gate/up into another): fewer, larger matmuls are faster on CPU.
+        self.qkv_proj = nn.Linear(h, (self.nq + 2 * self.nkv) * self.hd, bias=False)
+        self.o_proj = nn.Linear(self.nq * self.hd, h, bias=False)
+        self.q_norm, self.k_norm = RMSNorm(self.hd, eps), RMSNorm(self.hd, eps)
+        self.gate_up_proj = nn.Linear(h, 2 * cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, h, bias=False)
+        self.input_layernorm = RMSNorm(h, eps)
+        self.post_attention_layernorm = RMSNorm(h, eps)
+        self.pre_feedforward_layernorm = RMSNorm(h, eps)
+        self.post_feedforward_layernorm = RMSNorm(h, eps)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: AttentionBackend) -> torch.Tensor:
+        t = x.shape[0]
+        qkv = self.qkv_proj(self.input_layernorm(x))
+        q, k, v = qkv.split([self.nq * self.hd, self.nkv * self.hd, self.nkv * self.hd], dim=-1)
+        q = apply_rope(self.q_norm(q.view(t, self.nq, self.hd)), cos, sin)
+        k = apply_rope(self.k_norm(k.view(t, self.nkv, self.hd)), cos, sin)
+        o = attn.attend(self.index, q, k, v.view(t, self.nkv, self.hd))
+        x = x + self.post_attention_layernorm(self.o_proj(o.reshape(t, self.nq * self.hd)))
+        gate, up = self.gate_up_proj(self.pre_feedforward_layernorm(x)).chunk(2, dim=-1)
+        return x + self.post_feedforward_layernorm(self.down_proj(F.gelu(gate, approximate="tanh") * up))
+
+
+class Gemma3Decoder(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.embed_scale = cfg.hidden_size**0.5
+        self.attn_scale = cfg.query_pre_attn_scalar**-0.5
+
+    def embed(
+        self, input_ids: torch.Tensor, image_embeds: torch.Tensor | None = None, image_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Token embeddings (scaled by sqrt(hidden)) with image soft tokens written at `image_mask` positions."""
+        w = self.embed_tokens.weight
+        # Image placeholder ids may lie past the text vocab (multimodal checkpoints): look up a valid id, then overwrite.
+        x = F.embedding(input_ids.clamp(max=w.shape[0] - 1), w) * torch.tensor(self.embed_scale, dtype=w.dtype)
+        if image_embeds is not None and image_mask is not None and image_embeds.numel():
+            x = x.masked_scatter(image_mask[:, None], image_embeds.to(x.dtype))
+        return x
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, attn: AttentionBackend) -> torch.Tensor:
+        """x: [T, hidden] embeddings (from `embed`); returns the final-normed hidden states [T, hidden]."""
+        hd = self.cfg.head_dim
+        rope = {
+            True: rope_cos_sin(positions, hd, self.cfg.rope_global, x.dtype),
+            False: rope_cos_sin(positions, hd, self.cfg.rope_local, x.dtype),
+        }
+        for layer in self.layers:
+            cos, sin = rope[layer.is_global]
+            x = layer(x, cos, sin, attn)
+        return self.norm(x)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The tied LM head, for the rows that need sampling only (it is the biggest matmul of a decode step)."""
+        out = hidden @ self.embed_tokens.weight.t()
+        cap = self.cfg.final_logit_softcapping
+        return torch.tanh(out / cap) * cap if cap else out
+
+    @classmethod
+    def from_checkpoint(
+        cls, path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+    ) -> Gemma3Decoder:
+        from model_workers.gemma3.config import Gemma3Config
+
+        cfg = Gemma3Config.from_checkpoint(path).text
+        with torch.device("meta"):
+            model = cls(cfg)
+        model = model.to_empty(device="cpu").float()
+        return model.load(CheckpointReader(path), dtype).to(device).eval()
+
+    @torch.no_grad()
+    def load(self, reader: CheckpointReader, dtype: torch.dtype = torch.float32) -> Gemma3Decoder:
+        c = self.cfg
+        q_out, kv_out = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+        self.embed_tokens.weight.copy_(reader.tensor("embed_tokens.weight", (c.vocab_size, c.hidden_size)))
+        self.norm.weight.copy_(reader.tensor("norm.weight", (c.hidden_size,)))
+        for i, layer in enumerate(self.layers):
+            p = f"layers.{i}."
+
+            def get(name, shape, p=p):
+                return reader.tensor(p + name, shape)
+
+            layer.qkv_proj.weight.copy_(
+                torch.cat(
+                    [
+                        get("self_attn.q_proj.weight", (q_out, c.hidden_size)),
+                        get("self_attn.k_proj.weight", (kv_out, c.hidden_size)),
+                        get("self_attn.v_proj.weight", (kv_out, c.hidden_size)),
+                    ]
+                )
+            )
+            layer.o_proj.weight.copy_(get("self_attn.o_proj.weight", (c.hidden_size, q_out)))
+            layer.q_norm.weight.copy_(get("self_attn.q_norm.weight", (c.head_dim,)))
+            layer.k_norm.weight.copy_(get("self_attn.k_norm.weight", (c.head_dim,)))
+            layer.gate_up_proj.weight.copy_(
+                torch.cat(
+                    [
+                        get("mlp.gate_proj.weight", (c.intermediate_size, c.hidden_size)),
+                        get("mlp.up_proj.weight", (c.intermediate_size, c.hidden_size)),
+                    ]
+                )
+            )
+            layer.down_proj.weight.copy_(get("mlp.down_proj.weight", (c.hidden_size, c.intermediate_size)))
+            for norm in (
+                "input_layernorm",
+                "post_attention_layernorm",
+                "pre_feedforward_layernorm",
+                "post_feedforward_layernorm",
+            ):
+                getattr(layer, norm).weight.copy_(get(f"{norm}.weight", (c.hidden_size,)))
+        return self.to(dtype)
