@@ -1,0 +1,174 @@
+"""OpenAI request validation and conversion to Gemma turns / SamplingParams (no HTTP)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from pydantic import ValidationError
+
+from cluster.messages import FinishReason
+from router.openai_api import (
+    SSE_DONE,
+    ApiError,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChunkChoice,
+    ChunkDelta,
+    CompletionRequest,
+    ImageURL,
+    Limits,
+    TurnDraft,
+    completion_prompt,
+    finish_reason,
+    fold_messages,
+    sse,
+    to_sampling,
+    usage,
+)
+
+LIMITS = Limits(max_tokens_cap=100, default_max_tokens=16, max_images=2)
+IMG = "data:image/png;base64,AAAA"
+
+
+def chat(**kw) -> ChatCompletionRequest:
+    kw.setdefault("messages", [{"role": "user", "content": "hi"}])
+    return ChatCompletionRequest.model_validate({"model": "m", **kw})
+
+
+def test_system_and_developer_fold_into_first_user_turn():
+    req = chat(
+        messages=[
+            {"role": "system", "content": "Be brief."},
+            {"role": "developer", "content": "Answer in French."},
+            {"role": "user", "content": "Hello"},
+            {"role": "assistant", "content": "Bonjour"},
+            {"role": "user", "content": "Bye"},
+        ]
+    )
+    turns = fold_messages(req.messages, max_images=2)
+    assert turns == [
+        TurnDraft("user", ("Be brief.\n\nAnswer in French.\n\n", "Hello")),
+        TurnDraft("model", ("Bonjour",)),
+        TurnDraft("user", ("Bye",)),
+    ]
+
+
+def test_image_parts_keep_their_place_between_texts():
+    req = chat(
+        messages=[
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": "Compare"},
+                    {"type": "image_url", "image_url": {"url": IMG}},
+                    {"type": "text", "text": "with"},
+                    {"type": "image_url", "image_url": {"url": IMG + "B", "detail": "high"}},
+                ],
+            }
+        ]
+    )
+    (turn,) = fold_messages(req.messages, max_images=2)
+    assert turn.parts == ("Compare", ImageURL(url=IMG), "with", ImageURL(url=IMG + "B", detail="high"))
+
+
+def test_too_many_images_is_400():
+    part = {"type": "image_url", "image_url": {"url": IMG}}
+    req = chat(messages=[{"role": "user", "content": [part, part, part]}])
+    with pytest.raises(ApiError, match="limit is 2") as e:
+        fold_messages(req.messages, max_images=2)
+    assert e.value.status == 400
+
+
+def test_consecutive_user_messages_merge_and_model_first_is_refused():
+    req = chat(messages=[{"role": "user", "content": "a"}, {"role": "user", "content": "b"}])
+    assert fold_messages(req.messages, 2) == [TurnDraft("user", ("a", "\n\n", "b"))]
+    with pytest.raises(ApiError, match="start with a user"):
+        fold_messages(chat(messages=[{"role": "assistant", "content": "x"}]).messages, 2)
+
+
+def test_system_only_becomes_the_user_turn():
+    assert fold_messages(chat(messages=[{"role": "system", "content": "s"}]).messages, 2) == [TurnDraft("user", ("s",))]
+
+
+def test_tool_messages_and_images_outside_user_are_refused():
+    with pytest.raises(ApiError, match="tool"):
+        fold_messages(chat(messages=[{"role": "tool", "content": "x"}]).messages, 2)
+    msg = {"role": "system", "content": [{"type": "image_url", "image_url": {"url": IMG}}]}
+    with pytest.raises(ApiError, match="only accepted in user"):
+        fold_messages(chat(messages=[msg, {"role": "user", "content": "x"}]).messages, 2)
+
+
+def test_sampling_defaults_and_fields():
+    s = to_sampling(chat(), LIMITS)
+    assert (s.max_tokens, s.temperature, s.top_p, s.stop, s.seed) == (16, 1.0, 1.0, (), None)
+    s = to_sampling(chat(max_completion_tokens=7, max_tokens=9, temperature=0, top_p=0.5, stop="X", seed=3), LIMITS)
+    assert (s.max_tokens, s.greedy, s.top_p, s.stop, s.seed) == (7, True, 0.5, ("X",), 3)
+
+
+def test_max_tokens_over_cap_names_the_cap():
+    with pytest.raises(ApiError, match="limit of 100") as e:
+        to_sampling(chat(max_tokens=101), LIMITS)
+    assert e.value.param == "max_tokens"
+    with pytest.raises(ApiError) as e:
+        to_sampling(chat(max_completion_tokens=500), LIMITS)
+    assert e.value.param == "max_completion_tokens"
+
+
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("n", 2),
+        ("logprobs", True),
+        ("presence_penalty", 0.5),
+        ("tools", [{"type": "function"}]),
+        ("stop", list("abcde")),
+    ],
+)
+def test_unsupported_parameters_are_400_naming_them(field, value):
+    with pytest.raises(ApiError) as e:
+        to_sampling(chat(**{field: value}), LIMITS)
+    assert e.value.status == 400 and e.value.param == field
+
+
+def test_neutral_values_of_unsupported_parameters_pass():
+    to_sampling(chat(n=1, presence_penalty=0, frequency_penalty=0.0, logprobs=False), LIMITS)
+
+
+def test_schema_errors_are_validation_errors():
+    with pytest.raises(ValidationError):
+        chat(temperature=3)
+    with pytest.raises(ValidationError):
+        chat(messages=[])
+    with pytest.raises(ValidationError):
+        chat(messages=[{"role": "wizard", "content": "x"}])
+
+
+def test_completion_prompt_forms():
+    assert completion_prompt(CompletionRequest(model="m", prompt="abc")) == "abc"
+    assert completion_prompt(CompletionRequest(model="m", prompt=["abc"])) == "abc"
+    with pytest.raises(ApiError, match="one prompt"):
+        completion_prompt(CompletionRequest(model="m", prompt=["a", "b"]))
+    with pytest.raises(ApiError, match="echo"):
+        to_sampling(CompletionRequest(model="m", prompt="a", echo=True), LIMITS)
+
+
+def test_error_body_is_openai_shaped():
+    err = ApiError(429, "busy", code="overloaded", headers={"Retry-After": "1"})
+    assert err.body() == {"error": {"message": "busy", "type": "rate_limit_error", "param": None, "code": "overloaded"}}
+
+
+def test_sse_framing_and_usage():
+    chunk = ChatCompletionChunk(id="c1", model="m", choices=[ChunkChoice(delta=ChunkDelta(content="hi"))])
+    frame = sse(chunk)
+    assert frame.startswith("data: ") and frame.endswith("\n\n")
+    assert json.loads(frame[len("data: ") :])["choices"][0]["delta"]["content"] == "hi"
+    assert SSE_DONE == "data: [DONE]\n\n"
+    u = usage(10, 5, cached_tokens=4)
+    assert (u.total_tokens, u.prompt_tokens_details.cached_tokens) == (15, 4)
+
+
+def test_finish_reasons():
+    assert finish_reason(FinishReason.LENGTH) == "length"
+    assert finish_reason(FinishReason.STOP) == "stop"
+    assert finish_reason(None) is None
