@@ -110,3 +110,6 @@ class ReplicaLoad:
     page_size: int
     pending_prefill_tokens: int = 0  # prompt tokens admitted but not yet prefilled
     max_model_len: int = 0
+    # Used fraction of each KV pool by layer type, e.g. (("global", 0.4), ("sliding", 0.7)), for /metrics.
+    # Optional: when empty, the ingress reports 1 - free_pages / total_pages as the global layers' usage.
+    kv_usage: tuple[tuple[str, float], ...] = ()

@@ -1,0 +1,99 @@
+"""The decoder deployment: one Ray Serve replica around one engine (native now, vLLM later).
+
+The engine class comes from the config's `engine.kind` through `ENGINE_FACTORIES` (a plain mapping of kinds to
+constructors; no lookup of classes by name strings). Everything upstream talks to this class only through
+`generate`, `model_info`, `load` and `drain_kv_events`, so swapping engines changes nothing in the ingress.
+
+Errors: EngineRequestError / EngineOverloadedError raised by the engine before the first delta propagate through
+Ray as themselves (Ray re-raises a task's exception as a subclass of its class), and the ingress maps them to
+400 / 429. Cancellation: when the ingress cancels its handle stream (client disconnect), Serve cancels this
+async generator; the `finally` closes the engine's iterator and aborts the request, freeing its KV pages at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import AsyncIterator, Callable, Mapping
+from pathlib import Path
+
+from cluster.config import G3ServeConfig
+from cluster.messages import GenerateRequest, KvEvent, ReplicaLoad, TokenDelta
+from model_workers.engine import DecoderEngine, ModelInfo
+
+log = logging.getLogger(__name__)
+
+
+def _native_engine(config: G3ServeConfig, checkpoint_dir: Path) -> DecoderEngine:
+    # Imported here so that a vLLM deployment does not import the native engine's torch kernels, and vice versa.
+    from model_workers.native.engine import NativeEngine
+
+    return NativeEngine(config.native_engine_config(checkpoint_dir))
+
+
+def _vllm_engine(config: G3ServeConfig, checkpoint_dir: Path) -> DecoderEngine:
+    raise NotImplementedError(
+        "engine.kind=vllm: the vLLM engine adapter is not part of this release yet; use engine.kind=native"
+    )
+
+
+EngineFactory = Callable[[G3ServeConfig, Path], DecoderEngine]
+ENGINE_FACTORIES: Mapping[str, EngineFactory] = {"native": _native_engine, "vllm": _vllm_engine}
+
+
+def resolve_checkpoint(spec: str) -> Path:
+    """A checkpoint directory from `model.checkpoint` (the embedded default is converted once, then cached)."""
+    from model_workers.gemma3.gguf_convert import resolve_checkpoint as _resolve
+
+    return _resolve(spec)
+
+
+def replica_id() -> str:
+    """This replica's Serve id (unique per replica), or the pid outside Serve (in-process benchmarks)."""
+    try:
+        from ray import serve
+
+        return serve.get_replica_context().replica_id.unique_id
+    except Exception:  # not running inside a Serve replica
+        return f"pid-{os.getpid()}"
+
+
+class DecoderDeployment:
+    """Wrapped by `serve.deployment` in cluster/app.py (resources and replicas come from the config there)."""
+
+    async def __init__(self, config: G3ServeConfig):
+        self._config = config
+        self._engine = ENGINE_FACTORIES[config.engine.kind](config, resolve_checkpoint(config.model.checkpoint))
+        await self._engine.start()
+        self._replica_id = replica_id()
+        log.info("decoder replica %s ready: %s", self._replica_id, self._engine.info)
+
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[TokenDelta]:
+        stream = self._engine.generate(request)
+        finished = False
+        try:
+            async for delta in stream:
+                finished = delta.finish_reason is not None
+                yield delta
+        finally:
+            if not finished:  # cancelled by the caller (disconnect) or failed: free the KV now, not at GC time
+                aclose = getattr(stream, "aclose", None)
+                if aclose is not None:
+                    await aclose()
+                await self._engine.abort(request.request_id)
+
+    def model_info(self) -> ModelInfo:
+        return self._engine.info
+
+    def load(self) -> ReplicaLoad:
+        return self._engine.load()
+
+    def drain_kv_events(self) -> list[KvEvent]:
+        return self._engine.drain_kv_events()
+
+    def check_health(self) -> None:
+        """Serve's periodic health check: an engine that cannot report its load is unhealthy (replica restarted)."""
+        self._engine.load()
+
+    async def __del__(self) -> None:
+        await self._engine.shutdown()

@@ -1,0 +1,78 @@
+"""Prometheus metrics of one ingress replica (served at GET /metrics).
+
+Each ingress replica owns its own CollectorRegistry (no process-global registry: two ingress objects in one
+process, as in tests, must not collide). Latencies are measured where the user feels them: time to first token
+from the arrival of the HTTP request, inter-token latency between streamed deltas.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from cluster.messages import ReplicaLoad
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+
+class IngressMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "g3serve_requests", "HTTP requests answered, by endpoint and status", ["endpoint", "status"], registry=r
+        )
+        self.ttft = Histogram(
+            "g3serve_time_to_first_token_seconds",
+            "Request arrival to first token",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.itl = Histogram(
+            "g3serve_inter_token_latency_seconds",
+            "Time between streamed deltas, per generated token",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.prompt_tokens = Counter("g3serve_prompt_tokens", "Prompt tokens of served requests", registry=r)
+        self.cached_prompt_tokens = Counter(
+            "g3serve_cached_prompt_tokens", "Prompt tokens served from the decoder's prefix cache", registry=r
+        )
+        self.completion_tokens = Counter("g3serve_completion_tokens", "Generated tokens", registry=r)
+        self.image_blocks = Counter(
+            "g3serve_image_blocks", "Image blocks embedded, by embedding-cache outcome", ["cache"], registry=r
+        )
+        self.in_flight = Gauge("g3serve_in_flight_requests", "Requests being served by this ingress", registry=r)
+        self.kv_usage = Gauge(
+            "g3serve_kv_cache_usage_ratio",
+            "Fraction of KV pages in use on a decoder replica, by layer type",
+            ["replica", "layer_type"],
+            registry=r,
+        )
+        self.decoder_running = Gauge("g3serve_decoder_running", "Running sequences", ["replica"], registry=r)
+        self.decoder_waiting = Gauge("g3serve_decoder_waiting", "Waiting sequences", ["replica"], registry=r)
+
+    def observe_images(self, cache_hits: int, misses: int) -> None:
+        if cache_hits:
+            self.image_blocks.labels(cache="hit").inc(cache_hits)
+        if misses:
+            self.image_blocks.labels(cache="miss").inc(misses)
+
+    def observe_load(self, load: ReplicaLoad) -> None:
+        """A decoder replica's load, sampled when /metrics is scraped."""
+        rid = load.replica_id
+        self.decoder_running.labels(replica=rid).set(load.running)
+        self.decoder_waiting.labels(replica=rid).set(load.waiting)
+        for layer_type, used in kv_usage_by_layer_type(load).items():
+            self.kv_usage.labels(replica=rid, layer_type=layer_type).set(used)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+def kv_usage_by_layer_type(load: ReplicaLoad) -> dict[str, float]:
+    """Used fraction per layer type. The page pool the load reports is the global (full-attention) layers' one;
+    engines that also report the sliding-window layers' pool do so in `ReplicaLoad.kv_usage`."""
+    usage = dict(load.kv_usage)
+    if "global" not in usage and load.total_pages:
+        usage["global"] = 1.0 - load.free_pages / load.total_pages
+    return usage
