@@ -182,62 +182,56 @@ def to_sampling(req: _Sampling, limits: Limits) -> SamplingParams:
 
 
 @dataclass(frozen=True)
+class ImageInput:
+    """An image part, with where it was in the request (so an error can name `messages[i].content[j]`)."""
+
+    url: str
+    message_index: int
+    part_index: int
+    detail: str | None = None
+
+
+@dataclass(frozen=True)
 class TurnDraft:
-    """One Gemma turn before its images are fetched: role is "user" or "model"; parts are text or image URLs."""
+    """One OpenAI message before its images are fetched: the role as sent (system, developer, user, assistant);
+    parts are text or images. Folding into Gemma's alternating user/model turns is the tokenizer's job
+    (model_workers/gemma3/tokenizer.py), which does it exactly as Gemma's own chat template does."""
 
     role: str
-    parts: tuple[str | ImageURL, ...] = field(default_factory=tuple)
+    parts: tuple[str | ImageInput, ...] = field(default_factory=tuple)
+
+    @property
+    def images(self) -> tuple[ImageInput, ...]:
+        return tuple(p for p in self.parts if isinstance(p, ImageInput))
 
 
-def _parts(msg: ChatMessage) -> list[str | ImageURL]:
+def _parts(msg: ChatMessage, index: int) -> list[str | ImageInput]:
     if msg.content is None:
         return []
     if isinstance(msg.content, str):
         return [msg.content]
-    return [p.text if isinstance(p, TextPart) else p.image_url for p in msg.content]
+    return [
+        p.text if isinstance(p, TextPart) else ImageInput(p.image_url.url, index, j, p.image_url.detail)
+        for j, p in enumerate(msg.content)
+    ]
 
 
-def fold_messages(messages: list[ChatMessage], max_images: int) -> list[TurnDraft]:
-    """OpenAI messages -> alternating Gemma turns.
-
-    Gemma has no system role: like Gemma's own chat template, system and developer text goes at the start of the
-    first user turn, followed by a blank line. Consecutive messages of one role are merged (Gemma's template
-    requires strict alternation). Tool messages have no Gemma equivalent and are refused.
-    """
-    system: list[str | ImageURL] = []
-    turns: list[TurnDraft] = []
+def turn_drafts(messages: list[ChatMessage], max_images: int) -> list[TurnDraft]:
+    """OpenAI messages -> drafts, refusing what Gemma cannot take: tool messages, images outside user messages,
+    more images than `max_images`."""
+    drafts: list[TurnDraft] = []
     n_images = 0
     for i, msg in enumerate(messages):
         if msg.role == "tool":
             raise ApiError(400, "tool messages are not supported", param=f"messages[{i}].role")
-        parts = _parts(msg)
-        images = [p for p in parts if isinstance(p, ImageURL)]
-        if images and msg.role != "user":
+        draft = TurnDraft(msg.role, tuple(_parts(msg, i)))
+        if draft.images and msg.role != "user":
             raise ApiError(400, f"images are only accepted in user messages, not {msg.role}", param=f"messages[{i}]")
-        n_images += len(images)
-        if msg.role in ("system", "developer"):
-            # Held for the next user turn (a late system message goes there too instead of being dropped).
-            system.extend(parts)
-            continue
-        role = "user" if msg.role == "user" else "model"
-        if role == "user" and system:
-            parts = [_join_text(system) + "\n\n", *parts]
-            system = []
-        if turns and turns[-1].role == role:
-            turns[-1] = TurnDraft(role, (*turns[-1].parts, "\n\n", *parts))
-        else:
-            turns.append(TurnDraft(role, tuple(parts)))
+        n_images += len(draft.images)
+        drafts.append(draft)
     if n_images > max_images:
         raise ApiError(400, f"{n_images} images in this request; the limit is {max_images}", param="messages")
-    if system:  # system text with no user turn after it: it becomes the user turn
-        turns.append(TurnDraft("user", (_join_text(system),)))
-    if not turns or turns[0].role != "user":
-        raise ApiError(400, "the conversation must start with a user (or system) message", param="messages")
-    return turns
-
-
-def _join_text(parts: list[str | ImageURL]) -> str:
-    return "\n\n".join(p for p in parts if isinstance(p, str))
+    return drafts
 
 
 def completion_prompt(req: CompletionRequest) -> str:

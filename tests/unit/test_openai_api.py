@@ -16,14 +16,14 @@ from router.openai_api import (
     ChunkChoice,
     ChunkDelta,
     CompletionRequest,
-    ImageURL,
+    ImageInput,
     Limits,
     TurnDraft,
     completion_prompt,
     finish_reason,
-    fold_messages,
     sse,
     to_sampling,
+    turn_drafts,
     usage,
 )
 
@@ -36,7 +36,7 @@ def chat(**kw) -> ChatCompletionRequest:
     return ChatCompletionRequest.model_validate({"model": "m", **kw})
 
 
-def test_system_and_developer_fold_into_first_user_turn():
+def test_roles_are_kept_for_the_tokenizer_to_fold():
     req = chat(
         messages=[
             {"role": "system", "content": "Be brief."},
@@ -46,17 +46,20 @@ def test_system_and_developer_fold_into_first_user_turn():
             {"role": "user", "content": "Bye"},
         ]
     )
-    turns = fold_messages(req.messages, max_images=2)
-    assert turns == [
-        TurnDraft("user", ("Be brief.\n\nAnswer in French.\n\n", "Hello")),
-        TurnDraft("model", ("Bonjour",)),
-        TurnDraft("user", ("Bye",)),
+    drafts = turn_drafts(req.messages, max_images=2)
+    assert [(d.role, d.parts) for d in drafts] == [
+        ("system", ("Be brief.",)),
+        ("developer", ("Answer in French.",)),
+        ("user", ("Hello",)),
+        ("assistant", ("Bonjour",)),
+        ("user", ("Bye",)),
     ]
 
 
-def test_image_parts_keep_their_place_between_texts():
+def test_image_parts_keep_their_place_and_position():
     req = chat(
         messages=[
+            {"role": "system", "content": "s"},
             {
                 "role": "user",
                 "content": [
@@ -65,38 +68,34 @@ def test_image_parts_keep_their_place_between_texts():
                     {"type": "text", "text": "with"},
                     {"type": "image_url", "image_url": {"url": IMG + "B", "detail": "high"}},
                 ],
-            }
+            },
         ]
     )
-    (turn,) = fold_messages(req.messages, max_images=2)
-    assert turn.parts == ("Compare", ImageURL(url=IMG), "with", ImageURL(url=IMG + "B", detail="high"))
+    turn = turn_drafts(req.messages, max_images=2)[1]
+    assert turn.parts == ("Compare", ImageInput(IMG, 1, 1), "with", ImageInput(IMG + "B", 1, 3, "high"))
+    assert turn.images == (ImageInput(IMG, 1, 1), ImageInput(IMG + "B", 1, 3, "high"))
 
 
 def test_too_many_images_is_400():
     part = {"type": "image_url", "image_url": {"url": IMG}}
-    req = chat(messages=[{"role": "user", "content": [part, part, part]}])
+    req = chat(messages=[{"role": "user", "content": [part, part]}, {"role": "user", "content": [part]}])
     with pytest.raises(ApiError, match="limit is 2") as e:
-        fold_messages(req.messages, max_images=2)
+        turn_drafts(req.messages, max_images=2)
     assert e.value.status == 400
 
 
-def test_consecutive_user_messages_merge_and_model_first_is_refused():
-    req = chat(messages=[{"role": "user", "content": "a"}, {"role": "user", "content": "b"}])
-    assert fold_messages(req.messages, 2) == [TurnDraft("user", ("a", "\n\n", "b"))]
-    with pytest.raises(ApiError, match="start with a user"):
-        fold_messages(chat(messages=[{"role": "assistant", "content": "x"}]).messages, 2)
-
-
-def test_system_only_becomes_the_user_turn():
-    assert fold_messages(chat(messages=[{"role": "system", "content": "s"}]).messages, 2) == [TurnDraft("user", ("s",))]
+def test_assistant_content_may_be_none():
+    req = chat(messages=[{"role": "user", "content": "a"}, {"role": "assistant", "content": None}])
+    assert turn_drafts(req.messages, 2)[1] == TurnDraft("assistant", ())
 
 
 def test_tool_messages_and_images_outside_user_are_refused():
     with pytest.raises(ApiError, match="tool"):
-        fold_messages(chat(messages=[{"role": "tool", "content": "x"}]).messages, 2)
+        turn_drafts(chat(messages=[{"role": "tool", "content": "x"}]).messages, 2)
     msg = {"role": "system", "content": [{"type": "image_url", "image_url": {"url": IMG}}]}
-    with pytest.raises(ApiError, match="only accepted in user"):
-        fold_messages(chat(messages=[msg, {"role": "user", "content": "x"}]).messages, 2)
+    with pytest.raises(ApiError, match="only accepted in user") as e:
+        turn_drafts(chat(messages=[msg, {"role": "user", "content": "x"}]).messages, 2)
+    assert e.value.param == "messages[0]"
 
 
 def test_sampling_defaults_and_fields():
