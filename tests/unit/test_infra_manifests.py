@@ -1,0 +1,169 @@
+"""infra/k8s: rendered from the presets (no drift), valid against the Kubernetes and KubeRay schemas kept in
+infra/schemas/, and the Serve config inside the RayService parses with Ray's and our own config models."""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+import subprocess
+from functools import cache
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+from ray.serve.schema import ServeDeploySchema
+
+from cluster.config import G3ServeConfig
+from cluster.deploy import PRESETS_DIR, DeployPreset, load_preset, render
+
+REPO = Path(__file__).resolve().parents[2]
+K8S = REPO / "infra" / "k8s"
+SCHEMAS = REPO / "infra" / "schemas"
+PRESETS = sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+SCHEMA_FILES = {
+    ("apps/v1", "Deployment"): "kubernetes-v1.32.0/deployment-apps-v1.json",
+    ("apps/v1", "StatefulSet"): "kubernetes-v1.32.0/statefulset-apps-v1.json",
+    ("v1", "Service"): "kubernetes-v1.32.0/service-v1.json",
+    ("v1", "Secret"): "kubernetes-v1.32.0/secret-v1.json",
+    ("v1", "ConfigMap"): "kubernetes-v1.32.0/configmap-v1.json",
+    ("networking.k8s.io/v1", "Ingress"): "kubernetes-v1.32.0/ingress-networking-v1.json",
+    ("ray.io/v1", "RayService"): "kuberay-v1.7.0/rayservice-ray.io-v1.json",
+}
+
+
+def _strict(node):
+    """CRD schemas only prune unknown fields on the server; reject them here so a typo fails the test."""
+    if isinstance(node, dict):
+        node = {k: _strict(v) for k, v in node.items()}
+        if "properties" in node and "additionalProperties" not in node:
+            if not node.get("x-kubernetes-preserve-unknown-fields"):
+                node["additionalProperties"] = False
+        return node
+    if isinstance(node, list):
+        return [_strict(v) for v in node]
+    return node
+
+
+@cache
+def _validator(api_version: str, kind: str):
+    schema = json.loads((SCHEMAS / SCHEMA_FILES[(api_version, kind)]).read_text())
+    if api_version == "ray.io/v1":
+        schema = _strict(schema)
+    cls = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)
+    return cls(schema)
+
+
+def _validate(doc: dict) -> None:
+    errors = sorted(_validator(doc["apiVersion"], doc["kind"]).iter_errors(doc), key=lambda e: list(e.path))
+    assert not errors, "\n".join(f"{doc['kind']} {list(e.path)}: {e.message}" for e in errors[:5])
+
+
+def _manifests() -> list[tuple[Path, dict]]:
+    docs = []
+    for path in sorted(K8S.rglob("*.yaml")):
+        if path.name == "kustomization.yaml":
+            continue
+        docs += [(path, d) for d in yaml.safe_load_all(path.read_text()) if d]
+    return docs
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_committed_manifests_are_what_the_renderer_writes(preset):
+    for rel, text in render(load_preset(preset)).items():
+        assert (K8S / rel).read_text() == text, f"infra/k8s/{rel} is stale: run g3serve deploy render --preset {preset}"
+
+
+def test_the_three_overlays_exist():
+    assert {p.name for p in (K8S / "overlays").iterdir()} >= {"gemma3-4b-1gpu", "gemma3-27b-tp8", "gemma3-27b-tp8-long"}
+
+
+def test_every_manifest_validates_against_its_schema():
+    docs = _manifests()
+    assert {d["kind"] for _, d in docs} >= {"RayService", "StatefulSet", "Service", "Secret", "Ingress"}
+    for path, doc in docs:
+        assert (doc["apiVersion"], doc["kind"]) in SCHEMA_FILES, f"{path}: no schema kept for {doc['kind']}"
+        _validate(doc)
+
+
+def test_the_validator_rejects_a_typo():
+    rs = next(d for _, d in _manifests() if d["kind"] == "RayService")
+    bad = copy.deepcopy(rs)
+    group = bad["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]
+    group["replica"] = group.pop("replicas")
+    with pytest.raises(AssertionError, match="replica"):
+        _validate(bad)
+    bad = copy.deepcopy(rs)
+    bad["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0]["resources"] = {"limit": {}}
+    with pytest.raises(AssertionError):
+        _validate(bad)
+
+
+def _ray_service(preset: str) -> dict:
+    path = K8S / "overlays" / f"gemma3-{preset}" / "rayservice.yaml"
+    return yaml.safe_load(path.read_text())
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_serve_config_parses_with_ray_and_our_config(preset):
+    serve = yaml.safe_load(_ray_service(preset)["spec"]["serveConfigV2"])
+    ServeDeploySchema.model_validate(serve)  # what KubeRay hands to Serve's REST API
+    (app,) = serve["applications"]
+    parsed = G3ServeConfig.model_validate(app["args"])
+    assert parsed == load_preset(preset).app
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_pod_shapes_follow_the_config(preset):
+    p = load_preset(preset)
+    tp = p.app.engine.vllm.tensor_parallel_size
+    assert p.app.decoder.num_gpus == tp  # the replica reserves its TP ranks' GPUs itself
+    groups = {g["groupName"]: g for g in _ray_service(preset)["spec"]["rayClusterConfig"]["workerGroupSpecs"]}
+    decoders = {name: g for name, g in groups.items() if name.startswith("decoder")}
+    assert decoders and "cpu" in groups and "vision" in groups
+    for g in decoders.values():
+        limits = g["template"]["spec"]["containers"][0]["resources"]["limits"]
+        assert limits["nvidia.com/gpu"] == g["rayStartParams"]["num-gpus"] == str(tp)
+    assert sum(g["replicas"] for g in decoders.values()) == sum(n for _, n in p.decoder_pools())
+
+
+def test_long_context_overlay_has_two_pools():
+    groups = _ray_service("27b-tp8-long")["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    assert {g["groupName"] for g in groups} == {"cpu", "decoder-short", "decoder-long", "vision"}
+    router = load_preset("27b-tp8-long").app.model_dump()["router"]
+    pools = {p["name"]: p["max_context"] for p in router["pools"]}
+    assert pools == {"short": 32768, "long": 131072}
+
+
+def test_redis_has_auth_and_lru_eviction():
+    docs = [d for _, d in _manifests()]
+    sts = next(d for d in docs if d["kind"] == "StatefulSet")
+    container = sts["spec"]["template"]["spec"]["containers"][0]
+    args = container["args"]
+    assert args[args.index("--maxmemory-policy") + 1] == "allkeys-lru"
+    assert args[args.index("--requirepass") + 1] == "$(REDIS_PASSWORD)"
+    (env,) = [e for e in container["env"] if e["name"] == "REDIS_PASSWORD"]
+    secret = next(d for d in docs if d["kind"] == "Secret")
+    assert env["valueFrom"]["secretKeyRef"]["name"] == secret["metadata"]["name"]
+
+
+def test_preset_rejects_unknown_keys(tmp_path):
+    raw = yaml.safe_load((PRESETS_DIR / "27b-tp8.yaml").read_text())
+    raw["app"]["decoder"]["num_gpu"] = 8
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ValueError, match="num_gpu"):
+        DeployPreset.from_yaml(path)
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl (for its built-in kustomize) not installed")
+@pytest.mark.parametrize("overlay", ["gemma3-4b-1gpu", "gemma3-27b-tp8", "gemma3-27b-tp8-long"])
+def test_kustomize_build_output_validates(overlay):
+    out = subprocess.run(
+        ["kubectl", "kustomize", str(K8S / "overlays" / overlay)], capture_output=True, text=True, check=True
+    ).stdout
+    docs = [d for d in yaml.safe_load_all(out) if d]
+    assert {d["metadata"].get("namespace") for d in docs} == {"g3serve"}
+    for doc in docs:
+        _validate(doc)
