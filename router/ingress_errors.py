@@ -1,0 +1,44 @@
+"""Every exception the ingress can meet, as the OpenAI error the client gets (status, message, code).
+
+Engine refusals cross the Ray boundary wrapped: Ray re-raises a replica's exception as a subclass of both
+RayTaskError and the original class, with the original in `.cause`. We classify on the original, and show its
+message, never Ray's traceback text.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from ray.exceptions import RayActorError, RayTaskError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+
+from model_workers.engine import EngineOverloadedError, EngineRequestError
+from model_workers.gemma3.tokenizer import ChatFormatError
+from router.openai_api import ApiError
+from vision_service.images import ImageInputError
+
+log = logging.getLogger(__name__)
+RETRY_AFTER_S = "1"
+
+
+def api_error_from_exception(exc: BaseException) -> ApiError:
+    cause = exc.cause if isinstance(exc, RayTaskError) and exc.cause is not None else exc
+    if isinstance(cause, ApiError):
+        return cause
+    if isinstance(cause, EngineRequestError):
+        return ApiError(400, str(cause.args[0] if cause.args else cause), code="invalid_request")
+    if isinstance(cause, ChatFormatError):
+        return ApiError(400, str(cause), param="messages", code="invalid_messages")
+    if isinstance(cause, ImageInputError):
+        return ApiError(cause.status, cause.message, param="messages", code="invalid_image")
+    if isinstance(cause, (EngineOverloadedError, BackPressureError)):
+        msg = str(cause.args[0]) if isinstance(cause, EngineOverloadedError) and cause.args else "server overloaded"
+        return ApiError(429, msg, code="overloaded", headers={"Retry-After": RETRY_AFTER_S})
+    if isinstance(cause, (DeploymentUnavailableError, RayActorError)):
+        return ApiError(
+            503,
+            f"a serving replica is unavailable ({type(cause).__name__}); retry shortly",
+            headers={"Retry-After": RETRY_AFTER_S},
+        )
+    log.exception("internal error while serving a request", exc_info=exc)
+    return ApiError(500, f"internal server error ({type(cause).__name__})")
