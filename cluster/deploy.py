@@ -184,6 +184,10 @@ def write(files: dict[str, str], out: Path) -> list[Path]:
 
 def run(args: argparse.Namespace) -> int:
     preset = load_preset(args.preset)
+    if args.serve_config:  # for `serve deploy` on a cluster made by the Ray cluster launcher (infra/ray/)
+        Path(args.serve_config).write_text(yaml.safe_dump(serve_config(preset), sort_keys=False, width=120))
+        print(args.serve_config)
+        return 0
     for path in write(render(preset), Path(args.out)):
         print(path)
     return 0
@@ -192,6 +196,7 @@ def run(args: argparse.Namespace) -> int:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", required=True, help="a name under infra/presets/ (4b-1gpu, 27b-tp8, ...) or a path")
     parser.add_argument("--out", default=str(REPO / "infra" / "k8s"), help="where base/ and overlays/ are written")
+    parser.add_argument("--serve-config", help="write only the Serve config (for `serve deploy`) to this file")
 
 
 def register(subparsers) -> None:
