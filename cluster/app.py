@@ -54,7 +54,11 @@ def build_app(config: G3ServeConfig) -> Application:
         from vision_service.deployment import VisionService
 
         vision_opts = deployment_options(VISION, config.vision.deployment)
-        vision = serve.deployment(VisionService).options(**vision_opts).bind(config, str(checkpoint))
+        vision = (
+            serve.deployment(VisionService)
+            .options(**vision_opts)
+            .bind(str(checkpoint), config.vision.service, model_id=config.model.served_model_name)
+        )
     ingress_opts = deployment_options(INGRESS, config.ingress.deployment)
     return (
         serve.deployment(G3ServeIngress)

@@ -90,7 +90,7 @@ class G3ServeIngress:
         self._decoder = decoder
         self._checkpoint = resolve_checkpoint(config.model.checkpoint)
         self._tokenizer: Gemma3Tokenizer | None = None
-        self.images = ImagePipeline(config, vision)
+        self.images = ImagePipeline(config, self._checkpoint, vision)
         self.metrics = IngressMetrics()
         self.in_flight = 0
         self._info: ModelInfo | None = None

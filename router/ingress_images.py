@@ -9,18 +9,37 @@ read, no encoder pass, and its KV pages match the first turn's.
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Sequence
+from pathlib import Path
 
 from cluster.config import G3ServeConfig
 from cluster.messages import ImageEmbedding
 from model_workers.gemma3.tokenizer import ChatTurn, ImageRef
 from router.openai_api import ApiError, ImageInput, TurnDraft
+from vision_service.content_hash import HashSettings, checkpoint_revision
+from vision_service.images import ImageRef as ImageWhere
+from vision_service.images import load_image_bytes
+from vision_service.preprocess import PreprocessConfig
+from vision_service.request import VisionImage, VisionRequest, plan_image
+
+# OpenAI's `detail` per image: "low" = the whole image only, "high" = Pan & Scan crops when the image qualifies,
+# "auto"/absent = the configured default (vision.service.pan_and_scan.enabled).
+_PAN_AND_SCAN_BY_DETAIL = {"low": False, "high": True}
 
 
 class ImagePipeline:
-    def __init__(self, config: G3ServeConfig, vision_handle):
-        self._config = config
+    def __init__(self, config: G3ServeConfig, checkpoint_dir: Path, vision_handle):
+        self._settings = config.vision.service
+        self._model_id = config.model.served_model_name  # the vision deployment gets the same id (cluster/app.py)
         self._vision = vision_handle
+        self._hash_settings: HashSettings | None = None
+        if vision_handle is not None:
+            self._hash_settings = HashSettings(
+                checkpoint_revision(checkpoint_dir),
+                PreprocessConfig.from_checkpoint(checkpoint_dir),
+                self._settings.pan_and_scan,
+            )
 
     async def resolve(self, drafts: Sequence[TurnDraft]) -> tuple[list[ChatTurn], tuple[ImageEmbedding, ...]]:
         """Chat turns for the tokenizer, and one embedding per image block in prompt order."""
@@ -35,4 +54,23 @@ class ImagePipeline:
         return turns, embeds
 
     async def _embed(self, images: Sequence[ImageInput]) -> tuple[list[ImageRef], tuple[ImageEmbedding, ...]]:
-        raise ApiError(400, "image inputs are not available on this deployment yet", param="messages")
+        if self._vision is None or self._hash_settings is None:
+            raise ApiError(400, "this model does not accept images (text-only checkpoint)", param="messages")
+        limits = self._settings.images
+        inputs = []
+        for img in images:
+            where = ImageWhere(img.message_index, img.part_index)
+            data = await load_image_bytes(img.url, limits, where)
+            inputs.append(VisionImage(data, where, _PAN_AND_SCAN_BY_DETAIL.get(img.detail or "auto")))
+        plans = [
+            plan_image(v, self._model_id, self._hash_settings, self._settings.pan_and_scan.enabled, limits)
+            for v in inputs
+        ]
+        request = VisionRequest(request_id=f"img-{uuid.uuid4().hex}", images=tuple(inputs))
+        embeds = tuple(await self._vision.embed.remote(request))
+        expected = [h for plan in plans for h in plan.content_hashes]
+        if [e.content_hash for e in embeds] != expected:
+            # The two sides planned differently (version skew between ingress and vision replicas): refuse
+            # rather than attach one image's soft tokens to another's placeholders.
+            raise ApiError(500, "vision service returned embeddings for different image blocks than planned")
+        return [ImageRef(plan.content_hashes) for plan in plans], embeds
