@@ -85,3 +85,16 @@ def test_commented_defaults_parse_back_to_the_defaults(tmp_path):
     path.write_text(text)
     assert G3ServeConfig.from_yaml(path) == G3ServeConfig()
     assert "| `engine.native.page_size` | `16` |" in markdown_reference()
+
+
+def test_readme_config_reference_is_current():
+    from pathlib import Path
+
+    from cluster.config_doc import markdown_reference
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    start, end = "<!-- config-reference:start -->\n", "\n<!-- config-reference:end -->"
+    section = readme[readme.index(start) + len(start) : readme.index(end)]
+    assert section == markdown_reference(), (
+        "README config reference is stale: regenerate with g3serve config --reference"
+    )
