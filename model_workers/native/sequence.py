@@ -58,7 +58,7 @@ class Sequence:
         self.seq_id = seq_id
         self.prompt_token_ids = list(prompt_token_ids)
         self.output_token_ids: list[int] = []
-        self.images = tuple(sorted(images, key=lambda s: s.offset))
+        self.images = tuple(images)  # request order: it is hashed (router parity) and matches image_embeds
         self.max_tokens = max_tokens
         self.stop_token_ids = frozenset(stop_token_ids)
         self.eos_token_ids = frozenset(eos_token_ids)

@@ -182,3 +182,22 @@ def test_stored_hashes_published_once_and_free_order_keeps_tail_window_longest()
     first_global = keys.index(glob[0])
     assert all(k[1] not in tail for k in keys[:first_global])
     assert all(k[0] != 0 and k[1] in tail for k in keys[first_global + len(glob) :])
+
+
+def _requery_hit_after_pressure(interval):
+    cache = HybridKVCache(SPEC, num_pages=300, window_checkpoint_interval=interval)
+    doc = seq("doc", range(80))
+    compute(cache, doc, 80, chunk=8)
+    cache.free(doc)
+    # Memory pressure: evict until the local windows outside every checkpoint (blocks 0..3 and 8..11) are gone.
+    expendable = [doc.page_hashes[j] for j in (*range(0, 4), *range(8, 12))]
+    while any(cache.pool.lookup(g, h) is not None for g in range(1, 6) for h in expendable):
+        cache.pool.allocate(1, group=0)
+    return cache.match_prefix(seq("requery", list(range(40)) + [1, 2, 3]))
+
+
+def test_window_checkpoints_keep_a_requery_hit_under_pressure():
+    # Same document, new question diverging at 40: the window in front of the checkpoint at 32 survives.
+    assert _requery_hit_after_pressure(32) == 32
+    # Without checkpoints the released local pages are plain FIFO entries: the window before 40 is gone too.
+    assert _requery_hit_after_pressure(0) == 0

@@ -49,8 +49,9 @@ def build(i: int, r: dict) -> Sequence:
     return Sequence(f"r{i}", prompt, r["max_tokens"], page_size=P, images=images, eos_token_ids=eos)
 
 
-def make(cfg: dict, num_pages: int) -> Scheduler:
-    return Scheduler(SchedulerConfig(max_model_len=128, **cfg), HybridKVCache(SPEC, num_pages))
+def make(cfg: dict, num_pages: int, checkpoint: int = 0) -> Scheduler:
+    cache = HybridKVCache(SPEC, num_pages, window_checkpoint_interval=checkpoint)
+    return Scheduler(SchedulerConfig(max_model_len=128, **cfg), cache)
 
 
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -59,8 +60,9 @@ def make(cfg: dict, num_pages: int) -> Scheduler:
     budget=st.integers(4, 40),
     max_num_seqs=st.integers(1, 6),
     spare_pages=st.one_of(st.integers(0, 6), st.integers(0, 80)),
+    checkpoint=st.sampled_from([0, 8, 16]),
 )
-def test_random_workload_matches_solo_runs(requests, budget, max_num_seqs, spare_pages):
+def test_random_workload_matches_solo_runs(requests, budget, max_num_seqs, spare_pages, checkpoint):
     cfg = dict(max_num_batched_tokens=budget, max_num_seqs=max_num_seqs)
     probe = make(cfg, 2).cache
     need = max(
@@ -77,7 +79,7 @@ def test_random_workload_matches_solo_runs(requests, budget, max_num_seqs, spare
         drive(sched, FakeRunner(sched.cache))
         solo[s.seq_id] = s.output_token_ids
 
-    sched = make(cfg, num_pages)
+    sched = make(cfg, num_pages, checkpoint)
     runner = FakeRunner(sched.cache)
     initial_free = sched.cache.stats().free_pages
     seqs = {f"r{i}": build(i, r) for i, r in enumerate(requests)}

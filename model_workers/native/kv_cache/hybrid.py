@@ -60,11 +60,11 @@ class KVCacheStats:
 
 
 class HybridKVCache:
-    def __init__(self, spec: KVCacheSpec, num_pages: int) -> None:
+    def __init__(self, spec: KVCacheSpec, num_pages: int, window_checkpoint_interval: int = 0) -> None:
         self.spec = spec
         self.pool = PagePool(num_pages)
         self.full = FullAttentionManager(spec, self.pool)
-        self.sliding = SlidingWindowManager(spec, self.pool)
+        self.sliding = SlidingWindowManager(spec, self.pool, window_checkpoint_interval)
         self._cached_blocks: dict[str, int] = {}  # blocks [0, n) of the sequence are registered in the cache
 
     # ---- prefix cache ---------------------------------------------------------------------------------------------

@@ -93,8 +93,10 @@ class PagePool:
         else:
             self._ref[page] += 1
 
-    def free(self, pages: list[int]) -> None:
-        """Drop one reference of each page, in order; pages reaching 0 become free (see the module doc)."""
+    def free(self, pages: list[int], evict_first: bool = False) -> None:
+        """Drop one reference of each page, in order; pages reaching 0 become free (see the module doc).
+        `evict_first` puts cache entries at the LRU head too (each in turn, so the last given is evicted first):
+        kept, but the first to go under pressure."""
         for page in pages:
             if page == NULL_PAGE or page < 0:
                 continue
@@ -106,7 +108,7 @@ class PagePool:
                 self._free[page] = None
                 if page in self._key_of:
                     self._num_cached_free += 1
-                else:
+                if evict_first or page not in self._key_of:
                     self._free.move_to_end(page, last=False)
 
     def _take(self, page: int, group: int) -> None:

@@ -10,7 +10,11 @@ a follow-up turn needs (hybrid.py). So a long sequence holds at most window/P + 
 decodes (plus the chunk's own pages during a prefill chunk), however long its context.
 
 Released pages that carry a hash go back to the pool's LRU as evictable cache entries (a re-query of the same
-document may still find the window it needs), pages without a hash are simply free.
+document with a new question may still find the window it needs at the divergence point), pages without a hash
+are simply free. With `window_checkpoint_interval` N > 0, the released pages covering the window in front of every
+N-th token (N rounded down to whole pages) join the LRU tail as usual, while the other released local pages go to
+its head: under memory pressure a long document keeps its local windows at the checkpoints, so a re-query still
+hits at the last checkpoint before the divergence instead of recomputing everything.
 """
 
 from __future__ import annotations
@@ -24,9 +28,10 @@ NULL = -1
 
 
 class SlidingWindowManager:
-    def __init__(self, spec: KVCacheSpec, pool: PagePool) -> None:
+    def __init__(self, spec: KVCacheSpec, pool: PagePool, window_checkpoint_interval: int = 0) -> None:
         self.spec = spec
         self.pool = pool
+        self.checkpoint_pages = window_checkpoint_interval // spec.page_size  # 0 = off
         self.groups = tuple(range(1, 1 + spec.num_local_groups))
         self._tables: dict[str, list[list[int]]] = {}
         self._released: dict[str, int] = {}  # blocks [0, n) of the sequence are already NULL in every group
@@ -47,14 +52,25 @@ class SlidingWindowManager:
         hi = min(self.spec.first_needed_local_block(num_computed), len(tables[0]))
         if hi <= lo:
             return
-        freed = []
+        freed, expendable = [], []
         for j in range(lo, hi):  # oldest first: the LRU evicts the earliest window before a later one
+            keep = self._in_checkpoint_window(j)
             for t in tables:
                 if t[j] != NULL:
-                    freed.append(t[j])
+                    (freed if keep else expendable).append(t[j])
                     t[j] = NULL
+        self.pool.free(expendable[::-1], evict_first=True)
         self.pool.free(freed)
         self._released[seq_id] = hi
+
+    def _in_checkpoint_window(self, block: int) -> bool:
+        """Block j is read by the query at some checkpoint boundary m*C pages (C = checkpoint_pages, m >= 1)."""
+        if not self.checkpoint_pages:
+            return True
+        P, C = self.spec.page_size, self.checkpoint_pages
+        # The next checkpoint boundary after block j; its window reaches back to (boundary*P - window + 1).
+        m = block // C + 1
+        return (m * C * P - self.spec.sliding_window + 1) // P <= block
 
     def pages_needed(self, seq_id: str, num_tokens: int) -> int:
         have = len(self._tables[seq_id][0]) if seq_id in self._tables else 0
