@@ -236,13 +236,6 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(subparsers) -> None:
-    """Add `plan` to the g3serve CLI (called from cluster/cli.py)."""
-    parser = subparsers.add_parser("plan", help="KV capacity per replica for a Gemma 3 size, TP and GPU memory")
-    add_arguments(parser)
-    parser.set_defaults(func=run)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="g3serve plan", description=__doc__.splitlines()[0])
     add_arguments(parser)

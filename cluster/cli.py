@@ -19,6 +19,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from cluster import capacity, deploy
 from cluster.config import API_KEYS_ENV, G3ServeConfig
 
 out = Console()
@@ -193,6 +194,8 @@ SUBCOMMANDS: tuple[Subcommand, ...] = (
     Subcommand("chat", "send one chat message and stream the answer", cmd_chat, chat_args),
     Subcommand("status", "health and load of a running g3serve", cmd_status, status_args),
     Subcommand("config", "print the default config / the reference, or check a file", cmd_config, config_args),
+    Subcommand("plan", "KV capacity per replica (8K/32K/128K, hybrid vs full)", capacity.run, capacity.add_arguments),
+    Subcommand("deploy", "render Kubernetes (KubeRay) manifests from a preset", deploy.run, deploy.deploy_arguments),
 )
 
 

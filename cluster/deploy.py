@@ -28,7 +28,7 @@ from cluster.k8s_objects import api_objects, ray_service, redis_objects
 
 REPO = Path(__file__).resolve().parents[1]
 PRESETS_DIR = REPO / "infra" / "presets"
-SERVE_IMPORT_PATH = "cluster.app:build_app"  # an application builder: args -> serve.Application
+SERVE_IMPORT_PATH = "cluster.deploy:app_builder"  # Serve calls it with the application's `args` dict
 
 
 class _Section(BaseModel):
@@ -103,6 +103,16 @@ class DeployPreset(_Section):
             ]
         d = self.app.decoder
         return [("decoder", d.autoscaling.max_replicas if d.autoscaling else d.num_replicas or 1)]
+
+
+def app_builder(args: dict):
+    """The Serve application of a serveConfigV2 / `serve deploy` file: its args are a G3ServeConfig document.
+
+    (Serve converts args to a pydantic model only when the builder's annotation is a class; cluster.app's
+    build_app is annotated under `from __future__ import annotations`, i.e. with a string, so we validate here.)"""
+    from cluster.app import build_app
+
+    return build_app(G3ServeConfig.model_validate(args))
 
 
 def load_preset(name: str) -> DeployPreset:
@@ -199,13 +209,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--serve-config", help="write only the Serve config (for `serve deploy`) to this file")
 
 
-def register(subparsers) -> None:
-    """Add `deploy render` to the g3serve CLI (called from cluster/cli.py)."""
-    deploy = subparsers.add_parser("deploy", help="Kubernetes deployment")
-    sub = deploy.add_subparsers(dest="deploy_command", required=True)
-    parser = sub.add_parser("render", help="write KubeRay/Kubernetes manifests for a preset")
-    add_arguments(parser)
-    parser.set_defaults(func=run)
+def deploy_arguments(parser: argparse.ArgumentParser) -> None:
+    """`g3serve deploy render ...`: the CLI's `deploy` subcommand has one action so far, `render` (runs `run`)."""
+    sub = parser.add_subparsers(dest="deploy_command", required=True)
+    add_arguments(sub.add_parser("render", help="write KubeRay/Kubernetes manifests (or a Serve config) for a preset"))
 
 
 def main(argv: list[str] | None = None) -> int:

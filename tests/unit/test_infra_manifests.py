@@ -167,3 +167,17 @@ def test_kustomize_build_output_validates(overlay):
     assert {d["metadata"].get("namespace") for d in docs} == {"g3serve"}
     for doc in docs:
         _validate(doc)
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_serve_import_path_builds_the_app_from_the_args(preset, tiny_mm_ckpt):
+    # What Serve does with the serveConfigV2 application: import the builder, call it with `args`. Binding the
+    # deployment graph needs no running Ray; a tiny checkpoint stands in for /models/... on the pods.
+    from ray._common.utils import import_attr
+    from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
+    from ray.serve.deployment import Application
+
+    (app,) = yaml.safe_load(_ray_service(preset)["spec"]["serveConfigV2"])["applications"]
+    app["args"]["model"]["checkpoint"] = str(tiny_mm_ckpt)
+    built = call_user_app_builder_with_args_if_necessary(import_attr(app["import_path"]), app["args"])
+    assert isinstance(built, Application)
