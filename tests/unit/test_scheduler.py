@@ -198,3 +198,13 @@ def test_max_model_len_finishes_with_length():
     sched.add(s)
     drive(sched, runner)
     assert s.num_tokens == 20 and s.finish_reason is FinishReason.LENGTH
+
+
+def test_sequence_page_hashes_are_the_router_chain_incrementally():
+    from cluster.prefix_hash import page_hashes
+
+    img = ImageSpan(offset=3, length=6, content_hash="h")
+    s = Sequence("a", [5, 6, 7] + [99] * 6 + [1, 2], 20, page_size=P, images=(img,))
+    for t in range(13):
+        s.append_token(t)
+        assert s.page_hashes == page_hashes(s.all_token_ids, P, (img,))
