@@ -135,6 +135,10 @@ class KvIndex:
     def holders(self, page_hash: int) -> frozenset[str]:
         return frozenset(self._holders.get(page_hash, ()))
 
+    def hashes_of(self, replica_id: str) -> tuple[int, ...]:
+        """Every page hash held by a replica (for a snapshot that lets a late router resync)."""
+        return tuple(self._pages_of.get(replica_id, ()))
+
     def pages_of(self, replica_id: str) -> int:
         return len(self._pages_of.get(replica_id, ()))
 

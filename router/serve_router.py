@@ -1,0 +1,213 @@
+"""KvAwareRequestRouter: Ray Serve's request router for decoder deployments, applying router/policy.py.
+
+Plug it per decoder deployment:
+
+    from ray.serve.config import RequestRouterConfig
+    decoder.options(request_router_config=RequestRouterConfig(
+        request_router_class="router.serve_router:KvAwareRequestRouter",
+        request_router_kwargs=settings.router.request_router_kwargs(page_size)))
+
+Ray Serve builds one router per process that holds a handle to the deployment (each ingress replica). Each keeps
+its own KvIndex and LoadView, fed by a background task that pulls the deployment's KvEventHub (kv_hub.py).
+The decoder call's first positional argument is the `GenerateRequest`; its page hashes are computed once per
+request (cluster/prefix_hash.py, the engine's own function) and cached until the request is routed.
+
+Replica churn: `update_replicas` (Ray's replica-set broadcast) and `on_replica_actor_died` drop a gone
+replica's index entries, load and sticky sessions, and tell the hub; a new or restarted replica is a new Ray
+replica id whose publisher starts with a `cleared` event, so it is routed to as an empty, idle replica.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections import OrderedDict
+from typing import Any
+
+from ray.serve._private.common import ReplicaID
+from ray.serve.request_router import (
+    LocalityMixin,
+    MultiplexMixin,
+    PendingRequest,
+    RequestRouter,
+    RunningReplica,
+)
+
+from cluster.messages import GenerateRequest
+from cluster.prefix_hash import page_hashes
+from router.kv_hub import HubUpdate, get_or_create_hub
+from router.kv_index import KvIndex
+from router.load_view import LoadView
+from router.policy import Candidate, Decision, PolicyConfig, RouteQuery, choose_replica
+
+logger = logging.getLogger("ray.serve")
+
+
+class KvAwareRequestRouter(LocalityMixin, MultiplexMixin, RequestRouter):
+    def initialize_state(
+        self,
+        policy: dict[str, Any] | None = None,
+        session_map_size: int = 100_000,
+        index_max_pages: int = 2_000_000,
+        predict_on_route: bool = True,
+        poll_interval_s: float = 0.1,
+        inflight_ttl_s: float = 2.0,
+        hub_log_size: int = 100_000,
+        **_: Any,
+    ) -> None:
+        self.policy = PolicyConfig(**(policy or {}))
+        self.index = KvIndex(max_pages=index_max_pages)
+        self.loads = LoadView(inflight_ttl_s=inflight_ttl_s, report_lag_s=poll_interval_s)
+        self.predict_on_route = predict_on_route
+        self.poll_interval_s = poll_interval_s
+        self.hub_log_size = hub_log_size
+        self._session_map_size = session_map_size
+        self._sessions: OrderedDict[str, str] = OrderedDict()  # session id -> replica unique id
+        self._hash_cache: OrderedDict[str, tuple[int, list[int]]] = OrderedDict()  # request id -> (page, hashes)
+        self._recorded: OrderedDict[str, None] = OrderedDict()  # requests already counted (Ray may retry)
+        self._hub = None
+        self._epoch: str | None = None
+        self._cursor = 0
+        self._poller: asyncio.Task | None = None
+        self.decisions: dict[str, int] = {"kv": 0, "session": 0, "load": 0, "fallback": 0}
+
+    # ---- the hub feed --------------------------------------------------------------------------------------
+
+    def _ensure_poller(self) -> None:
+        if self._poller is None or self._poller.done():
+            self._poller = asyncio.get_running_loop().create_task(self._poll_forever())
+
+    def apply_update(self, upd: HubUpdate, now: float | None = None) -> None:
+        """Fold one hub update into this router's index and loads (also called directly by tests)."""
+        now = time.monotonic() if now is None else now
+        if upd.snapshot or upd.epoch != self._epoch:
+            self.index = KvIndex(max_pages=self.index.max_pages)
+        self._epoch, self._cursor = upd.epoch, upd.cursor
+        live = {rid.unique_id for rid in self._replica_id_set}
+        for ev in upd.events:
+            if not live or ev.replica_id in live:
+                self.index.apply(ev)
+            else:  # a replica Ray no longer lists: never index it back
+                self.index.forget_replica(ev.replica_id)
+        for load in upd.loads:
+            self.loads.report(load, now)
+
+    async def _poll_forever(self) -> None:
+        while True:
+            try:
+                if self._hub is None:
+                    self._hub = get_or_create_hub(
+                        self._deployment_id.app_name, self._deployment_id.name, self.hub_log_size
+                    )
+                upd = await self._hub.events_since.remote(self._epoch, self._cursor)
+                self.apply_update(upd)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # the hub restarting or unreachable: route on what we know, retry
+                logger.warning("KV router: polling the hub failed", exc_info=True)
+                self._hub = None
+            await asyncio.sleep(self.poll_interval_s)
+
+    # ---- replica churn -------------------------------------------------------------------------------------
+
+    def _forget(self, unique_ids: list[str]) -> None:
+        for rid in unique_ids:
+            self.index.forget_replica(rid)
+            self.loads.forget(rid)
+        gone = set(unique_ids)
+        for s in [s for s, r in self._sessions.items() if r in gone]:
+            del self._sessions[s]
+        if self._hub is not None and unique_ids:
+            self._hub.forget.remote(unique_ids)
+
+    def update_replicas(self, replicas: list[RunningReplica]) -> None:
+        old = {rid.unique_id for rid in self._replica_id_set}
+        super().update_replicas(replicas)
+        new = {rid.unique_id for rid in self._replica_id_set}
+        self._forget(sorted(old - new))
+
+    def on_replica_actor_died(self, replica_id: ReplicaID) -> None:
+        super().on_replica_actor_died(replica_id)
+        self._forget([replica_id.unique_id])
+
+    # ---- routing -------------------------------------------------------------------------------------------
+
+    def _page_size(self) -> int:
+        for rid in self._replica_id_set:
+            load = self.loads.get(rid.unique_id, time.monotonic())
+            if load is not None and load.page_size > 0:
+                return load.page_size
+        return self.policy.page_size
+
+    def _hashes(self, pr: PendingRequest, req: GenerateRequest, page: int) -> list[int]:
+        key = pr.metadata.internal_request_id
+        cached = self._hash_cache.get(key)
+        if cached is None or cached[0] != page:
+            cached = (page, page_hashes(req.prompt_token_ids, page, req.images))
+            self._hash_cache[key] = cached
+            while len(self._hash_cache) > 4096:  # requests cancelled before routing must not pile up
+                self._hash_cache.popitem(last=False)
+        return cached[1]
+
+    def decide(self, pr: PendingRequest, candidates: list[RunningReplica]) -> Decision | None:
+        req = pr.args[0] if pr.args else None
+        if not isinstance(req, GenerateRequest):
+            return None
+        now = time.monotonic()
+        page = self._page_size()
+        hashes = self._hashes(pr, req, page)
+        ids = [r.replica_id.unique_id for r in candidates]
+        matched = self.index.longest_prefix(hashes, ids)
+        session = req.session_id or pr.metadata.session_id or None
+        query = RouteQuery(
+            prompt_tokens=len(req.prompt_token_ids),
+            num_pages=len(hashes),
+            max_tokens=req.sampling.max_tokens,
+            session_id=session,
+            sticky_replica=self._sessions.get(session) if session else None,
+            tiebreak=hashes[0] if hashes else hash(req.request_id),
+        )
+        cands = [Candidate(rid, matched.get(rid, 0), self.loads.get(rid, now)) for rid in ids]
+        decision = choose_replica(query, cands, self.policy)
+        self._record(pr, req, decision, hashes, matched, now, session)
+        return decision
+
+    def _record(self, pr, req, decision: Decision, hashes, matched, now, session) -> None:
+        """Count the request on its replica before the replica reports it (sticky session, predicted pages,
+        in-flight prefill), so the next turn or the next request of a burst sees it."""
+        key = pr.metadata.internal_request_id
+        if key in self._recorded:  # a retry after every ranked replica was full: counted already
+            return
+        self._recorded[key] = None
+        while len(self._recorded) > 4096:
+            self._recorded.popitem(last=False)
+        rid = decision.replica_id
+        self.decisions[decision.reason] += 1
+        if session:
+            self._sessions[session] = rid
+            self._sessions.move_to_end(session)
+            while len(self._sessions) > self._session_map_size:
+                self._sessions.popitem(last=False)
+        if self.predict_on_route and hashes:
+            self.index.add(rid, hashes)
+        page = self._page_size()
+        new_pages = -(-(len(req.prompt_token_ids) + req.sampling.max_tokens) // page) - matched.get(rid, 0)
+        self.loads.on_send(rid, len(req.prompt_token_ids) - decision.cached_tokens, new_pages, now)
+
+    async def choose_replicas(
+        self, candidate_replicas: list[RunningReplica], pending_request: PendingRequest | None = None
+    ) -> list[list[RunningReplica]]:
+        self._ensure_poller()
+        if pending_request is None or not candidate_replicas:
+            return [candidate_replicas]
+        # When every ranked replica is at max_ongoing_requests, Ray retries this call: back off between tries.
+        pending_request.routing_context.should_backoff = True
+        decision = self.decide(pending_request, candidate_replicas)
+        if decision is None:  # not a GenerateRequest call (other methods): two random, the shorter queue wins
+            self.decisions["fallback"] += 1
+            return [random.sample(candidate_replicas, min(2, len(candidate_replicas)))]
+        by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
+        # One replica per group, best first: Ray sends to the first that has a free slot.
+        return [[by_id[rid]] for rid in decision.ranked]
