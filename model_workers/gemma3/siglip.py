@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model_workers.gemma3.config import CheckpointError
 from model_workers.gemma3.projector import Gemma3Projector
 
 
@@ -48,14 +49,14 @@ class VisionConfig:
     def from_hf_config(cls, cfg: dict) -> VisionConfig:
         """Build from the parsed config.json of a Gemma3ForConditionalGeneration checkpoint."""
         if "vision_config" not in cfg:
-            raise ValueError("config.json has no vision_config: not a multimodal Gemma 3 checkpoint")
+            raise CheckpointError("config.json has no vision_config: not a multimodal Gemma 3 checkpoint")
         v = cfg["vision_config"]
         if v.get("vision_use_head", False):
             # Gemma 3 never uses SigLIP's attention-pooling head; a checkpoint that does is something else.
-            raise ValueError("vision_config.vision_use_head=True is not a Gemma 3 vision tower")
+            raise CheckpointError("vision_config.vision_use_head=True is not a Gemma 3 vision tower")
         act = v.get("hidden_act", "gelu_pytorch_tanh")
         if act not in ("gelu_pytorch_tanh", "gelu_tanh"):
-            raise ValueError(f"vision_config.hidden_act={act!r}: Gemma 3's SigLIP uses gelu_pytorch_tanh")
+            raise CheckpointError(f"vision_config.hidden_act={act!r}: Gemma 3's SigLIP uses gelu_pytorch_tanh")
         text = cfg.get("text_config", {})
         return cls(
             hidden_size=v.get("hidden_size", 1152),
@@ -74,8 +75,11 @@ class VisionConfig:
     def from_checkpoint(cls, path: str | Path) -> VisionConfig:
         cfg_path = Path(path) / "config.json"
         if not cfg_path.is_file():
-            raise FileNotFoundError(f"{cfg_path}: missing config.json")
-        return cls.from_hf_config(json.loads(cfg_path.read_text()))
+            raise CheckpointError(f"{cfg_path}: missing config.json")
+        try:
+            return cls.from_hf_config(json.loads(cfg_path.read_text()))
+        except CheckpointError as e:
+            raise CheckpointError(f"{cfg_path}: {e}") from None
 
 
 class SiglipAttention(nn.Module):
