@@ -52,7 +52,8 @@ class EmbeddingCache:
         )
         if s.redis_url is None:
             self._embedded = EmbeddedRedis(s.max_bytes)
-            sock = await asyncio.to_thread(self._embedded.start)
+            # On the loop thread (blocks ~0.1 s once): the server's death signal follows the thread that starts it.
+            sock = self._embedded.start()
             self._redis = Redis(unix_socket_path=sock, **common)
         else:
             self._redis = Redis.from_url(s.redis_url, **common)

@@ -32,6 +32,17 @@ def redis_server_binary() -> str:
     return found
 
 
+def _die_with_parent() -> None:
+    """In the child: ask Linux to SIGTERM it when the thread that started it dies (a killed Serve replica must not
+    leave an orphan redis-server). Elsewhere a no-op: `stop()` remains the normal way out."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
 class EmbeddedRedis:
     def __init__(self, max_bytes: int, start_timeout_s: float = 10.0):
         self.max_bytes = max_bytes
@@ -49,7 +60,10 @@ class EmbeddedRedis:
         return self._proc.pid if self._proc else None
 
     def start(self) -> str:
-        """Start the server and wait until its socket answers; returns the socket path."""
+        """Start the server and wait until its socket exists; returns the socket path.
+
+        Call it from the thread that lives as long as the server should (the event loop's), not from a worker
+        thread: the death signal is tied to the starting thread."""
         self._dir = tempfile.TemporaryDirectory(prefix="g3serve-vcache-")
         args = [
             redis_server_binary(),
@@ -62,7 +76,9 @@ class EmbeddedRedis:
             "--maxmemory", str(self.max_bytes),
             "--maxmemory-policy", "allkeys-lru",
         ]  # fmt: skip
-        self._proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self._proc = subprocess.Popen(
+            args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, preexec_fn=_die_with_parent
+        )
         deadline = time.monotonic() + self.start_timeout_s
         while not os.path.exists(self.socket_path):
             if self._proc.poll() is not None:
