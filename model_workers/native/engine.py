@@ -1,0 +1,323 @@
+"""NativeEngine: g3serve's own Gemma 3 engine (the embedded default), implementing `DecoderEngine`.
+
+The step loop is three lines — `plan = scheduler.schedule()`, `sampled = runner.run(plan)`,
+`outputs = scheduler.postprocess(plan, sampled)` — plus turning outputs into streamed text deltas. The forward pass
+runs in one worker thread (torch releases the GIL), so the asyncio loop keeps accepting and streaming requests while
+a step computes. Everything that changes scheduler or cache state (admission, aborts, postprocess) happens on the
+loop thread between steps, never while the runner reads the block tables.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import torch
+
+from cluster.config import NativeEngineConfig
+from cluster.messages import FinishReason, GenerateRequest, KvEvent, ReplicaLoad, TokenDelta
+from model_workers.engine import EngineOverloadedError, EngineRequestError, ModelInfo
+from model_workers.gemma3.config import Gemma3Config
+from model_workers.gemma3.decoder import Gemma3Decoder
+from model_workers.gemma3.tokenizer import Gemma3Tokenizer, IncrementalDetokenizer
+from model_workers.native.kv_cache.hybrid import HybridKVCache
+from model_workers.native.kv_cache.spec import KVCacheSpec
+from model_workers.native.runner import ModelRunner
+from model_workers.native.scheduler import QueueFull, RequestTooLarge, Scheduler, SchedulerConfig, SeqOutput
+from model_workers.native.sequence import Sequence
+
+log = logging.getLogger(__name__)
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class _Stream:
+    """Per-request output state: the queue the client's iterator reads, the detokenizer, stop strings."""
+
+    detok: IncrementalDetokenizer
+    stop: tuple[str, ...]
+    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+    pending: str = ""  # text held back because it could be the start of a stop string
+    done: bool = False
+
+
+def kv_budget_bytes(cfg: NativeEngineConfig, device: torch.device) -> int:
+    if cfg.kv_cache_bytes:
+        return cfg.kv_cache_bytes
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(free * cfg.kv_cache_fraction)
+    import psutil
+
+    return int(psutil.virtual_memory().total * cfg.kv_cache_fraction)
+
+
+class NativeEngine:
+    def __init__(self, config: NativeEngineConfig, replica_id: str | None = None):
+        self.config = config
+        self.replica_id = replica_id or f"pid-{os.getpid()}"
+        self._streams: dict[str, _Stream] = {}
+        self._pending_aborts: list[str] = []
+        self._events: list[KvEvent] = []
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="g3serve-step")
+        self._task: asyncio.Task | None = None
+        self._wake: asyncio.Event | None = None
+        self._closed = False
+        self.steps = 0
+
+    # ---- lifecycle ------------------------------------------------------------------------------------------------
+    def load_model(self) -> None:
+        """Weights, tokenizer, KV cache; synchronous (call from a thread if a loop must stay responsive)."""
+        cfg = self.config
+        if cfg.num_threads:
+            torch.set_num_threads(cfg.num_threads)
+        device = torch.device(cfg.device)
+        dtype = _DTYPES[cfg.dtype]
+        mcfg = Gemma3Config.from_checkpoint(cfg.checkpoint)
+        self.model_config = mcfg
+        self.model = Gemma3Decoder.from_checkpoint(cfg.checkpoint, dtype=dtype, device=device)
+        self.tokenizer = Gemma3Tokenizer.from_checkpoint(cfg.checkpoint, mcfg.mm_tokens_per_image)
+        text = mcfg.text
+        spec = KVCacheSpec(
+            layer_types=text.layer_types,
+            page_size=cfg.page_size,
+            sliding_window=text.sliding_window,
+            num_kv_heads=text.num_kv_heads,
+            head_dim=text.head_dim,
+            dtype_bytes=torch.finfo(dtype).bits // 8,
+        )
+        num_pages = spec.num_pages_for_budget(kv_budget_bytes(cfg, device))
+        self.cache = HybridKVCache(spec, num_pages, window_checkpoint_interval=cfg.window_checkpoint_interval)
+        max_len = min(cfg.max_model_len or text.max_position_embeddings, text.max_position_embeddings)
+        self.scheduler = Scheduler(
+            SchedulerConfig(
+                max_model_len=max_len,
+                max_num_seqs=cfg.max_num_seqs,
+                max_num_batched_tokens=cfg.max_num_batched_tokens,
+                max_waiting=cfg.max_waiting,
+            ),
+            self.cache,
+        )
+        self.runner = ModelRunner(self.model, self.cache, device=device, dtype=dtype)
+        self._info = ModelInfo(
+            model_id=cfg.served_model_name or os.path.basename(str(cfg.checkpoint).rstrip("/")),
+            max_model_len=max_len,
+            page_size=cfg.page_size,
+            vocab_size=text.vocab_size,
+            sliding_window=text.sliding_window,
+            num_global_layers=len(text.global_layers),
+            num_local_layers=len(text.local_layers),
+            mm_tokens_per_image=mcfg.mm_tokens_per_image,
+            supports_images=mcfg.vision is not None,
+        )
+        seqs, _ = self.cache.capacity_tokens(max_len)
+        log.info(
+            "native engine: %d KV pages of %d tokens (%.1f MiB); %d sequences of %d tokens fit",
+            num_pages,
+            cfg.page_size,
+            num_pages * spec.page_bytes / 2**20,
+            seqs,
+            max_len,
+        )
+
+    async def start(self) -> None:
+        if not hasattr(self, "model"):
+            await asyncio.get_running_loop().run_in_executor(self._executor, self.load_model)
+        self._wake = asyncio.Event()
+        self._task = asyncio.create_task(self._loop(), name="g3serve-engine-loop")
+
+    async def shutdown(self) -> None:
+        self._closed = True
+        for seq_id in list(self._streams):
+            self._pending_aborts.append(seq_id)
+        if self._wake:
+            self._wake.set()
+        if self._task:
+            await asyncio.gather(self._task, return_exceptions=True)
+        self._apply_aborts()
+        self._executor.shutdown(wait=False)
+
+    @property
+    def info(self) -> ModelInfo:
+        return self._info
+
+    # ---- requests -------------------------------------------------------------------------------------------------
+    def _make_sequence(self, req: GenerateRequest) -> Sequence:
+        sp = req.sampling
+        if sp.max_tokens < 1:
+            raise EngineRequestError("max_tokens must be at least 1")
+        if len(req.images) != len(req.image_embeds):
+            raise EngineRequestError(f"{len(req.images)} image spans but {len(req.image_embeds)} image embeddings")
+        if req.images and not self._info.supports_images:
+            raise EngineRequestError("this model does not accept images (text-only checkpoint)")
+        hidden = self.model_config.text.hidden_size
+        for span, emb in zip(req.images, req.image_embeds, strict=True):
+            if tuple(emb.embeds.shape) != (span.length, hidden):
+                raise EngineRequestError(
+                    f"image embedding shape {tuple(emb.embeds.shape)} != ({span.length}, {hidden})"
+                )
+        vocab = self._info.vocab_size
+        if any(t < 0 or t >= vocab for t in req.prompt_token_ids):
+            raise EngineRequestError(f"prompt token ids must be in [0, {vocab})")
+        return Sequence(
+            req.request_id,
+            list(req.prompt_token_ids),
+            sp.max_tokens,
+            page_size=self.config.page_size,
+            images=req.images,
+            stop_token_ids=sp.stop_token_ids,
+            eos_token_ids=self.tokenizer.eos_token_ids,
+            ignore_eos=sp.ignore_eos,
+            sampling=sp,
+        )
+
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[TokenDelta]:
+        if self._closed or self._task is None:
+            raise EngineOverloadedError("the engine is not running")
+        if request.request_id in self._streams:
+            raise EngineRequestError(f"request id {request.request_id!r} is already running")
+        seq = self._make_sequence(request)
+        try:
+            self.scheduler.add(seq)
+        except RequestTooLarge as e:
+            raise EngineRequestError(str(e)) from e
+        except QueueFull as e:
+            raise EngineOverloadedError(str(e)) from e
+        if request.image_embeds:
+            self.runner.image_embeds[seq.seq_id] = [e.embeds for e in request.image_embeds]
+        stream = _Stream(self.tokenizer.detokenizer(), tuple(s for s in request.sampling.stop if s))
+        self._streams[seq.seq_id] = stream
+        self._wake.set()
+        try:
+            while True:
+                delta = await stream.queue.get()
+                yield delta
+                if delta.finish_reason is not None:
+                    return
+        finally:
+            if not stream.done:  # the client went away (or closed the iterator): free its pages at once
+                self._pending_aborts.append(seq.seq_id)
+                self._wake.set()
+
+    async def abort(self, request_id: str) -> None:
+        if request_id in self._streams:
+            self._pending_aborts.append(request_id)
+            self._wake.set()
+
+    # ---- the step loop --------------------------------------------------------------------------------------------
+    async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while not self._closed:
+            self._apply_aborts()
+            if not self.scheduler.has_work:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            plan = self.scheduler.schedule()
+            if plan.is_empty:  # everything waits for pages that a running abort will free
+                await asyncio.sleep(0.005)
+                continue
+            try:
+                sampled = await loop.run_in_executor(self._executor, self.runner.run, plan)
+            except Exception as e:  # a failed step fails its requests, not the replica
+                log.exception("engine step failed")
+                for chunk in plan.chunks:
+                    self._fail(chunk.seq.seq_id, f"engine step failed: {e}")
+                continue
+            self._emit(self.scheduler.postprocess(plan, sampled))
+            self._collect_events()
+            self.steps += 1
+
+    def _apply_aborts(self) -> None:
+        while self._pending_aborts:
+            seq_id = self._pending_aborts.pop()
+            self.scheduler.abort(seq_id)
+            stream = self._streams.pop(seq_id, None)
+            self.runner.forget(seq_id)
+            if stream is not None and not stream.done:
+                stream.done = True
+                stream.queue.put_nowait(TokenDelta(seq_id, (), "", FinishReason.ABORT))
+
+    def _fail(self, seq_id: str, message: str) -> None:
+        self.scheduler.abort(seq_id)
+        self.runner.forget(seq_id)
+        stream = self._streams.pop(seq_id, None)
+        if stream is not None:
+            stream.done = True
+            stream.queue.put_nowait(TokenDelta(seq_id, (), "", FinishReason.ERROR, error=message))
+
+    def _emit(self, outputs: list[SeqOutput]) -> None:
+        for out in outputs:
+            stream = self._streams.get(out.seq_id)
+            if stream is None:
+                continue
+            reason = out.finish_reason
+            is_stop_token = reason is FinishReason.STOP
+            text = "" if is_stop_token else stream.detok.push([out.token_id])
+            text, hit = self._apply_stop_strings(stream, text)
+            if hit and reason is None:
+                reason = FinishReason.STOP
+                self.scheduler.finish(out.seq_id, reason)
+            if reason is not None:
+                text += stream.pending if not hit else ""
+                stream.pending = ""
+                stream.done = True
+                self._streams.pop(out.seq_id, None)
+                self.runner.forget(out.seq_id)
+            stream.queue.put_nowait(
+                TokenDelta(
+                    out.seq_id,
+                    (out.token_id,),
+                    text,
+                    reason,
+                    prompt_tokens=out.num_prompt_tokens,
+                    completion_tokens=out.num_output_tokens,
+                    cached_tokens=out.num_cached_tokens,
+                )
+            )
+
+    @staticmethod
+    def _apply_stop_strings(stream: _Stream, text: str) -> tuple[str, bool]:
+        """(text to send now, whether a stop string ended the output). Text that may begin a stop string is held."""
+        if not stream.stop:
+            return text, False
+        buf = stream.pending + text
+        cut = min((i for i in (buf.find(s) for s in stream.stop) if i >= 0), default=-1)
+        if cut >= 0:
+            stream.pending = ""
+            return buf[:cut], True
+        hold = max(len(s) for s in stream.stop) - 1
+        keep = next(
+            (k for k in range(min(hold, len(buf)), 0, -1) if any(s.startswith(buf[-k:]) for s in stream.stop)), 0
+        )
+        stream.pending = buf[len(buf) - keep :] if keep else ""
+        return buf[: len(buf) - keep], False
+
+    # ---- router-facing --------------------------------------------------------------------------------------------
+    def _collect_events(self) -> None:
+        stored, removed = self.cache.drain_events()
+        if stored or removed:
+            self._events.append(KvEvent(self.replica_id, tuple(stored), tuple(removed)))
+
+    def drain_kv_events(self) -> list[KvEvent]:
+        events, self._events = self._events, []
+        return events
+
+    def load(self) -> ReplicaLoad:
+        st = self.cache.stats()
+        total = max(st.total_pages, 1)
+        return ReplicaLoad(
+            replica_id=self.replica_id,
+            running=self.scheduler.num_running,
+            waiting=self.scheduler.num_waiting,
+            free_pages=st.free_pages,
+            total_pages=st.total_pages,
+            page_size=st.page_size,
+            pending_prefill_tokens=self.scheduler.pending_prefill_tokens,
+            max_model_len=self._info.max_model_len,
+            kv_usage=(("global", st.global_pages_in_use / total), ("sliding", st.local_pages_in_use / total)),
+        )

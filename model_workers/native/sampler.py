@@ -1,0 +1,54 @@
+"""Sampler: the next token of each sequence from its logits row (greedy, temperature, top-k, top-p, seeded).
+
+Greedy rows (the common case for evaluation and our parity tests) are one batched argmax. Sampled rows are drawn
+one by one with a per-request torch.Generator when the request gave a seed, so a seeded request reproduces whatever
+else is in the batch.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from cluster.messages import SamplingParams
+from model_workers.native.sequence import Sequence
+
+_GREEDY = SamplingParams(temperature=0.0)
+
+
+class Sampler:
+    def __init__(self, device="cpu"):
+        self.device = torch.device(device)
+        self.generators: dict[str, torch.Generator] = {}
+
+    def forget(self, seq_id: str) -> None:
+        self.generators.pop(seq_id, None)
+
+    def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
+        params = [s.sampling if isinstance(s.sampling, SamplingParams) else _GREEDY for s in seqs]
+        out = logits.argmax(dim=-1).tolist()
+        for i, (seq, p) in enumerate(zip(seqs, params, strict=True)):
+            if not p.greedy:
+                out[i] = self._draw(logits[i].float(), p, self._generator(seq.seq_id, p.seed))
+        return out
+
+    def _generator(self, seq_id: str, seed: int | None) -> torch.Generator | None:
+        if seed is None:
+            return None
+        if seq_id not in self.generators:
+            self.generators[seq_id] = torch.Generator(device=self.device).manual_seed(seed)
+        return self.generators[seq_id]
+
+    @staticmethod
+    def _draw(row: torch.Tensor, p: SamplingParams, gen: torch.Generator | None) -> int:
+        row = row / p.temperature
+        if p.top_k and p.top_k < row.shape[-1]:
+            kth = torch.topk(row, p.top_k).values[-1]
+            row = row.masked_fill(row < kth, float("-inf"))
+        if p.top_p < 1.0:
+            sorted_logits, order = torch.sort(row, descending=True)
+            probs = sorted_logits.softmax(-1)
+            # Keep the smallest prefix whose mass reaches top_p (the top token always stays).
+            drop = probs.cumsum(-1) - probs >= p.top_p
+            row = row.scatter(0, order, sorted_logits.masked_fill(drop, float("-inf")))
+        probs = row.softmax(-1)
+        return int(torch.multinomial(probs, 1, generator=gen).item())
