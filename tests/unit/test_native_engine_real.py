@@ -1,0 +1,185 @@
+"""The native engine on the real Gemma 3 270M: continuous batching, prefix hits, preemption, cancellation."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from cluster.config import NativeEngineConfig
+from cluster.messages import FinishReason, GenerateRequest, SamplingParams
+from model_workers.gemma3.tokenizer import ChatTurn
+from model_workers.native.engine import NativeEngine
+
+pytestmark = pytest.mark.real_model
+GREEDY = dict(temperature=0.0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def hf_model(real_270m_ckpt):
+    from transformers import Gemma3ForCausalLM
+
+    return Gemma3ForCausalLM.from_pretrained(real_270m_ckpt, dtype=torch.float32).eval()
+
+
+def reference(hf_model, prompt: tuple[int, ...], n: int) -> list[int]:
+    with torch.no_grad():
+        out = hf_model.generate(torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n, do_sample=False)
+    return out[0, len(prompt) :].tolist()
+
+
+async def started(ckpt, **kw) -> NativeEngine:
+    cfg = dict(checkpoint=str(ckpt), kv_cache_bytes=64 * 2**20, max_num_batched_tokens=64)
+    eng = NativeEngine(NativeEngineConfig(**{**cfg, **kw}))
+    await eng.start()
+    return eng
+
+
+async def collect(eng: NativeEngine, rid: str, prompt, max_tokens: int, delay: float = 0.0, **sp):
+    await asyncio.sleep(delay)
+    req = GenerateRequest(rid, tuple(prompt), SamplingParams(max_tokens=max_tokens, **{**GREEDY, **sp}))
+    deltas = [d async for d in eng.generate(req)]
+    return [t for d in deltas for t in d.token_ids], "".join(d.text for d in deltas), deltas[-1]
+
+
+def chat(tok, text: str) -> tuple[int, ...]:
+    return tok.render_chat([ChatTurn("user", (text,))]).token_ids
+
+
+async def test_continuous_batching_equals_transformers(real_270m_ckpt, hf_model):
+    eng = await started(real_270m_ckpt)
+    tok = eng.tokenizer
+    prompts = [
+        chat(tok, "Write a haiku about the sea."),
+        chat(tok, "What is the capital of France? Answer in one word."),
+        tok.encode_completion("The quick brown fox jumps over the lazy dog. " * 12).token_ids,  # ~120 tokens: chunked
+        chat(tok, "Hi"),
+    ]
+    # Later requests arrive while earlier ones decode: they join the running batch (continuous batching).
+    results = await asyncio.gather(*[collect(eng, f"r{i}", p, 16, delay=0.4 * i) for i, p in enumerate(prompts)])
+    steps = eng.steps
+    await eng.shutdown()
+    assert steps < 4 * 16, "requests were not batched together"
+    for p, (tokens, text, last) in zip(prompts, results, strict=True):
+        assert tokens == reference(hf_model, p, 16)
+        assert text == tok.decode(tokens) and last.finish_reason is FinishReason.LENGTH
+        assert last.prompt_tokens == len(p) and last.completion_tokens == 16
+
+
+async def test_second_turn_hits_prefix_cache_and_prefills_only_new_tokens(real_270m_ckpt, hf_model):
+    eng = await started(real_270m_ckpt, page_size=16)
+    tok = eng.tokenizer
+    turn1 = [ChatTurn("user", ("Tell me about the moon in three sentences. " * 8,))]
+    p1 = tok.render_chat(turn1).token_ids
+    out1, text1, last1 = await collect(eng, "t1", p1, 12)
+    assert last1.cached_tokens == 0
+    turn2 = [*turn1, ChatTurn("assistant", (text1,)), ChatTurn("user", ("And the sun?",))]
+    p2 = tok.render_chat(turn2).token_ids
+    assert p2[: len(p1)] == p1
+    out2, _, last2 = await collect(eng, "t2", p2, 12)
+    await eng.shutdown()
+    # Everything up to the last full page of turn 1's prompt (plus its answer where it re-tokenizes the same) hits.
+    assert last2.cached_tokens >= (len(p1) // 16) * 16
+    assert last2.prompt_tokens - last2.cached_tokens < len(p2) - (len(p1) // 16) * 16 + 1
+    assert out2 == reference(hf_model, p2, 12)  # same tokens as a cold run
+
+
+async def test_preemption_by_recompute_keeps_outputs_and_frees_pages(real_270m_ckpt, hf_model):
+    # 100 pages of 98,304 bytes (3 layers x 16 tokens x K,V x 256 x fp32): four ~100-token sequences need ~170
+    # (all 18 layers hold every token below the 512 window), so the scheduler must preempt.
+    eng = await started(real_270m_ckpt, kv_cache_bytes=98304 * 100, page_size=16, max_num_batched_tokens=256)
+    initial = eng.cache.stats().free_pages
+    tok = eng.tokenizer
+    prompts = [tok.encode_completion(f"Story number {i}: once upon a time " * 6).token_ids for i in range(4)]
+    preempted: list[str] = []
+    schedule = eng.scheduler.schedule
+
+    def spy():
+        plan = schedule()
+        preempted.extend(plan.preempted)
+        return plan
+
+    eng.scheduler.schedule = spy
+    results = await asyncio.gather(*[collect(eng, f"p{i}", p, 40) for i, p in enumerate(prompts)])
+    stats = eng.cache.stats()
+    await eng.shutdown()
+    assert preempted, "the pool was large enough: no preemption happened"
+    for p, (tokens, _, _) in zip(prompts, results, strict=True):
+        assert tokens == reference(hf_model, p, 40)
+    assert stats.free_pages == initial and stats.global_pages_in_use == stats.local_pages_in_use == 0
+
+
+async def test_cancel_frees_pages_at_once(real_270m_ckpt):
+    eng = await started(real_270m_ckpt)
+    initial = eng.cache.stats().free_pages
+    gen = eng.generate(
+        GenerateRequest("c1", chat(eng.tokenizer, "Count to one hundred."), SamplingParams(max_tokens=500, **GREEDY))
+    )
+    got = [await gen.__anext__() for _ in range(3)]
+    assert eng.cache.stats().free_pages < initial and eng.scheduler.num_running == 1
+    await gen.aclose()  # what a client disconnect does to the stream
+    for _ in range(200):
+        if eng.scheduler.num_running == 0:
+            break
+        await asyncio.sleep(0.05)
+    stats = eng.cache.stats()
+    await eng.shutdown()
+    assert len(got) == 3 and eng.scheduler.num_running == 0
+    assert stats.free_pages == initial
+
+
+async def test_sampling_seed_top_k_and_stop_strings(real_270m_ckpt):
+    eng = await started(real_270m_ckpt)
+    p = chat(eng.tokenizer, "Write a short poem about rain.")
+    a = await collect(eng, "s1", p, 20, temperature=0.9, top_p=0.9, seed=7, ignore_eos=True)
+    b = await collect(eng, "s2", p, 20, temperature=0.9, top_p=0.9, seed=7, ignore_eos=True)
+    greedy = await collect(eng, "g", p, 20)
+    top1 = await collect(eng, "k1", p, 20, temperature=1.3, top_k=1)
+    stop_at = greedy[1][5:9]
+    stopped = await collect(eng, "st", p, 20, stop=(stop_at,))
+    await eng.shutdown()
+    assert a[0] == b[0]  # the same seed gives the same sample
+    assert top1[0] == greedy[0]  # top_k=1 is greedy whatever the temperature
+    assert stopped[2].finish_reason is FinishReason.STOP
+    assert stopped[1] == greedy[1][: greedy[1].index(stop_at)] and stop_at not in stopped[1]
+
+
+async def test_bad_requests_are_refused_before_any_token(real_270m_ckpt):
+    from model_workers.engine import EngineRequestError
+
+    eng = await started(real_270m_ckpt, max_model_len=64)
+    with pytest.raises(EngineRequestError, match="maximum context length of 64"):
+        await collect(eng, "long", [2] + [100] * 60, 10)
+    with pytest.raises(EngineRequestError, match="token ids"):
+        await collect(eng, "vocab", [2, 10**7], 4)
+    with pytest.raises(EngineRequestError, match="max_tokens"):
+        await collect(eng, "zero", [2, 100], 0)
+    ok = await collect(eng, "fine", [2, 100, 200], 3)
+    await eng.shutdown()
+    assert len(ok[0]) == 3
+
+
+@pytest.mark.slow
+async def test_20k_token_sequence_keeps_local_layers_at_their_window(real_270m_ckpt):
+    eng = await started(real_270m_ckpt, kv_cache_bytes=1024 * 2**20, max_num_batched_tokens=1024)
+    spec = eng.cache.spec
+    prompt = eng.tokenizer.encode_completion("All work and no play makes Jack a dull boy. " * 1700).token_ids[:20000]
+    peak_local = peak_global = 0
+    run = eng.runner.run
+
+    def spy(plan):
+        nonlocal peak_local, peak_global
+        st = eng.cache.stats()
+        peak_local, peak_global = max(peak_local, st.local_pages_in_use), max(peak_global, st.global_pages_in_use)
+        return run(plan)
+
+    eng.runner.run = spy
+    tokens, _, last = await collect(eng, "long", prompt, 8)
+    await eng.shutdown()
+    assert len(tokens) == 8 and last.prompt_tokens == 20000
+    # Global layers hold the whole context; each local group only window + one chunk + 2 pages.
+    assert peak_global == -(-20008 // spec.page_size)
+    per_group = -(-(spec.sliding_window + 1024) // spec.page_size) + 2
+    assert peak_local <= spec.num_local_groups * per_group
+    assert peak_local < peak_global / 4
