@@ -163,13 +163,14 @@ class PagedAttention:
         if b.num_decodes:
             pages = b.dec_pages[group]
             d, width = pages.shape
-            kk = k_cache[pages].view(d, width * P, hkv, hd)
-            vv = v_cache[pages].view(d, width * P, hkv, hd)
+            flat = pages.view(-1)  # index_select: half the time of advanced indexing for this gather
+            kk = k_cache.index_select(0, flat).view(d, width * P, hkv, hd)
+            vv = v_cache.index_select(0, flat).view(d, width * P, hkv, hd)
             out[: b.num_decodes] = sdpa(q[: b.num_decodes, None], kk, vv, b.dec_masks[group], self.scale)[:, 0]
         for pf in b.prefills:
             pages = pf.pages[group]
-            kk = k_cache[pages].view(1, -1, hkv, hd)
-            vv = v_cache[pages].view(1, -1, hkv, hd)
+            kk = k_cache.index_select(0, pages).view(1, -1, hkv, hd)
+            vv = v_cache.index_select(0, pages).view(1, -1, hkv, hd)
             out[pf.rows] = sdpa(q[pf.rows][None], kk, vv, pf.masks[0 if group == 0 else 1], self.scale)[0]
         return out
 

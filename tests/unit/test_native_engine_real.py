@@ -164,7 +164,7 @@ async def test_bad_requests_are_refused_before_any_token(real_270m_ckpt):
 async def test_20k_token_sequence_keeps_local_layers_at_their_window(real_270m_ckpt):
     eng = await started(real_270m_ckpt, kv_cache_bytes=1024 * 2**20, max_num_batched_tokens=1024)
     spec = eng.cache.spec
-    prompt = eng.tokenizer.encode_completion("All work and no play makes Jack a dull boy. " * 1700).token_ids[:20000]
+    prompt = eng.tokenizer.encode_completion("All work and no play makes Jack a dull boy. " * 2000).token_ids[:20000]
     peak_local = peak_global = 0
     run = eng.runner.run
 
