@@ -178,6 +178,31 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------------------ batch
+
+
+def batch_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("input", help="JSONL or Parquet: one chat request per row (id, messages, sampling fields)")
+    p.add_argument("output", help="output .jsonl or .parquet (shards in OUTPUT.shards/; re-running resumes)")
+    p.add_argument("--config", help="YAML config file (the batch: section sizes the stages)")
+    p.add_argument("--address", help="Ray cluster address (default: config ray.address, else a local Ray)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (the summary is still printed)")
+
+
+def cmd_batch(args: argparse.Namespace) -> int:
+    from cluster.batch import run_batch, summary_table
+
+    config = load_config(args.config)
+    summary = run_batch(
+        config, args.input, args.output, address=args.address, console=err, progress=not args.no_progress
+    )
+    out.print(summary_table(summary))
+    if summary.missing:
+        err.print(f"[yellow]{summary.missing} rows have no output yet[/]: run the same command again to finish them")
+        return 1
+    return 0
+
+
 # ------------------------------------------------------------------------------------------------ registry
 
 
@@ -195,6 +220,7 @@ SUBCOMMANDS: tuple[Subcommand, ...] = (
     Subcommand("status", "health and load of a running g3serve", cmd_status, status_args),
     Subcommand("config", "print the default config / the reference, or check a file", cmd_config, config_args),
     Subcommand("plan", "KV capacity per replica (8K/32K/128K, hybrid vs full)", capacity.run, capacity.add_arguments),
+    Subcommand("batch", "offline chat completions over a JSONL/Parquet file (resumable)", cmd_batch, batch_args),
     Subcommand("deploy", "render Kubernetes (KubeRay) manifests from a preset", deploy.run, deploy.deploy_arguments),
 )
 

@@ -176,6 +176,38 @@ class RaySettings(_Section):
     num_cpus: int | None = Field(None, ge=1, description="CPUs of the local Ray instance; default: all cores.")
 
 
+class BatchSettings(_Section):
+    """`g3serve batch`: offline inference on Ray Data (cluster/batch.py). Each stage is an actor pool sized here;
+    the defaults fit a 2-core machine (one decoder actor, which batches its rows continuously inside one engine)."""
+
+    preprocess_concurrency: int = Field(1, ge=1, description="Actors that validate rows, read images and tokenize.")
+    preprocess_batch_size: int = Field(32, ge=1, description="Rows per preprocessing call.")
+    preprocess_num_cpus: float = Field(0.25, ge=0, description="CPUs reserved per preprocessing actor.")
+    vision_concurrency: int = Field(1, ge=1, description="Vision encoder actors (only used by image checkpoints).")
+    vision_batch_size: int = Field(8, ge=1, description="Rows per vision call (their image blocks share passes).")
+    vision_num_cpus: float = Field(0.5, ge=0, description="CPUs reserved per vision actor.")
+    vision_num_gpus: float = Field(0, ge=0, description="GPUs reserved per vision actor.")
+    decoder_concurrency: int = Field(1, ge=1, description="Decoder actors, each holding one engine.")
+    decoder_batch_size: int = Field(
+        16,
+        ge=1,
+        description="Rows per decoder call, run concurrently through the engine (continuous batching); one "
+        "output shard per call, so this is also the most rows a crash can lose per decoder actor.",
+    )
+    decoder_num_cpus: float = Field(1, ge=0, description="CPUs reserved per decoder actor.")
+    decoder_num_gpus: float = Field(0, ge=0, description="GPUs reserved per decoder actor.")
+    max_actor_restarts: int = Field(
+        3, ge=-1, description="Restarts of a dead stage actor (its batch is retried on the new one); -1 = no limit."
+    )
+    default_max_tokens: int = Field(256, ge=1, description="max_tokens of rows that give none.")
+    max_images_per_row: int = Field(8, ge=0, description="Most images in one row; more is an error row.")
+    allow_local_image_paths: bool = Field(
+        True,
+        description="Accept image paths (absolute, file://, or relative to the input file) in rows: a batch job's "
+        "input is trusted, unlike an HTTP request's.",
+    )
+
+
 class G3ServeConfig(_Section):
     model: ModelSettings = Field(default_factory=ModelSettings, description="The served model.")
     engine: EngineSettings = Field(default_factory=EngineSettings, description="The decoder engine.")
@@ -187,6 +219,7 @@ class G3ServeConfig(_Section):
     ingress: IngressSettings = Field(default_factory=IngressSettings, description="HTTP API and guard rails.")
     router: RouterSettings = Field(default_factory=RouterSettings, description="KV-aware routing to decoders.")
     ray: RaySettings = Field(default_factory=RaySettings, description="Where Ray runs.")
+    batch: BatchSettings = Field(default_factory=BatchSettings, description="Offline batch inference (g3serve batch).")
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> G3ServeConfig:

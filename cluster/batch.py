@@ -1,0 +1,225 @@
+"""`g3serve batch`: offline chat completions over a JSONL/Parquet file on Ray Data, resumable, with progress.
+
+    read input (driver: ids, duplicates, skip what earlier runs wrote)
+      -> from_items -> map_batches(Preprocess)    validate as OpenAI requests, read/probe images, tokenize
+                    -> map_batches(VisionEncode)  image checkpoints only: soft tokens via VisionService + its cache
+                    -> map_batches(Decode)        one NativeEngine per actor, a call's rows run concurrently
+      -> driver: each finished block becomes one shard (tmp + rename), then the progress bar moves
+
+The driver writes the shards itself (rather than `Dataset.write_*`) so that a block is on disk before the next
+one is awaited: a crash or kill loses only the rows in flight, and the next run's done set (cluster/batch_io.py) is
+exactly what was written. Each stage is an actor pool whose size, batch size and resources come from `batch:` in
+the config; Ray restarts a dead actor (`max_actor_restarts`) and retries its batch, and every failure that is a
+row's own (bad image, prompt over the context, engine error) becomes that row's error instead of failing the job.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from cluster.batch_io import InputRow, ShardStore, output_row, read_input
+from cluster.config import G3ServeConfig
+
+
+@dataclass(frozen=True)
+class BatchSummary:
+    input_rows: int
+    skipped: int  # written by earlier runs
+    written: int  # rows this run wrote
+    ok: int
+    errors: int
+    missing: int  # rows without an output row after this run (a re-run retries them)
+    prompt_tokens: int
+    completion_tokens: int
+    wall_s: float
+    output: str | None  # the merged file, when every row has its output
+
+    @property
+    def rows_per_s(self) -> float:
+        return self.written / self.wall_s if self.wall_s else 0.0
+
+    @property
+    def output_tokens_per_s(self) -> float:
+        return self.completion_tokens / self.wall_s if self.wall_s else 0.0
+
+
+def init_ray(config: G3ServeConfig, address: str | None = None) -> bool:
+    """Connect to `address` (or config.ray.address), else start a local Ray. False when Ray was already up."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    address = address or config.ray.address
+    if address is None:
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # local Ray: no token written to ~/.ray
+        ray.init(num_cpus=config.ray.num_cpus, include_dashboard=False, log_to_driver=False)
+    else:
+        ray.init(address=address, log_to_driver=False)
+    return True
+
+
+def build_dataset(config: G3ServeConfig, rows: list[InputRow], checkpoint: Path, input_dir: Path):
+    """The Ray Data pipeline over `rows` (runnable rows only), lazily: nothing runs until it is iterated."""
+    import ray
+
+    from cluster.app import has_vision_tower
+    from cluster.batch_stages import Decode, Preprocess, VisionEncode
+
+    b = config.batch
+    restarts = {"max_restarts": b.max_actor_restarts}
+    ds = ray.data.from_items([{"index": r.index, "id": r.id, "request": r.request} for r in rows])
+    ds = ds.map_batches(
+        Preprocess,
+        fn_constructor_args=(config, str(checkpoint), str(input_dir)),
+        batch_size=b.preprocess_batch_size,
+        batch_format="pyarrow",
+        concurrency=b.preprocess_concurrency,
+        num_cpus=b.preprocess_num_cpus,
+        **restarts,
+    )
+    if has_vision_tower(checkpoint):
+        ds = ds.map_batches(
+            VisionEncode,
+            fn_constructor_args=(config, str(checkpoint)),
+            batch_size=b.vision_batch_size,
+            batch_format="pyarrow",
+            concurrency=b.vision_concurrency,
+            num_cpus=b.vision_num_cpus,
+            num_gpus=b.vision_num_gpus,
+            **restarts,
+        )
+    return ds.map_batches(
+        Decode,
+        fn_constructor_args=(config, str(checkpoint)),
+        batch_size=b.decoder_batch_size,
+        batch_format="pyarrow",
+        concurrency=b.decoder_concurrency,
+        num_cpus=b.decoder_num_cpus,
+        num_gpus=b.decoder_num_gpus,
+        **restarts,
+    )
+
+
+def _progress(console: Console, enabled: bool) -> Progress:
+    return Progress(
+        TextColumn("[bold]batch[/]"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("rows  {task.fields[tok_s]:.1f} tok/s  {task.fields[errors]} errors"),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        console=console,
+        disable=not enabled,
+    )
+
+
+def run_batch(
+    config: G3ServeConfig,
+    input_path: str | Path,
+    output_path: str | Path,
+    *,
+    address: str | None = None,
+    console: Console | None = None,
+    progress: bool = True,
+) -> BatchSummary:
+    """Run (or resume) one batch job; Ray is started or joined here and left as found."""
+    import ray
+    from ray.data import DataContext
+
+    from model_workers.deployment import resolve_checkpoint
+
+    console = console or Console(stderr=True)
+    start = time.perf_counter()
+    store = ShardStore(output_path)
+    store.prepare()
+    done = store.done()
+    rows = read_input(input_path)
+    todo = [r for r in rows if not done.covers(r)]
+    skipped = len(rows) - len(todo)
+    # Rows that fail before any model work (bad JSON, no id, repeated id) are written at once.
+    early = [output_row(r.id, r.index, error=r.error, error_status=400, duplicate=r.duplicate) for r in todo if r.error]
+    runnable = [r for r in todo if r.error is None]
+    store.write(early)
+    written_ids = {r["id"] for r in early if not r["duplicate"]}
+    stats = {"ok": 0, "errors": len(early), "prompt": 0, "completion": 0}
+
+    if runnable:
+        checkpoint = resolve_checkpoint(config.model.checkpoint)
+        started_ray = init_ray(config, address)
+        ctx = DataContext.get_current()
+        ctx.enable_progress_bars = False  # ours is the one progress bar
+        ctx.print_on_execution_start = False
+        ctx.issue_detectors_config.detectors = []  # its memory hints are about Ray Data's defaults, not ours
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
+        try:
+            ds = build_dataset(config, runnable, checkpoint, Path(input_path).resolve().parent)
+            with _progress(console, progress) as bar:
+                task = bar.add_task("rows", total=len(runnable), tok_s=0.0, errors=stats["errors"])
+                t0 = time.perf_counter()
+                for block in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+                    # A block Ray re-delivered after a retry must not duplicate rows already written.
+                    out = [r for r in block.to_pylist() if r["id"] not in written_ids]
+                    store.write(out)
+                    for r in out:
+                        written_ids.add(r["id"])
+                        stats["ok" if r["error"] is None else "errors"] += 1
+                        stats["prompt"] += r["prompt_tokens"] or 0
+                        stats["completion"] += r["completion_tokens"] or 0
+                    tok_s = stats["completion"] / max(time.perf_counter() - t0, 1e-9)
+                    bar.update(task, advance=len(out), tok_s=tok_s, errors=stats["errors"])
+        finally:
+            if started_ray:
+                ray.shutdown()
+
+    after = store.done()
+    missing = sum(not after.covers(r) for r in rows)
+    merged = None
+    if missing == 0:
+        store.merge()
+        merged = str(store.output)
+    summary = BatchSummary(
+        input_rows=len(rows),
+        skipped=skipped,
+        written=stats["ok"] + stats["errors"],
+        ok=stats["ok"],
+        errors=stats["errors"],
+        missing=missing,
+        prompt_tokens=stats["prompt"],
+        completion_tokens=stats["completion"],
+        wall_s=time.perf_counter() - start,
+        output=merged,
+    )
+    (store.dir / "last_run.json").write_text(json.dumps(asdict(summary), indent=2))
+    return summary
+
+
+def summary_table(s: BatchSummary) -> Table:
+    table = Table(title="g3serve batch")
+    table.add_column("what")
+    table.add_column("value", justify="right")
+    for name, value in (
+        ("input rows", s.input_rows),
+        ("already done (skipped)", s.skipped),
+        ("written this run", s.written),
+        ("ok", s.ok),
+        ("errors", s.errors),
+        ("missing (re-run to retry)", s.missing),
+        ("prompt tokens", s.prompt_tokens),
+        ("completion tokens", s.completion_tokens),
+        ("wall s", f"{s.wall_s:.1f}"),
+        ("rows/s", f"{s.rows_per_s:.2f}"),
+        ("output tok/s", f"{s.output_tokens_per_s:.1f}"),
+        ("output", s.output or "(incomplete: shards only)"),
+    ):
+        table.add_row(name, str(value))
+    return table

@@ -1,0 +1,257 @@
+"""The three Ray Data stages of `g3serve batch`: preprocess -> vision encoder -> decoder, each an actor class.
+
+Rows travel between stages as `PreparedRow` (a frozen dataclass, pickled into one binary column: Arrow cannot hold
+the tensors and nested tuples directly). Every stage catches failures per row and turns them into that row's
+error, so one bad row (invalid image, over-long prompt, bad parameter) never fails its block, and an engine
+failure fails only the rows it was running. Error messages are exactly the HTTP API's (router/ingress_errors.py).
+
+The vision and decoder stages drive async code (VisionService, the engine) from Ray Data's synchronous calls: each
+actor runs its own event loop in a background thread, so the engine's step loop lives between calls and the rows
+of one call all run concurrently through it (continuous batching).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import pickle
+import threading
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import pyarrow as pa
+
+from cluster.batch_io import OUTPUT_SCHEMA, output_row
+from cluster.config import G3ServeConfig
+from cluster.messages import FinishReason, GenerateRequest
+from model_workers.gemma3.config import Gemma3Config
+from model_workers.gemma3.tokenizer import ChatTurn, Gemma3Tokenizer, ImageRef
+from router import openai_api as oa
+from router.ingress import G3ServeIngress, parse
+from router.ingress_errors import api_error_from_exception
+from router.ingress_images import _PAN_AND_SCAN_BY_DETAIL
+from vision_service.content_hash import HashSettings, checkpoint_revision
+from vision_service.images import ImageRef as ImageWhere
+from vision_service.images import load_image_bytes
+from vision_service.preprocess import PreprocessConfig
+from vision_service.request import VisionImage, VisionRequest, plan_image
+
+PREPARED_SCHEMA = pa.schema([("id", pa.string()), ("index", pa.int64()), ("prepared", pa.binary())])
+
+
+@dataclass(frozen=True)
+class PreparedRow:
+    """A row after preprocessing: the tokenized request (image embeddings attached by the vision stage), the
+    image bytes still to encode, or the error that ends this row here."""
+
+    index: int
+    id: str
+    request: GenerateRequest | None = None
+    images: tuple[VisionImage, ...] = ()
+    error: str | None = None
+    error_status: int | None = None
+
+    def failed(self, exc: BaseException) -> PreparedRow:
+        err = api_error_from_exception(exc)
+        return replace(self, request=None, images=(), error=err.message, error_status=err.status)
+
+
+def to_table(rows: list[PreparedRow]) -> pa.Table:
+    return pa.Table.from_pylist(
+        [{"id": r.id, "index": r.index, "prepared": pickle.dumps(r)} for r in rows], schema=PREPARED_SCHEMA
+    )
+
+
+def from_table(batch: pa.Table) -> list[PreparedRow]:
+    return [pickle.loads(b) for b in batch.column("prepared").to_pylist()]
+
+
+class _LoopThread:
+    """An asyncio loop in a daemon thread: async work submitted from Ray Data's synchronous calls."""
+
+    def __init__(self):
+        self.loop = asyncio.new_event_loop()
+        threading.Thread(target=self.loop.run_forever, name="g3serve-batch-loop", daemon=True).start()
+
+    def run(self, coro):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
+
+    def gather(self, coros) -> list:
+        """Run coroutines concurrently on the loop; each result is its value or the exception it raised."""
+
+        async def all_of():
+            return await asyncio.gather(*coros, return_exceptions=True)
+
+        return self.run(all_of())
+
+
+# ---------------------------------------------------------------------------------------------------- preprocess
+
+
+class Preprocess:
+    """Validate each row as an OpenAI chat request, read and probe its images, tokenize it, fit the context."""
+
+    def __init__(self, config: G3ServeConfig, checkpoint: str, input_dir: str):
+        self.config, self.input_dir = config, Path(input_dir)
+        mcfg = Gemma3Config.from_checkpoint(checkpoint)
+        text = mcfg.text
+        # The engine's own rule (model_workers/native/engine.py), so the preprocessor refuses what it would refuse.
+        self.max_model_len = min(
+            config.model.max_model_len or text.max_position_embeddings, text.max_position_embeddings
+        )
+        self.tokenizer = Gemma3Tokenizer.from_checkpoint(checkpoint, mcfg.mm_tokens_per_image)
+        self.supports_images = mcfg.vision is not None
+        vision = config.vision.service
+        self.image_limits = vision.images.model_copy(
+            update={"allow_local_paths": vision.images.allow_local_paths or config.batch.allow_local_image_paths}
+        )
+        self.hash_settings = HashSettings(
+            checkpoint_revision(Path(checkpoint)), PreprocessConfig.from_checkpoint(checkpoint), vision.pan_and_scan
+        )
+        self.limits = oa.Limits(
+            max_tokens_cap=self.max_model_len,
+            default_max_tokens=config.batch.default_max_tokens,
+            max_images=config.batch.max_images_per_row,
+        )
+        self._loop = _LoopThread()  # image bytes come through an async loader (http(s) when allow-listed)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        out = []
+        for row in batch.to_pylist():
+            base = PreparedRow(int(row["index"]), row["id"])
+            try:
+                out.append(self.prepare(base, row["request"]))
+            except Exception as e:  # noqa: BLE001 - every failure is this row's error, never the block's
+                out.append(base.failed(e))
+        return to_table(out)
+
+    def prepare(self, base: PreparedRow, request_json: str) -> PreparedRow:
+        body = json.loads(request_json)
+        body.setdefault("model", self.config.model.served_model_name)
+        body["stream"] = False
+        req = parse(oa.ChatCompletionRequest, json.dumps(body).encode())
+        sampling = oa.to_sampling(req, self.limits)
+        drafts = oa.turn_drafts(req.messages, self.limits.max_images)
+        images, refs = [], {}
+        for img in (i for d in drafts for i in d.images):
+            where = ImageWhere(img.message_index, img.part_index)
+            data = self._loop.run(self._image_bytes(img.url, where))
+            vimg = VisionImage(data, where, _PAN_AND_SCAN_BY_DETAIL.get(img.detail or "auto"))
+            # The vision service plans the same way (same function, same settings): the hashes name the blocks.
+            plan = plan_image(
+                vimg,
+                self.config.model.served_model_name,
+                self.hash_settings,
+                self.config.vision.service.pan_and_scan.enabled,
+                self.image_limits,
+            )
+            images.append(vimg)
+            refs[img] = ImageRef(plan.content_hashes)
+        if images and not self.supports_images:
+            raise oa.ApiError(400, "this model does not accept images (text-only checkpoint)", param="messages")
+        turns = [ChatTurn(d.role, tuple(refs.get(p, p) for p in d.parts)) for d in drafts]
+        prompt = self.tokenizer.render_chat(turns)
+        explicit = bool(req.max_tokens or req.max_completion_tokens)
+        info = _ContextInfo(self.max_model_len)
+        sampling = G3ServeIngress._fit_context(len(prompt.token_ids), sampling, info, explicit=explicit)
+        stop_ids = tuple(dict.fromkeys((*sampling.stop_token_ids, *self.tokenizer.eos_token_ids)))
+        request = GenerateRequest(
+            request_id=f"batch-{base.index}-{base.id}",
+            prompt_token_ids=tuple(prompt.token_ids),
+            sampling=replace(sampling, stop_token_ids=stop_ids),
+            images=tuple(prompt.images),
+        )
+        return replace(base, request=request, images=tuple(images))
+
+    async def _image_bytes(self, url: str, where: ImageWhere) -> bytes:
+        if "://" not in url and not url.startswith(("data:", "/")):  # a path relative to the input file
+            url = str((self.input_dir / url).resolve())
+        return await load_image_bytes(url, self.image_limits, where)
+
+
+@dataclass(frozen=True)
+class _ContextInfo:
+    """The one ModelInfo field the ingress's context check reads."""
+
+    max_model_len: int
+
+
+# ---------------------------------------------------------------------------------------------------- vision
+
+
+class VisionEncode:
+    """Encode each row's images through an in-process VisionService (its Redis embedding cache: embedded per
+    actor by default, shared by all actors and the serving cluster when `vision.service.cache.redis_url` is set)."""
+
+    def __init__(self, config: G3ServeConfig, checkpoint: str):
+        from vision_service.deployment import VisionService
+
+        self._loop = _LoopThread()
+        self.service = VisionService(checkpoint, config.vision.service, model_id=config.model.served_model_name)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = from_table(batch)
+        results = self._loop.gather([self._one(r) for r in rows])
+        return to_table(
+            [r if isinstance(r, PreparedRow) else row.failed(r) for row, r in zip(rows, results, strict=True)]
+        )
+
+    async def _one(self, row: PreparedRow) -> PreparedRow:
+        if row.error is not None or not row.images:
+            return row
+        try:
+            embeds = await self.service.embed(VisionRequest(f"{row.request.request_id}-img", row.images))
+            if [e.content_hash for e in embeds] != [s.content_hash for s in row.request.images]:
+                raise oa.ApiError(500, "vision service returned embeddings for different image blocks than planned")
+            return replace(row, request=replace(row.request, image_embeds=tuple(embeds)), images=())
+        except Exception as e:  # noqa: BLE001
+            return row.failed(e)
+
+
+# ---------------------------------------------------------------------------------------------------- decoder
+
+
+class Decode:
+    """One engine per actor; all rows of a call generate concurrently, each ending as an output row."""
+
+    def __init__(self, config: G3ServeConfig, checkpoint: str):
+        if config.engine.kind != "native":
+            raise NotImplementedError(f"g3serve batch runs the native engine; engine.kind={config.engine.kind}")
+        from model_workers.native.engine import NativeEngine
+
+        self._loop = _LoopThread()
+        self.engine = NativeEngine(config.native_engine_config(checkpoint), replica_id=f"batch-{os.getpid()}")
+        self._loop.run(self.engine.start())
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = from_table(batch)
+        results = self._loop.gather([self._one(r) for r in rows])
+        out = []
+        for row, res in zip(rows, results, strict=True):
+            out.append(res if isinstance(res, dict) else _error_row(row.failed(res)))
+        return pa.Table.from_pylist(out, schema=OUTPUT_SCHEMA)
+
+    async def _one(self, row: PreparedRow) -> dict:
+        if row.error is not None:
+            return _error_row(row)
+        text, last = [], None
+        async for delta in self.engine.generate(row.request):
+            text.append(delta.text)
+            last = delta
+        if last is None or last.finish_reason in (FinishReason.ERROR, FinishReason.ABORT):
+            why = (last.error if last else None) or "the engine ended the request without a result"
+            return _error_row(replace(row, error=f"generation failed: {why}", error_status=500))
+        return output_row(
+            row.id,
+            row.index,
+            text="".join(text),
+            finish_reason=oa.finish_reason(last.finish_reason),
+            prompt_tokens=last.prompt_tokens,
+            completion_tokens=last.completion_tokens,
+            cached_tokens=last.cached_tokens,
+        )
+
+
+def _error_row(row: PreparedRow) -> dict:
+    return output_row(row.id, row.index, error=row.error, error_status=row.error_status)
