@@ -78,7 +78,7 @@ async def run_in_process(config: G3ServeConfig, texts: list[str], max_tokens: in
     from model_workers.gemma3.tokenizer import Gemma3Tokenizer
 
     ckpt = resolve_checkpoint(config.model.checkpoint)
-    engine = ENGINE_FACTORIES[config.engine.kind](config, ckpt)
+    engine = ENGINE_FACTORIES[config.engine.kind](config, ckpt, "bench-inproc")
     await engine.start()
     tok = Gemma3Tokenizer.from_checkpoint(ckpt, engine.info.mm_tokens_per_image)
     sampling = SamplingParams(max_tokens=max_tokens, temperature=0.0, stop_token_ids=tok.eos_token_ids)

@@ -24,20 +24,20 @@ from model_workers.engine import DecoderEngine, ModelInfo
 log = logging.getLogger(__name__)
 
 
-def _native_engine(config: G3ServeConfig, checkpoint_dir: Path) -> DecoderEngine:
+def _native_engine(config: G3ServeConfig, checkpoint_dir: Path, replica: str) -> DecoderEngine:
     # Imported here so that a vLLM deployment does not import the native engine's torch kernels, and vice versa.
     from model_workers.native.engine import NativeEngine
 
-    return NativeEngine(config.native_engine_config(checkpoint_dir))
+    return NativeEngine(config.native_engine_config(checkpoint_dir), replica_id=replica)
 
 
-def _vllm_engine(config: G3ServeConfig, checkpoint_dir: Path) -> DecoderEngine:
-    raise NotImplementedError(
-        "engine.kind=vllm: the vLLM engine adapter is not part of this release yet; use engine.kind=native"
-    )
+def _vllm_engine(config: G3ServeConfig, checkpoint_dir: Path, replica: str) -> DecoderEngine:
+    from model_workers.vllm_engine import VllmEngine
+
+    return VllmEngine(config.engine.vllm, config.model, checkpoint_dir, replica)
 
 
-EngineFactory = Callable[[G3ServeConfig, Path], DecoderEngine]
+EngineFactory = Callable[[G3ServeConfig, Path, str], DecoderEngine]
 ENGINE_FACTORIES: Mapping[str, EngineFactory] = {"native": _native_engine, "vllm": _vllm_engine}
 
 
@@ -63,9 +63,10 @@ class DecoderDeployment:
 
     async def __init__(self, config: G3ServeConfig):
         self._config = config
-        self._engine = ENGINE_FACTORIES[config.engine.kind](config, resolve_checkpoint(config.model.checkpoint))
-        await self._engine.start()
         self._replica_id = replica_id()
+        checkpoint = resolve_checkpoint(config.model.checkpoint)
+        self._engine = ENGINE_FACTORIES[config.engine.kind](config, checkpoint, self._replica_id)
+        await self._engine.start()
         log.info("decoder replica %s ready: %s", self._replica_id, self._engine.info)
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[TokenDelta]:

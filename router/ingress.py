@@ -8,8 +8,8 @@ becomes a 400 / 429 instead of a broken 200 stream. A client that goes away canc
 aborts the request on its replica and frees its KV pages.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: FastAPI must see real classes (Request) in the route methods'
+# signatures, which serve.ingress re-creates; string annotations would turn `request` into a query parameter (422).
 import asyncio
 import hmac
 import time
@@ -62,7 +62,7 @@ def parse(model: type[oa._Request], body: bytes) -> oa._Request:
 class _Slot:
     """One unit of the ingress's bounded in-flight count, released exactly once."""
 
-    def __init__(self, ingress: G3ServeIngress):
+    def __init__(self, ingress: "G3ServeIngress"):
         self._ingress, self._held = ingress, True
         ingress.in_flight += 1
         ingress.metrics.in_flight.set(ingress.in_flight)
@@ -192,6 +192,8 @@ class G3ServeIngress:
         if isinstance(req, oa.ChatCompletionRequest):
             drafts = oa.turn_drafts(req.messages, self.settings.max_images_per_request)
             turns, embeds = await self.images.resolve(drafts)
+            hits = sum(e.cache_hit for e in embeds)
+            self.metrics.observe_images(cache_hits=hits, misses=len(embeds) - hits)
             prompt = tokenizer.render_chat(turns)
         else:
             prompt, embeds = tokenizer.encode_completion(oa.completion_prompt(req)), ()

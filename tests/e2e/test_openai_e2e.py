@@ -1,0 +1,274 @@
+"""g3serve end to end: the official `openai` client over real HTTP against the running Serve app.
+
+One app for the module: a tiny multimodal Gemma 3 (real vocabulary and tokenizer, random weights, 4 soft tokens
+per image) on the native engine, with an API key, a small context and small caps so the guard rails are cheap to
+hit. Answers are random-weight text, so tests compare the server against itself (stream == non-stream under
+greedy decoding) and check the protocol, the counts and the guard rails, never particular words.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import socket
+import time
+
+import httpx
+import openai
+import pytest
+
+from cluster.config import G3ServeConfig
+
+API_KEY = "e2e-secret-key"
+MODEL = "tiny-gemma3"
+MAX_MODEL_LEN = 512
+MAX_TOKENS_CAP = 400
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def app_url(ray_cluster, tiny_mm_servable_ckpt):
+    from ray import serve
+
+    from cluster.app import APP_NAME, run
+
+    config = G3ServeConfig.model_validate(
+        {
+            "model": {
+                "checkpoint": str(tiny_mm_servable_ckpt),
+                "served_model_name": MODEL,
+                "max_model_len": MAX_MODEL_LEN,
+            },
+            "engine": {"native": {"kv_cache_bytes": 32 * 2**20, "max_num_seqs": 8, "num_threads": 1}},
+            "decoder": {"num_cpus": 1},
+            "vision": {"deployment": {"num_cpus": 0.25}},
+            "ingress": {
+                "port": _free_port(),
+                "api_keys": [API_KEY],
+                "max_tokens": MAX_TOKENS_CAP,
+                "max_images_per_request": 2,
+                "max_body_bytes": 256 * 1024,
+                "deployment": {"num_cpus": 0.25},
+            },
+        }
+    )
+    url = run(config)
+    yield url
+    serve.delete(APP_NAME)
+
+
+@pytest.fixture
+def client(app_url) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{app_url}/v1", api_key=API_KEY, max_retries=0, timeout=120)
+
+
+def _png(width: int, height: int, color: tuple[int, int, int]) -> str:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (width, height), color).save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def _metric(app_url: str, name: str, **labels) -> float:
+    text = httpx.get(f"{app_url}/metrics", timeout=30).text
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name) and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def test_models_and_health(client, app_url):
+    assert [m.id for m in client.models.list().data] == [MODEL]
+    assert httpx.get(f"{app_url}/health", timeout=30).json() == {"status": "ok"}
+
+
+def test_chat_non_streaming_and_streaming_agree(client):
+    messages = [{"role": "user", "content": "Tell me a story about a lighthouse."}]
+    full = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=12, temperature=0)
+    choice = full.choices[0]
+    assert choice.message.role == "assistant" and choice.finish_reason in ("stop", "length")
+    assert full.usage.prompt_tokens > 5
+    assert 1 <= full.usage.completion_tokens <= 12
+    assert full.usage.total_tokens == full.usage.prompt_tokens + full.usage.completion_tokens
+
+    chunks = list(
+        client.chat.completions.create(
+            model=MODEL,
+            messages=messages,
+            max_tokens=12,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert text == choice.message.content
+    assert finishes == [choice.finish_reason]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == full.usage.completion_tokens
+    assert all(c.usage is None for c in chunks[:-1])
+
+
+def test_completions_prompt_string(client):
+    full = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=6, temperature=0)
+    assert full.usage.completion_tokens <= 6 and full.usage.prompt_tokens >= 5
+    streamed = "".join(
+        c.choices[0].text
+        for c in client.completions.create(
+            model=MODEL, prompt="The capital of France is", max_tokens=6, temperature=0, stream=True
+        )
+        if c.choices
+    )
+    assert streamed == full.choices[0].text
+
+
+def test_system_developer_and_multi_turn(client):
+    base = [{"role": "user", "content": "Hi"}]
+    plain = client.chat.completions.create(model=MODEL, messages=base, max_tokens=2, temperature=0)
+    rich = client.chat.completions.create(
+        model=MODEL,
+        messages=[
+            {"role": "system", "content": "You are terse."},
+            {"role": "developer", "content": "Answer in English."},
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello."},
+            {"role": "user", "content": "How are you?"},
+        ],
+        max_tokens=2,
+        temperature=0,
+        user="session-1",
+    )
+    assert rich.usage.prompt_tokens > plain.usage.prompt_tokens + 10
+    assert rich.choices[0].message.content is not None
+
+
+def test_image_turn_then_second_turn_hits_the_image_cache(client, app_url):
+    image = _png(64, 48, (200, 30, 30))
+    turn1 = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": "What is in this image?"},
+                {"type": "image_url", "image_url": {"url": image}},
+            ],
+        }
+    ]
+    hits_before = _metric(app_url, "g3serve_image_blocks_total", cache="hit")
+    first = client.chat.completions.create(model=MODEL, messages=turn1, max_tokens=4, temperature=0)
+    text_only = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "What is in this image?"}], max_tokens=1
+    )
+    assert first.usage.prompt_tokens >= text_only.usage.prompt_tokens + 4  # 4 soft tokens + image markers
+    turn2 = [
+        *turn1,
+        {"role": "assistant", "content": first.choices[0].message.content},
+        {"role": "user", "content": "And its colour?"},
+    ]
+    second = client.chat.completions.create(model=MODEL, messages=turn2, max_tokens=4, temperature=0)
+    assert second.usage.prompt_tokens > first.usage.prompt_tokens
+    assert _metric(app_url, "g3serve_image_blocks_total", cache="hit") >= hits_before + 1
+
+
+def test_non_square_image_with_pan_and_scan(client):
+    wide = _png(1024, 300, (20, 160, 20))  # ratio 3.4, crops of 342x300 >= min_crop_size 256
+
+    def ask(detail: str):
+        part = {"type": "image_url", "image_url": {"url": wide, "detail": detail}}
+        messages = [{"role": "user", "content": [part, {"type": "text", "text": "Describe."}]}]
+        return client.chat.completions.create(model=MODEL, messages=messages, max_tokens=1)
+
+    crops, whole = ask("high"), ask("low")
+    assert crops.usage.prompt_tokens > whole.usage.prompt_tokens + 4  # whole image + at least one crop block
+
+
+@pytest.mark.parametrize(
+    "kwargs,pattern",
+    [
+        ({"n": 2}, "n=2"),
+        ({"max_tokens": MAX_TOKENS_CAP + 1}, f"limit of {MAX_TOKENS_CAP}"),
+        ({"temperature": 5}, "temperature"),
+        ({"messages": [{"role": "tool", "content": "x", "tool_call_id": "1"}]}, "tool"),
+    ],
+)
+def test_bad_requests_are_400_with_a_message(client, kwargs, pattern):
+    args = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], **kwargs}
+    with pytest.raises(openai.BadRequestError, match=pattern) as e:
+        client.chat.completions.create(**args)
+    assert e.value.status_code == 400
+    assert e.value.body["message"]
+
+
+def test_prompt_over_the_context_names_the_real_limit(client):
+    long_prompt = "word " * (MAX_MODEL_LEN + 50)
+    with pytest.raises(openai.BadRequestError, match=f"maximum context length is {MAX_MODEL_LEN}"):
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": long_prompt}], max_tokens=8)
+    with pytest.raises(openai.BadRequestError, match=str(MAX_MODEL_LEN)):
+        client.completions.create(model=MODEL, prompt="word " * 200, max_tokens=MAX_TOKENS_CAP - 50)
+
+
+def test_too_many_images_unknown_model_and_auth(client, app_url):
+    part = {"type": "image_url", "image_url": {"url": _png(8, 8, (0, 0, 0))}}
+    with pytest.raises(openai.BadRequestError, match="limit is 2"):
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": [part, part, part]}])
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        client.chat.completions.create(model="gpt-4", messages=[{"role": "user", "content": "hi"}])
+    anonymous = openai.OpenAI(base_url=f"{app_url}/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        anonymous.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}])
+    with pytest.raises(openai.AuthenticationError):
+        anonymous.models.list()
+
+
+def test_oversized_body_is_413_and_bad_json_is_400(app_url):
+    headers = {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"}
+    big = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "x" * 300_000}]})
+    r = httpx.post(f"{app_url}/v1/chat/completions", content=big, headers=headers, timeout=30)
+    assert r.status_code == 413 and "limit" in r.json()["error"]["message"]
+    r = httpx.post(f"{app_url}/v1/chat/completions", content=b"{not json", headers=headers, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_client_disconnect_stops_generation_and_frees_kv(app_url):
+    body = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "Count forever."}],
+        "max_tokens": MAX_TOKENS_CAP,
+        "stream": True,
+    }
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    aborted_before = _metric(app_url, "g3serve_requests_total", endpoint="chat", status="499")
+    with httpx.stream("POST", f"{app_url}/v1/chat/completions", json=body, headers=headers, timeout=60) as r:
+        assert r.status_code == 200
+        lines = r.iter_lines()
+        assert next(line for line in lines if line.startswith("data: "))  # the generation is running
+    # The connection is closed mid-generation: the ingress must see the disconnect and the decoder must drop the
+    # sequence (running back to 0) and release its KV pages (pages in use back to 0: nothing else runs now),
+    # instead of generating the remaining tokens for nobody.
+    deadline = time.monotonic() + 60
+    while True:
+        aborted = _metric(app_url, "g3serve_requests_total", endpoint="chat", status="499")
+        running = _metric(app_url, "g3serve_decoder_running")
+        in_use = _metric(app_url, "g3serve_kv_cache_usage_ratio")
+        if (aborted > aborted_before and running == 0 and in_use == 0) or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert aborted == aborted_before + 1
+    assert running == 0
+    assert in_use == 0
+    # Served requests still complete after the abort.
+    r = httpx.post(
+        f"{app_url}/v1/completions",
+        json={"model": MODEL, "prompt": "after", "max_tokens": 2},
+        headers=headers,
+        timeout=60,
+    )
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
