@@ -99,6 +99,24 @@ class VllmEngineConfig(_Section):
         None, gt=0, description="vLLM CPU backend only: KV cache size in GiB (VLLM_CPU_KVCACHE_SPACE)."
     )
     enable_kv_cache_events: bool = Field(True, description="Publish KV events for the KV-aware router.")
+    block_size: int | None = Field(
+        None,
+        ge=1,
+        description="Tokens per vLLM KV block; default: vLLM's choice for the platform (its CPU attention uses 32). "
+        "The effective size is the router's page size for this engine.",
+    )
+    max_waiting: int = Field(
+        1024, ge=1, description="Requests a replica accepts beyond max_num_seqs; beyond it 429 + Retry-After."
+    )
+    kv_events_port: int = Field(
+        0, ge=0, le=65535, description="Loopback port of vLLM's ZMQ KV-event publisher; 0 = a free port."
+    )
+    seed: int = Field(0, description="vLLM's global sampling seed (per-request `seed` still overrides).")
+    load_vision_tower: bool = Field(
+        False,
+        description="Also load the SigLIP tower in the decoder (accept raw pixels); by default images arrive as "
+        "embeddings from the vision deployment and the decoder holds no vision weights.",
+    )
 
 
 class EngineSettings(_Section):
