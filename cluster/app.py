@@ -15,10 +15,12 @@ from pathlib import Path
 
 from ray import serve
 from ray.serve import Application
+from ray.serve.config import RequestRouterConfig
 
 from cluster.config import DeploymentSettings, G3ServeConfig
 from model_workers.deployment import DecoderDeployment, resolve_checkpoint
 from router.ingress import G3ServeIngress
+from router.serve_router import KvAwareRequestRouter
 
 APP_NAME = "g3serve"
 INGRESS, VISION, DECODER = "ingress", "vision", "decoder"
@@ -40,6 +42,13 @@ def deployment_options(name: str, settings: DeploymentSettings) -> dict:
     return opts
 
 
+def engine_page_size(config: G3ServeConfig) -> int:
+    """The KV page size the router must hash with: the engine's own (cluster/prefix_hash.py is shared)."""
+    if config.engine.kind == "vllm":
+        return config.engine.vllm.block_size or 16
+    return config.engine.native.page_size
+
+
 def has_vision_tower(checkpoint_dir: Path) -> bool:
     config = json.loads((checkpoint_dir / "config.json").read_text())
     return "vision_config" in config
@@ -48,7 +57,13 @@ def has_vision_tower(checkpoint_dir: Path) -> bool:
 def build_app(config: G3ServeConfig) -> Application:
     """The application graph; call from the driver (it resolves the checkpoint once, converting it if needed)."""
     checkpoint = resolve_checkpoint(config.model.checkpoint)
-    decoder = serve.deployment(DecoderDeployment).options(**deployment_options(DECODER, config.decoder)).bind(config)
+    decoder_opts = deployment_options(DECODER, config.decoder)
+    if config.router.enabled:
+        decoder_opts["request_router_config"] = RequestRouterConfig(
+            request_router_class=KvAwareRequestRouter,
+            request_router_kwargs=config.router.request_router_kwargs(engine_page_size(config)),
+        )
+    decoder = serve.deployment(DecoderDeployment).options(**decoder_opts).bind(config)
     vision = None
     if has_vision_tower(checkpoint):
         from vision_service.deployment import VisionService

@@ -67,6 +67,14 @@ class DecoderDeployment:
         checkpoint = resolve_checkpoint(config.model.checkpoint)
         self._engine = ENGINE_FACTORIES[config.engine.kind](config, checkpoint, self._replica_id)
         await self._engine.start()
+        self._publisher = None
+        if config.router.enabled:  # KV events + load to the deployment's hub, read by the KV-aware routers
+            from router.kv_hub import KvEventPublisher
+
+            self._publisher = KvEventPublisher.for_current_replica(
+                self._engine, period_s=config.router.publish_interval_s
+            )
+            self._publisher.start()
         log.info("decoder replica %s ready: %s", self._replica_id, self._engine.info)
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[TokenDelta]:
@@ -97,4 +105,6 @@ class DecoderDeployment:
         self._engine.load()
 
     async def __del__(self) -> None:
+        if self._publisher is not None:
+            await self._publisher.stop()
         await self._engine.shutdown()

@@ -272,3 +272,23 @@ def test_client_disconnect_stops_generation_and_frees_kv(app_url):
         timeout=60,
     )
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
+
+
+def test_decoder_publishes_kv_pages_and_load_to_the_router_hub(client):
+    """The KV-aware router is wired: the decoder replica's stored pages and load reach the deployment's hub."""
+    import ray
+
+    from cluster.app import APP_NAME, DECODER
+    from router.kv_hub import HUB_NAMESPACE, hub_name
+
+    client.completions.create(model=MODEL, prompt="page " * 60, max_tokens=1)
+    hub = ray.get_actor(hub_name(APP_NAME, DECODER), namespace=HUB_NAMESPACE)
+    deadline = time.monotonic() + 30
+    while True:
+        update = ray.get(hub.events_since.remote(None, -1))
+        stored = sum(len(ev.stored) for ev in update.events)
+        if (stored and update.loads) or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert stored >= 60 // 16  # at least the full pages of that prompt
+    assert len(update.loads) == 1 and update.loads[0].total_pages > 0
