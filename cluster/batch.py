@@ -9,8 +9,8 @@
 The driver writes the shards itself (rather than `Dataset.write_*`) so that a block is on disk before the next
 one is awaited: a crash or kill loses only the rows in flight, and the next run's done set (cluster/batch_io.py) is
 exactly what was written. Each stage is an actor pool whose size, batch size and resources come from `batch:` in
-the config; Ray restarts a dead actor (`max_actor_restarts`) and retries its batch, and every failure that is a
-row's own (bad image, prompt over the context, engine error) becomes that row's error instead of failing the job.
+the config; Ray Data restarts a dead actor and retries its batch on the new one (its defaults for actor pools:
+max_restarts=-1, max_task_retries=-1), and every failure that is a row's own (bad image, prompt over the context, engine error) becomes that row's error instead of failing the job.
 """
 
 from __future__ import annotations
@@ -75,16 +75,14 @@ def build_dataset(config: G3ServeConfig, rows: list[InputRow], checkpoint: Path,
     from cluster.batch_stages import Decode, Preprocess, VisionEncode
 
     b = config.batch
-    restarts = {"max_restarts": b.max_actor_restarts}
     ds = ray.data.from_items([{"index": r.index, "id": r.id, "request": r.request} for r in rows])
     ds = ds.map_batches(
         Preprocess,
         fn_constructor_args=(config, str(checkpoint), str(input_dir)),
         batch_size=b.preprocess_batch_size,
         batch_format="pyarrow",
-        concurrency=b.preprocess_concurrency,
+        compute=ray.data.ActorPoolStrategy(size=b.preprocess_concurrency),
         num_cpus=b.preprocess_num_cpus,
-        **restarts,
     )
     if has_vision_tower(checkpoint):
         ds = ds.map_batches(
@@ -92,20 +90,18 @@ def build_dataset(config: G3ServeConfig, rows: list[InputRow], checkpoint: Path,
             fn_constructor_args=(config, str(checkpoint)),
             batch_size=b.vision_batch_size,
             batch_format="pyarrow",
-            concurrency=b.vision_concurrency,
+            compute=ray.data.ActorPoolStrategy(size=b.vision_concurrency),
             num_cpus=b.vision_num_cpus,
             num_gpus=b.vision_num_gpus,
-            **restarts,
         )
     return ds.map_batches(
         Decode,
         fn_constructor_args=(config, str(checkpoint)),
         batch_size=b.decoder_batch_size,
         batch_format="pyarrow",
-        concurrency=b.decoder_concurrency,
+        compute=ray.data.ActorPoolStrategy(size=b.decoder_concurrency),
         num_cpus=b.decoder_num_cpus,
         num_gpus=b.decoder_num_gpus,
-        **restarts,
     )
 
 

@@ -214,9 +214,6 @@ class BatchSettings(_Section):
     )
     decoder_num_cpus: float = Field(1, ge=0, description="CPUs reserved per decoder actor.")
     decoder_num_gpus: float = Field(0, ge=0, description="GPUs reserved per decoder actor.")
-    max_actor_restarts: int = Field(
-        3, ge=-1, description="Restarts of a dead stage actor (its batch is retried on the new one); -1 = no limit."
-    )
     default_max_tokens: int = Field(256, ge=1, description="max_tokens of rows that give none.")
     max_images_per_row: int = Field(8, ge=0, description="Most images in one row; more is an error row.")
     allow_local_image_paths: bool = Field(
