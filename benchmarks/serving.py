@@ -84,19 +84,20 @@ async def run_in_process(config: G3ServeConfig, texts: list[str], max_tokens: in
     sampling = SamplingParams(max_tokens=max_tokens, temperature=0.0, stop_token_ids=tok.eos_token_ids)
     run = Run("in-process engine")
 
-    def job(i: int, text: str):
+    def job(i: int, text: str, target: Run):
         async def go():
             req = GenerateRequest(f"bench-{i}", tok.encode_completion(text).token_ids, sampling)
             start, stamps = time.perf_counter(), []
             async for d in engine.generate(req):
                 if d.token_ids:
                     stamps.append((time.perf_counter(), len(d.token_ids)))
-            run.add(start, stamps)
+            target.add(start, stamps)
 
         return go
 
-    await _bounded(concurrency, [job(-1 - i, t) for i, t in enumerate(texts[:2])])  # warm-up, not measured
-    run.wall = await _bounded(concurrency, [job(i, t) for i, t in enumerate(texts)])
+    warm = Run("warm-up")  # not reported: first steps pay one-off allocations
+    await _bounded(concurrency, [job(-1 - i, t, warm) for i, t in enumerate(texts[:2])])
+    run.wall = await _bounded(concurrency, [job(i, t, run) for i, t in enumerate(texts)])
     await engine.shutdown()
     return run
 
@@ -173,6 +174,12 @@ def main() -> None:
 
     config = G3ServeConfig.from_yaml(args.config) if args.config else G3ServeConfig()
     update = {"ingress": config.ingress.model_copy(update={"port": _free_port(), "api_keys": None})}
+    if config.engine.native.num_threads is None:
+        # Same torch thread count on both paths: Ray caps a replica's threads at its num_cpus (OMP_NUM_THREADS),
+        # while an in-process engine would take every core; the comparison must be of the same engine setup.
+        threads = max(1, int(config.decoder.num_cpus))
+        native = config.engine.native.model_copy(update={"num_threads": threads})
+        update["engine"] = config.engine.model_copy(update={"native": native})
     if args.checkpoint:
         update["model"] = config.model.model_copy(update={"checkpoint": args.checkpoint})
     config = config.model_copy(update=update)
@@ -187,7 +194,7 @@ def main() -> None:
 
     table = Table(title=f"{n} streamed completions, concurrency {conc}, {max_tokens} new tokens, greedy")
     for col in ("path", "tok/s", "TTFT p50 s", "TTFT p99 s", "ITL p50 ms", "ITL p99 ms", "tokens"):
-        table.add_column(col, justify="right" if col != "path" else "left")
+        table.add_column(col, justify="right" if col != "path" else "left", no_wrap=True)
     for r in (inproc, served):
         table.add_row(
             r.name,
