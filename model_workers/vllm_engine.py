@@ -229,6 +229,7 @@ class VllmEngine:
 
     def _sampling(self, req: GenerateRequest):
         from vllm import SamplingParams
+        from vllm.exceptions import VLLMClientError
         from vllm.sampling_params import RequestOutputKind
 
         sp = req.sampling
@@ -246,7 +247,7 @@ class VllmEngine:
                 skip_special_tokens=True,
                 output_kind=RequestOutputKind.DELTA,
             )
-        except ValueError as e:
+        except (ValueError, VLLMClientError) as e:  # vLLM's own parameter checks (4xx in its server too)
             raise EngineRequestError(f"bad sampling parameters: {e}") from e
 
     def _prompt(self, req: GenerateRequest) -> dict:
@@ -259,6 +260,8 @@ class VllmEngine:
         return prompt
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[TokenDelta]:
+        from vllm.exceptions import VLLMClientError
+
         if self._closed or self._llm is None:
             raise EngineOverloadedError("the engine is not running")
         rid = request.request_id
@@ -276,7 +279,7 @@ class VllmEngine:
             try:
                 stream = self._llm.generate(self._prompt(request), params, rid)
                 first = await anext(stream)
-            except ValueError as e:  # vLLM's input processing refused the prompt (length, mm data, ...)
+            except (ValueError, VLLMClientError) as e:  # vLLM's input processing refused the prompt
                 raise EngineRequestError(str(e)) from e
             ro = first
             while True:
