@@ -10,6 +10,7 @@ import argparse
 import base64
 import mimetypes
 import os
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -50,12 +51,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
     if overrides:
         config = config.model_copy(update={"ingress": config.ingress.model_copy(update=overrides)})
-    if config.ray.address is None:
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # local Ray: no token written to ~/.ray
-        ray.init(num_cpus=config.ray.num_cpus, include_dashboard=False)
-    else:
-        ray.init(address=config.ray.address)
+    _stop_on_sigterm()
     try:
+        if config.ray.address is None:
+            os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # local Ray: no token written to ~/.ray
+            ray.init(num_cpus=config.ray.num_cpus, include_dashboard=False)
+        else:
+            ray.init(address=config.ray.address)
+        _stop_on_sigterm()  # again: ray.init installs its core worker's own SIGTERM handler (it aborts)
         with out.status(f"starting g3serve ({config.model.checkpoint}, engine {config.engine.kind})..."):
             url = run(config)
         out.print(f"[bold green]g3serve is up[/] at [link={url}]{url}[/]  (OpenAI API under {url}/v1)")
@@ -65,9 +68,26 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         out.print("stopping...")
     finally:
-        serve.shutdown()
-        ray.shutdown()
+        if ray.is_initialized():
+            serve.shutdown()
+            ray.shutdown()
     return 0
+
+
+def _stop_on_sigterm() -> None:
+    """SIGTERM stops `serve` the way Ctrl-C does (KeyboardInterrupt -> serve.shutdown + ray.shutdown).
+
+    Why: a shell starts background jobs with SIGINT ignored, so `g3serve serve &` can only be stopped with
+    SIGTERM (kill, systemd, docker stop), and Python's default SIGTERM action exits without running `finally`:
+    the local Ray's DashboardAgent / RuntimeEnvAgent processes were left behind as orphans. The handler fires
+    once; a second SIGTERM during the cleanup is ignored so it cannot cut the cleanup short (SIGKILL still can).
+    """
+
+    def handler(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, handler)
 
 
 # ------------------------------------------------------------------------------------------------ chat
