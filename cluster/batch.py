@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -41,6 +42,7 @@ class BatchSummary:
     prompt_tokens: int
     completion_tokens: int
     wall_s: float
+    first_output_s: float | None  # from the start to the first block written: Ray, actor start, model load
     output: str | None  # the merged file, when every row has its output
 
     @property
@@ -75,11 +77,14 @@ def build_dataset(config: G3ServeConfig, rows: list[InputRow], checkpoint: Path,
     from cluster.batch_stages import Decode, Preprocess, VisionEncode
 
     b = config.batch
-    ds = ray.data.from_items([{"index": r.index, "id": r.id, "request": r.request} for r in rows])
+    # Blocks of decoder_batch_size rows from the start: Ray Data merges a map task's outputs into one block, so a
+    # bigger block would reach the driver (and its shard) only when all its rows are decoded.
+    items = [{"index": r.index, "id": r.id, "request": r.request} for r in rows]
+    ds = ray.data.from_items(items, override_num_blocks=max(1, math.ceil(len(items) / b.decoder_batch_size)))
     ds = ds.map_batches(
         Preprocess,
         fn_constructor_args=(config, str(checkpoint), str(input_dir)),
-        batch_size=b.preprocess_batch_size,
+        batch_size=b.decoder_batch_size,
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=b.preprocess_concurrency),
         num_cpus=b.preprocess_num_cpus,
@@ -148,6 +153,7 @@ def run_batch(
     store.write(early)
     written_ids = {r["id"] for r in early if not r["duplicate"]}
     stats = {"ok": 0, "errors": len(early), "prompt": 0, "completion": 0}
+    first_output: float | None = None
 
     if runnable:
         checkpoint = resolve_checkpoint(config.model.checkpoint)
@@ -166,6 +172,7 @@ def run_batch(
                     # A block Ray re-delivered after a retry must not duplicate rows already written.
                     out = [r for r in block.to_pylist() if r["id"] not in written_ids]
                     store.write(out)
+                    first_output = first_output or time.perf_counter() - start
                     for r in out:
                         written_ids.add(r["id"])
                         stats["ok" if r["error"] is None else "errors"] += 1
@@ -193,6 +200,7 @@ def run_batch(
         prompt_tokens=stats["prompt"],
         completion_tokens=stats["completion"],
         wall_s=time.perf_counter() - start,
+        first_output_s=first_output,
         output=merged,
     )
     (store.dir / "last_run.json").write_text(json.dumps(asdict(summary), indent=2))

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -147,11 +148,14 @@ class ShardStore:
         self.output = Path(output)
         self.fmt = file_format(self.output)
         self.dir = self.output.with_name(self.output.name + ".shards")
-        self.run_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+        # Unique per run (a re-run in the same second and process must not overwrite a shard).
+        self.run_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"
         self._seq = 0
 
     def shards(self) -> list[Path]:
-        return sorted(p for p in self.dir.glob(f"part-*.{self.fmt}") if p.is_file())
+        # In the order they were written: on a repeated row the merge keeps the first one.
+        found = [p for p in self.dir.glob(f"part-*.{self.fmt}") if p.is_file()]
+        return sorted(found, key=lambda p: (p.stat().st_mtime_ns, p.name))
 
     def prepare(self) -> None:
         """Create the directory and drop temp files a killed run left behind (never renamed: not output)."""

@@ -199,7 +199,6 @@ class BatchSettings(_Section):
     the defaults fit a 2-core machine (one decoder actor, which batches its rows continuously inside one engine)."""
 
     preprocess_concurrency: int = Field(1, ge=1, description="Actors that validate rows, read images and tokenize.")
-    preprocess_batch_size: int = Field(32, ge=1, description="Rows per preprocessing call.")
     preprocess_num_cpus: float = Field(0.25, ge=0, description="CPUs reserved per preprocessing actor.")
     vision_concurrency: int = Field(1, ge=1, description="Vision encoder actors (only used by image checkpoints).")
     vision_batch_size: int = Field(8, ge=1, description="Rows per vision call (their image blocks share passes).")
@@ -209,8 +208,9 @@ class BatchSettings(_Section):
     decoder_batch_size: int = Field(
         16,
         ge=1,
-        description="Rows per decoder call, run concurrently through the engine (continuous batching); one "
-        "output shard per call, so this is also the most rows a crash can lose per decoder actor.",
+        description="Rows per decoder call (and per preprocessing call), run concurrently through the engine "
+        "(continuous batching); one output shard per call, so this is also the most rows a crash can lose per "
+        "decoder actor.",
     )
     decoder_num_cpus: float = Field(1, ge=0, description="CPUs reserved per decoder actor.")
     decoder_num_gpus: float = Field(0, ge=0, description="GPUs reserved per decoder actor.")
