@@ -14,7 +14,7 @@ import logging
 import os
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -43,6 +43,11 @@ class _Stream:
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
     pending: str = ""  # text held back because it could be the start of a stop string
     done: bool = False
+
+
+def merge_deltas(a: TokenDelta, b: TokenDelta) -> TokenDelta:
+    """Two consecutive deltas of one request as one (b is the later: its finish state and counts win)."""
+    return replace(b, token_ids=a.token_ids + b.token_ids, text=a.text + b.text)
 
 
 def kv_budget_bytes(cfg: NativeEngineConfig, device: torch.device) -> int:
@@ -195,6 +200,10 @@ class NativeEngine:
         try:
             while True:
                 delta = await stream.queue.get()
+                while delta.finish_reason is None and not stream.queue.empty():
+                    # The consumer fell behind (a slow client, a busy proxy): send what piled up as one delta,
+                    # so every hop downstream (Ray stream, SSE) handles fewer, larger messages.
+                    delta = merge_deltas(delta, stream.queue.get_nowait())
                 yield delta
                 if delta.finish_reason is not None:
                     return

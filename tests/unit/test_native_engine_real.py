@@ -194,7 +194,9 @@ async def test_requery_of_a_20k_document_reuses_global_pages_and_a_window_checkp
     kw = dict(kv_cache_bytes=1024 * 2**20, max_num_batched_tokens=1024, window_checkpoint_interval=interval)
     eng = await started(real_270m_ckpt, **kw)
     tok = eng.tokenizer
-    doc = list(tok.encode_completion("The keeper logged every ship that passed the lighthouse. " * 1800).token_ids[:20000])
+    doc = list(
+        tok.encode_completion("The keeper logged every ship that passed the lighthouse. " * 1800).token_ids[:20000]
+    )
     q1 = doc + list(tok.encode_completion(" Question: how many ships passed?").token_ids[1:])
     q2 = doc + list(tok.encode_completion(" Question: who kept the log?").token_ids[1:])
     await collect(eng, "q1", q1, 4)
@@ -224,3 +226,16 @@ def test_kv_capacity_for_32k_sequences_in_2gib_is_within_2pct_of_the_hybrid_idea
     # Whole sequences: ours counts complete ones; the fractional ideal bounds it from above.
     achieved = cache.pool.num_usable / cache.pages_for(ctx)
     assert seqs == int(achieved) and abs(achieved - ideal_seqs) / ideal_seqs <= 0.02
+
+
+async def test_a_slow_consumer_gets_merged_deltas_with_every_token(real_270m_ckpt):
+    eng = await started(real_270m_ckpt)
+    p = chat(eng.tokenizer, "Say something.")
+    ref, ref_text, _ = await collect(eng, "fast", p, 12)
+    deltas = []
+    async for d in eng.generate(GenerateRequest("slow", p, SamplingParams(max_tokens=12, **GREEDY))):
+        deltas.append(d)
+        await asyncio.sleep(1.0)  # slower than the engine: tokens pile up in the request's queue
+    await eng.shutdown()
+    assert [t for d in deltas for t in d.token_ids] == ref and "".join(d.text for d in deltas) == ref_text
+    assert len(deltas) < 12 and deltas[-1].completion_tokens == 12
