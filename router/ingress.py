@@ -29,11 +29,14 @@ from model_workers.deployment import resolve_checkpoint
 from model_workers.engine import ModelInfo
 from model_workers.gemma3.tokenizer import Gemma3Tokenizer
 from router import openai_api as oa
-from router.ingress_errors import api_error_from_exception
+from router.ingress_errors import api_error_from_exception, replica_lost
 from router.ingress_images import ImagePipeline
 from router.metrics import IngressMetrics
 
 api = FastAPI(title="g3serve", docs_url=None, redoc_url=None, openapi_url=None)
+# A decoder replica that dies before its first delta (killed, OOM, node lost) has streamed nothing, so the
+# request is sent again (to a live or restarted replica) instead of failing: at most this many sends.
+DECODER_ATTEMPTS = 3
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -165,12 +168,7 @@ class G3ServeIngress:
                 )
             slot = _Slot(self)
             gen_request = await self._build_request(req, sampling, request, arrival)
-            stream = self._decoder.options(stream=True).generate.remote(gen_request)
-            try:
-                first = await self._next(stream, arrival)
-            except BaseException:
-                stream.cancel()
-                raise
+            stream, first = await self._start(gen_request, arrival)
             self.metrics.ttft.observe(time.monotonic() - arrival)
             if req.stream:
                 include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -229,6 +227,19 @@ class G3ServeIngress:
             param="messages" if not explicit else "max_tokens",
             code="context_length_exceeded",
         )
+
+    async def _start(self, gen_request: GenerateRequest, arrival: float) -> tuple[object, TokenDelta]:
+        """The decoder stream and its first delta, retried on a lost replica while nothing has been streamed."""
+        for attempt in range(1, DECODER_ATTEMPTS + 1):
+            stream = self._decoder.options(stream=True).generate.remote(gen_request)
+            try:
+                return stream, await self._next(stream, arrival)
+            except BaseException as e:
+                stream.cancel()
+                if attempt == DECODER_ATTEMPTS or not isinstance(e, Exception) or not replica_lost(e):
+                    raise
+                self.metrics.decoder_retries.inc()
+        raise AssertionError("unreachable")
 
     async def _next(self, stream, arrival: float) -> TokenDelta:
         remaining = self.settings.request_timeout_s - (time.monotonic() - arrival)
@@ -301,7 +312,9 @@ class G3ServeIngress:
                         cls = oa.ChatCompletionChunk if chat else oa.Completion
                         yield oa.sse(cls(id=rid, model=model, choices=[], usage=usage))
             yield oa.SSE_DONE
-        except oa.ApiError as e:  # mid-stream failure: the status line is gone, so report it in the stream
+        except Exception as exc:  # mid-stream failure (e.g. the replica died): the status line is gone, so
+            # report it in the stream as OpenAI's error event, which the openai client raises as an APIError.
+            e = api_error_from_exception(exc)
             self.metrics.requests.labels(endpoint=endpoint, status=str(e.status)).inc()
             stream.cancel()
             yield oa.sse(e.body())

@@ -21,6 +21,13 @@ log = logging.getLogger(__name__)
 RETRY_AFTER_S = "1"
 
 
+def replica_lost(exc: BaseException) -> bool:
+    """The replica serving a call died or became unreachable (killed, OOM, node lost), as opposed to a refusal
+    or a bug: such a call may be sent again, to whichever replica Serve has by then."""
+    cause = exc.cause if isinstance(exc, RayTaskError) and exc.cause is not None else exc
+    return isinstance(cause, RayActorError)
+
+
 def api_error_from_exception(exc: BaseException) -> ApiError:
     cause = exc.cause if isinstance(exc, RayTaskError) and exc.cause is not None else exc
     if isinstance(cause, ApiError):

@@ -9,6 +9,7 @@ read, no encoder pass, and its KV pages match the first turn's.
 
 from __future__ import annotations
 
+import logging
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,6 +17,7 @@ from pathlib import Path
 from cluster.config import G3ServeConfig
 from cluster.messages import ImageEmbedding
 from model_workers.gemma3.tokenizer import ChatTurn, ImageRef
+from router.ingress_errors import replica_lost
 from router.openai_api import ApiError, ImageInput, TurnDraft
 from vision_service.content_hash import HashSettings, checkpoint_revision
 from vision_service.images import ImageRef as ImageWhere
@@ -26,6 +28,10 @@ from vision_service.request import VisionImage, VisionRequest, plan_image
 # OpenAI's `detail` per image: "low" = the whole image only, "high" = Pan & Scan crops when the image qualifies,
 # "auto"/absent = the configured default (vision.service.pan_and_scan.enabled).
 _PAN_AND_SCAN_BY_DETAIL = {"low": False, "high": True}
+# Encoding is idempotent (same bytes, same embeddings), so a vision replica that dies under a request is retried
+# on another (or its restarted self): the client never sees a lost vision replica.
+VISION_ATTEMPTS = 3
+log = logging.getLogger(__name__)
 
 
 class ImagePipeline:
@@ -67,10 +73,25 @@ class ImagePipeline:
             for v in inputs
         ]
         request = VisionRequest(request_id=f"img-{uuid.uuid4().hex}", images=tuple(inputs))
-        embeds = tuple(await self._vision.embed.remote(request))
+        embeds = await self._embed_with_retry(request)
         expected = [h for plan in plans for h in plan.content_hashes]
         if [e.content_hash for e in embeds] != expected:
             # The two sides planned differently (version skew between ingress and vision replicas): refuse
             # rather than attach one image's soft tokens to another's placeholders.
             raise ApiError(500, "vision service returned embeddings for different image blocks than planned")
         return [ImageRef(plan.content_hashes) for plan in plans], embeds
+
+    async def _embed_with_retry(self, request: VisionRequest) -> tuple[ImageEmbedding, ...]:
+        for attempt in range(1, VISION_ATTEMPTS + 1):
+            try:
+                return tuple(await self._vision.embed.remote(request))
+            except Exception as e:
+                if attempt == VISION_ATTEMPTS or not replica_lost(e):
+                    raise
+                log.warning(
+                    "vision replica lost (%s); retrying %s (attempt %d)",
+                    type(e).__name__,
+                    request.request_id,
+                    attempt + 1,
+                )
+        raise AssertionError("unreachable")

@@ -41,6 +41,11 @@ class IngressMetrics:
         self.image_blocks = Counter(
             "g3serve_image_blocks", "Image blocks embedded, by embedding-cache outcome", ["cache"], registry=r
         )
+        self.decoder_retries = Counter(
+            "g3serve_decoder_retries",
+            "Requests re-sent because their decoder replica died before any token",
+            registry=r,
+        )
         self.in_flight = Gauge("g3serve_in_flight_requests", "Requests being served by this ingress", registry=r)
         self.kv_usage = Gauge(
             "g3serve_kv_cache_usage_ratio",
