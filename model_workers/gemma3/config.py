@@ -5,6 +5,10 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from model_workers.gemma3.siglip import VisionConfig
 
 FULL, SLIDING = "full_attention", "sliding_attention"
 
@@ -52,21 +56,9 @@ class TextConfig:
 
 
 @dataclass(frozen=True)
-class VisionConfig:
-    hidden_size: int
-    intermediate_size: int
-    num_layers: int
-    num_heads: int
-    image_size: int
-    patch_size: int
-    layer_norm_eps: float
-    num_channels: int = 3
-
-
-@dataclass(frozen=True)
 class Gemma3Config:
     text: TextConfig
-    vision: VisionConfig | None = None
+    vision: VisionConfig | None = None  # model_workers.gemma3.siglip.VisionConfig
     mm_tokens_per_image: int = 256
     image_token_id: int = 262144
     boi_token_id: int = 255999
@@ -84,17 +76,9 @@ class Gemma3Config:
         text = _text_config(text_raw, source)
         vision = None
         if raw.get("vision_config"):
-            v = raw["vision_config"]
-            vision = VisionConfig(
-                hidden_size=v.get("hidden_size", 1152),
-                intermediate_size=v.get("intermediate_size", 4304),
-                num_layers=v.get("num_hidden_layers", 27),
-                num_heads=v.get("num_attention_heads", 16),
-                image_size=v.get("image_size", 896),
-                patch_size=v.get("patch_size", 14),
-                layer_norm_eps=v.get("layer_norm_eps", 1e-6),
-                num_channels=v.get("num_channels", 3),
-            )
+            from model_workers.gemma3.siglip import VisionConfig  # the vision tower owns its config
+
+            vision = VisionConfig.from_hf_config(raw)
         return cls(
             text=text,
             vision=vision,
