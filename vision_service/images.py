@@ -32,6 +32,12 @@ class ImageInputError(ValueError):
         self.status = status
         self.message = message
 
+    def __reduce__(self):
+        # Raised in the vision replica, re-raised in the ingress: Ray pickles the exception, and the default
+        # reduction (args = (message,)) cannot rebuild a two-argument __init__ (the ingress then saw an
+        # UnserializableException and answered 500 instead of this 400/413).
+        return (type(self), (self.status, self.message))
+
 
 @dataclass(frozen=True)
 class ImageRef:

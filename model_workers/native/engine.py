@@ -155,6 +155,10 @@ class NativeEngine:
         sp = req.sampling
         if sp.max_tokens < 1:
             raise EngineRequestError("max_tokens must be at least 1")
+        # torch.Generator.manual_seed's range: a seed outside it would fail the whole step, i.e. every request
+        # batched with this one, so it is refused here, per request.
+        if sp.seed is not None and not -(2**63) <= sp.seed < 2**64:
+            raise EngineRequestError("seed must be a 64-bit integer")
         if len(req.images) != len(req.image_embeds):
             raise EngineRequestError(f"{len(req.images)} image spans but {len(req.image_embeds)} image embeddings")
         if req.images and not self._info.supports_images:

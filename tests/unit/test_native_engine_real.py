@@ -155,6 +155,8 @@ async def test_bad_requests_are_refused_before_any_token(real_270m_ckpt):
         await collect(eng, "vocab", [2, 10**7], 4)
     with pytest.raises(EngineRequestError, match="max_tokens"):
         await collect(eng, "zero", [2, 100], 0)
+    with pytest.raises(EngineRequestError, match="seed"):  # would fail the whole step, i.e. its batch-mates
+        await collect(eng, "seed", [2, 100], 2, temperature=1.0, seed=2**80)
     ok = await collect(eng, "fine", [2, 100, 200], 3)
     await eng.shutdown()
     assert len(ok[0]) == 3

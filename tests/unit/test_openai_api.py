@@ -171,3 +171,15 @@ def test_finish_reasons():
     assert finish_reason(FinishReason.LENGTH) == "length"
     assert finish_reason(FinishReason.STOP) == "stop"
     assert finish_reason(None) is None
+
+
+def test_seed_outside_int64_is_refused():
+    import pydantic
+    import pytest
+
+    from router.openai_api import ChatCompletionRequest
+
+    base = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    assert ChatCompletionRequest.model_validate({**base, "seed": 2**63 - 1}).seed == 2**63 - 1
+    with pytest.raises(pydantic.ValidationError):
+        ChatCompletionRequest.model_validate({**base, "seed": 2**80})

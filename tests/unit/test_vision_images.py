@@ -137,3 +137,13 @@ async def test_local_paths_when_enabled(tmp_path):
     elsewhere = ImageInputSettings(allow_local_paths=True, local_path_roots=[str(tmp_path / "sub")])
     with pytest.raises(ImageInputError, match="outside the allowed"):
         await load_image_bytes(str(p), elsewhere, WHERE)
+
+
+def test_image_input_error_survives_pickling_across_ray():
+    """Raised in the vision replica, re-raised in the ingress: status and message must survive the trip."""
+    import pickle
+
+    from vision_service.images import ImageInputError
+
+    e = pickle.loads(pickle.dumps(ImageInputError(413, "messages[0].content[1]: image too large")))
+    assert (e.status, e.message, str(e)) == (413, "messages[0].content[1]: image too large", e.message)
