@@ -11,6 +11,7 @@ model answers image parts with a 400 from the tokenizer instead of starting an e
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 from ray import serve
@@ -24,6 +25,8 @@ from router.serve_router import KvAwareRequestRouter
 
 APP_NAME = "g3serve"
 INGRESS, VISION, DECODER = "ingress", "vision", "decoder"
+
+log = logging.getLogger(__name__)
 
 
 def deployment_options(name: str, settings: DeploymentSettings) -> dict:
@@ -84,9 +87,26 @@ def build_app(config: G3ServeConfig) -> Application:
 
 def run(config: G3ServeConfig, blocking: bool = False) -> str:
     """Start Serve's HTTP proxy on the configured host/port and deploy the app; returns the base URL."""
+    _restart_serve_if_bound_elsewhere(config.ingress.host, config.ingress.port)
     serve.start(http_options={"host": config.ingress.host, "port": config.ingress.port})
     serve.run(build_app(config), name=APP_NAME, route_prefix="/", blocking=blocking)
     return base_url(config)
+
+
+def _restart_serve_if_bound_elsewhere(host: str, port: int) -> None:
+    """Serve fixes its proxy's host/port when it first starts on a Ray cluster, and a later `serve.start` with other
+    options is silently ignored: the app would answer on the old port. Shut Serve down first in that case."""
+    import ray
+    from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
+
+    try:
+        controller = ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
+    except ValueError:  # Serve is not running on this cluster yet
+        return
+    http = ray.get(controller.get_http_config.remote())
+    if (http.host, http.port) != (host, port):
+        log.warning("Serve's proxy listens on %s:%s; restarting Serve on %s:%s", http.host, http.port, host, port)
+        serve.shutdown()
 
 
 def base_url(config: G3ServeConfig) -> str:
