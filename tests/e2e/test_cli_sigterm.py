@@ -18,59 +18,18 @@ import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 import httpx
 import pytest
 import yaml
+
+from tests.fixtures.processes import descendants, still_running
 
 
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _proc_table() -> dict[int, tuple[int, str]]:
-    """pid -> (parent pid, start time in clock ticks) for every process we can read."""
-    table = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) "
-        table[int(entry.name)] = (int(fields[1]), fields[19])
-    return table
-
-
-def descendants(root: int) -> dict[int, str]:
-    """Every process below `root` (children, grandchildren, ...): pid -> start time (pids can be reused)."""
-    table = _proc_table()
-    found, frontier = {}, [root]
-    while frontier:
-        parent = frontier.pop()
-        for pid, (ppid, start) in table.items():
-            if ppid == parent and pid not in found:
-                found[pid] = start
-                frontier.append(pid)
-    return found
-
-
-def still_running(procs: dict[int, str]) -> list[str]:
-    alive = []
-    table = _proc_table()
-    for pid, start in procs.items():
-        if pid in table and table[pid][1] == start:
-            try:
-                cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            except OSError:
-                continue
-            if Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z":  # zombies are already dead
-                alive.append(f"{pid}: {cmd[:120]}")
-    return alive
 
 
 @pytest.fixture
