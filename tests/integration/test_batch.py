@@ -4,6 +4,7 @@ a run killed half-way and resumed without duplicates, and the vision stage on th
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
 import os
@@ -90,7 +91,7 @@ def read_jsonl(path: Path) -> list[dict]:
 def config_dict(checkpoint: Path, decoder_batch_size: int) -> dict:
     # Half a CPU per decoder actor: after a kill, the resumed run's actors fit on the 2-CPU test cluster beside
     # the killed run's, which Ray reclaims only after the actors' graceful-shutdown timeout.
-    batch = {"decoder_batch_size": decoder_batch_size, "preprocess_batch_size": 8, "decoder_num_cpus": 0.5}
+    batch = {"decoder_batch_size": decoder_batch_size, "decoder_num_cpus": 0.5}
     return {
         "model": {"checkpoint": str(checkpoint), "max_model_len": MAX_MODEL_LEN},
         "engine": {"native": {"kv_cache_bytes": 64 * 2**20}},
@@ -206,3 +207,49 @@ def test_image_rows_go_through_the_vision_stage(ray_cluster, tiny_mm_servable_ck
     assert by_id["data-url"]["prompt_tokens"] > by_id["text"]["prompt_tokens"]
     assert all(by_id[i]["error"] is None and by_id[i]["completion_tokens"] >= 1 for i in ("data-url", "rel-path"))
     assert "not a supported image" in by_id["bad-image"]["error"]
+
+
+def _decoder_actor_pids(ray_ctx) -> list[int]:
+    """Pids of this Ray instance's decoder actors: workers whose parent is our raylet (other developers run Ray
+    instances on this machine too)."""
+    import psutil
+
+    raylet_socket = ray_ctx.address_info["raylet_socket_name"]
+    pids = []
+    for proc in psutil.process_iter(["cmdline"]):
+        cmd = proc.info["cmdline"] or []
+        if cmd and cmd[0].startswith("ray::MapWorker(MapBatches(Decode))"):
+            with contextlib.suppress(psutil.Error):
+                parent = proc.parent()
+                if parent is not None and any(raylet_socket in a for a in parent.cmdline()):
+                    pids.append(proc.pid)
+    return pids
+
+
+@pytest.mark.slow
+def test_decoder_actor_death_does_not_kill_the_job(ray_cluster, real_270m_ckpt, tmp_path):
+    """The decoder actor's process is killed mid-job: Ray restarts it, its batch is retried, every row ends once."""
+    import threading
+
+    rows = fifty_rows()
+    src = write_jsonl(tmp_path / "in.jsonl", rows)
+    config = G3ServeConfig.model_validate(config_dict(real_270m_ckpt, decoder_batch_size=4))
+    shards = tmp_path / "out.jsonl.shards"
+    result = {}
+    job = threading.Thread(
+        target=lambda: result.setdefault("summary", run_batch(config, src, tmp_path / "out.jsonl", progress=False))
+    )
+    job.start()
+    deadline = time.monotonic() + 150
+    while len(list(shards.glob("part-*.jsonl"))) < 2:  # the early-error shard, then one decoder shard
+        assert job.is_alive() and time.monotonic() < deadline
+        time.sleep(0.05)
+    pids = _decoder_actor_pids(ray_cluster)
+    assert len(pids) == 1
+    os.kill(pids[0], signal.SIGKILL)
+    job.join(timeout=300)
+    assert not job.is_alive()
+    summary = result["summary"]
+    assert (summary.written, summary.missing) == (50, 0)
+    assert len(list(shards.glob("part-*.jsonl"))) >= 3  # the job went on after the kill
+    check_complete(read_jsonl(tmp_path / "out.jsonl"), rows[:-1])
