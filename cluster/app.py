@@ -66,6 +66,10 @@ def build_app(config: G3ServeConfig) -> Application:
             request_router_class=KvAwareRequestRouter,
             request_router_kwargs=config.router.request_router_kwargs(engine_page_size(config)),
         )
+    elif config.router.fallback == "round_robin":
+        from router.baseline_routers import RoundRobinRequestRouter
+
+        decoder_opts["request_router_config"] = RequestRouterConfig(request_router_class=RoundRobinRequestRouter)
     decoder = serve.deployment(DecoderDeployment).options(**decoder_opts).bind(config)
     vision = None
     if has_vision_tower(checkpoint):

@@ -7,6 +7,8 @@ The runtime pieces take frozen dataclasses built from it: `PolicyConfig` (policy
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from router.policy import PolicyConfig
@@ -28,7 +30,10 @@ class PoolSettings(_Section):
 
 
 class RouterSettings(_Section):
-    enabled: bool = Field(True, description="Route decoder requests by KV prefix; false = Ray's power-of-two.")
+    enabled: bool = Field(True, description="Route decoder requests by KV prefix; false = the `fallback` router.")
+    fallback: Literal["power_of_two", "round_robin"] = Field(
+        "power_of_two", description="Router used when `enabled` is false: Ray's power-of-two choices or round robin."
+    )
     decode_cost_tokens: float = Field(
         256.0, ge=0, description="Prefill-token equivalents one running sequence costs a new request on its replica."
     )

@@ -3,14 +3,12 @@
 1. Bookkeeping (`test_router_follows_published_kv_events`): a small real deployment whose replicas publish KvEvents
    the test constructs through the real hub; it tests the router (events -> index -> choice, replica death), not an
    engine, so the replicas do not generate anything.
-2. The "Must show" test (`test_native_engine_turns_follow_their_prefix`) needs the native engine
-   (model_workers.native); it is skipped until that engine and the decoder deployment exist.
+2. The issue's "Must show" with two native-engine replicas on the real model is tests/e2e/test_kv_routing.py.
 """
 
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import time
 
 import pytest
@@ -111,14 +109,3 @@ async def test_router_follows_published_kv_events(kv_app):
         except Exception:  # a request in flight to the dying actor may fail once; the router must move on
             continue
     assert served and dead not in served
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(
-    importlib.util.find_spec("model_workers.deployment") is None
-    or importlib.util.find_spec("model_workers.native.engine") is None,
-    reason="needs the native engine (model_workers.native.engine) and the decoder deployment "
-    "(model_workers.deployment): not in the repo yet",
-)
-async def test_native_engine_turns_follow_their_prefix(ray_cluster):
-    pytest.skip("to be written against model_workers.deployment once it exposes KvEventPublisher")
