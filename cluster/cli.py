@@ -213,9 +213,13 @@ def cmd_batch(args: argparse.Namespace) -> int:
     from cluster.batch import run_batch, summary_table
 
     config = load_config(args.config)
-    summary = run_batch(
-        config, args.input, args.output, address=args.address, console=err, progress=not args.no_progress
-    )
+    try:
+        summary = run_batch(
+            config, args.input, args.output, address=args.address, console=err, progress=not args.no_progress
+        )
+    except Exception as e:  # noqa: BLE001 - the shards written so far stay; the same command resumes
+        err.print(f"[red]batch failed:[/] {type(e).__name__}: {e}\nrows written so far are kept; re-run to resume")
+        return 1
     out.print(summary_table(summary))
     if summary.missing:
         err.print(f"[yellow]{summary.missing} rows have no output yet[/]: run the same command again to finish them")

@@ -92,3 +92,10 @@ def test_shards_resume_and_merge(tmp_path, name):
         merged = [json.loads(line) for line in (tmp_path / name).read_text().splitlines()]
     assert [(r["id"], r["index"], r["duplicate"]) for r in merged] == [("a", 0, False), ("b", 1, False), ("b", 2, True)]
     assert merged[1]["text"] == "B" and merged[0]["error_status"] == 400 and merged[1]["error_status"] is None
+
+
+def test_cli_batch_reports_a_missing_input_without_a_traceback(tmp_path, capsys):
+    from cluster.cli import main
+
+    assert main(["batch", str(tmp_path / "nope.jsonl"), str(tmp_path / "out.jsonl"), "--no-progress"]) == 1
+    assert "batch failed" in capsys.readouterr().err
