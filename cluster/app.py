@@ -21,6 +21,7 @@ from ray.serve.config import RequestRouterConfig
 from cluster.config import DeploymentSettings, G3ServeConfig
 from model_workers.deployment import DecoderDeployment, resolve_checkpoint
 from router.ingress import G3ServeIngress
+from router.pools import DEFAULT_POOL, pool_configs, pool_deployment_name
 from router.serve_router import KvAwareRequestRouter
 
 APP_NAME = "g3serve"
@@ -57,10 +58,9 @@ def has_vision_tower(checkpoint_dir: Path) -> bool:
     return "vision_config" in config
 
 
-def build_app(config: G3ServeConfig) -> Application:
-    """The application graph; call from the driver (it resolves the checkpoint once, converting it if needed)."""
-    checkpoint = resolve_checkpoint(config.model.checkpoint)
-    decoder_opts = deployment_options(DECODER, config.decoder)
+def _decoder(name: str, config: G3ServeConfig) -> Application:
+    """One decoder deployment (a pool's, or the only one) with its request router."""
+    decoder_opts = deployment_options(name, config.decoder)
     if config.router.enabled:
         decoder_opts["request_router_config"] = RequestRouterConfig(
             request_router_class=KvAwareRequestRouter,
@@ -70,7 +70,16 @@ def build_app(config: G3ServeConfig) -> Application:
         from router.baseline_routers import RoundRobinRequestRouter
 
         decoder_opts["request_router_config"] = RequestRouterConfig(request_router_class=RoundRobinRequestRouter)
-    decoder = serve.deployment(DecoderDeployment).options(**decoder_opts).bind(config)
+    return serve.deployment(DecoderDeployment).options(**decoder_opts).bind(config)
+
+
+def build_app(config: G3ServeConfig) -> Application:
+    """The application graph; call from the driver (it resolves the checkpoint once, converting it if needed)."""
+    checkpoint = resolve_checkpoint(config.model.checkpoint)
+    if config.router.pools:
+        decoders = {name: _decoder(pool_deployment_name(name), cfg) for name, cfg in pool_configs(config).items()}
+    else:
+        decoders = {DEFAULT_POOL: _decoder(DECODER, config)}
     vision = None
     if has_vision_tower(checkpoint):
         from vision_service.deployment import VisionService
@@ -85,7 +94,7 @@ def build_app(config: G3ServeConfig) -> Application:
     return (
         serve.deployment(G3ServeIngress)
         .options(**ingress_opts)
-        .bind(config, config.ingress.resolved_api_keys(), vision, decoder)
+        .bind(config, config.ingress.resolved_api_keys(), vision, decoders)
     )
 
 

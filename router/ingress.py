@@ -14,7 +14,7 @@ import asyncio
 import hmac
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import replace
 
 from fastapi import FastAPI, Request
@@ -32,6 +32,7 @@ from router import openai_api as oa
 from router.ingress_errors import api_error_from_exception, replica_lost
 from router.ingress_images import ImagePipeline
 from router.metrics import IngressMetrics
+from router.pools import DecoderPools
 
 api = FastAPI(title="g3serve", docs_url=None, redoc_url=None, openapi_url=None)
 # A decoder replica that dies before its first delta (killed, OOM, node lost) has streamed nothing, so the
@@ -86,12 +87,13 @@ class G3ServeIngress:
         config: G3ServeConfig,
         api_keys: tuple[str, ...],
         vision: DeploymentHandle | None,
-        decoder: DeploymentHandle,
+        decoders: Mapping[str, DeploymentHandle],
     ):
         self.config, self.settings = config, config.ingress
         self._keys = tuple(k.encode() for k in api_keys)
-        self._decoder = decoder
         self._checkpoint = resolve_checkpoint(config.model.checkpoint)
+        self.pools = DecoderPools(config, self._checkpoint, decoders)  # one pool unless router.pools is set
+        self._decoder = self.pools.any_handle  # model info and load for /metrics: the longest-context pool
         self._tokenizer: Gemma3Tokenizer | None = None
         self.images = ImagePipeline(config, self._checkpoint, vision)
         self.metrics = IngressMetrics()
@@ -168,7 +170,11 @@ class G3ServeIngress:
                 )
             slot = _Slot(self)
             gen_request = await self._build_request(req, sampling, request, arrival)
-            stream, first = await self._start(gen_request, arrival)
+            admitted = await self.pools.admit(len(gen_request.prompt_token_ids), gen_request.sampling.max_tokens)
+            try:
+                stream, first = await self._start(gen_request, arrival, admitted.handle)
+            finally:  # from the first delta on, the request's pages show in its replica's load
+                self.pools.release(admitted)
             self.metrics.ttft.observe(time.monotonic() - arrival)
             if req.stream:
                 include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -228,10 +234,12 @@ class G3ServeIngress:
             code="context_length_exceeded",
         )
 
-    async def _start(self, gen_request: GenerateRequest, arrival: float) -> tuple[object, TokenDelta]:
+    async def _start(
+        self, gen_request: GenerateRequest, arrival: float, decoder: DeploymentHandle
+    ) -> tuple[object, TokenDelta]:
         """The decoder stream and its first delta, retried on a lost replica while nothing has been streamed."""
         for attempt in range(1, DECODER_ATTEMPTS + 1):
-            stream = self._decoder.options(stream=True).generate.remote(gen_request)
+            stream = decoder.options(stream=True).generate.remote(gen_request)
             try:
                 return stream, await self._next(stream, arrival)
             except BaseException as e:

@@ -14,6 +14,7 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
 from model_workers.engine import EngineOverloadedError, EngineRequestError
 from model_workers.gemma3.tokenizer import ChatFormatError
+from router.admission import RequestTooLong, RouterOverloaded
 from router.openai_api import ApiError
 from vision_service.images import ImageInputError
 
@@ -38,6 +39,11 @@ def api_error_from_exception(exc: BaseException) -> ApiError:
         return ApiError(400, str(cause), param="messages", code="invalid_messages")
     if isinstance(cause, ImageInputError):
         return ApiError(cause.status, cause.message, param="messages", code="invalid_image")
+    if isinstance(cause, RequestTooLong):
+        return ApiError(400, str(cause), param="max_tokens", code="context_length_exceeded")
+    if isinstance(cause, RouterOverloaded):
+        retry = str(max(1, round(cause.retry_after_s)))
+        return ApiError(429, str(cause.args[0]), code="overloaded", headers={"Retry-After": retry})
     if isinstance(cause, (EngineOverloadedError, BackPressureError)):
         msg = str(cause.args[0]) if isinstance(cause, EngineOverloadedError) and cause.args else "server overloaded"
         return ApiError(429, msg, code="overloaded", headers={"Retry-After": RETRY_AFTER_S})
