@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 
 import torch
@@ -27,6 +28,8 @@ from vision_service.settings import CacheSettings
 log = logging.getLogger(__name__)
 _FAILURES = (RedisError, OSError, asyncio.TimeoutError)
 _DTYPE_TAG = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
+
+REDIS_URL_ENV = "G3SERVE_REDIS_URL"  # used when cache.redis_url is not set
 
 
 class EmbeddingCache:
@@ -50,13 +53,15 @@ class EmbeddingCache:
             max_connections=s.max_connections,
             retry=Retry(NoBackoff(), 0),
         )
-        if s.redis_url is None:
+        # The Kubernetes manifests hand the shared Redis's URL (password from a Secret) to every pod in this variable.
+        url = s.redis_url or os.environ.get(REDIS_URL_ENV) or None
+        if url is None:
             self._embedded = EmbeddedRedis(s.max_bytes)
             # On the loop thread (blocks ~0.1 s once): the server's death signal follows the thread that starts it.
             sock = self._embedded.start()
             self._redis = Redis(unix_socket_path=sock, **common)
         else:
-            self._redis = Redis.from_url(s.redis_url, **common)
+            self._redis = Redis.from_url(url, **common)
 
     async def close(self) -> None:
         if self._redis is not None:

