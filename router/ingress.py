@@ -5,7 +5,9 @@ max_tokens cap (400) -> in-flight bound (429 + Retry-After) -> images (vision de
 checkpoint's tokenizer -> prompt + max_tokens against the model's context (400 naming the real limit) -> decoder
 stream. The first delta is awaited before the HTTP status is chosen, so an engine refusal (too long, overloaded)
 becomes a 400 / 429 instead of a broken 200 stream. A client that goes away cancels the decoder stream, which
-aborts the request on its replica and frees its KV pages.
+aborts the request on its replica and frees its KV pages. A decoder replica lost (killed, node gone) before the
+client has received anything is retried on another or its restarted self: before the first delta always, and for
+the whole generation of a non-streamed answer; a stream already under way ends with an SSE error event instead.
 """
 
 # No `from __future__ import annotations` here: FastAPI must see real classes (Request) in the route methods'
@@ -181,7 +183,7 @@ class G3ServeIngress:
                 frames = self._sse(endpoint, gen_request, stream, first, include_usage, slot, arrival)
                 slot = None  # the stream owns it now
                 return StreamingResponse(frames, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-            return await self._collect(endpoint, gen_request, stream, first, arrival)
+            return await self._collect_retrying(endpoint, gen_request, stream, first, arrival, admitted.handle)
         except Exception as e:  # noqa: BLE001
             return self._error(api_error_from_exception(e), endpoint)
         finally:
@@ -280,6 +282,19 @@ class G3ServeIngress:
         self.metrics.completion_tokens.inc(last.completion_tokens)
         self.metrics.requests.labels(endpoint=endpoint, status="200").inc()
         return oa.usage(last.prompt_tokens, last.completion_tokens, last.cached_tokens)
+
+    async def _collect_retrying(self, endpoint, gen: GenerateRequest, stream, first, arrival: float, decoder):
+        """A non-streamed answer has sent the client nothing until it is complete, so a replica lost in the middle
+        of the generation costs a fresh start on a live (or restarted) replica, not an error; bounded attempts."""
+        for attempt in range(1, DECODER_ATTEMPTS + 1):
+            try:
+                return await self._collect(endpoint, gen, stream, first, arrival)
+            except Exception as e:
+                if attempt == DECODER_ATTEMPTS or not replica_lost(e):
+                    raise
+                self.metrics.decoder_retries.inc()
+                stream, first = await self._start(gen, arrival, decoder)
+        raise AssertionError("unreachable")
 
     async def _collect(self, endpoint: str, gen: GenerateRequest, stream, first: TokenDelta, arrival: float):
         text: list[str] = []

@@ -2,7 +2,8 @@
 
 - A decoder replica killed mid-stream: the client gets a clean SSE error event and `[DONE]` (not a torn
   connection), Serve restarts the replica, and the KV-aware router's hub drops the dead replica's pages.
-- A decoder replica killed just before a request: the request is retried (200), nothing was streamed yet.
+- A decoder replica killed just before a request, or in the middle of a non-streamed answer: the request is
+  retried (200), since nothing has reached the client yet.
 - A vision replica killed just before an image request: the embedding call is retried (200).
 - Redis stopped: image requests are still served (the embedding cache degrades to misses), and the cache
   comes back when Redis does.
@@ -123,6 +124,32 @@ def test_decoder_killed_before_a_request_is_retried(app_url):
     r = _complete(app_url, "retry me")  # sent at once: the routers may still list the dead replica
     assert r.status_code == 200, r.text
     assert r.json()["usage"]["completion_tokens"] >= 1
+    wait_for_new_replica("decoder", {victim.replica_id.unique_id})
+
+
+def _metric(url: str, name: str) -> float:
+    lines = httpx.get(f"{url}/metrics", timeout=30).text.splitlines()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in lines if line.startswith(name))
+
+
+def test_decoder_killed_mid_generation_of_a_non_streamed_answer_is_retried(app_url):
+    """Nothing of a non-streamed answer has reached the client, so the ingress starts it again elsewhere."""
+    import concurrent.futures
+
+    [victim] = running_replicas("decoder")
+    retries_before = _metric(app_url, "g3serve_decoder_retries_total")
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Count forever."}], "max_tokens": 1500,
+            "temperature": 0}  # fmt: skip
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        answer = pool.submit(httpx.post, f"{app_url}/v1/chat/completions", json=body, timeout=300)
+        deadline = time.monotonic() + 60
+        while _metric(app_url, "g3serve_decoder_running") < 1 and time.monotonic() < deadline:
+            time.sleep(0.1)  # until the generation is running on the victim
+        kill_replica(victim)
+        r = answer.result()
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["completion_tokens"] >= 1
+    assert _metric(app_url, "g3serve_decoder_retries_total") >= retries_before + 1
     wait_for_new_replica("decoder", {victim.replica_id.unique_id})
 
 
