@@ -1,0 +1,99 @@
+"""Where one decode step's time goes at N concurrent sequences (default 32), native engine, real Gemma 3 270M.
+
+    python benchmarks/decode_profile.py            # 32 sequences of 256 prompt tokens, 8 timed decode steps
+    python benchmarks/decode_profile.py --quick    # 8 sequences, 4 steps
+
+Wraps the parts of one `ModelRunner.run` (LM head, paged attention, sampler, step-input building) and the
+scheduler's two calls with wall-clock timers; the rest of `run` is the layers' projections, MLP and norms.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections import defaultdict
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from cluster.messages import SamplingParams
+from model_workers.gemma3.decoder import Gemma3Decoder
+from model_workers.gemma3.gguf_convert import default_checkpoint
+from model_workers.native import runner as runner_mod
+from model_workers.native.kv_cache.hybrid import HybridKVCache
+from model_workers.native.kv_cache.spec import KVCacheSpec
+from model_workers.native.scheduler import Scheduler, SchedulerConfig
+from model_workers.native.sequence import Sequence
+
+
+def timed(acc: dict, key: str, fn):
+    def wrapper(*args):
+        t0 = time.perf_counter()
+        out = fn(*args)
+        acc[key] += time.perf_counter() - t0
+        return out
+
+    return wrapper
+
+
+@torch.inference_mode()
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--seqs", type=int, default=32)
+    args = ap.parse_args()
+    n_seqs, steps = (8, 4) if args.quick else (args.seqs, 8)
+    model = Gemma3Decoder.from_checkpoint(default_checkpoint())
+    c = model.cfg
+    spec = KVCacheSpec(c.layer_types, 16, c.sliding_window, c.num_kv_heads, c.head_dim, 4)
+    cache = HybridKVCache(spec, spec.num_pages_for_budget(1024 * 2**20))
+    sched = Scheduler(SchedulerConfig(max_model_len=4096, max_num_batched_tokens=2048), cache)
+    runner = runner_mod.ModelRunner(model, cache)
+    for i in range(n_seqs):
+        prompt = [2] + [(i * 7919 + j * 31) % 200000 + 3 for j in range(255)]
+        sched.add(Sequence(f"s{i}", prompt, 128, page_size=16, sampling=SamplingParams(temperature=0)))
+    while any(s.is_prefilling for s in sched.running) or sched.waiting:
+        plan = sched.schedule()
+        sched.postprocess(plan, runner.run(plan))
+    for _ in range(2):  # warm-up decode steps
+        plan = sched.schedule()
+        sched.postprocess(plan, runner.run(plan))
+
+    acc: dict[str, float] = defaultdict(float)
+    model.logits = timed(acc, "LM head", model.logits)
+    attend = runner_mod.PagedAttention.attend
+    runner_mod.PagedAttention.attend = timed(acc, "attention (K/V write, page gather, SDPA)", attend)
+    runner.sampler.sample = timed(acc, "sampling", runner.sampler.sample)
+    batch_init = runner_mod.StepBatch.__init__
+    runner_mod.StepBatch.__init__ = timed(acc, "step inputs (block tables -> tensors)", batch_init)
+    run_total = 0.0
+    for _ in range(steps):
+        plan = timed(acc, "scheduling", sched.schedule)()
+        t0 = time.perf_counter()
+        sampled = runner.run(plan)
+        run_total += time.perf_counter() - t0
+        timed(acc, "postprocess", sched.postprocess)(plan, sampled)
+    inside_run = (
+        "LM head",
+        "attention (K/V write, page gather, SDPA)",
+        "sampling",
+        "step inputs (block tables -> tensors)",
+    )
+    acc["MLP, QKV/O projections, norms (rest)"] = run_total - sum(acc[k] for k in inside_run)
+    step = (run_total + acc["scheduling"] + acc["postprocess"]) / steps
+    table = Table(title=f"One decode step at {n_seqs} sequences: {step * 1000:.0f} ms ({n_seqs / step:.1f} tok/s)")
+    for col in ("part", "ms per step", "share"):
+        table.add_column(col)
+    for key, v in sorted(acc.items(), key=lambda kv: -kv[1]):
+        table.add_row(key, f"{v / steps * 1000:.1f}", f"{v / steps / step:.0%}")
+    Console().print(table)
+    print(
+        f"RESULT seqs={n_seqs} step_ms={step * 1000:.0f} decode_tok_s={n_seqs / step:.1f} "
+        f"lm_head_share={acc['LM head'] / steps / step:.2f} "
+        f"attention_share={acc['attention (K/V write, page gather, SDPA)'] / steps / step:.2f}"
+    )
+
+
+if __name__ == "__main__":
+    main()
