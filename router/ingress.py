@@ -97,8 +97,8 @@ class G3ServeIngress:
         self.pools = DecoderPools(config, self._checkpoint, decoders)  # one pool unless router.pools is set
         self._decoder = self.pools.any_handle  # model info and load for /metrics: the longest-context pool
         self._tokenizer: Gemma3Tokenizer | None = None
-        self.images = ImagePipeline(config, self._checkpoint, vision)
         self.metrics = IngressMetrics()
+        self.images = ImagePipeline(config, self._checkpoint, vision, on_retry=self.metrics.vision_retries.inc)
         self.in_flight = 0
         self._info: ModelInfo | None = None
         self._limits = oa.Limits(

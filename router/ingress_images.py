@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from cluster.config import G3ServeConfig
@@ -35,7 +35,10 @@ log = logging.getLogger(__name__)
 
 
 class ImagePipeline:
-    def __init__(self, config: G3ServeConfig, checkpoint_dir: Path, vision_handle):
+    def __init__(
+        self, config: G3ServeConfig, checkpoint_dir: Path, vision_handle, on_retry: Callable[[], None] = lambda: None
+    ):
+        self._on_retry = on_retry  # counts retries (the ingress's g3serve_vision_retries_total)
         self._settings = config.vision.service
         self._model_id = config.model.served_model_name  # the vision deployment gets the same id (cluster/app.py)
         self._vision = vision_handle
@@ -88,6 +91,7 @@ class ImagePipeline:
             except Exception as e:
                 if attempt == VISION_ATTEMPTS or not replica_lost(e):
                     raise
+                self._on_retry()
                 log.warning(
                     "vision replica lost (%s); retrying %s (attempt %d)",
                     type(e).__name__,

@@ -46,6 +46,9 @@ class IngressMetrics:
             "Requests re-sent because their decoder replica died before any token",
             registry=r,
         )
+        self.vision_retries = Counter(
+            "g3serve_vision_retries", "Embedding calls re-sent because their vision replica died", registry=r
+        )
         self.in_flight = Gauge("g3serve_in_flight_requests", "Requests being served by this ingress", registry=r)
         self.kv_usage = Gauge(
             "g3serve_kv_cache_usage_ratio",

@@ -4,7 +4,8 @@
   connection), Serve restarts the replica, and the KV-aware router's hub drops the dead replica's pages.
 - A decoder replica killed just before a request, or in the middle of a non-streamed answer: the request is
   retried (200), since nothing has reached the client yet.
-- A vision replica killed just before an image request: the embedding call is retried (200).
+- A vision replica killed under a burst of image requests, or just before one: embedding calls in flight are
+  re-sent (200, g3serve_vision_retries_total moves); a call sent after the kill is routed to the replacement.
 - Redis stopped: image requests are still served (the embedding cache degrades to misses), and the cache
   comes back when Redis does.
 
@@ -151,6 +152,41 @@ def test_decoder_killed_mid_generation_of_a_non_streamed_answer_is_retried(app_u
     assert r.json()["usage"]["completion_tokens"] >= 1
     assert _metric(app_url, "g3serve_decoder_retries_total") >= retries_before + 1
     wait_for_new_replica("decoder", {victim.replica_id.unique_id})
+
+
+def _noisy_png_url(width: int, height: int, seed: int) -> str:
+    """A wide image of random pixels: slow to decode and cut into Pan & Scan crops, never seen before (a miss)."""
+    import base64
+    import io
+    import random
+
+    from PIL import Image
+
+    pixels = random.Random(seed).randbytes(width * height * 3)
+    buf = io.BytesIO()
+    Image.frombytes("RGB", (width, height), pixels).save(buf, format="PNG", compress_level=1)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def test_vision_killed_under_image_requests_in_flight_is_retried(app_url):
+    import concurrent.futures
+
+    [victim] = running_replicas("vision")
+    retries_before = _metric(app_url, "g3serve_vision_retries_total")
+    bodies = []
+    for i in range(8):
+        part = {"type": "image_url", "image_url": {"url": _noisy_png_url(1200, 400, seed=i), "detail": "high"}}
+        bodies.append({"model": MODEL, "messages": [{"role": "user", "content": [part]}], "max_tokens": 2})
+    with concurrent.futures.ThreadPoolExecutor(len(bodies)) as pool:
+        answers = [pool.submit(httpx.post, f"{app_url}/v1/chat/completions", json=b, timeout=300) for b in bodies]
+        deadline = time.monotonic() + 60
+        while _metric(app_url, "g3serve_in_flight_requests") < 4 and time.monotonic() < deadline:
+            time.sleep(0.05)  # until the burst is being embedded
+        kill_replica(victim)
+        statuses = [a.result().status_code for a in answers]
+    assert statuses == [200] * len(bodies)
+    assert _metric(app_url, "g3serve_vision_retries_total") >= retries_before + 1  # calls in flight were re-sent
+    wait_for_new_replica("vision", {victim.replica_id.unique_id})
 
 
 def test_vision_killed_then_image_request_is_retried(app_url):
