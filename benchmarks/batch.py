@@ -20,7 +20,7 @@ import argparse
 import asyncio
 import json
 import os
-import socket
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -30,6 +30,9 @@ from rich.console import Console
 from rich.table import Table
 
 from cluster.config import G3ServeConfig
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from serving import _free_port  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -118,12 +121,6 @@ def run_http_side(config: G3ServeConfig, msgs: list[list[dict]], max_tokens: int
         return Result("HTTP API", len(msgs), tokens, wall)
     finally:
         serve.shutdown()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def main() -> None:

@@ -44,6 +44,18 @@ class Run:
             self.itl.append((t1 - t0) / max(n, 1))
         self.tokens += sum(n for _, n in stamps)
 
+    def row(self) -> tuple[str, ...]:
+        """name, tok/s, TTFT p50/p99 (s), inter-token latency p50/p99 (ms), tokens: one row of the result table."""
+        return (
+            self.name,
+            f"{self.tok_s:.1f}",
+            f"{pct(self.ttft, 0.5):.3f}",
+            f"{pct(self.ttft, 0.99):.3f}",
+            f"{1000 * pct(self.itl, 0.5):.1f}",
+            f"{1000 * pct(self.itl, 0.99):.1f}",
+            str(self.tokens),
+        )
+
     @property
     def tok_s(self) -> float:
         return self.tokens / self.wall if self.wall else 0.0
@@ -196,15 +208,7 @@ def main() -> None:
     for col in ("path", "tok/s", "TTFT p50 s", "TTFT p99 s", "ITL p50 ms", "ITL p99 ms", "tokens"):
         table.add_column(col, justify="right" if col != "path" else "left", no_wrap=True)
     for r in (inproc, served):
-        table.add_row(
-            r.name,
-            f"{r.tok_s:.1f}",
-            f"{pct(r.ttft, 0.5):.3f}",
-            f"{pct(r.ttft, 0.99):.3f}",
-            f"{1000 * pct(r.itl, 0.5):.1f}",
-            f"{1000 * pct(r.itl, 0.99):.1f}",
-            str(r.tokens),
-        )
+        table.add_row(*r.row())
     Console().print(table)
     overhead = 1 - served.tok_s / inproc.tok_s if inproc.tok_s else float("nan")
     print(

@@ -29,7 +29,7 @@ from rich.console import Console
 from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serving import Run, _free_port, _serve_load, pct, prompts, run_through_serve  # noqa: E402
+from serving import Run, _free_port, _serve_load, prompts, run_through_serve  # noqa: E402
 
 from cluster.config import G3ServeConfig  # noqa: E402
 
@@ -124,15 +124,7 @@ def main() -> None:
     for col in ("path", "tok/s", "TTFT p50 s", "TTFT p99 s", "ITL p50 ms", "ITL p99 ms", "tokens"):
         table.add_column(col, justify="right" if col != "path" else "left")
     for r in (alone, ours):
-        table.add_row(
-            r.name,
-            f"{r.tok_s:.1f}",
-            f"{pct(r.ttft, 0.5):.3f}",
-            f"{pct(r.ttft, 0.99):.3f}",
-            f"{1000 * pct(r.itl, 0.5):.1f}",
-            f"{1000 * pct(r.itl, 0.99):.1f}",
-            str(r.tokens),
-        )
+        table.add_row(*r.row())
     Console().print(table)
     ratio = ours.tok_s / alone.tok_s if alone.tok_s else float("nan")
     print(
