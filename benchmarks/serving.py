@@ -1,13 +1,19 @@
-"""The serving layer's overhead: the same load through g3serve (HTTP -> Serve proxy -> ingress -> decoder replica)
-and against the same engine called in-process, in one run.
+"""One streamed load for every OpenAI-compatible server: g3serve against the CPU peers a user would pick instead
+(issue 12), or against its own engine in-process (the serving layer's overhead, issue 4).
 
-Load: N streamed /v1/completions with distinct prompts at concurrency C, greedy, fixed max_tokens, on 127.0.0.1.
-Both sides see the same prompts and the same greedy decoding, so they generate the same tokens; the difference in
-throughput and latency is what Ray Serve, HTTP, SSE and the handle hops cost. The two phases run one after the
-other (never together: on 2 cores they would fight for the CPU).
+Load: N streamed /v1/completions (default 32, all at once), distinct ~256-token prompts, 128 new tokens, greedy, on
+127.0.0.1. Servers, each ALONE on the machine, one after the other (on 2 cores two servers would fight for the CPU):
+  - g3serve: its README command `g3serve serve` (embedded defaults: the real Gemma 3 270M, native engine);
+  - vLLM CPU's OpenAI server: fp32, eager, the same 270M converted to safetensors, both cores, 2 GiB of KV;
+  - llama.cpp's `llama-server` on the GGUF: `-np 32 -c 32768 -t 2` (benchmarks/peers/build_llama_server.sh).
+The peers get the prompts as the token ids g3serve's tokenizer makes of them (BOS included), so every server
+computes the same tokens. A peer that is not installed is skipped with a note. The run also prints the KV capacity
+for 32K-token sequences in 2 GiB (fp32): ours, vLLM's (from its log) and the arithmetic ideal.
 
-    python benchmarks/serving.py            # 64 requests at concurrency 8, 64 new tokens each, the real 270M
-    python benchmarks/serving.py --quick    # 16 requests at concurrency 4, 16 new tokens (under a minute after warm-up)
+    python benchmarks/serving.py                    # g3serve vs vLLM CPU vs llama.cpp (~10 min with both peers)
+    python benchmarks/serving.py --quick            # g3serve alone, 8 requests x 16 new tokens (peers: --peers ...)
+    python benchmarks/serving.py --peers none       # g3serve vs the same engine in-process (serving overhead)
+    python benchmarks/serving.py --engine vllm      # g3serve (engine: vllm) vs vLLM's own server (vllm_overhead.py)
 """
 
 from __future__ import annotations
@@ -15,77 +21,25 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import socket
 import statistics
+import sys
 import time
-from dataclasses import dataclass, field
+from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
-from cluster.config import G3ServeConfig
-from cluster.messages import GenerateRequest, SamplingParams
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+# Re-exported: vllm_overhead.py and batch.py import the load generator from here.
+from openai_load import Load, Run, _bounded, _free_port, _serve_load, make_load, pct, prompts  # noqa: E402, F401
+
+from cluster.config import G3ServeConfig  # noqa: E402
+from cluster.messages import GenerateRequest, SamplingParams  # noqa: E402
 
 
-@dataclass
-class Run:
-    name: str
-    ttft: list[float] = field(default_factory=list)
-    itl: list[float] = field(default_factory=list)
-    tokens: int = 0
-    wall: float = 0.0
-
-    def add(self, start: float, stamps: list[tuple[float, int]]) -> None:
-        """`stamps`: (arrival time, tokens in that delta) per streamed delta carrying tokens."""
-        if not stamps:
-            return
-        self.ttft.append(stamps[0][0] - start)
-        for (t0, _), (t1, n) in zip(stamps, stamps[1:], strict=False):
-            self.itl.append((t1 - t0) / max(n, 1))
-        self.tokens += sum(n for _, n in stamps)
-
-    def row(self) -> tuple[str, ...]:
-        """name, tok/s, TTFT p50/p99 (s), inter-token latency p50/p99 (ms), tokens: one row of the result table."""
-        return (
-            self.name,
-            f"{self.tok_s:.1f}",
-            f"{pct(self.ttft, 0.5):.3f}",
-            f"{pct(self.ttft, 0.99):.3f}",
-            f"{1000 * pct(self.itl, 0.5):.1f}",
-            f"{1000 * pct(self.itl, 0.99):.1f}",
-            str(self.tokens),
-        )
-
-    @property
-    def tok_s(self) -> float:
-        return self.tokens / self.wall if self.wall else 0.0
-
-
-def pct(xs: list[float], q: float) -> float:
-    if not xs:
-        return float("nan")
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
-
-
-def prompts(n: int) -> list[str]:
-    topics = ["a lighthouse", "the moon", "a river", "an old clock", "a red fox", "a mountain village", "the sea"]
-    return [f"Request {i}. Write a short story about {topics[i % len(topics)]} and a number {i * 7}:" for i in range(n)]
-
-
-async def _bounded(concurrency: int, jobs) -> float:
-    sem = asyncio.Semaphore(concurrency)
-
-    async def one(job):
-        async with sem:
-            await job()
-
-    start = time.perf_counter()
-    await asyncio.gather(*(one(j) for j in jobs))
-    return time.perf_counter() - start
-
-
-async def run_in_process(config: G3ServeConfig, texts: list[str], max_tokens: int, concurrency: int) -> Run:
+async def run_in_process(
+    config: G3ServeConfig, texts: list[str], max_tokens: int, concurrency: int, warm: list[str] | None = None
+) -> Run:
     from model_workers.deployment import ENGINE_FACTORIES, resolve_checkpoint
     from model_workers.gemma3.tokenizer import Gemma3Tokenizer
 
@@ -107,46 +61,16 @@ async def run_in_process(config: G3ServeConfig, texts: list[str], max_tokens: in
 
         return go
 
-    warm = Run("warm-up")  # not reported: first steps pay one-off allocations
-    await _bounded(concurrency, [job(-1 - i, t, warm) for i, t in enumerate(texts[:2])])
+    warm_run = Run("warm-up")  # not reported: first steps pay one-off allocations
+    await _bounded(concurrency, [job(-1 - i, t, warm_run) for i, t in enumerate(warm or texts[:2])])
     run.wall = await _bounded(concurrency, [job(i, t, run) for i, t in enumerate(texts)])
     await engine.shutdown()
     return run
 
 
-async def _serve_load(url: str, model: str, texts: list[str], max_tokens: int, concurrency: int, run: Run) -> float:
-    import openai
-
-    client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=600)
-
-    def job(text: str):
-        async def go():
-            start, stamps = time.perf_counter(), []
-            stream = await client.completions.create(
-                model=model,
-                prompt=text,
-                max_tokens=max_tokens,
-                temperature=0,
-                stream=True,
-                stream_options={"include_usage": True},
-            )
-            async for chunk in stream:
-                if chunk.choices and chunk.choices[0].text:
-                    stamps.append((time.perf_counter(), 1))
-                if chunk.usage and stamps:  # attribute the exact token count (a delta may hold several)
-                    extra = chunk.usage.completion_tokens - len(stamps)
-                    if extra > 0:
-                        stamps[-1] = (stamps[-1][0], 1 + extra)
-            run.add(start, stamps)
-
-        return go
-
-    wall = await _bounded(concurrency, [job(t) for t in texts])
-    await client.close()
-    return wall
-
-
-def run_through_serve(config: G3ServeConfig, texts: list[str], max_tokens: int, concurrency: int, tmp: str) -> Run:
+def run_through_serve(
+    config: G3ServeConfig, texts: list[str], max_tokens: int, concurrency: int, tmp: str, warm: list[str] | None = None
+) -> Run:
     import ray
     from ray import serve
 
@@ -157,7 +81,8 @@ def run_through_serve(config: G3ServeConfig, texts: list[str], max_tokens: int, 
     try:
         url = run_app(config)
         run = Run("g3serve (HTTP + Serve)")
-        asyncio.run(_serve_load(url, config.model.served_model_name, texts[:2], max_tokens, concurrency, Run("w")))
+        model = config.model.served_model_name
+        asyncio.run(_serve_load(url, model, warm or texts[:2], max_tokens, concurrency, Run("w")))
         run.wall = asyncio.run(_serve_load(url, config.model.served_model_name, texts, max_tokens, concurrency, run))
         return run
     finally:
@@ -165,44 +90,117 @@ def run_through_serve(config: G3ServeConfig, texts: list[str], max_tokens: int, 
         ray.shutdown()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def measure_server(spec, load: Load) -> tuple[Run, float, str]:
+    """Start `spec` alone, warm it up, run the load; (run, seconds to healthy, server log)."""
+    from peer_servers import RunningServer
+
+    texts, warm = (load.ids, load.warm_ids) if spec.prompt_ids else (load.texts, load.warm_texts)
+    with RunningServer(spec) as srv:
+        asyncio.run(_serve_load(spec.url, spec.model, warm, 8, load.concurrency, Run("warm-up")))
+        run = Run(spec.name)
+        run.wall = asyncio.run(_serve_load(spec.url, spec.model, texts, load.max_tokens, load.concurrency, run))
+        run.load_avg = os.getloadavg()[0]
+    return run, srv.start_s, srv.log_text()
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="16 requests, concurrency 4, 16 new tokens")
-    ap.add_argument("--config", help="g3serve YAML config (default: the embedded defaults)")
-    ap.add_argument("--checkpoint", help="override model.checkpoint")
-    ap.add_argument("--requests", type=int, default=None)
-    ap.add_argument("--concurrency", type=int, default=None)
-    ap.add_argument("--max-tokens", type=int, default=None)
-    args = ap.parse_args()
-    n = args.requests or (16 if args.quick else 64)
-    conc = args.concurrency or (4 if args.quick else 8)
-    max_tokens = args.max_tokens or (16 if args.quick else 64)
+KV_BUDGET, KV_SEQ_LEN = 2 * 2**30, 32768
+PEERS = ("vllm", "llamacpp")
 
-    config = G3ServeConfig.from_yaml(args.config) if args.config else G3ServeConfig()
+
+def run_peers(load: Load, checkpoint, peers: list[str], config: G3ServeConfig) -> None:
+    """g3serve (README command), then each requested peer, each alone; table + KV capacity + RESULT."""
+    from kv_capacity import ideal_capacity, native_capacity, vllm_capacity
+    from peer_servers import find_llama_server, g3serve_spec, gguf_file, llama_spec, vllm_installed, vllm_spec
+
+    model, notes, runs = config.model.served_model_name, [], {}
+    runs["g3serve"], start_s, _ = measure_server(g3serve_spec(_free_port(), model), load)
+    starts, vllm_log = {"g3serve": start_s}, None
+    if "vllm" in peers:
+        if not vllm_installed():
+            notes.append("vLLM CPU skipped: vllm is not importable (README: vLLM engine, CPU install)")
+        else:
+            spec = vllm_spec(checkpoint, _free_port(), model, max_len=KV_SEQ_LEN, kv_gib=KV_BUDGET // 2**30)
+            try:
+                runs["vllm"], starts["vllm"], vllm_log = measure_server(spec, load)
+            except Exception as e:  # a peer's failure is reported, not fatal: ours was measured already
+                notes.append(f"vLLM CPU failed: {e}")
+    if "llamacpp" in peers:
+        binary = find_llama_server()
+        if binary is None:
+            notes.append("llama.cpp skipped: no llama-server (bash benchmarks/peers/build_llama_server.sh)")
+        else:
+            try:
+                runs["llamacpp"], starts["llamacpp"], _ = measure_server(
+                    llama_spec(binary, gguf_file(), _free_port(), model), load
+                )
+            except Exception as e:
+                notes.append(f"llama.cpp failed: {e}")
+
+    title = (
+        f"{load.requests} streamed completions, concurrency {load.concurrency}, {load.prompt_tokens}-token prompts, "
+        f"{load.max_tokens} new tokens, greedy, each server alone"
+    )
+    table = Table(title=title)
+    cols = ("server", "tok/s", "TTFT p50 s", "TTFT p99 s", "ITL p50 ms", "ITL p99 ms", "tokens", "start s", "load")
+    for col in cols:
+        table.add_column(col, justify="right" if col != "server" else "left", no_wrap=True)
+    for key, r in runs.items():
+        table.add_row(*r.row(), f"{starts[key]:.0f}", f"{r.load_avg:.1f}")
+    console = Console(width=max(Console().width, 150))  # logs are not a terminal: keep the columns readable
+    console.print(table)
+
+    native = config.engine.native
+    ideal = ideal_capacity(checkpoint, KV_BUDGET, KV_SEQ_LEN)
+    caps = [native_capacity(checkpoint, KV_BUDGET, KV_SEQ_LEN, native.page_size, native.window_checkpoint_interval)]
+    theirs = vllm_capacity(vllm_log) if vllm_log else None
+    if theirs is not None:
+        caps.append(theirs)
+    elif "vllm" in runs:
+        notes.append("vLLM's KV capacity line was not found in its log")
+    caps.append(ideal)
+    kv = Table(title=f"KV capacity: {KV_SEQ_LEN:,}-token sequences in {KV_BUDGET / 2**30:.0f} GiB, fp32")
+    for col in ("engine", "sequences", "tokens", "vs ideal"):
+        kv.add_column(col, justify="right" if col != "engine" else "left")
+    for c in caps:
+        kv.add_row(*c.row(ideal))
+    console.print(kv)
+    for note in notes:
+        console.print(f"[yellow]note:[/] {note}")
+
+    ours = runs["g3serve"]
+    peer_runs = {k: r for k, r in runs.items() if k != "g3serve"}
+    best = max(peer_runs, key=lambda k: peer_runs[k].tok_s) if peer_runs else None
+    fields = [f"requests={load.requests}", f"concurrency={load.concurrency}", f"max_tokens={load.max_tokens}"]
+    for key in ("g3serve", *PEERS):
+        r = runs.get(key)
+        if r is None:
+            fields.append(f"{key}_tok_s=skipped")
+            continue
+        fields += [f"{key}_tok_s={r.tok_s:.1f}", f"{key}_ttft_p50_s={pct(r.ttft, 0.5):.2f}"]
+        fields.append(f"{key}_ttft_p99_s={pct(r.ttft, 0.99):.2f}")
+    ratio = ours.tok_s / peer_runs[best].tok_s if best else float("nan")
+    fields += [f"best_peer={best or 'none'}", f"ratio_best_peer={ratio:.3f}"]
+    fields += [f"kv32k_ours_seqs={caps[0].sequences:.2f}", f"kv32k_ideal_seqs={ideal.sequences:.2f}"]
+    fields.append(f"kv32k_vllm_seqs={theirs.sequences:.2f}" if theirs else "kv32k_vllm_seqs=skipped")
+    fields.append(f"load_avg_max={max(r.load_avg for r in runs.values()):.1f}")
+    print("RESULT " + " ".join(fields))
+
+
+def run_overhead(load: Load, config: G3ServeConfig) -> None:
+    """g3serve through Ray Serve vs the same engine in-process (issue 4), one after the other."""
+    import tempfile
+
     update = {"ingress": config.ingress.model_copy(update={"port": _free_port(), "api_keys": None})}
     if config.engine.native.num_threads is None:
         # Same torch thread count on both paths: Ray caps a replica's threads at its num_cpus (OMP_NUM_THREADS),
         # while an in-process engine would take every core; the comparison must be of the same engine setup.
-        threads = max(1, int(config.decoder.num_cpus))
-        native = config.engine.native.model_copy(update={"num_threads": threads})
+        native = config.engine.native.model_copy(update={"num_threads": max(1, int(config.decoder.num_cpus))})
         update["engine"] = config.engine.model_copy(update={"native": native})
-    if args.checkpoint:
-        update["model"] = config.model.model_copy(update={"checkpoint": args.checkpoint})
     config = config.model_copy(update=update)
-    os.environ.pop("G3SERVE_API_KEYS", None)
-    texts = prompts(n)
-
-    import tempfile
-
+    n, conc, max_tokens = load.requests, load.concurrency, load.max_tokens
     with tempfile.TemporaryDirectory(prefix="g3b-") as tmp:
-        inproc = asyncio.run(run_in_process(config, texts, max_tokens, conc))
-        served = run_through_serve(config, texts, max_tokens, conc, tmp)
+        inproc = asyncio.run(run_in_process(config, load.texts, max_tokens, conc, load.warm_texts))
+        served = run_through_serve(config, load.texts, max_tokens, conc, tmp, load.warm_texts)
 
     table = Table(title=f"{n} streamed completions, concurrency {conc}, {max_tokens} new tokens, greedy")
     for col in ("path", "tok/s", "TTFT p50 s", "TTFT p99 s", "ITL p50 ms", "ITL p99 ms", "tokens"):
@@ -216,8 +214,61 @@ def main() -> None:
         f"inproc_tok_s={inproc.tok_s:.2f} serve_tok_s={served.tok_s:.2f} throughput_overhead={overhead:.3f} "
         f"ttft_p50_inproc_s={pct(inproc.ttft, 0.5):.3f} ttft_p50_serve_s={pct(served.ttft, 0.5):.3f} "
         f"ttft_p99_serve_s={pct(served.ttft, 0.99):.3f} itl_p50_serve_ms={1000 * pct(served.itl, 0.5):.1f} "
-        f"itl_mean_inproc_ms={1000 * statistics.fmean(inproc.itl or [float('nan')]):.1f}"
+        f"itl_mean_inproc_ms={1000 * statistics.fmean(inproc.itl or [float('nan')]):.1f} "
+        f"load_avg={os.getloadavg()[0]:.1f}"
     )
+
+
+def run_vllm_engine(args: argparse.Namespace) -> None:
+    """benchmarks/vllm_overhead.py's comparison (g3serve with engine.kind vllm vs vLLM's own server)."""
+    import vllm_overhead  # lazy: it imports this module
+
+    forwarded = ["--quick"] if args.quick else []
+    for flag, value in (("--requests", args.requests), ("--concurrency", args.concurrency)):
+        if value:
+            forwarded += [flag, str(value)]
+    if args.max_tokens:
+        forwarded += ["--max-tokens", str(args.max_tokens)]
+    sys.argv = [vllm_overhead.__file__, *forwarded]
+    vllm_overhead.main()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="8 requests, 16 new tokens, g3serve alone unless --peers")
+    ap.add_argument(
+        "--peers",
+        default=None,
+        help=f"comma-separated peers of {','.join(PEERS)} (default: all; --quick: none), or 'none' for the "
+        "in-process comparison (serving overhead)",
+    )
+    ap.add_argument("--engine", choices=("native", "vllm"), default="native", help="vllm: run vllm_overhead.py")
+    ap.add_argument("--config", help="g3serve YAML config (default: the embedded defaults)")
+    ap.add_argument("--requests", type=int, default=None)
+    ap.add_argument("--concurrency", type=int, default=None, help="default: all requests at once")
+    ap.add_argument("--prompt-tokens", type=int, default=256)
+    ap.add_argument("--max-tokens", type=int, default=None)
+    args = ap.parse_args()
+    if args.engine == "vllm":
+        return run_vllm_engine(args)
+    n = args.requests or (8 if args.quick else 32)
+    load_args = (n, args.concurrency or n, args.prompt_tokens, args.max_tokens or (16 if args.quick else 128))
+    config = G3ServeConfig.from_yaml(args.config) if args.config else G3ServeConfig()
+    os.environ.pop("G3SERVE_API_KEYS", None)
+
+    from model_workers.deployment import resolve_checkpoint
+
+    checkpoint = resolve_checkpoint(config.model.checkpoint)
+    load = make_load(checkpoint, *load_args)
+    if args.peers == "none":
+        return run_overhead(load, config)
+    requested = (args.peers or ("" if args.quick else ",".join(PEERS))).split(",")
+    unknown = [p for p in requested if p and p not in PEERS]
+    if unknown:
+        ap.error(f"unknown peers {unknown}: choose from {PEERS} or 'none'")
+    if args.config:  # the g3serve subprocess reads the same file
+        raise SystemExit("--config with peers: not supported yet, g3serve runs with its embedded defaults")
+    run_peers(load, checkpoint, [p for p in requested if p], config)
 
 
 if __name__ == "__main__":

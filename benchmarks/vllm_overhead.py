@@ -18,17 +18,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from peer_servers import RunningServer, vllm_spec  # noqa: E402
 from serving import Run, _free_port, _serve_load, prompts, run_through_serve  # noqa: E402
 
 from cluster.config import G3ServeConfig  # noqa: E402
@@ -36,59 +34,13 @@ from cluster.config import G3ServeConfig  # noqa: E402
 KV_GIB = 2
 
 
-def _wait_healthy(url: str, proc: subprocess.Popen, timeout_s: float = 900) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"vLLM's server exited with {proc.returncode}")
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(1)
-    raise TimeoutError("vLLM's server did not become healthy")
-
-
 def run_vllm_server(ckpt: Path, model: str, texts: list[str], max_tokens: int, conc: int, max_len: int) -> Run:
-    port = _free_port()
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": str(KV_GIB), "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "vllm.entrypoints.openai.api_server",
-        "--model",
-        str(ckpt),
-        "--served-model-name",
-        model,
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--enforce-eager",
-        "--dtype",
-        "float32",
-        "--max-model-len",
-        str(max_len),
-    ]
-    log = open(tempfile.mktemp(prefix="vllm-server-", suffix=".log"), "w")  # noqa: SIM115 (closed below)
-    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        _wait_healthy(url, proc)
-        asyncio.run(_serve_load(url, model, texts[:2], max_tokens, conc, Run("warm-up")))
+    spec = vllm_spec(ckpt, _free_port(), model, max_len, kv_gib=KV_GIB)  # eager, fp32, both cores, KV_GIB of KV
+    with RunningServer(spec):  # stopped (with its engine core) on exit
+        asyncio.run(_serve_load(spec.url, model, texts[:2], max_tokens, conc, Run("warm-up")))
         run = Run("vLLM OpenAI server alone")
-        run.wall = asyncio.run(_serve_load(url, model, texts, max_tokens, conc, run))
+        run.wall = asyncio.run(_serve_load(spec.url, model, texts, max_tokens, conc, run))
         return run
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
 
 
 def main() -> None:

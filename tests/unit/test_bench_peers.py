@@ -1,0 +1,79 @@
+"""The peer benchmarks' own parts: server start/stop (a real HTTP server subprocess), KV capacity figures, prompts."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+from kv_capacity import ideal_capacity, native_capacity, vllm_capacity  # noqa: E402
+from openai_load import _free_port, sized_prompts  # noqa: E402
+from peer_servers import RunningServer, ServerSpec, find_llama_server  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def checkpoint():
+    from model_workers.gemma3.gguf_convert import default_checkpoint
+
+    return default_checkpoint()
+
+
+def test_running_server_waits_for_health_and_stops_its_process_group(tmp_path):
+    (tmp_path / "health").write_text("ok")  # http.server answers GET /health with this file: 200
+    port = _free_port()
+    # A shell that starts the HTTP server as a child: stop() must reach the child through the process group.
+    cmd = ["bash", "-c", f"{sys.executable} -m http.server {port} --bind 127.0.0.1 --directory {tmp_path} & wait"]
+    srv = RunningServer(ServerSpec("http.server", cmd, port, "none"), startup_timeout_s=60)
+    with srv:
+        pgid = srv.proc.pid
+        assert srv.start_s > 0
+        os.killpg(pgid, 0)  # the group exists while the server runs
+    assert srv.proc is None
+    with pytest.raises(ProcessLookupError):
+        os.killpg(pgid, 0)
+
+
+def test_running_server_reports_a_server_that_dies_with_its_log():
+    spec = ServerSpec("broken", ["bash", "-c", "echo cannot bind >&2; exit 3"], _free_port(), "none")
+    with pytest.raises(RuntimeError, match="cannot bind"):
+        with RunningServer(spec, startup_timeout_s=60):
+            pass
+
+
+def test_native_kv_capacity_is_within_2pct_of_the_hybrid_ideal(checkpoint):
+    """Issue 12: 32K-token sequences in 2 GiB on the 270M in fp32, engine's default page and checkpoint interval."""
+    from cluster.config import NativeEngineConfig
+
+    cfg = NativeEngineConfig()
+    ideal = ideal_capacity(checkpoint, 2 * 2**30, 32768)
+    ours = native_capacity(checkpoint, 2 * 2**30, 32768, cfg.page_size, cfg.window_checkpoint_interval)
+    # 3 global x 32768 + 15 local x 512 token-layer slots of 2 KiB (1 KV head x 256 x K,V x fp32) per sequence.
+    assert ideal.sequences == pytest.approx(2 * 2**30 / ((3 * 32768 + 15 * 512) * 2048))
+    assert 0.98 * ideal.sequences <= ours.sequences <= ideal.sequences
+
+
+def test_vllm_capacity_is_parsed_from_its_start_log():
+    log = (
+        "(EngineCore pid=1) INFO 11-24 10:00:00 [kv_cache_utils.py:2328] CPU KV cache size: 113,544 tokens, "
+        "Maximum concurrency for 32,768 tokens per request: 3.47x\n"
+    )
+    cap = vllm_capacity(log)
+    assert (cap.seq_len, cap.tokens, cap.sequences) == (32768, 113544, 3.47)
+    assert vllm_capacity("no such line") is None
+
+
+def test_llama_server_is_found_through_the_env_override(monkeypatch, tmp_path):
+    monkeypatch.setenv("G3SERVE_LLAMA_SERVER", str(tmp_path / "llama-server"))
+    assert find_llama_server() == tmp_path / "llama-server"
+
+
+def test_prompts_have_the_requested_token_count_and_are_distinct(checkpoint):
+    from model_workers.gemma3.tokenizer import Gemma3Tokenizer
+
+    tok = Gemma3Tokenizer.from_checkpoint(checkpoint)
+    texts = sized_prompts(tok, 6, 256)
+    assert len(set(texts)) == 6
+    assert {len(tok.encode_completion(t).token_ids) for t in texts} == {256}
