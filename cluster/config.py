@@ -67,6 +67,13 @@ class NativeEngineConfig(_Section):
     num_threads: int | None = Field(None, ge=1, description="torch intra-op threads; default: torch's own choice.")
     device: str = Field("cpu", description='torch device of the replica: "cpu", "cuda", "cuda:1", ...')
     dtype: Literal["float32", "bfloat16"] = Field("float32", description="Compute dtype (model.dtype overrides).")
+    lm_head: Literal["auto", "exact", "candidates"] = Field(
+        "auto",
+        description="How greedy tokens are found: 'candidates' ranks the vocabulary with a bf16 GEMM and recomputes "
+        "the best 32 in fp32 (the argmax is proven equal to fp32's, else the row is redone in full); 'exact' computes "
+        "every logit in the compute dtype; 'auto' = candidates on fp32 models where bf16 has hardware (AMX, "
+        "AVX512-BF16, GPUs).",
+    )
     window_checkpoint_interval: int = Field(
         512,
         ge=0,

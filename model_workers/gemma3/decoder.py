@@ -21,9 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from model_workers.gemma3.config import FULL, RopeConfig, TextConfig
+from model_workers.gemma3.lm_head import exact_logits
 from model_workers.gemma3.weights import CheckpointReader
-
-LM_HEAD_CHUNK = 2048
 
 
 class AttentionBackend(Protocol):
@@ -124,15 +123,8 @@ class Gemma3Decoder(nn.Module):
         return self.norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """The tied LM head, for the rows that need sampling only (it is the biggest matmul of a decode step)."""
-        w = self.embed_tokens.weight
-        if hidden.device.type == "cpu" and hidden.shape[0] > 1:
-            # On CPU a skinny [M, 640] x [640, 262144] GEMM runs at a fraction of peak: the 671 MB weight streams
-            # through the caches once per row block. Slices of LM_HEAD_CHUNK vocabulary rows keep each weight slice
-            # hot while all M rows use it: measured 205 ms -> 115-130 ms at M=32 on 2 AVX2 cores (benchmarks/).
-            out = torch.cat([hidden @ w[i : i + LM_HEAD_CHUNK].t() for i in range(0, w.shape[0], LM_HEAD_CHUNK)], dim=1)
-        else:
-            out = hidden @ w.t()
+        """The tied LM head in the model's dtype, every logit exact (the engine's fast path is lm_head.LmHead)."""
+        out = exact_logits(hidden, self.embed_tokens.weight)
         cap = self.cfg.final_logit_softcapping
         return torch.tanh(out / cap) * cap if cap else out
 

@@ -107,7 +107,7 @@ class NativeEngine:
             ),
             self.cache,
         )
-        self.runner = ModelRunner(self.model, self.cache, device=device, dtype=dtype)
+        self.runner = ModelRunner(self.model, self.cache, device=device, dtype=dtype, lm_head=cfg.lm_head)
         self._info = ModelInfo(
             model_id=cfg.served_model_name or os.path.basename(str(cfg.checkpoint).rstrip("/")),
             max_model_len=max_len,

@@ -10,10 +10,14 @@ sequence) attend together in one padded SDPA call per layer; each prefill chunk 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from model_workers.gemma3.attention import attention_mask, sdpa
 from model_workers.gemma3.decoder import Gemma3Decoder
+from model_workers.gemma3.lm_head import LmHead, LmHeadMode
+from model_workers.native import kernels
 from model_workers.native.kv_cache.hybrid import HybridKVCache
 from model_workers.native.sampler import Sampler
 from model_workers.native.scheduler import ScheduledChunk, StepPlan
@@ -87,6 +91,11 @@ class StepBatch:
         self.image_embeds = torch.cat(img_rows).to(device) if img_rows else None
         if self.num_decodes:
             qpos = torch.tensor(dec_pos, device=device)
+            # Key ranges per group for the C++ kernel (kernels/): global layers see [0, pos], local ones the window.
+            self.dec_key_hi = qpos + 1
+            lo_pos = torch.tensor(dec_lo, device=device)
+            self.dec_first = [torch.zeros_like(qpos) if g == 0 else lo_pos for g in range(spec.num_groups)]
+            self.dec_key_lo = [torch.zeros_like(qpos), (qpos - W + 1).clamp(min=0)]
             self.dec_pages, self.dec_masks = [], []
             for g in range(spec.num_groups):
                 width = max(len(p) for p in dec_pages[g])
@@ -147,9 +156,12 @@ def _image_rows(seq: Sequence, embeds: list[torch.Tensor], lo: int, hi: int) -> 
 class PagedAttention:
     """The AttentionBackend of one step: writes the new K/V into their pages, then attends over the pages."""
 
-    def __init__(self, kv: torch.Tensor, cache: HybridKVCache, batch: StepBatch, scale: float):
+    def __init__(
+        self, kv: torch.Tensor, cache: HybridKVCache, batch: StepBatch, scale: float, decode_kernel: Callable | None
+    ):
         self.kv, self.spec, self.batch, self.scale = kv, cache.spec, batch, scale
         self.slots = [cache.spec.layer_slot(i) for i in range(len(cache.spec.layer_types))]
+        self.decode_kernel = decode_kernel
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         group, slot = self.slots[layer]
@@ -160,7 +172,18 @@ class PagedAttention:
         k_cache.view(-1, hkv, hd).index_copy_(0, flat_slots, k.to(k_cache.dtype))
         v_cache.view(-1, hkv, hd).index_copy_(0, flat_slots, v.to(v_cache.dtype))
         out = torch.empty_like(q)
-        if b.num_decodes:
+        if b.num_decodes and self.decode_kernel is not None:
+            out[: b.num_decodes] = self.decode_kernel(
+                q[: b.num_decodes].contiguous(),
+                k_cache,
+                v_cache,
+                b.dec_pages[group],
+                b.dec_first[group],
+                b.dec_key_lo[0 if group == 0 else 1],
+                b.dec_key_hi,
+                self.scale,
+            )
+        elif b.num_decodes:
             pages = b.dec_pages[group]
             d, width = pages.shape
             flat = pages.view(-1)  # index_select: half the time of advanced indexing for this gather
@@ -176,7 +199,15 @@ class PagedAttention:
 
 
 class ModelRunner:
-    def __init__(self, model: Gemma3Decoder, cache: HybridKVCache, device="cpu", dtype=torch.float32):
+    def __init__(
+        self,
+        model: Gemma3Decoder,
+        cache: HybridKVCache,
+        device="cpu",
+        dtype=torch.float32,
+        lm_head: LmHeadMode = "auto",
+        decode_kernel: bool = True,
+    ):
         spec = cache.spec
         self.model, self.cache, self.device = model, cache, torch.device(device)
         self.kv = torch.zeros(
@@ -190,18 +221,24 @@ class ModelRunner:
             device=self.device,
         )
         self.sampler = Sampler(device=self.device)
+        self.head = LmHead(model.embed_tokens.weight, lm_head, softcap=model.cfg.final_logit_softcapping)
+        # The C++ decode attention (kernels/) reads K/V in place; the torch path (page gather + SDPA) stays the
+        # reference and the fallback for other devices and dtypes.
+        use_kernel = decode_kernel and self.device.type == "cpu" and dtype == torch.float32
+        self.decode_kernel = kernels.paged_decode_attention() if use_kernel else None
         self.image_embeds: dict[str, list[torch.Tensor]] = {}  # seq_id -> one tensor per image span
 
     @torch.inference_mode()
     def run(self, plan: StepPlan) -> dict[str, int]:
         batch = StepBatch(plan, self.cache, self.image_embeds, self.device)
         x = self.model.embed(batch.input_ids, batch.image_embeds, batch.image_mask)
-        attn = PagedAttention(self.kv, self.cache, batch, self.model.attn_scale)
+        attn = PagedAttention(self.kv, self.cache, batch, self.model.attn_scale, self.decode_kernel)
         hidden = self.model(x, batch.positions, attn)
         if not batch.sample_rows:
             return {}
-        logits = self.model.logits(hidden[torch.tensor(batch.sample_rows, device=self.device)])
-        tokens = self.sampler.sample(logits, batch.sample_seqs)
+        rows = hidden[torch.tensor(batch.sample_rows, device=self.device)]
+        head = self.head(rows, self.sampler.needs_logits(batch.sample_seqs))
+        tokens = self.sampler.sample(head, batch.sample_seqs)
         return {seq.seq_id: t for seq, t in zip(batch.sample_seqs, tokens, strict=True)}
 
     def forget(self, seq_id: str) -> None:

@@ -1,8 +1,8 @@
-"""Sampler: the next token of each sequence from its logits row (greedy, temperature, top-k, top-p, seeded).
+"""Sampler: the next token of each sequence from the LM head's output (greedy, temperature, top-k, top-p, seeded).
 
-Greedy rows (the common case for evaluation and our parity tests) are one batched argmax. Sampled rows are drawn
-one by one with a per-request torch.Generator when the request gave a seed, so a seeded request reproduces whatever
-else is in the batch.
+Greedy rows (the common case for evaluation and our parity tests) take the head's exact argmax, so only sampled
+rows need full logits (`needs_logits`). Sampled rows are drawn one by one with a per-request torch.Generator when
+the request gave a seed, so a seeded request reproduces whatever else is in the batch.
 """
 
 from __future__ import annotations
@@ -10,9 +10,14 @@ from __future__ import annotations
 import torch
 
 from cluster.messages import SamplingParams
+from model_workers.gemma3.lm_head import HeadOutput
 from model_workers.native.sequence import Sequence
 
 _GREEDY = SamplingParams(temperature=0.0)
+
+
+def _params(seq: Sequence) -> SamplingParams:
+    return seq.sampling if isinstance(seq.sampling, SamplingParams) else _GREEDY
 
 
 class Sampler:
@@ -23,12 +28,19 @@ class Sampler:
     def forget(self, seq_id: str) -> None:
         self.generators.pop(seq_id, None)
 
-    def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
-        params = [s.sampling if isinstance(s.sampling, SamplingParams) else _GREEDY for s in seqs]
-        out = logits.argmax(dim=-1).tolist()
-        for i, (seq, p) in enumerate(zip(seqs, params, strict=True)):
+    @staticmethod
+    def needs_logits(seqs: list[Sequence]) -> list[bool]:
+        return [not _params(s).greedy for s in seqs]
+
+    def sample(self, head: HeadOutput, seqs: list[Sequence]) -> list[int]:
+        """`head.logits` holds the rows of `needs_logits(seqs)`, in order."""
+        out = head.tokens.tolist()
+        j = 0
+        for i, seq in enumerate(seqs):
+            p = _params(seq)
             if not p.greedy:
-                out[i] = self._draw(logits[i].float(), p, self._generator(seq.seq_id, p.seed))
+                out[i] = self._draw(head.logits[j].float(), p, self._generator(seq.seq_id, p.seed))
+                j += 1
         return out
 
     def _generator(self, seq_id: str, seed: int | None) -> torch.Generator | None:

@@ -1,0 +1,68 @@
+"""The LM head's `candidates` mode returns fp32's exact argmax (certified or recomputed) and exact top logits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from model_workers.gemma3.lm_head import LmHead, exact_logits, resolve_mode
+
+
+def _weights(vocab: int = 5000, hidden: int = 64, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(vocab, hidden, generator=g) * 0.05
+
+
+def test_greedy_tokens_equal_fp32_argmax_and_certified():
+    w = _weights()
+    h = torch.randn(16, 64, generator=torch.Generator().manual_seed(1)) * 30
+    out = LmHead(w, "candidates", num_candidates=16)(h, [False] * 16)
+    assert out.tokens.tolist() == exact_logits(h, w).argmax(-1).tolist()
+    assert out.fallback_rows == 0  # random logits have a wide top-1..top-16 gap: all rows certified
+    assert out.logits.shape == (0, 5000)
+
+
+def test_uncertified_rows_are_recomputed_in_full():
+    # Near-duplicate vocabulary rows make the top candidates tie within bf16 rounding: with one candidate the
+    # certificate cannot hold, so the row must be redone in fp32 and still give fp32's argmax.
+    w = _weights(vocab=300)
+    w[7] = w[3] + 1e-4
+    w[11] = w[3] - 1e-4
+    h = w[3:4].repeat(4, 1) * 200 + torch.randn(4, 64, generator=torch.Generator().manual_seed(2)) * 1e-3
+    out = LmHead(w, "candidates", num_candidates=1)(h, [False] * 4)
+    assert out.fallback_rows == 4
+    assert out.tokens.tolist() == exact_logits(h, w).argmax(-1).tolist()
+
+
+def test_sampled_rows_exact_at_the_top_and_within_the_bound_elsewhere():
+    w = _weights()
+    h = torch.randn(6, 64, generator=torch.Generator().manual_seed(3)) * 30
+    need = [True, False, True, False, False, True]
+    head = LmHead(w, "candidates", num_candidates=32)
+    out = head(h, need)
+    ref = exact_logits(h, w)[[0, 2, 5]]
+    assert out.logits.shape == ref.shape
+    top = ref.topk(8, dim=-1).indices
+    assert torch.equal(out.logits.gather(1, top), ref.gather(1, top))  # the head of the distribution is exact fp32
+    bound = head.bound_factor * h[[0, 2, 5]].norm(dim=-1, keepdim=True)
+    assert bool(((out.logits - ref).abs() <= bound).all())
+
+
+def test_exact_mode_and_softcap():
+    w = _weights(vocab=1000)
+    h = torch.randn(3, 64, generator=torch.Generator().manual_seed(4)) * 30
+    capped = LmHead(w, "exact", softcap=5.0)(h, [True, True, True])
+    ref = torch.tanh(exact_logits(h, w) / 5.0) * 5.0
+    assert torch.allclose(capped.logits, ref)
+    cand = LmHead(w, "candidates", softcap=5.0)(h, [False, False, False])
+    assert cand.tokens.tolist() == ref.argmax(-1).tolist()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_auto_mode_only_for_fp32_models(dtype):
+    mode = resolve_mode("auto", torch.device("cpu"), dtype)
+    if dtype == torch.bfloat16:
+        assert mode == "exact"  # a bf16 model's logits are bf16 already: nothing to save
+    else:
+        assert mode in ("exact", "candidates")
+    assert resolve_mode("exact", torch.device("cpu"), torch.float32) == "exact"
