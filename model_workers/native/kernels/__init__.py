@@ -43,13 +43,18 @@ def paged_decode_attention() -> Callable | None:
     if os.environ.get("G3SERVE_NO_KERNELS"):
         return None
     try:
-        from torch.utils.cpp_extension import load
-
         key = _build_key()
+        name = f"g3serve_kernels_{key}"
         build = Path(os.environ.get("G3SERVE_CACHE", Path.home() / ".cache" / "g3serve")) / "kernels" / key
+        built = build / f"{name}.so"
+        if built.exists():  # the key covers source, torch and CPU: load it without the builder's ~10 s of checks
+            torch.ops.load_library(str(built))
+            return torch.ops.g3serve.paged_decode_attention
         build.mkdir(parents=True, exist_ok=True)
+        from torch.utils.cpp_extension import load  # slow to import: only when a build is due
+
         load(
-            name=f"g3serve_kernels_{key}",
+            name=name,
             sources=[str(_SOURCE)],
             extra_cflags=["-O3", "-march=native", "-fopenmp-simd"],
             build_directory=str(build),
