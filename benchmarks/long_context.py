@@ -60,6 +60,7 @@ class Case:
     prompt_tokens: int
     ttft_s: float
     text: str = ""
+    cached_tokens: int | None = None  # as the server reports it (usage.prompt_tokens_details), None if it does not
 
 
 @dataclass
@@ -70,17 +71,25 @@ class ServerResult:
     load_avg: float
 
 
-async def _stream_one(client, model: str, prompt, max_tokens: int) -> tuple[float, str]:
-    """(TTFT, full text) of one streamed greedy completion."""
-    start, first, text = time.perf_counter(), None, []
+async def _stream_one(client, model: str, prompt, max_tokens: int) -> tuple[float, str, int | None]:
+    """(TTFT, full text, prompt tokens the server says it served from its cache) of one streamed greedy completion."""
+    start, first, text, cached = time.perf_counter(), None, [], None
     stream = await client.completions.create(
-        model=model, prompt=prompt, max_tokens=max_tokens, temperature=0, stream=True
+        model=model,
+        prompt=prompt,
+        max_tokens=max_tokens,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
     )
     async for chunk in stream:
         if chunk.choices and chunk.choices[0].text:
             first = first or time.perf_counter()
             text.append(chunk.choices[0].text)
-    return (first or time.perf_counter()) - start, "".join(text)
+        details = getattr(chunk.usage, "prompt_tokens_details", None) if chunk.usage else None
+        if details is not None and details.cached_tokens is not None:
+            cached = details.cached_tokens
+    return (first or time.perf_counter()) - start, "".join(text), cached
 
 
 async def _background(client, model: str, prompts: list, stop: asyncio.Event, started: asyncio.Event, stats: dict):
@@ -129,14 +138,12 @@ async def measure(spec: ServerSpec, tok, doc: str, background: list[str]) -> Ser
 
     cases = []
     cold = doc + QUESTIONS[0]
-    ttft, answer = await _stream_one(client, spec.model, prompt(cold), ANSWER_TOKENS)
-    cases.append(Case("cold", n_tokens(cold), ttft, answer))
-    turn2 = cold + answer + QUESTIONS[1]
-    ttft, text = await _stream_one(client, spec.model, prompt(turn2), ANSWER_TOKENS)
-    cases.append(Case("next turn", n_tokens(turn2), ttft, text))
-    requery = doc + QUESTIONS[2]
-    ttft, text = await _stream_one(client, spec.model, prompt(requery), ANSWER_TOKENS)
-    cases.append(Case("re-query", n_tokens(requery), ttft, text))
+    for name, text in (("cold", cold), ("next turn", None), ("re-query", doc + QUESTIONS[2])):
+        if text is None:  # the conversation's next turn: the previous prompt, its answer, a new question
+            text = cold + cases[0].text + QUESTIONS[1]
+        ttft, answer, cached = await _stream_one(client, spec.model, prompt(text), ANSWER_TOKENS)
+        cases.append(Case(name, n_tokens(text), ttft, answer, cached))
+        print(f"{spec.name}: {name} TTFT {ttft:.3f} s, {cases[-1].prompt_tokens} prompt tokens, cached {cached}")
 
     bg_tok_s = (stats["tokens"] - tok0) / (time.perf_counter() - t0)
     stop.set()
@@ -154,9 +161,11 @@ def server_specs(which: list[str], checkpoint: Path, model: str, notes: list[str
             if not vllm_installed():
                 notes.append(f"{key} skipped: vllm is not importable")
                 continue
-            extra = ("--prefix-cache-retention-interval", "512") if key == "vllm-retention" else ()
+            retention = ("--prefix-cache-retention-interval", "512") if key == "vllm-retention" else ()
+            # --enable-prompt-tokens-details: vLLM reports cached prompt tokens in `usage` (as g3serve and llama.cpp do)
+            extra = ("--enable-prompt-tokens-details", *retention)
             spec = vllm_spec(checkpoint, _free_port(), model, max_len=32768, extra=extra)
-            spec.name = "vLLM CPU, retention 512" if extra else "vLLM CPU (default)"
+            spec.name = "vLLM CPU, retention 512" if retention else "vLLM CPU (default)"
             specs[key] = spec
         elif key == "llamacpp":
             binary = find_llama_server()
@@ -208,18 +217,20 @@ def main() -> None:
             notes.append(f"{spec.name} failed: {e}")
 
     table = Table(title=f"TTFT on a {doc_tokens:,}-token document, {n_bg} short requests in flight, each server alone")
-    for col in ("server", "cold s", "next turn s", "re-query s", "next/cold", "re-query/cold", "bg tok/s", "load"):
+    cols = ("server", "cold s", "next turn s", "re-query s", "next/cold", "re-query/cold", "cached next / re-query")
+    for col in (*cols, "bg tok/s", "load"):
         table.add_column(col, justify="right" if col != "server" else "left", no_wrap=True)
     fields = [f"doc_tokens={doc_tokens}", f"background={n_bg}"]
     for key, r in results.items():
         cold, nxt, req = (c.ttft_s for c in r.cases)
         table.add_row(
             r.name, f"{cold:.2f}", f"{nxt:.3f}", f"{req:.3f}", f"{nxt / cold:.4f}", f"{req / cold:.4f}",
-            f"{r.background_tok_s:.1f}", f"{r.load_avg:.1f}",
+            f"{r.cases[1].cached_tokens} / {r.cases[2].cached_tokens}", f"{r.background_tok_s:.1f}", f"{r.load_avg:.1f}",
         )  # fmt: skip
         k = key.replace("-", "_")
         fields += [f"{k}_cold_s={cold:.2f}", f"{k}_next_s={nxt:.3f}", f"{k}_requery_s={req:.3f}"]
         fields += [f"{k}_next_ratio={nxt / cold:.4f}", f"{k}_requery_ratio={req / cold:.4f}"]
+        fields += [f"{k}_next_cached={r.cases[1].cached_tokens}", f"{k}_requery_cached={r.cases[2].cached_tokens}"]
     console = Console(width=max(Console().width, 150))  # logs are not a terminal: keep the columns readable
     console.print(table)
     for note in notes:
