@@ -207,7 +207,7 @@ def run_overhead(load: Load, config: G3ServeConfig) -> None:
         table.add_column(col, justify="right" if col != "path" else "left", no_wrap=True)
     for r in (inproc, served):
         table.add_row(*r.row())
-    Console().print(table)
+    Console(width=max(Console().width, 150)).print(table)
     overhead = 1 - served.tok_s / inproc.tok_s if inproc.tok_s else float("nan")
     print(
         f"RESULT requests={n} concurrency={conc} max_tokens={max_tokens} "
