@@ -28,9 +28,9 @@ from model_workers.native.sequence import Sequence
 
 
 def timed(acc: dict, key: str, fn):
-    def wrapper(*args):
+    def wrapper(*args, **kwargs):
         t0 = time.perf_counter()
-        out = fn(*args)
+        out = fn(*args, **kwargs)
         acc[key] += time.perf_counter() - t0
         return out
 
@@ -61,7 +61,7 @@ def main() -> None:
         sched.postprocess(plan, runner.run(plan))
 
     acc: dict[str, float] = defaultdict(float)
-    model.logits = timed(acc, "LM head", model.logits)
+    runner.head = timed(acc, "LM head", runner.head)  # the engine's head (lm_head.LmHead), not model.logits
     attend = runner_mod.PagedAttention.attend
     runner_mod.PagedAttention.attend = timed(acc, "attention (K/V write, page gather, SDPA)", attend)
     runner.sampler.sample = timed(acc, "sampling", runner.sampler.sample)
