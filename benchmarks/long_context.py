@@ -33,7 +33,7 @@ from rich.console import Console
 from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from openai_load import _free_port, filler_text, sized_prompts  # noqa: E402
+from openai_load import _free_port, filler_text, open_stream, sized_prompts  # noqa: E402
 from peer_servers import (  # noqa: E402
     RunningServer,
     ServerSpec,
@@ -74,14 +74,7 @@ class ServerResult:
 async def _stream_one(client, model: str, prompt, max_tokens: int) -> tuple[float, str, int | None]:
     """(TTFT, full text, prompt tokens the server says it served from its cache) of one streamed greedy completion."""
     start, first, text, cached = time.perf_counter(), None, [], None
-    stream = await client.completions.create(
-        model=model,
-        prompt=prompt,
-        max_tokens=max_tokens,
-        temperature=0,
-        stream=True,
-        stream_options={"include_usage": True},
-    )
+    stream = await open_stream(client, model, prompt, max_tokens)
     async for chunk in stream:
         if chunk.choices and chunk.choices[0].text:
             first = first or time.perf_counter()

@@ -73,6 +73,18 @@ async def _bounded(concurrency: int, jobs) -> float:
     return time.perf_counter() - start
 
 
+async def open_stream(client, model: str, prompt: str | list[int], max_tokens: int):
+    """One streamed greedy /v1/completions with usage in its last chunk: the request every load here sends."""
+    return await client.completions.create(
+        model=model,
+        prompt=prompt,
+        max_tokens=max_tokens,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+
+
 async def _serve_load(
     url: str, model: str, texts: list[str] | list[list[int]], max_tokens: int, concurrency: int, run: Run
 ) -> float:
@@ -84,14 +96,7 @@ async def _serve_load(
     def job(text: str | list[int]):
         async def go():
             start, stamps = time.perf_counter(), []
-            stream = await client.completions.create(
-                model=model,
-                prompt=text,
-                max_tokens=max_tokens,
-                temperature=0,
-                stream=True,
-                stream_options={"include_usage": True},
-            )
+            stream = await open_stream(client, model, text, max_tokens)
             async for chunk in stream:
                 if chunk.choices and chunk.choices[0].text:
                     stamps.append((time.perf_counter(), 1))
