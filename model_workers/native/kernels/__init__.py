@@ -31,9 +31,16 @@ def _cpu_flags() -> str:
     return platform.processor()
 
 
+# -fopenmp: at::parallel_for is a header template that splits work over torch's OpenMP pool only when the
+# extension itself is compiled with OpenMP; without it the kernel ran on one thread (measured: 2.1x slower on 2 cores).
+_CFLAGS = ["-O3", "-march=native", "-fopenmp"]
+_LDFLAGS = ["-fopenmp"]
+
+
 def _build_key() -> str:
     # -march=native code is only valid on the CPU it was built for: the CPU's flags are part of the key.
-    h = hashlib.sha256(_SOURCE.read_bytes() + torch.__version__.encode() + _cpu_flags().encode())
+    flags = " ".join(_CFLAGS + _LDFLAGS).encode()
+    h = hashlib.sha256(_SOURCE.read_bytes() + flags + torch.__version__.encode() + _cpu_flags().encode())
     return h.hexdigest()[:16]
 
 
@@ -56,7 +63,8 @@ def paged_decode_attention() -> Callable | None:
         load(
             name=name,
             sources=[str(_SOURCE)],
-            extra_cflags=["-O3", "-march=native", "-fopenmp-simd"],
+            extra_cflags=_CFLAGS,
+            extra_ldflags=_LDFLAGS,
             build_directory=str(build),
             is_python_module=False,
             verbose=False,
