@@ -190,13 +190,11 @@ def run_overhead(load: Load, config: G3ServeConfig) -> None:
     """g3serve through Ray Serve vs the same engine in-process (issue 4), one after the other."""
     import tempfile
 
-    update = {"ingress": config.ingress.model_copy(update={"port": _free_port(), "api_keys": None})}
-    if config.engine.native.num_threads is None:
-        # Same torch thread count on both paths: Ray caps a replica's threads at its num_cpus (OMP_NUM_THREADS),
-        # while an in-process engine would take every core; the comparison must be of the same engine setup.
-        native = config.engine.native.model_copy(update={"num_threads": max(1, int(config.decoder.num_cpus))})
-        update["engine"] = config.engine.model_copy(update={"native": native})
-    config = config.model_copy(update=update)
+    # Both paths build the engine from the same config (G3ServeConfig.native_engine_config), so they run the same
+    # torch thread count: the engine sets it itself rather than inherit Ray's OMP_NUM_THREADS.
+    config = config.model_copy(
+        update={"ingress": config.ingress.model_copy(update={"port": _free_port(), "api_keys": None})}
+    )
     n, conc, max_tokens = load.requests, load.concurrency, load.max_tokens
     with tempfile.TemporaryDirectory(prefix="g3b-") as tmp:
         inproc = asyncio.run(run_in_process(config, load.texts, max_tokens, conc, load.warm_texts))

@@ -8,6 +8,7 @@ Unknown keys are errors (`extra="forbid"`): a typo in a YAML key must not silent
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Literal
@@ -64,7 +65,13 @@ class NativeEngineConfig(_Section):
     max_waiting: int = Field(
         1024, ge=1, description="Bounded waiting queue per replica; beyond it requests get 429 + Retry-After."
     )
-    num_threads: int | None = Field(None, ge=1, description="torch intra-op threads; default: torch's own choice.")
+    num_threads: int | None = Field(
+        None,
+        ge=1,
+        description="torch intra-op threads. Default: every core the replica's process may run on when the decoder "
+        "has one fixed replica (Ray would otherwise cap it at decoder.num_cpus through OMP_NUM_THREADS), else "
+        "decoder.num_cpus rounded up, so replicas sharing a node do not oversubscribe it.",
+    )
     device: str = Field("cpu", description='torch device of the replica: "cpu", "cuda", "cuda:1", ...')
     dtype: Literal["float32", "bfloat16"] = Field("float32", description="Compute dtype (model.dtype overrides).")
     lm_head: Literal["auto", "exact", "candidates"] = Field(
@@ -262,4 +269,8 @@ class G3ServeConfig(_Section):
         }
         if self.model.dtype != "auto":
             update["dtype"] = self.model.dtype
+        shares_node = self.decoder.autoscaling is not None or (self.decoder.num_replicas or 1) > 1
+        if self.engine.native.num_threads is None and shares_node:
+            # Several replicas may land on one node: each keeps to its own CPU reservation.
+            update["num_threads"] = max(1, math.ceil(self.decoder.num_cpus))
         return self.engine.native.model_copy(update=update)

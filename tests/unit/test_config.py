@@ -71,6 +71,19 @@ def _walk(model: type[BaseModel], path: str = ""):
             yield from _walk(ann, f"{path}{name}.")
 
 
+def test_native_threads_default_to_the_node_for_one_replica_else_to_the_reservation():
+    one = G3ServeConfig().native_engine_config("/ckpt")
+    assert one.num_threads is None  # the engine takes every core its process may use (available_cores)
+    shared = G3ServeConfig.model_validate({"decoder": {"num_replicas": 3, "num_cpus": 1.5}})
+    assert shared.native_engine_config("/ckpt").num_threads == 2
+    scaled = G3ServeConfig.model_validate(
+        {"decoder": {"num_cpus": 4, "autoscaling": {"min_replicas": 1, "max_replicas": 4}}}
+    )
+    assert scaled.native_engine_config("/ckpt").num_threads == 4
+    pinned = G3ServeConfig.model_validate({"decoder": {"num_replicas": 3}, "engine": {"native": {"num_threads": 7}}})
+    assert pinned.native_engine_config("/ckpt").num_threads == 7
+
+
 def test_every_field_is_described():
     missing = [p for p, f in _walk(G3ServeConfig) if not f.description]
     assert missing == []
