@@ -19,9 +19,12 @@ class FinishReason(str, Enum):
     ERROR = "error"  # the engine failed this request; `TokenDelta.error` says why
 
 
+SAMPLING_EPS = 1e-5  # temperatures below this are greedy
+
+
 @dataclass(frozen=True)
 class SamplingParams:
-    """What the OpenAI API calls sampling parameters; greedy when temperature == 0."""
+    """What the OpenAI API calls sampling parameters; greedy when temperature is 0 (below SAMPLING_EPS)."""
 
     max_tokens: int = 256
     temperature: float = 1.0
@@ -34,7 +37,9 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature <= 0.0
+        # Below SAMPLING_EPS dividing the logits by the temperature overflows fp32 (1e-320 -> inf -> NaN
+        # probabilities, found by the fuzz test); such a temperature means greedy anyway (vLLM draws the same line).
+        return self.temperature < SAMPLING_EPS
 
 
 @dataclass(frozen=True)

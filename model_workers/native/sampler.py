@@ -61,6 +61,7 @@ class Sampler:
             probs = sorted_logits.softmax(-1)
             # Keep the smallest prefix whose mass reaches top_p (the top token always stays).
             drop = probs.cumsum(-1) - probs >= p.top_p
+            drop[0] = False  # explicitly: a top_p that rounds to 0 in fp32 (1e-320, from the fuzz test) drops nothing
             row = row.scatter(0, order, sorted_logits.masked_fill(drop, float("-inf")))
         probs = row.softmax(-1)
         return int(torch.multinomial(probs, 1, generator=gen).item())
