@@ -98,7 +98,13 @@ class G3ServeIngress:
         self._decoder = self.pools.any_handle  # model info and load for /metrics: the longest-context pool
         self._tokenizer: Gemma3Tokenizer | None = None
         self.metrics = IngressMetrics()
-        self.images = ImagePipeline(config, self._checkpoint, vision, on_retry=self.metrics.vision_retries.inc)
+        self.images = ImagePipeline(
+            config,
+            self._checkpoint,
+            vision,
+            on_retry=self.metrics.vision_retries.inc,
+            in_flight=self.metrics.vision_in_flight,
+        )
         self.in_flight = 0
         self._info: ModelInfo | None = None
         self._limits = oa.Limits(

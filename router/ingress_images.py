@@ -14,6 +14,8 @@ import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from prometheus_client import Gauge
+
 from cluster.config import G3ServeConfig
 from cluster.messages import ImageEmbedding
 from model_workers.gemma3.tokenizer import ChatTurn, ImageRef
@@ -36,9 +38,15 @@ log = logging.getLogger(__name__)
 
 class ImagePipeline:
     def __init__(
-        self, config: G3ServeConfig, checkpoint_dir: Path, vision_handle, on_retry: Callable[[], None] = lambda: None
+        self,
+        config: G3ServeConfig,
+        checkpoint_dir: Path,
+        vision_handle,
+        on_retry: Callable[[], None] = lambda: None,
+        in_flight: Gauge | None = None,
     ):
         self._on_retry = on_retry  # counts retries (the ingress's g3serve_vision_retries_total)
+        self._in_flight = in_flight  # embed calls awaiting the vision service (g3serve_vision_calls_in_flight)
         self._settings = config.vision.service
         self._model_id = config.model.served_model_name  # the vision deployment gets the same id (cluster/app.py)
         self._vision = vision_handle
@@ -87,7 +95,10 @@ class ImagePipeline:
     async def _embed_with_retry(self, request: VisionRequest) -> tuple[ImageEmbedding, ...]:
         for attempt in range(1, VISION_ATTEMPTS + 1):
             try:
-                return tuple(await self._vision.embed.remote(request))
+                if self._in_flight is None:
+                    return tuple(await self._vision.embed.remote(request))
+                with self._in_flight.track_inprogress():
+                    return tuple(await self._vision.embed.remote(request))
             except Exception as e:
                 if attempt == VISION_ATTEMPTS or not replica_lost(e):
                     raise

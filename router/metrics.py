@@ -50,6 +50,11 @@ class IngressMetrics:
             "g3serve_vision_retries", "Embedding calls re-sent because their vision replica died", registry=r
         )
         self.in_flight = Gauge("g3serve_in_flight_requests", "Requests being served by this ingress", registry=r)
+        self.vision_in_flight = Gauge(
+            "g3serve_vision_calls_in_flight",
+            "Embedding calls sent to the vision service and not answered yet",
+            registry=r,
+        )
         self.kv_usage = Gauge(
             "g3serve_kv_cache_usage_ratio",
             "Fraction of KV pages in use on a decoder replica, by layer type",

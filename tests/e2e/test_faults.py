@@ -180,8 +180,8 @@ def test_vision_killed_under_image_requests_in_flight_is_retried(app_url):
     with concurrent.futures.ThreadPoolExecutor(len(bodies)) as pool:
         answers = [pool.submit(httpx.post, f"{app_url}/v1/chat/completions", json=b, timeout=300) for b in bodies]
         deadline = time.monotonic() + 60
-        while _metric(app_url, "g3serve_in_flight_requests") < 4 and time.monotonic() < deadline:
-            time.sleep(0.05)  # until the burst is being embedded
+        while _metric(app_url, "g3serve_vision_calls_in_flight") < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)  # until embed calls are in flight (requests in flight may still be parsing images)
         kill_replica(victim)
         statuses = [a.result().status_code for a in answers]
     assert statuses == [200] * len(bodies)
