@@ -49,7 +49,7 @@ def main() -> None:
     spec = KVCacheSpec(c.layer_types, 16, c.sliding_window, c.num_kv_heads, c.head_dim, 4)
     cache = HybridKVCache(spec, spec.num_pages_for_budget(1024 * 2**20))
     sched = Scheduler(SchedulerConfig(max_model_len=4096, max_num_batched_tokens=2048), cache)
-    runner = runner_mod.ModelRunner(model, cache)
+    runner = runner_mod.ModelRunner(model, cache)  # the engine defaults: C++ decode attention, packed weights
     for i in range(n_seqs):
         prompt = [2] + [(i * 7919 + j * 31) % 200000 + 3 for j in range(255)]
         sched.add(Sequence(f"s{i}", prompt, 128, page_size=16, sampling=SamplingParams(temperature=0)))

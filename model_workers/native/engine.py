@@ -116,7 +116,9 @@ class NativeEngine:
             ),
             self.cache,
         )
-        self.runner = ModelRunner(self.model, self.cache, device=device, dtype=dtype, lm_head=cfg.lm_head)
+        self.runner = ModelRunner(
+            self.model, self.cache, device=device, dtype=dtype, lm_head=cfg.lm_head, packed_weights=cfg.packed_weights
+        )
         self._info = ModelInfo(
             model_id=cfg.served_model_name or os.path.basename(str(cfg.checkpoint).rstrip("/")),
             max_model_len=max_len,
