@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model_workers.gemma3.lm_head import LmHead, exact_logits, resolve_mode
+from model_workers.gemma3.lm_head import LmHead, block_topk, exact_logits, resolve_mode
 
 
 def _weights(vocab: int = 5000, hidden: int = 64, seed: int = 0) -> torch.Tensor:
@@ -66,3 +66,16 @@ def test_auto_mode_only_for_fp32_models(dtype):
     else:
         assert mode in ("exact", "candidates")
     assert resolve_mode("exact", torch.device("cpu"), torch.float32) == "exact"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_block_topk_equals_topk(dtype):
+    g = torch.Generator().manual_seed(5)
+    x = (torch.randn(6, 8192, generator=g) * 3).to(dtype)
+    x[0, 100:140] = 50  # the whole top crowded into one block, ties included
+    x[1, ::256] = 40  # one top value in each of many blocks
+    values, idx = block_topk(x, 32, block=256)
+    ref_values, _ = x.topk(32, dim=-1)
+    assert torch.equal(values, ref_values)
+    assert torch.equal(x.gather(1, idx), values)  # the indices point at those values
+    assert all(len(set(row)) == 32 for row in idx.tolist())  # distinct ids (a tie never repeats one)
