@@ -21,6 +21,14 @@
 
 namespace {
 
+// A page's rows are contiguous but pages are scattered, and hardware prefetchers stop at 4 KiB boundaries (4 rows
+// of a 256-wide head): software-prefetch the row AHEAD positions on while this one is used. Measured at 32
+// sequences x 320 keys x 18 layers on 2 cores: 34 -> 24.5 ms (11 -> 15 GB/s); 2, 4 and 8 ahead alike.
+constexpr int64_t AHEAD = 4;
+inline void prefetch_row(const float* p, int64_t D) {
+  for (int64_t d = 0; d < D; d += 16) __builtin_prefetch(p + d, 0, 3);  // one 64-byte line per 16 floats
+}
+
 at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                                   const at::Tensor& pages, const at::Tensor& first_pos, const at::Tensor& key_lo,
                                   const at::Tensor& key_hi, double scale) {
@@ -61,6 +69,7 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache
       };
       for (int64_t i = 0; i < n; ++i) {  // scores: every key row read once for the G query heads
         const float* k = row(kp, lo + i);
+        if (i + AHEAD < n) prefetch_row(row(kp, lo + i + AHEAD), D);
         for (int64_t g = 0; g < G; ++g) {
           const float* qg = qb + g * D;
           float s = 0.f;
@@ -79,6 +88,7 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache
       }
       for (int64_t i = 0; i < n; ++i) {  // weighted values: every value row read once
         const float* v = row(vp, lo + i);
+        if (i + AHEAD < n) prefetch_row(row(vp, lo + i + AHEAD), D);
         for (int64_t g = 0; g < G; ++g) {
           const float w = scores[g * n + i];
           float* a = acc.data() + g * D;
