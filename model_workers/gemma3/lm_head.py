@@ -79,6 +79,18 @@ def block_topk(x: torch.Tensor, k: int, block: int = 256) -> tuple[torch.Tensor,
     return values, best_blocks.gather(1, pos // block) * block + pos % block
 
 
+def _onednn_pack(weight_bf16: torch.Tensor) -> torch.Tensor | None:
+    """The bf16 head in oneDNN's blocked (AMX) layout, or None off CPU / without oneDNN.
+
+    A plain bf16 GEMM re-lays out the whole 335 MB matrix for the matrix units on every call; packing it once
+    makes the ranking GEMM 26 -> 18 ms at 32 rows (2 cores), with bitwise the same output (tests check it)."""
+    if weight_bf16.device.type != "cpu" or not torch.backends.mkldnn.is_available():
+        return None
+    if not hasattr(torch.ops.mkldnn, "_reorder_linear_weight"):
+        return None
+    return torch.ops.mkldnn._reorder_linear_weight(weight_bf16, 32)
+
+
 class LmHead:
     def __init__(
         self,
@@ -92,7 +104,9 @@ class LmHead:
         self.mode = resolve_mode(mode, weight.device, weight.dtype)
         self.k = min(num_candidates, weight.shape[0])
         if self.mode == "candidates":
-            self.weight_bf16 = weight.to(torch.bfloat16)  # +2 bytes/parameter of the head: 335 MB on the 270M
+            weight_bf16 = weight.to(torch.bfloat16)  # +2 bytes/parameter of the head: 335 MB on the 270M
+            self._packed_bf16 = _onednn_pack(weight_bf16)
+            self.weight_bf16 = weight_bf16 if self._packed_bf16 is None else None  # one bf16 copy, not two
             gamma = weight.shape[1] * _EPS_FP32
             self.bound_factor = (3 * _U_BF16 + 4 * _U_BF16**2 + 3 * gamma) * float(weight.float().norm(dim=1).max())
 
@@ -107,7 +121,11 @@ class LmHead:
         return torch.tanh(logits / self.softcap) * self.softcap if self.softcap else logits
 
     def _candidates(self, hidden: torch.Tensor, need_logits: list[bool]) -> HeadOutput:
-        approx = hidden.to(torch.bfloat16) @ self.weight_bf16.t()  # [M, V] bf16
+        h16 = hidden.to(torch.bfloat16)
+        if self._packed_bf16 is not None:
+            approx = torch.ops.mkldnn._linear_pointwise(h16, self._packed_bf16, None, "none", [], "")  # [M, V] bf16
+        else:
+            approx = h16 @ self.weight_bf16.t()
         top_vals, cand = block_topk(approx, self.k)  # sorted: top_vals[:, -1] is the k-th largest
         w_cand = self.weight.index_select(0, cand.reshape(-1)).view(*cand.shape, -1).float()  # [M, k, H]
         exact = torch.bmm(w_cand, hidden[:, :, None])[..., 0]  # [M, k] fp32

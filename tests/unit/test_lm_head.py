@@ -79,3 +79,13 @@ def test_block_topk_equals_topk(dtype):
     assert torch.equal(values, ref_values)
     assert torch.equal(x.gather(1, idx), values)  # the indices point at those values
     assert all(len(set(row)) == 32 for row in idx.tolist())  # distinct ids (a tie never repeats one)
+
+
+def test_packed_bf16_ranking_is_bitwise_the_plain_gemm():
+    head = LmHead(_weights(vocab=4096), "candidates")
+    if head._packed_bf16 is None:
+        pytest.skip("no oneDNN on this torch build")
+    for rows in (1, 5, 32, 70):
+        h = torch.randn(rows, 64, generator=torch.Generator().manual_seed(rows)).to(torch.bfloat16)
+        packed = torch.ops.mkldnn._linear_pointwise(h, head._packed_bf16, None, "none", [], "")
+        assert torch.equal(packed, h @ head.weight.to(torch.bfloat16).t())
