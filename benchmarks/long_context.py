@@ -102,7 +102,8 @@ async def _background(client, model: str, prompts: list, stop: asyncio.Event, st
         i += 1
 
 
-async def measure(spec: ServerSpec, tok, doc: str, background: list[str]) -> ServerResult:
+async def measure(spec: ServerSpec, tok, doc: str, background: list[str], n_workers: int) -> ServerResult:
+    """`n_workers` streams stay in flight, each cycling through its share of the `background` prompts."""
     import openai
 
     def prompt(text: str):
@@ -114,8 +115,10 @@ async def measure(spec: ServerSpec, tok, doc: str, background: list[str]) -> Ser
     client = openai.AsyncOpenAI(base_url=f"{spec.url}/v1", api_key="none", max_retries=0, timeout=3600)
     bg_prompts = [prompt(t) for t in background]
     stop, stats = asyncio.Event(), {"tokens": 0}
-    starts = [asyncio.Event() for _ in bg_prompts]
-    per_worker = [bg_prompts[i :: len(bg_prompts)] for i in range(len(bg_prompts))]
+    # One worker per in-flight request (n_workers), not per prompt: a worker per prompt put 4x the asked-for load
+    # in flight (124 streams for --background 31), which filled max_num_seqs and queued the measured requests.
+    starts = [asyncio.Event() for _ in range(n_workers)]
+    per_worker = [bg_prompts[i::n_workers] for i in range(n_workers)]
     workers = [
         asyncio.create_task(_background(client, spec.model, p, stop, s, stats))
         for p, s in zip(per_worker, starts, strict=True)
@@ -203,7 +206,7 @@ def main() -> None:
     for key, spec in server_specs(which, checkpoint, config.model.served_model_name, notes).items():
         try:
             with RunningServer(spec, startup_timeout_s=900):
-                results[key] = asyncio.run(measure(spec, tok, doc, background))
+                results[key] = asyncio.run(measure(spec, tok, doc, background, n_bg))
         except Exception as e:
             if key == "g3serve":
                 raise
