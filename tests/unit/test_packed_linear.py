@@ -7,14 +7,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cluster.messages import SamplingParams
 from model_workers.gemma3.decoder import Gemma3Decoder
-from model_workers.native.kv_cache.hybrid import HybridKVCache
-from model_workers.native.kv_cache.spec import KVCacheSpec
 from model_workers.native.packed_linear import MAX_PACKED_ROWS, PackedLinear, pack_linears, packing_available
-from model_workers.native.runner import ModelRunner
-from model_workers.native.scheduler import Scheduler, SchedulerConfig
-from model_workers.native.sequence import Sequence
+from tests.fixtures.runner_decode import greedy_decode
 
 pytestmark = pytest.mark.skipif(
     not packing_available(torch.device("cpu"), torch.float32), reason="this torch build has no MKL packed GEMM"
@@ -37,29 +32,11 @@ def test_packed_linear_keeps_leading_dims():
     assert out.shape == (2, 5, 48) and torch.equal(out, F.linear(x, lin.weight))
 
 
-def _greedy_decode(ckpt, packed: bool) -> tuple[dict[str, list[int]], int]:
-    model = Gemma3Decoder.from_checkpoint(ckpt)
-    c = model.cfg
-    spec = KVCacheSpec(c.layer_types, 4, c.sliding_window, c.num_kv_heads, c.head_dim, 4)
-    cache = HybridKVCache(spec, 256)
-    sched = Scheduler(SchedulerConfig(max_model_len=256, max_num_batched_tokens=64), cache)
-    runner = ModelRunner(model, cache, lm_head="exact", packed_weights=packed)
-    swapped = sum(isinstance(m, PackedLinear) for m in model.modules())
-    seqs = []
-    for i, n in enumerate((3, 17, 30, 41)):
-        prompt = [2] + [(i * 37 + j * 11) % 290 + 3 for j in range(n)]
-        seqs.append(Sequence(f"s{i}", prompt, 24, page_size=4, sampling=SamplingParams(temperature=0)))
-        sched.add(seqs[-1])
-    with torch.inference_mode():
-        while sched.waiting or sched.running:
-            plan = sched.schedule()
-            sched.postprocess(plan, runner.run(plan))
-    return {s.seq_id: list(s.output_token_ids) for s in seqs}, swapped
-
-
 def test_runner_with_packed_weights_decodes_the_same_tokens(tiny_text_ckpt):
-    packed, swapped = _greedy_decode(tiny_text_ckpt, True)
-    plain, none = _greedy_decode(tiny_text_ckpt, False)
+    packed, runner = greedy_decode(tiny_text_ckpt, packed_weights=True)
+    plain, plain_runner = greedy_decode(tiny_text_ckpt, packed_weights=False)
+    swapped = sum(isinstance(m, PackedLinear) for m in runner.model.modules())
+    none = sum(isinstance(m, PackedLinear) for m in plain_runner.model.modules())
     assert packed == plain and all(len(t) == 24 for t in packed.values())
     layers = Gemma3Decoder.from_checkpoint(tiny_text_ckpt).cfg.num_layers
     assert (swapped, none) == (4 * layers, 0)  # qkv, o, gate_up, down of every layer

@@ -4,15 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from cluster.messages import SamplingParams
 from model_workers.gemma3.attention import sdpa
-from model_workers.gemma3.decoder import Gemma3Decoder
 from model_workers.native import kernels
-from model_workers.native.kv_cache.hybrid import HybridKVCache
-from model_workers.native.kv_cache.spec import KVCacheSpec
-from model_workers.native.runner import ModelRunner
-from model_workers.native.scheduler import Scheduler, SchedulerConfig
-from model_workers.native.sequence import Sequence
+from tests.fixtures.runner_decode import greedy_decode
 
 
 def _reference(q, k_cache, v_cache, pages, first, lo, hi, scale):
@@ -53,27 +47,9 @@ def test_kernel_matches_gather_and_sdpa_with_gqa_and_windows():
     assert torch.allclose(got, _reference(q, k_cache, v_cache, pages, zero, zero, hi, 0.125), atol=1e-5, rtol=1e-5)
 
 
-def _greedy_decode(ckpt, decode_kernel: bool) -> dict[str, list[int]]:
-    model = Gemma3Decoder.from_checkpoint(ckpt)
-    c = model.cfg
-    spec = KVCacheSpec(c.layer_types, 4, c.sliding_window, c.num_kv_heads, c.head_dim, 4)
-    cache = HybridKVCache(spec, 256)
-    sched = Scheduler(SchedulerConfig(max_model_len=256, max_num_batched_tokens=64), cache)
-    runner = ModelRunner(model, cache, lm_head="exact", decode_kernel=decode_kernel)
-    assert (runner.decode_kernel is not None) == decode_kernel
-    seqs = []
-    for i, n in enumerate((3, 17, 30, 41)):  # past the window (16) and across pages
-        prompt = [2] + [(i * 37 + j * 11) % 290 + 3 for j in range(n)]
-        seqs.append(Sequence(f"s{i}", prompt, 24, page_size=4, sampling=SamplingParams(temperature=0)))
-        sched.add(seqs[-1])
-    with torch.inference_mode():
-        while sched.waiting or sched.running:
-            plan = sched.schedule()
-            sched.postprocess(plan, runner.run(plan))
-    return {s.seq_id: list(s.output_token_ids) for s in seqs}
-
-
 def test_runner_with_kernel_decodes_the_same_tokens(tiny_text_ckpt):
-    with_kernel = _greedy_decode(tiny_text_ckpt, True)
-    assert with_kernel == _greedy_decode(tiny_text_ckpt, False)
+    with_kernel, runner = greedy_decode(tiny_text_ckpt, decode_kernel=True)
+    without, plain = greedy_decode(tiny_text_ckpt, decode_kernel=False)
+    assert runner.decode_kernel is not None and plain.decode_kernel is None
+    assert with_kernel == without
     assert all(len(t) == 24 for t in with_kernel.values())
