@@ -9,6 +9,7 @@ read, no encoder pass, and its KV pages match the first turn's.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import uuid
 from collections.abc import Callable, Sequence
@@ -95,9 +96,8 @@ class ImagePipeline:
     async def _embed_with_retry(self, request: VisionRequest) -> tuple[ImageEmbedding, ...]:
         for attempt in range(1, VISION_ATTEMPTS + 1):
             try:
-                if self._in_flight is None:
-                    return tuple(await self._vision.embed.remote(request))
-                with self._in_flight.track_inprogress():
+                tracked = self._in_flight.track_inprogress() if self._in_flight else contextlib.nullcontext()
+                with tracked:
                     return tuple(await self._vision.embed.remote(request))
             except Exception as e:
                 if attempt == VISION_ATTEMPTS or not replica_lost(e):

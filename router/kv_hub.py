@@ -1,7 +1,7 @@
 """How KV events travel from decoder replicas to the routers: one small named Ray actor per decoder deployment.
 
     decoder replica --publish(replica_id, events, load) every 0.1 s, when changed--> KvEventHub
-    every router (one per process holding a handle) <--events_since(cursor) every 0.1 s-- KvEventHub
+    every router (one per process holding a handle) <--events_since(cursor) every 0.1 s (1 s between bursts)-- KvEventHub
 
 Why a hub: Ray Serve's own channel (`record_routing_stats`, polled by the controller and broadcast with the
 replica list) is built for small load dicts every few seconds, not a stream of page hashes; and a router cannot

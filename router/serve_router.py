@@ -210,9 +210,10 @@ class KvAwareRequestRouter(LocalityMixin, MultiplexMixin, RequestRouter):
         self, candidate_replicas: list[RunningReplica], pending_request: PendingRequest | None = None
     ) -> list[list[RunningReplica]]:
         self._ensure_poller()
-        if time.monotonic() - self._last_route > self.idle_after_s:
+        now = time.monotonic()
+        if now - self._last_route > self.idle_after_s:
             self._wake.set()  # the poller was idling: refresh now (this request routes on what is known)
-        self._last_route = time.monotonic()
+        self._last_route = now
         if pending_request is None or not candidate_replicas:
             return [candidate_replicas]
         # When every ranked replica is at max_ongoing_requests, Ray retries this call: back off between tries.
