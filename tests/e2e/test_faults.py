@@ -49,7 +49,12 @@ def app_url(ray_cluster, tiny_mm_servable_ckpt, redis_process):
             "decoder": {"num_cpus": 0.5},
             "vision": {
                 "deployment": {"num_cpus": 0.25},
-                "service": {"cache": {"redis_url": redis_process.url, "namespace": NAMESPACE}},
+                "service": {
+                    "cache": {"redis_url": redis_process.url, "namespace": NAMESPACE},
+                    # Encoder calls stay in the replica for ~1 s (a batch waits to fill), so the vision-kill test
+                    # kills it while calls are inside it for certain, not only while they are on their way.
+                    "encoder": {"max_batch_size": 64, "batch_wait_timeout_s": 1.0},
+                },
             },
             "ingress": {"port": free_port(), "max_tokens": 3000, "deployment": {"num_cpus": 0.25}},
         }
@@ -133,6 +138,16 @@ def _metric(url: str, name: str) -> float:
     return sum(float(line.rsplit(" ", 1)[1]) for line in lines if line.startswith(name))
 
 
+def _vision_misses() -> float:
+    """Image blocks the vision replica looked up and missed (its own counter, read over a Serve handle)."""
+    from ray import serve
+
+    from cluster.app import APP_NAME, VISION
+
+    text = serve.get_deployment_handle(VISION, APP_NAME).metrics_text.remote().result(timeout_s=30).decode()
+    return sum(float(ln.rsplit(" ", 1)[1]) for ln in text.splitlines() if ln.startswith("g3_vision_cache_misses_total"))
+
+
 def test_decoder_killed_mid_generation_of_a_non_streamed_answer_is_retried(app_url):
     """Nothing of a non-streamed answer has reached the client, so the ingress starts it again elsewhere."""
     import concurrent.futures
@@ -173,6 +188,7 @@ def test_vision_killed_under_image_requests_in_flight_is_retried(app_url):
 
     [victim] = running_replicas("vision")
     retries_before = _metric(app_url, "g3serve_vision_retries_total")
+    misses_before = _vision_misses()
     bodies = []
     for i in range(8):
         part = {"type": "image_url", "image_url": {"url": _noisy_png_url(1200, 400, seed=i), "detail": "high"}}
@@ -180,8 +196,12 @@ def test_vision_killed_under_image_requests_in_flight_is_retried(app_url):
     with concurrent.futures.ThreadPoolExecutor(len(bodies)) as pool:
         answers = [pool.submit(httpx.post, f"{app_url}/v1/chat/completions", json=b, timeout=300) for b in bodies]
         deadline = time.monotonic() + 60
-        while _metric(app_url, "g3serve_vision_calls_in_flight") < 2 and time.monotonic() < deadline:
-            time.sleep(0.01)  # until embed calls are in flight (requests in flight may still be parsing images)
+        while _vision_misses() == misses_before and time.monotonic() < deadline:
+            time.sleep(0.01)
+        # An embed call is inside the replica (it looked the cache up and missed) and waits there ~1 s for its
+        # batch to fill (the fixture's encoder settings): the kill lands while it is in flight, for certain. Waiting
+        # on the ingress's in-flight gauge instead raced Serve's dispatch: a call not yet sent to the replica is
+        # routed to the replacement by Serve itself, and nothing is retried.
         kill_replica(victim)
         statuses = [a.result().status_code for a in answers]
     assert statuses == [200] * len(bodies)
