@@ -144,6 +144,13 @@ class EngineSettings(_Section):
     )
     native: NativeEngineConfig = Field(default_factory=NativeEngineConfig, description="Native engine settings.")
     vllm: VllmEngineConfig = Field(default_factory=VllmEngineConfig, description="vLLM engine settings.")
+    stream_messages_per_s: float = Field(
+        100,
+        ge=0,
+        description="Most streamed messages per second a decoder replica sends, over all its streams: above it a "
+        "stream's tokens are merged into fewer messages (first token never held); 0 = every token at once "
+        "(model_workers/stream_pacing.py).",
+    )
 
 
 class AutoscalingSettings(_Section):

@@ -20,6 +20,7 @@ from pathlib import Path
 from cluster.config import G3ServeConfig
 from cluster.messages import GenerateRequest, KvEvent, ReplicaLoad, TokenDelta
 from model_workers.engine import DecoderEngine, ModelInfo
+from model_workers.stream_pacing import StreamPacer
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +68,7 @@ class DecoderDeployment:
         checkpoint = resolve_checkpoint(config.model.checkpoint)
         self._engine = ENGINE_FACTORIES[config.engine.kind](config, checkpoint, self._replica_id)
         await self._engine.start()
+        self._pacer = StreamPacer(config.engine.stream_messages_per_s)
         self._publisher = None
         if config.router.enabled:  # KV events + load to the deployment's hub, read by the KV-aware routers
             from router.kv_hub import KvEventPublisher
@@ -79,12 +81,14 @@ class DecoderDeployment:
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[TokenDelta]:
         stream = self._engine.generate(request)
+        paced = self._pacer.pace(stream)  # fewer, merged messages while the replica streams a lot (stream_pacing.py)
         finished = False
         try:
-            async for delta in stream:
+            async for delta in paced:
                 finished = delta.finish_reason is not None
                 yield delta
         finally:
+            await paced.aclose()  # leaves the pacer's count of active streams now, not at garbage collection
             if not finished:  # cancelled by the caller (disconnect) or failed: free the KV now, not at GC time
                 aclose = getattr(stream, "aclose", None)
                 if aclose is not None:

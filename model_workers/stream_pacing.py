@@ -1,0 +1,59 @@
+"""Stream pacing: a decoder replica sends at most `messages_per_s` streamed messages per second, in total.
+
+Why: every streamed message crosses four processes on its way to the client (decoder replica -> Ray object stream
+-> ingress -> SSE -> Serve proxy -> client), and each hop costs CPU per message, not per token: ~2 ms in all per
+message on the 2-core reference machine (benchmarks/proc_cpu.py). At 32 concurrent streams one decode step makes 32
+messages, and on a machine where the front shares cores with the model that CPU comes out of the decode step itself:
+the model's two compute threads stall each other at every barrier while one of them is preempted, so every 1% of CPU
+taken by the front costs the engine ~2% of its speed (docs/benchmarks.md, "Stream pacing").
+
+The rule: after a stream sends a message, it waits `active_streams / messages_per_s` seconds before taking the next
+delta from its engine; what the engine produced meanwhile arrives as one merged delta (the native engine merges the
+deltas queued for a request; vLLM's output collector merges a request's outputs the same way). So:
+  - one stream, or a few: the wait is shorter than a decode step, nothing changes (every token is its own message);
+  - 32 streams at 100 messages/s: 0.32 s between messages of one stream, i.e. ~2 tokens per message at ~150 ms steps,
+    half the messages — the trade Ray Serve LLM makes by default (it batches every stream's output for 50 ms).
+The first token is never held (TTFT is unchanged); a finished request's last delta may wait up to one interval.
+Streams count as active from their first delta on: requests still in prefill send nothing, so they take no share.
+`messages_per_s = 0` turns pacing off (every delta is sent as soon as the engine makes it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+from cluster.messages import TokenDelta
+
+
+class StreamPacer:
+    """The per-replica message budget shared by all of a replica's streams (no global state: one per replica)."""
+
+    def __init__(self, messages_per_s: float):
+        if messages_per_s < 0:
+            raise ValueError("messages_per_s must be >= 0")
+        self.messages_per_s = messages_per_s
+        self.active = 0  # streams that have sent their first delta and not finished
+
+    def interval_s(self) -> float:
+        """How long a stream waits after a message before taking its next delta (0: pacing off)."""
+        if not self.messages_per_s:
+            return 0.0
+        return self.active / self.messages_per_s
+
+    async def pace(self, deltas: AsyncIterator[TokenDelta]) -> AsyncIterator[TokenDelta]:
+        """`deltas`, with waits between messages while the replica streams more than its budget."""
+        counted = False
+        try:
+            async for delta in deltas:
+                if not counted and delta.finish_reason is None:
+                    counted, self.active = True, self.active + 1
+                yield delta
+                if delta.finish_reason is not None:
+                    return
+                wait = self.interval_s()
+                if wait > 0:
+                    await asyncio.sleep(wait)  # the engine keeps producing; its next delta holds all of it
+        finally:
+            if counted:
+                self.active -= 1
