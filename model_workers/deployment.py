@@ -20,7 +20,7 @@ from pathlib import Path
 from cluster.config import G3ServeConfig
 from cluster.messages import GenerateRequest, KvEvent, ReplicaLoad, TokenDelta
 from model_workers.engine import DecoderEngine, ModelInfo
-from model_workers.stream_pacing import StreamPacer
+from model_workers.stream_pacing import StreamPacer, default_budget
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +59,12 @@ def replica_id() -> str:
         return f"pid-{os.getpid()}"
 
 
+def _has_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 class DecoderDeployment:
     """Wrapped by `serve.deployment` in cluster/app.py (resources and replicas come from the config there)."""
 
@@ -68,7 +74,7 @@ class DecoderDeployment:
         checkpoint = resolve_checkpoint(config.model.checkpoint)
         self._engine = ENGINE_FACTORIES[config.engine.kind](config, checkpoint, self._replica_id)
         await self._engine.start()
-        self._pacer = StreamPacer(config.engine.stream_messages_per_s)
+        self._pacer = StreamPacer(default_budget(config.engine.stream_messages_per_s, _has_gpu()))
         self._publisher = None
         if config.router.enabled:  # KV events + load to the deployment's hub, read by the KV-aware routers
             from router.kv_hub import KvEventPublisher

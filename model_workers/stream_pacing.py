@@ -15,7 +15,9 @@ deltas queued for a request; vLLM's output collector merges a request's outputs 
     half the messages — the trade Ray Serve LLM makes by default (it batches every stream's output for 50 ms).
 The first token is never held (TTFT is unchanged); a finished request's last delta may wait up to one interval.
 Streams count as active from their first delta on: requests still in prefill send nothing, so they take no share.
-`messages_per_s = 0` turns pacing off (every delta is sent as soon as the engine makes it).
+`messages_per_s = 0` turns pacing off (every delta is sent as soon as the engine makes it). The default depends on
+the replica's device (`default_budget`): 100 without a GPU; off on a GPU, where the model does not share its compute
+with the front and steps are short (a budget there would hold many tokens per message: set one to taste).
 """
 
 from __future__ import annotations
@@ -24,6 +26,15 @@ import asyncio
 from collections.abc import AsyncIterator
 
 from cluster.messages import TokenDelta
+
+CPU_MESSAGES_PER_S = 100.0  # ~0.2 of a core for the front at ~2 ms per message (measured: docs/benchmarks.md)
+
+
+def default_budget(configured: float | None, has_gpu: bool) -> float:
+    """The replica's budget: the configured one, else 100 messages/s on CPU-only replicas and no pacing on GPUs."""
+    if configured is not None:
+        return configured
+    return 0.0 if has_gpu else CPU_MESSAGES_PER_S
 
 
 class StreamPacer:

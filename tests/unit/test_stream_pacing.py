@@ -11,7 +11,7 @@ import time
 import pytest
 
 from cluster.messages import FinishReason, TokenDelta
-from model_workers.stream_pacing import StreamPacer
+from model_workers.stream_pacing import CPU_MESSAGES_PER_S, StreamPacer, default_budget
 
 
 async def _deltas(n: int, every_s: float = 0.0):
@@ -30,6 +30,12 @@ def test_interval_is_active_streams_over_the_budget_and_zero_turns_it_off():
     assert off.interval_s() == 0
     with pytest.raises(ValueError):
         StreamPacer(-1)
+
+
+def test_the_default_budget_paces_cpu_replicas_only_and_a_configured_one_always_wins():
+    assert default_budget(None, has_gpu=False) == CPU_MESSAGES_PER_S
+    assert default_budget(None, has_gpu=True) == 0
+    assert default_budget(0, has_gpu=False) == 0 and default_budget(400, has_gpu=True) == 400
 
 
 async def test_streams_count_from_their_first_delta_until_they_end_or_are_closed():
