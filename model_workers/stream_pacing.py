@@ -5,7 +5,7 @@ Why: every streamed message crosses four processes on its way to the client (dec
 message on the 2-core reference machine (benchmarks/proc_cpu.py). At 32 concurrent streams one decode step makes 32
 messages, and on a machine where the front shares cores with the model that CPU comes out of the decode step itself:
 the model's two compute threads stall each other at every barrier while one of them is preempted, so every 1% of CPU
-taken by the front costs the engine ~2% of its speed (docs/benchmarks.md, "Stream pacing").
+taken by the front costs the engine ~2% of its speed (docs/benchmarks.md, serving section, "Session 4").
 
 The rule: after a stream sends a message, it waits `active_streams / messages_per_s` seconds before taking the next
 delta from its engine; what the engine produced meanwhile arrives as one merged delta (the native engine merges the
