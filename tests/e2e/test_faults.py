@@ -133,9 +133,12 @@ def test_decoder_killed_before_a_request_is_retried(app_url):
     wait_for_new_replica("decoder", {victim.replica_id.unique_id})
 
 
+def _sample_sum(prometheus_text: str, name: str) -> float:
+    return sum(float(line.rsplit(" ", 1)[1]) for line in prometheus_text.splitlines() if line.startswith(name))
+
+
 def _metric(url: str, name: str) -> float:
-    lines = httpx.get(f"{url}/metrics", timeout=30).text.splitlines()
-    return sum(float(line.rsplit(" ", 1)[1]) for line in lines if line.startswith(name))
+    return _sample_sum(httpx.get(f"{url}/metrics", timeout=30).text, name)
 
 
 def _vision_misses() -> float:
@@ -145,7 +148,7 @@ def _vision_misses() -> float:
     from cluster.app import APP_NAME, VISION
 
     text = serve.get_deployment_handle(VISION, APP_NAME).metrics_text.remote().result(timeout_s=30).decode()
-    return sum(float(ln.rsplit(" ", 1)[1]) for ln in text.splitlines() if ln.startswith("g3_vision_cache_misses_total"))
+    return _sample_sum(text, "g3_vision_cache_misses_total")
 
 
 def test_decoder_killed_mid_generation_of_a_non_streamed_answer_is_retried(app_url):
