@@ -117,7 +117,7 @@ class NativeEngine:
             self.cache,
         )
         self.runner = ModelRunner(
-            self.model, self.cache, device=device, dtype=dtype, lm_head=cfg.lm_head, packed_weights=cfg.packed_weights
+            self.model, self.cache, device=device, dtype=dtype, lm_head=cfg.lm_head, projections=cfg.projections
         )
         self._info = ModelInfo(
             model_id=cfg.served_model_name or os.path.basename(str(cfg.checkpoint).rstrip("/")),

@@ -1,40 +1,78 @@
-"""Decode-step projections on MKL's pre-packed fp32 weights: the same numbers as F.linear in ~2/3 of the time.
+"""Projections on pre-packed weights: the layer GEMMs laid out once at load for the CPU's GEMM kernel.
 
-Why: at decode batch sizes (tens of rows) an fp32 GEMM on CPU spends much of each call re-packing the weight
-matrix into MKL's panel layout. Packing once at load (MKL's cblas_sgemm_pack, exposed by torch as
-`torch.ops.mkl._mkl_reorder_linear_weight`, the op torch.compile's freezing pass uses) removes that work; the packed
-GEMM runs the same kernel in the same summation order, so its output is bit-for-bit F.linear's (tests check it).
+Why: at decode batch sizes (tens of rows) a CPU GEMM spends much of each call re-packing the weight matrix into its
+kernel's panel layout. Packing once at load removes that work. Two packers, both torch ops (the ones torch.compile's
+CPU freezing pass emits), chosen by `engine.native.projections`:
 
-torch's op takes the packed path only when the row count equals the packing's batch size (else it silently calls
-F.linear), so rows go through in chunks of exactly PACK_ROWS, the last one zero-padded. Above MAX_PACKED_ROWS (prefill
-chunks of hundreds of rows) the GEMM is compute-bound, packing is amortized, and F.linear is as fast or faster;
-below MIN_PACKED_ROWS F.linear is kept too (see there).
+- `onednn` (auto's choice): oneDNN's blocked layout (`torch.ops.mkldnn._reorder_linear_weight` +
+  `_linear_pointwise`), for every row count, fp32 and bf16. Vendor-neutral: on an AMD EPYC (Zen 4, AVX-512) it ran
+  the Gemma 3 270M projections 1.76x faster than F.linear at 32 rows and 1.41x at 512 (prefill chunks), where MKL's
+  fp32 GEMM does not take its AVX-512 path. Its sums run in another order than MKL's: outputs differ from F.linear's
+  by float rounding (~1e-6 relative); greedy tokens still match transformers (the parity tests run with it).
+- `mkl`: MKL's packed sgemm (`torch.ops.mkl._mkl_reorder_linear_weight`), fp32 only, bit-for-bit F.linear's
+  output; on an Intel Xeon (AMX) it ran 1.88 -> 1.00 ms per layer's four projections at 32 rows.
 
-Measured on 2 AVX-512 cores, Gemma 3 270M layer shapes at 32 rows: 1.88 -> 1.00 ms per layer's four projections.
-The packed copy costs about the layer weights again in RAM (MKL's buffer; torch over-allocates it but the unused
-tail is never touched).
+torch's MKL op takes the packed path only when the row count equals the packing's batch size (else it silently calls
+F.linear), so rows go through in chunks of exactly PACK_ROWS, the last one zero-padded; outside
+[MIN_PACKED_ROWS, MAX_PACKED_ROWS] it keeps F.linear (see there). Measurements: docs/benchmarks.md (decode_profile).
 """
 
 from __future__ import annotations
+
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+ProjectionKernel = Literal["auto", "onednn", "mkl", "plain"]
 PACK_ROWS = 32  # the batch size the weights are packed for: a full decode step of 32 sequences is one call
-MAX_PACKED_ROWS = 64  # above this F.linear (measured: 2 packed chunks of 32 still beat one 64-row GEMM)
-# Below 16 rows MKL's plain sgemm switches to another kernel whose rounding differs (~1e-6) from its blocked one;
-# those calls keep F.linear, so the output is F.linear's bit for bit at every row count.
+MAX_PACKED_ROWS = 64  # mkl: above this F.linear (measured: 2 packed chunks of 32 still beat one 64-row GEMM)
+# mkl: below 16 rows MKL's plain sgemm switches to another kernel whose rounding differs (~1e-6) from its blocked
+# one; those calls keep F.linear, so the output is F.linear's bit for bit at every row count.
 MIN_PACKED_ROWS = 16
 
 
-def packing_available(device: torch.device, dtype: torch.dtype) -> bool:
+def onednn_available(device: torch.device, dtype: torch.dtype) -> bool:
+    return (
+        device.type == "cpu"
+        and dtype in (torch.float32, torch.bfloat16)
+        and torch.backends.mkldnn.is_available()
+        and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+    )
+
+
+def mkl_available(device: torch.device, dtype: torch.dtype) -> bool:
     return (
         device.type == "cpu"
         and dtype == torch.float32
         and torch.backends.mkl.is_available()
         and hasattr(torch.ops.mkl, "_mkl_reorder_linear_weight")
     )
+
+
+def resolve_kernel(kernel: ProjectionKernel, device: torch.device, dtype: torch.dtype) -> str:
+    """The packer that will run: `auto` is oneDNN where this torch has it for the device and dtype, else plain."""
+    if kernel == "auto":
+        return "onednn" if onednn_available(device, dtype) else "plain"
+    available = {"onednn": onednn_available, "mkl": mkl_available}.get(kernel)
+    if available is not None and not available(device, dtype):
+        raise ValueError(f"projections: {kernel!r} is not available for {device.type}/{dtype}")
+    return kernel
+
+
+class OneDnnLinear(nn.Module):
+    """A bias-free nn.Linear on oneDNN's packed copy of its weight (the plain copy is dropped: no extra RAM)."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        if linear.bias is not None:
+            raise ValueError("OneDnnLinear covers the bias-free projections of Gemma 3 only")
+        self.out_features = linear.out_features
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), PACK_ROWS)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
 
 
 class PackedLinear(nn.Module):
@@ -63,8 +101,9 @@ class PackedLinear(nn.Module):
         return out[:rows].reshape(*x.shape[:-1], out.shape[-1])
 
 
-def pack_linears(model: nn.Module) -> int:
-    """Swap every bias-free nn.Linear inside `model` for a PackedLinear (in place); returns how many."""
+def pack_linears(model: nn.Module, kernel: str = "mkl") -> int:
+    """Swap every bias-free nn.Linear inside `model` for its packed form (in place); returns how many."""
+    cls = {"onednn": OneDnnLinear, "mkl": PackedLinear}[kernel]
     swaps = [
         (parent, name, child)
         for parent in model.modules()
@@ -72,5 +111,5 @@ def pack_linears(model: nn.Module) -> int:
         if type(child) is nn.Linear and child.bias is None
     ]
     for parent, name, child in swaps:
-        setattr(parent, name, PackedLinear(child))
+        setattr(parent, name, cls(child))
     return len(swaps)

@@ -19,7 +19,7 @@ from model_workers.gemma3.decoder import Gemma3Decoder
 from model_workers.gemma3.lm_head import LmHead, LmHeadMode
 from model_workers.native import kernels
 from model_workers.native.kv_cache.hybrid import HybridKVCache
-from model_workers.native.packed_linear import pack_linears, packing_available
+from model_workers.native.packed_linear import ProjectionKernel, pack_linears, resolve_kernel
 from model_workers.native.sampler import Sampler
 from model_workers.native.scheduler import ScheduledChunk, StepPlan
 from model_workers.native.sequence import Sequence
@@ -208,7 +208,7 @@ class ModelRunner:
         dtype=torch.float32,
         lm_head: LmHeadMode = "auto",
         decode_kernel: bool = True,
-        packed_weights: bool = True,
+        projections: ProjectionKernel = "auto",
     ):
         spec = cache.spec
         self.model, self.cache, self.device = model, cache, torch.device(device)
@@ -228,9 +228,10 @@ class ModelRunner:
         # reference and the fallback for other devices and dtypes.
         use_kernel = decode_kernel and self.device.type == "cpu" and dtype == torch.float32
         self.decode_kernel = kernels.paged_decode_attention() if use_kernel else None
-        # MKL-packed projection weights for decode steps (bitwise F.linear's output; see packed_linear.py).
-        if packed_weights and packing_available(self.device, dtype):
-            pack_linears(model.layers)
+        # Projection weights packed once for the CPU's GEMM kernel (see packed_linear.py).
+        self.projections = resolve_kernel(projections, self.device, dtype)
+        if self.projections != "plain":
+            pack_linears(model.layers, self.projections)
         self.image_embeds: dict[str, list[torch.Tensor]] = {}  # seq_id -> one tensor per image span
 
     @torch.inference_mode()

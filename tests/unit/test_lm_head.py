@@ -43,7 +43,11 @@ def test_sampled_rows_exact_at_the_top_and_within_the_bound_elsewhere():
     ref = exact_logits(h, w)[[0, 2, 5]]
     assert out.logits.shape == ref.shape
     top = ref.topk(8, dim=-1).indices
-    assert torch.equal(out.logits.gather(1, top), ref.gather(1, top))  # the head of the distribution is exact fp32
+    # The head of the distribution is fp32's: equal up to fp32 summation order (the candidates' small GEMM and the
+    # full one may add in another order: bitwise equal on an Intel Xeon, ~1e-6 apart on an AMD EPYC), where the
+    # bf16 ranking values are off by up to ~0.1 here.
+    torch.testing.assert_close(out.logits.gather(1, top), ref.gather(1, top), rtol=1e-6, atol=1e-5)
+    assert not torch.allclose(out.logits, ref, rtol=1e-6, atol=1e-5)  # ...and the tail is bf16's, not recomputed
     bound = head.bound_factor * h[[0, 2, 5]].norm(dim=-1, keepdim=True)
     assert bool(((out.logits - ref).abs() <= bound).all())
 

@@ -1,4 +1,5 @@
-"""MKL-packed projections (model_workers/native/packed_linear.py) give exactly F.linear's numbers."""
+"""Packed projections (model_workers/native/packed_linear.py): MKL's give exactly F.linear's numbers, oneDNN's the
+same up to float rounding, and neither changes a greedy token of the runner."""
 
 from __future__ import annotations
 
@@ -8,41 +9,87 @@ import torch.nn.functional as F
 from torch import nn
 
 from model_workers.gemma3.decoder import Gemma3Decoder
-from model_workers.native.packed_linear import MAX_PACKED_ROWS, PackedLinear, pack_linears, packing_available
+from model_workers.native.packed_linear import (
+    MAX_PACKED_ROWS,
+    OneDnnLinear,
+    PackedLinear,
+    mkl_available,
+    onednn_available,
+    pack_linears,
+    resolve_kernel,
+)
 from tests.fixtures.runner_decode import greedy_decode
 
-pytestmark = pytest.mark.skipif(
-    not packing_available(torch.device("cpu"), torch.float32), reason="this torch build has no MKL packed GEMM"
-)
+CPU = torch.device("cpu")
+needs_mkl = pytest.mark.skipif(not mkl_available(CPU, torch.float32), reason="this torch build has no MKL packed GEMM")
+needs_onednn = pytest.mark.skipif(not onednn_available(CPU, torch.float32), reason="this torch build has no oneDNN")
 
 
-@pytest.mark.parametrize("rows", [1, 7, 32, 33, 50, MAX_PACKED_ROWS, MAX_PACKED_ROWS + 1, 300])
-def test_packed_linear_is_bitwise_f_linear(rows):
+def _linear(rows: int, out: int = 1536, k: int = 640) -> tuple[nn.Linear, torch.Tensor]:
     g = torch.Generator().manual_seed(rows)
-    lin = nn.Linear(640, 1536, bias=False)
-    lin.weight.data = torch.randn(1536, 640, generator=g) * 0.05
-    x = torch.randn(rows, 640, generator=g)
+    lin = nn.Linear(k, out, bias=False)
+    lin.weight.data = torch.randn(out, k, generator=g) * 0.05
+    return lin, torch.randn(rows, k, generator=g)
+
+
+@needs_mkl
+@pytest.mark.parametrize("rows", [1, 7, 32, 33, 50, MAX_PACKED_ROWS, MAX_PACKED_ROWS + 1, 300])
+def test_mkl_packed_linear_is_bitwise_f_linear(rows):
+    lin, x = _linear(rows)
     assert torch.equal(PackedLinear(lin)(x), F.linear(x, lin.weight))
 
 
-def test_packed_linear_keeps_leading_dims():
+@needs_onednn
+@pytest.mark.parametrize("rows", [1, 7, 32, 33, 300])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_onednn_linear_matches_f_linear_to_rounding(rows, dtype):
+    lin, x = _linear(rows)
+    lin = lin.to(dtype)
+    x = x.to(dtype)
+    ref = F.linear(x.float(), lin.weight.float())
+    out = OneDnnLinear(lin)(x)
+    assert out.dtype == dtype and out.shape == ref.shape
+    tol = 1e-5 if dtype == torch.float32 else 2e-2  # relative to the output's scale (~1.3 here)
+    assert (out.float() - ref).abs().max() <= tol * ref.abs().max()
+
+
+@pytest.mark.parametrize(
+    "cls", [pytest.param(PackedLinear, marks=needs_mkl), pytest.param(OneDnnLinear, marks=needs_onednn)]
+)
+def test_packed_linears_keep_leading_dims(cls):
     lin = nn.Linear(64, 48, bias=False)
     x = torch.randn(2, 5, 64)
-    out = PackedLinear(lin)(x)
-    assert out.shape == (2, 5, 48) and torch.equal(out, F.linear(x, lin.weight))
+    out = cls(lin)(x)
+    assert out.shape == (2, 5, 48) and torch.allclose(out, F.linear(x, lin.weight), atol=1e-5)
 
 
-def test_runner_with_packed_weights_decodes_the_same_tokens(tiny_text_ckpt):
-    packed, runner = greedy_decode(tiny_text_ckpt, packed_weights=True)
-    plain, plain_runner = greedy_decode(tiny_text_ckpt, packed_weights=False)
-    swapped = sum(isinstance(m, PackedLinear) for m in runner.model.modules())
-    none = sum(isinstance(m, PackedLinear) for m in plain_runner.model.modules())
+@pytest.mark.parametrize(
+    "kernel,cls",
+    [pytest.param("mkl", PackedLinear, marks=needs_mkl), pytest.param("onednn", OneDnnLinear, marks=needs_onednn)],
+)
+def test_runner_with_packed_weights_decodes_the_same_tokens(tiny_text_ckpt, kernel, cls):
+    packed, runner = greedy_decode(tiny_text_ckpt, projections=kernel)
+    plain, plain_runner = greedy_decode(tiny_text_ckpt, projections="plain")
+    swapped = sum(isinstance(m, cls) for m in runner.model.modules())
+    none = sum(isinstance(m, (PackedLinear, OneDnnLinear)) for m in plain_runner.model.modules())
     assert packed == plain and all(len(t) == 24 for t in packed.values())
     layers = Gemma3Decoder.from_checkpoint(tiny_text_ckpt).cfg.num_layers
     assert (swapped, none) == (4 * layers, 0)  # qkv, o, gate_up, down of every layer
 
 
-def test_pack_linears_skips_biased_layers():
+def test_auto_resolves_to_onednn_on_cpu_when_available_and_plain_elsewhere():
+    expected = "onednn" if onednn_available(CPU, torch.float32) else "plain"
+    assert resolve_kernel("auto", CPU, torch.float32) == expected
+    assert resolve_kernel("auto", torch.device("meta"), torch.float32) == "plain"
+    with pytest.raises(ValueError, match="not available"):
+        resolve_kernel("mkl", CPU, torch.bfloat16)  # MKL packs fp32 only
+
+
+@pytest.mark.parametrize(
+    "kernel,cls",
+    [pytest.param("mkl", PackedLinear, marks=needs_mkl), pytest.param("onednn", OneDnnLinear, marks=needs_onednn)],
+)
+def test_pack_linears_skips_biased_layers(kernel, cls):
     m = nn.Sequential(nn.Linear(8, 8, bias=False), nn.Linear(8, 8))
-    assert pack_linears(m) == 1
-    assert isinstance(m[0], PackedLinear) and type(m[1]) is nn.Linear
+    assert pack_linears(m, kernel) == 1
+    assert isinstance(m[0], cls) and type(m[1]) is nn.Linear
