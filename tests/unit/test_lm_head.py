@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from model_workers.gemma3 import lm_head
 from model_workers.gemma3.lm_head import LmHead, block_topk, exact_logits, resolve_mode
 
 
@@ -22,16 +23,49 @@ def test_greedy_tokens_equal_fp32_argmax_and_certified():
     assert out.logits.shape == (0, 5000)
 
 
-def test_uncertified_rows_are_recomputed_in_full():
+def _near_tie() -> tuple[torch.Tensor, torch.Tensor]:
     # Near-duplicate vocabulary rows make the top candidates tie within bf16 rounding: with one candidate the
-    # certificate cannot hold, so the row must be redone in fp32 and still give fp32's argmax.
+    # certificate cannot hold, so the row must be resolved in fp32 and still give fp32's argmax.
     w = _weights(vocab=300)
     w[7] = w[3] + 1e-4
     w[11] = w[3] - 1e-4
     h = w[3:4].repeat(4, 1) * 200 + torch.randn(4, 64, generator=torch.Generator().manual_seed(2)) * 1e-3
-    out = LmHead(w, "candidates", num_candidates=1)(h, [False] * 4)
+    return w, h
+
+
+@pytest.mark.parametrize("widened_max", [16384, 0])  # 0: the widened set is "too big", the whole row is redone
+def test_uncertified_rows_are_resolved_in_fp32(monkeypatch, widened_max):
+    monkeypatch.setattr(lm_head, "WIDENED_MAX", widened_max)
+    w, h = _near_tie()
+    head = LmHead(w, "candidates", num_candidates=1)
+    computed = []
+    index_select = torch.Tensor.index_select
+    monkeypatch.setattr(
+        torch.Tensor, "index_select", lambda t, d, i: computed.append(i.numel()) or index_select(t, d, i)
+    )
+    out = head(h, [False] * 4)
     assert out.fallback_rows == 4
     assert out.tokens.tolist() == exact_logits(h, w).argmax(-1).tolist()
+    widened = computed[1:]  # computed[0]: the one candidate per row
+    if widened_max:
+        assert len(widened) == 4 and all(3 <= n < 300 for n in widened)  # the near-ties 3, 7, 11, not all 300
+    else:
+        assert widened == [300] * 4
+
+
+def test_exact_ties_go_to_the_lowest_id_like_argmax():
+    w = _weights(vocab=300)
+    w[200] = w[40]  # two identical rows: the same exact logit
+    h = w[40:41].repeat(2, 1) * 300
+    out = LmHead(w, "candidates", num_candidates=1)(h, [False, False])
+    assert out.tokens.tolist() == [40, 40] == exact_logits(h, w).argmax(-1).tolist()
+
+
+def test_uncertified_sampled_rows_get_every_logit_exact():
+    w, h = _near_tie()
+    out = LmHead(w, "candidates", num_candidates=1)(h, [True, False, True, False])
+    assert out.fallback_rows == 4
+    torch.testing.assert_close(out.logits, exact_logits(h[[0, 2]], w), rtol=1e-6, atol=1e-5)
 
 
 def test_sampled_rows_exact_at_the_top_and_within_the_bound_elsewhere():
