@@ -31,9 +31,11 @@ from model_workers.native.engine import NativeEngine
 GREEDY = dict(temperature=0.0, ignore_eos=True)
 
 
-def make_prompts(tok, n: int, length: int) -> list[list[int]]:
+def make_prompts(tok, n: int, length: int, first: int = 0) -> list[list[int]]:
+    """n distinct prompts of `length` tokens; `first` numbers them, so each round (and the warm-up) gets its own:
+    a prompt ours has seen would be served from the prefix cache, which transformers does not have."""
     out = []
-    for i in range(n):
+    for i in range(first, first + n):
         ids = tok.encode_completion(
             f"Request {i}. " + " ".join(f"word{(i * 131 + j) % 997}" for j in range(length))
         ).token_ids
@@ -119,15 +121,16 @@ async def amain(args) -> None:
         NativeEngineConfig(checkpoint=str(ckpt), kv_cache_bytes=2 * 2**30, max_num_batched_tokens=512)
     )
     await engine.start()
-    prompts = make_prompts(engine.tokenizer, n, plen)
+    num_rounds = args.rounds or (1 if args.quick else 2)
+    warmup, *round_prompts = (make_prompts(engine.tokenizer, n, plen, first=r * n) for r in range(num_rounds + 1))
 
     from transformers import Gemma3ForCausalLM
 
     hf = Gemma3ForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
-    await ours_throughput(engine, prompts[:2], 2)  # warm-up, both systems
-    hf_batched(hf, prompts[:2], 2)
+    await ours_throughput(engine, warmup[:2], 2)  # warm-up, both systems
+    hf_batched(hf, warmup[:2], 2)
     ours_runs, hf_runs = [], []
-    for _ in range(args.rounds or (1 if args.quick else 2)):
+    for prompts in round_prompts:
         ours_runs.append(await ours_throughput(engine, prompts, out_len))
         hf_runs.append(hf_batched(hf, prompts, out_len))
     (ours_s, ours_tok), (hf_b_s, hf_b_tok) = min(ours_runs), min(hf_runs)
@@ -142,7 +145,7 @@ async def amain(args) -> None:
     await engine.shutdown()
 
     seq_n = 2 if args.quick else 4
-    hf_s_s, hf_s_tok = hf_sequential(hf, prompts[:seq_n], out_len)
+    hf_s_s, hf_s_tok = hf_sequential(hf, round_prompts[0][:seq_n], out_len)
 
     con = Console()
     t1 = Table(title=f"{n} requests x ({plen} prompt, {out_len} output) tokens, greedy, Gemma 3 270M fp32, 2 cores")
