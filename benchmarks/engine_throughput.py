@@ -5,10 +5,10 @@
 
 Tables:
 1. Output tokens/s at N concurrent requests: ours (continuous batching) vs transformers `generate` on the same prompts
-   padded into one batch vs transformers one request at a time (measured on the first few requests). Ours and the
-   padded batch run in alternating rounds (`--rounds`, 2 by default, 1 with --quick), both models loaded, and each
-   system's best round counts: a shared machine's speed drifts by +-10% over minutes, and alternating rounds give
-   both systems the same chances.
+   padded into one batch vs transformers one request at a time (measured on the first few requests). transformers
+   runs in a child process (see TransformersProcess). Ours and the padded batch run in alternating rounds
+   (`--rounds`, 2 by default, 1 with --quick), both models loaded, and each system's best round counts: a shared
+   machine's speed drifts by +-10% over minutes, and alternating rounds give both systems the same chances.
 2. TTFT of a second turn whose first 4,000 tokens are cached vs the same prompt cold.
 3. KV bytes of one sequence at 8K/32K/128K for Gemma 3 4B/12B/27B: our hybrid layout vs a full-attention layout.
 """
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import multiprocessing
 import time
 
 import torch
@@ -77,6 +78,45 @@ def hf_sequential(model, prompts, max_tokens: int) -> tuple[float, int]:
     return time.perf_counter() - t, len(prompts) * max_tokens
 
 
+def _transformers_worker(conn, ckpt: str) -> None:
+    from transformers import Gemma3ForCausalLM
+
+    model = Gemma3ForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
+    conn.send("ready")
+    while (job := conn.recv()) is not None:
+        kind, prompts, max_tokens = job
+        conn.send((hf_batched if kind == "batched" else hf_sequential)(model, prompts, max_tokens))
+
+
+class TransformersProcess:
+    """transformers in a child process of its own.
+
+    Why not in this process: torch ops run from two threads (transformers on the main thread, our engine on its step
+    thread) make two OpenMP teams, and libgomp then has more threads than cores and nearly stops spin-waiting between
+    parallel regions for the rest of the process, for both. Measured here (32 x (256, 128), one engine, consecutive
+    runs): ours 28.8 / 29.1 / 29.8 s with nothing else run in the process; 31.5 s, then 40.6 / 36.2 / 38.3 s once a
+    transformers generate had run on the main thread; 29.6 then 33.4 / 34.1 s after 15 s of plain F.linear there.
+    """
+
+    def __init__(self, ckpt):
+        ctx = multiprocessing.get_context("spawn")
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_transformers_worker, args=(child, str(ckpt)), daemon=True)
+        self.proc.start()
+        if self.conn.recv() != "ready":
+            raise RuntimeError("the transformers process did not start")
+
+    def run(self, kind: str, prompts, max_tokens: int) -> tuple[float, int]:
+        self.conn.send((kind, prompts, max_tokens))
+        return self.conn.recv()
+
+    def close(self) -> None:
+        self.conn.send(None)
+        self.proc.join(timeout=60)
+        if self.proc.is_alive():
+            self.proc.kill()
+
+
 async def ttft(engine: NativeEngine, rid: str, prompt) -> tuple[float, int]:
     t = time.perf_counter()
     gen = engine.generate(GenerateRequest(rid, tuple(prompt), SamplingParams(max_tokens=1, **GREEDY)))
@@ -124,15 +164,13 @@ async def amain(args) -> None:
     num_rounds = args.rounds or (1 if args.quick else 2)
     warmup, *round_prompts = (make_prompts(engine.tokenizer, n, plen, first=r * n) for r in range(num_rounds + 1))
 
-    from transformers import Gemma3ForCausalLM
-
-    hf = Gemma3ForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
+    hf = TransformersProcess(ckpt)
     await ours_throughput(engine, warmup[:2], 2)  # warm-up, both systems
-    hf_batched(hf, warmup[:2], 2)
+    hf.run("batched", warmup[:2], 2)
     ours_runs, hf_runs = [], []
     for prompts in round_prompts:
         ours_runs.append(await ours_throughput(engine, prompts, out_len))
-        hf_runs.append(hf_batched(hf, prompts, out_len))
+        hf_runs.append(hf.run("batched", prompts, out_len))
     (ours_s, ours_tok), (hf_b_s, hf_b_tok) = min(ours_runs), min(hf_runs)
 
     doc = engine.tokenizer.encode_completion("The history of the lighthouse keepers. " * (prefix // 6)).token_ids[
@@ -145,7 +183,8 @@ async def amain(args) -> None:
     await engine.shutdown()
 
     seq_n = 2 if args.quick else 4
-    hf_s_s, hf_s_tok = hf_sequential(hf, round_prompts[0][:seq_n], out_len)
+    hf_s_s, hf_s_tok = hf.run("sequential", round_prompts[0][:seq_n], out_len)
+    hf.close()
 
     con = Console()
     t1 = Table(title=f"{n} requests x ({plen} prompt, {out_len} output) tokens, greedy, Gemma 3 270M fp32, 2 cores")
