@@ -229,9 +229,9 @@ class ModelRunner:
         use_kernel = decode_kernel and self.device.type == "cpu" and dtype == torch.float32
         self.decode_kernel = kernels.paged_decode_attention() if use_kernel else None
         # Projection weights packed once for the CPU's GEMM kernel (see packed_linear.py).
-        self.projections = resolve_kernel(projections, self.device, dtype)
-        if self.projections != "plain":
-            pack_linears(model.layers, self.projections)
+        kernel = resolve_kernel(projections, self.device, dtype)
+        if kernel != "plain":
+            pack_linears(model.layers, kernel)
         self.image_embeds: dict[str, list[torch.Tensor]] = {}  # seq_id -> one tensor per image span
 
     @torch.inference_mode()

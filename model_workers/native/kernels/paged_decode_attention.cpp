@@ -35,40 +35,12 @@ inline void prefetch_row(const float* p, int64_t D) {
   for (int64_t d = 0; d < D; d += 16) __builtin_prefetch(p + d, 0, 3);  // one 64-byte line per 16 floats
 }
 
-// scores[g] = q_g . k for the G query heads sharing one key row (the portable path: head dims not a multiple of 64,
-// or CPUs without AVX-512). Four heads at a time with independent accumulators.
-inline void dot_heads(const float* q, int64_t G, int64_t D, const float* k, float sc, float* out, int64_t stride) {
-  int64_t g = 0;
-  for (; g + 4 <= G; g += 4) {
-    const float *q0 = q + g * D, *q1 = q0 + D, *q2 = q1 + D, *q3 = q2 + D;
-    float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
-#pragma omp simd reduction(+ : s0, s1, s2, s3)
-    for (int64_t d = 0; d < D; ++d) {
-      const float kd = k[d];
-      s0 += q0[d] * kd;
-      s1 += q1[d] * kd;
-      s2 += q2[d] * kd;
-      s3 += q3[d] * kd;
-    }
-    out[g * stride] = s0 * sc;
-    out[(g + 1) * stride] = s1 * sc;
-    out[(g + 2) * stride] = s2 * sc;
-    out[(g + 3) * stride] = s3 * sc;
-  }
-  for (; g < G; ++g) {
-    const float* qg = q + g * D;
-    float s0 = 0.f;
-#pragma omp simd reduction(+ : s0)
-    for (int64_t d = 0; d < D; ++d) s0 += qg[d] * k[d];
-    out[g * stride] = s0 * sc;
-  }
-}
-
 #if defined(__AVX512F__)
-// AVX-512 paths, register-blocked. The portable loops are bound by L1 traffic (the value accumulator is loaded and
-// stored for every key): with the KV in cache (32 sequences x 320 keys, x18 layers, 2 cores of an AMD EPYC Zen 4)
-// they take 19.0 ms, these 6.9 ms. From DRAM, pages scattered over 700 MB, both take ~28-34 ms on that machine: about
-// what a plain torch gather of the same pages costs there, so the memory system bounds that case, not this code.
+// AVX-512 paths, register-blocked (head dims that are multiples of 64). The portable loops below are bound by L1
+// traffic (the value accumulator is loaded and stored for every key): with the KV in cache (32 sequences x 320
+// keys, x18 layers, 2 cores of an AMD EPYC Zen 4) they take 19.0 ms, these 6.9 ms. From DRAM, pages scattered over
+// 700 MB, both take ~28-34 ms on that machine: about what a plain torch gather of the same pages costs there, so the
+// memory system bounds that case, not this code.
 // Rows come as pointers (one per key position), so pages may lie anywhere.
 
 // out[g * stride + i] = scale * q_g . k_i for GB heads and every key row; four keys at a time share each q load.
@@ -144,10 +116,55 @@ void for_head_blocks(int64_t G, F&& f) {
     }
   }
 }
-constexpr bool kBlocked = true;
-#else
-constexpr bool kBlocked = false;
 #endif
+
+// scores[g * n + i] = scale * q_g . k_i for the G query heads sharing the key rows: the blocked path where the CPU and
+// head dim allow it, else a portable loop (each key row read once for all G heads).
+void all_scores(const float* q, int64_t G, int64_t D, const std::vector<const float*>& rows, float sc, float* scores) {
+  const int64_t n = static_cast<int64_t>(rows.size());
+#if defined(__AVX512F__)
+  if (D % 64 == 0) {
+    for_head_blocks(G, [&](int64_t g0, auto gb) {
+      scores_blocked<decltype(gb)::value>(q + g0 * D, D, rows.data(), n, sc, scores + g0 * n, n);
+    });
+    return;
+  }
+#endif
+  for (int64_t i = 0; i < n; ++i) {
+    const float* k = rows[i];
+    if (i + AHEAD < n) prefetch_row(rows[i + AHEAD], D);
+    for (int64_t g = 0; g < G; ++g) {
+      const float* qg = q + g * D;
+      float s = 0.f;
+#pragma omp simd reduction(+ : s)
+      for (int64_t d = 0; d < D; ++d) s += qg[d] * k[d];
+      scores[g * n + i] = s * sc;
+    }
+  }
+}
+
+// acc[g * D + d] += sum_i w[g * n + i] * v_i[d] (acc starts at zero), blocked or portable as above.
+void all_values(const float* w, int64_t G, int64_t D, const std::vector<const float*>& rows, float* acc) {
+  const int64_t n = static_cast<int64_t>(rows.size());
+#if defined(__AVX512F__)
+  if (D % 64 == 0) {
+    for_head_blocks(G, [&](int64_t g0, auto gb) {
+      values_blocked<decltype(gb)::value>(w + g0 * n, n, D, rows.data(), n, acc + g0 * D);
+    });
+    return;
+  }
+#endif
+  for (int64_t i = 0; i < n; ++i) {
+    const float* v = rows[i];
+    if (i + AHEAD < n) prefetch_row(rows[i + AHEAD], D);
+    for (int64_t g = 0; g < G; ++g) {
+      const float wg = w[g * n + i];
+      float* a = acc + g * D;
+#pragma omp simd
+      for (int64_t d = 0; d < D; ++d) a[d] += wg * v[d];
+    }
+  }
+}
 
 at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                                   const at::Tensor& pages, const at::Tensor& first_pos, const at::Tensor& key_lo,
@@ -181,7 +198,7 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache
       const int64_t b = work / Hkv, h = work % Hkv;
       const int64_t lo = lo_p[b], n = hi_p[b] - lo;
       TORCH_CHECK(n > 0 && lo >= fp[b] && (hi_p[b] - 1 - fp[b]) / P < W, "key range outside the block table");
-      // Row addresses once per sequence (a division per key and per pass cost as much as the arithmetic).
+      // Row addresses once per sequence, shared by the score and value passes.
       k_rows.resize(n);
       v_rows.resize(n);
       for (int64_t i = 0; i < n; ++i) {
@@ -193,20 +210,7 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache
       scores.assign(G * n, 0.f);
       acc.assign(G * D, 0.f);
       const float* qb = qp + (b * Hq + h * G) * D;
-      const bool blocked = kBlocked && D % 64 == 0;
-      if (!blocked) {
-        for (int64_t i = 0; i < n; ++i) {  // scores: every key row read once for the G query heads
-          if (i + AHEAD < n) prefetch_row(k_rows[i + AHEAD], D);
-          dot_heads(qb, G, D, k_rows[i], sc, scores.data() + i, n);
-        }
-      }
-#if defined(__AVX512F__)
-      if (blocked) {
-        for_head_blocks(G, [&](int64_t g0, auto gb) {
-          scores_blocked<decltype(gb)::value>(qb + g0 * D, D, k_rows.data(), n, sc, scores.data() + g0 * n, n);
-        });
-      }
-#endif
+      all_scores(qb, G, D, k_rows, sc, scores.data());
       for (int64_t g = 0; g < G; ++g) {  // softmax, max-subtracted
         float* s = scores.data() + g * n;
         const float m = *std::max_element(s, s + n);
@@ -215,25 +219,7 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache
         const float inv = 1.f / total;
         for (int64_t i = 0; i < n; ++i) s[i] *= inv;
       }
-      if (!blocked) {
-        for (int64_t i = 0; i < n; ++i) {  // weighted values: every value row read once
-          const float* v = v_rows[i];
-          if (i + AHEAD < n) prefetch_row(v_rows[i + AHEAD], D);
-          for (int64_t g = 0; g < G; ++g) {
-            const float w = scores[g * n + i];
-            float* a = acc.data() + g * D;
-#pragma omp simd
-            for (int64_t d = 0; d < D; ++d) a[d] += w * v[d];
-          }
-        }
-      }
-#if defined(__AVX512F__)
-      if (blocked) {
-        for_head_blocks(G, [&](int64_t g0, auto gb) {
-          values_blocked<decltype(gb)::value>(scores.data() + g0 * n, n, D, v_rows.data(), n, acc.data() + g0 * D);
-        });
-      }
-#endif
+      all_values(scores.data(), G, D, v_rows, acc.data());
       std::copy(acc.begin(), acc.end(), op + (b * Hq + h * G) * D);
     }
   });
