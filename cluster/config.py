@@ -74,11 +74,13 @@ class NativeEngineConfig(_Section):
     )
     device: str = Field("cpu", description='torch device of the replica: "cpu", "cuda", "cuda:1", ...')
     dtype: Literal["float32", "bfloat16"] = Field("float32", description="Compute dtype (model.dtype overrides).")
-    projections: Literal["auto", "onednn", "mkl", "plain"] = Field(
+    projections: Literal["auto", "onednn-skinny", "onednn", "mkl", "plain"] = Field(
         "auto",
         description="CPU GEMM kernel of the layer projections, on weights packed once at load: 'onednn' (fp32 and "
-        "bf16, every batch size; 1.4-1.8x F.linear on an AMD EPYC), 'mkl' (fp32, 16-64 rows, bit-for-bit F.linear; "
-        "~1.9x on an Intel Xeon at 32 rows), 'plain' (F.linear). 'auto' = onednn where available, else plain.",
+        "bf16, every batch size; 1.4-1.8x F.linear on an AMD EPYC), 'onednn-skinny' (fp32: onednn, plus g3serve's "
+        "AVX-512 kernel at <= 96 rows, which streams the weights at memory speed in decode steps; a second packed "
+        "copy of the weights), 'mkl' (fp32, 16-64 rows, bit-for-bit F.linear; ~1.9x on an Intel Xeon at 32 rows), "
+        "'plain' (F.linear). 'auto' = onednn-skinny, else onednn, where available, else plain.",
     )
     lm_head: Literal["auto", "exact", "candidates"] = Field(
         "auto",

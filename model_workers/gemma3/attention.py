@@ -31,10 +31,19 @@ def attention_mask(
     return allowed
 
 
-def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
-    """q [B, Tq, Hq, D], k/v [B, Tk, Hkv, D], mask broadcastable to [B, 1, Tq, Tk] -> [B, Tq, Hq, D]."""
+def sdpa(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float, is_causal: bool = False
+) -> torch.Tensor:
+    """q [B, Tq, Hq, D], k/v [B, Tk, Hkv, D], mask broadcastable to [B, 1, Tq, Tk] -> [B, Tq, Hq, D].
+    `is_causal` (with mask None): query i sees keys 0..i, SDPA's top-left-aligned causal mask."""
     out = F.scaled_dot_product_attention(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, scale=scale, enable_gqa=True
+        q.transpose(1, 2),
+        k.transpose(1, 2),
+        v.transpose(1, 2),
+        attn_mask=mask,
+        scale=scale,
+        is_causal=is_causal,
+        enable_gqa=True,
     )
     return out.transpose(1, 2)
 

@@ -37,10 +37,49 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.zeros(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return TORCH_OPS.rms_norm(x, self.weight, self.eps)
+
+
+class LayerOps(Protocol):
+    """A layer's elementwise work between its GEMMs. `TorchLayerOps` is the reference; the engine swaps in fused
+    C++ ops (model_workers/native/kernels) that compute the same per-element arithmetic in one pass each."""
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor: ...
+
+    def add_rms_norm(self, residual: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        """residual + rms_norm(y): Gemma's post-norms sit on the branch, before the residual add."""
+
+    def qk_norm_rope(
+        self, qkv: torch.Tensor, q_weight, k_weight, cos, sin, nq: int, nkv: int, eps: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """q [T, nq, D] and k [T, nkv, D] out of the fused qkv [T, (nq + 2 nkv) D]: per-head RMSNorm, then RoPE."""
+
+    def gelu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """gelu_tanh(gate) * up for the fused [T, 2 I] gate/up projection."""
+
+
+class TorchLayerOps:
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         # Computed in fp32 whatever the activations' dtype: Gemma's activations overflow fp16 otherwise. Gemma scales
-        # by (1 + w); F.rms_norm's fused kernel computes x * rsqrt(mean(x^2) + eps) * weight, bit for bit the
-        # unfused formula, in 1/5 of its time at prefill sizes.
-        return F.rms_norm(x.float(), (x.shape[-1],), 1.0 + self.weight.float(), self.eps).type_as(x)
+        # by (1 + w); F.rms_norm computes x * rsqrt(mean(x^2) + eps) * weight, bit for bit the unfused formula.
+        return F.rms_norm(x.float(), (x.shape[-1],), 1.0 + weight.float(), eps).type_as(x)
+
+    def add_rms_norm(self, residual: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        return residual + self.rms_norm(y, weight, eps)
+
+    def qk_norm_rope(self, qkv, q_weight, k_weight, cos, sin, nq: int, nkv: int, eps: float):
+        t, hd = qkv.shape[0], q_weight.shape[0]
+        q, k = qkv[:, : nq * hd].view(t, nq, hd), qkv[:, nq * hd : (nq + nkv) * hd].view(t, nkv, hd)
+        return apply_rope(self.rms_norm(q, q_weight, eps), cos, sin), apply_rope(
+            self.rms_norm(k, k_weight, eps), cos, sin
+        )
+
+    def gelu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        gate, up = gate_up.chunk(2, dim=-1)
+        return F.gelu(gate, approximate="tanh") * up
+
+
+TORCH_OPS = TorchLayerOps()
 
 
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, rope: RopeConfig, dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -77,16 +116,29 @@ class DecoderLayer(nn.Module):
         self.pre_feedforward_layernorm = RMSNorm(h, eps)
         self.post_feedforward_layernorm = RMSNorm(h, eps)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: AttentionBackend) -> torch.Tensor:
-        t = x.shape[0]
-        qkv = self.qkv_proj(self.input_layernorm(x))
-        q, k, v = qkv.split([self.nq * self.hd, self.nkv * self.hd, self.nkv * self.hd], dim=-1)
-        q = apply_rope(self.q_norm(q.view(t, self.nq, self.hd)), cos, sin)
-        k = apply_rope(self.k_norm(k.view(t, self.nkv, self.hd)), cos, sin)
-        o = attn.attend(self.index, q, k, v.view(t, self.nkv, self.hd))
-        x = x + self.post_attention_layernorm(self.o_proj(o.reshape(t, self.nq * self.hd)))
-        gate, up = self.gate_up_proj(self.pre_feedforward_layernorm(x)).chunk(2, dim=-1)
-        return x + self.post_feedforward_layernorm(self.down_proj(F.gelu(gate, approximate="tanh") * up))
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        attn: AttentionBackend,
+        ops: LayerOps = TORCH_OPS,
+        out_rows: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """`out_rows`: keep only these rows after attention (the last layer: K/V of every token are stored, but
+        only the rows whose next token is sampled need the rest of the layer)."""
+        t, eps = x.shape[0], self.input_layernorm.eps
+        qkv = self.qkv_proj(ops.rms_norm(x, self.input_layernorm.weight, eps))
+        q, k = ops.qk_norm_rope(qkv, self.q_norm.weight, self.k_norm.weight, cos, sin, self.nq, self.nkv, eps)
+        v = qkv[:, (self.nq + self.nkv) * self.hd :].view(t, self.nkv, self.hd)
+        o = attn.attend(self.index, q, k, v).reshape(t, self.nq * self.hd)
+        if out_rows is not None:
+            if not len(out_rows):
+                return x[:0]
+            x, o = x[out_rows], o[out_rows]
+        x = ops.add_rms_norm(x, self.o_proj(o), self.post_attention_layernorm.weight, eps)
+        h = self.gate_up_proj(ops.rms_norm(x, self.pre_feedforward_layernorm.weight, eps))
+        return ops.add_rms_norm(x, self.down_proj(ops.gelu_mul(h)), self.post_feedforward_layernorm.weight, eps)
 
 
 class Gemma3Decoder(nn.Module):
@@ -98,6 +150,7 @@ class Gemma3Decoder(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.embed_scale = cfg.hidden_size**0.5
         self.attn_scale = cfg.query_pre_attn_scalar**-0.5
+        self.ops: LayerOps = TORCH_OPS  # the engine sets its fused kernels here
 
     def embed(
         self, input_ids: torch.Tensor, image_embeds: torch.Tensor | None = None, image_mask: torch.Tensor | None = None
@@ -110,17 +163,21 @@ class Gemma3Decoder(nn.Module):
             x = x.masked_scatter(image_mask[:, None], image_embeds.to(x.dtype))
         return x
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, attn: AttentionBackend) -> torch.Tensor:
-        """x: [T, hidden] embeddings (from `embed`); returns the final-normed hidden states [T, hidden]."""
+    def forward(
+        self, x: torch.Tensor, positions: torch.Tensor, attn: AttentionBackend, out_rows: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """x: [T, hidden] embeddings (from `embed`); returns the final-normed hidden states [T, hidden], or only
+        those of `out_rows` (the rows whose next token is wanted: the last layer's MLP skips the others)."""
         hd = self.cfg.head_dim
         rope = {
             True: rope_cos_sin(positions, hd, self.cfg.rope_global, x.dtype),
             False: rope_cos_sin(positions, hd, self.cfg.rope_local, x.dtype),
         }
-        for layer in self.layers:
+        last = len(self.layers) - 1
+        for i, layer in enumerate(self.layers):
             cos, sin = rope[layer.is_global]
-            x = layer(x, cos, sin, attn)
-        return self.norm(x)
+            x = layer(x, cos, sin, attn, self.ops, out_rows if i == last else None)
+        return self.ops.rms_norm(x, self.norm.weight, self.norm.eps)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """The tied LM head in the model's dtype, every logit exact (the engine's fast path is lm_head.LmHead)."""

@@ -9,6 +9,10 @@ CPU freezing pass emits), chosen by `engine.native.projections`:
   the Gemma 3 270M projections 1.76x faster than F.linear at 32 rows and 1.41x at 512 (prefill chunks), where MKL's
   fp32 GEMM does not take its AVX-512 path. Its sums run in another order than MKL's: outputs differ from F.linear's
   by float rounding (~1e-6 relative); greedy tokens still match transformers (the parity tests run with it).
+- `onednn-skinny` (auto's choice where the kernel library is built with AVX-512): oneDNN above SKINNY_MAX_ROWS
+  rows, and at or below it (decode steps) kernels/skinny_linear.cpp, which streams its own packed copy of each weight
+  at memory speed (18 layers x 4 projections at 32 rows: oneDNN 39.7, skinny 31 ms on an Intel Xeon; faster from 4
+  to 96 rows). The price is a second packed copy of the projection weights (400 MB more for the 270M).
 - `mkl`: MKL's packed sgemm (`torch.ops.mkl._mkl_reorder_linear_weight`), fp32 only, bit-for-bit F.linear's
   output; on an Intel Xeon (AMX) it ran 1.88 -> 1.00 ms per layer's four projections at 32 rows.
 
@@ -25,7 +29,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-ProjectionKernel = Literal["auto", "onednn", "mkl", "plain"]
+from model_workers.native import kernels
+
+ProjectionKernel = Literal["auto", "onednn-skinny", "onednn", "mkl", "plain"]
+SKINNY_MAX_ROWS = 96  # onednn-skinny: the skinny kernel up to here (measured faster than oneDNN from 4 to 96 rows)
 PACK_ROWS = 32  # the batch size the weights are packed for: a full decode step of 32 sequences is one call
 MAX_PACKED_ROWS = 64  # mkl: above this F.linear (measured: 2 packed chunks of 32 still beat one 64-row GEMM)
 # mkl: below 16 rows MKL's plain sgemm switches to another kernel whose rounding differs (~1e-6) from its blocked
@@ -51,27 +58,49 @@ def mkl_available(device: torch.device, dtype: torch.dtype) -> bool:
     )
 
 
+def skinny_available(device: torch.device, dtype: torch.dtype) -> bool:
+    return (
+        device.type == "cpu"
+        and dtype == torch.float32
+        and onednn_available(device, dtype)
+        and kernels.skinny_linear() is not None
+    )
+
+
 def resolve_kernel(kernel: ProjectionKernel, device: torch.device, dtype: torch.dtype) -> str:
-    """The packer that will run: `auto` is oneDNN where this torch has it for the device and dtype, else plain."""
+    """The packer that will run: `auto` is onednn-skinny, else onednn, where available for the device and dtype,
+    else plain."""
     if kernel == "auto":
+        if skinny_available(device, dtype):
+            return "onednn-skinny"
         return "onednn" if onednn_available(device, dtype) else "plain"
-    available = {"onednn": onednn_available, "mkl": mkl_available}.get(kernel)
+    available = {"onednn-skinny": skinny_available, "onednn": onednn_available, "mkl": mkl_available}.get(kernel)
     if available is not None and not available(device, dtype):
         raise ValueError(f"projections: {kernel!r} is not available for {device.type}/{dtype}")
     return kernel
 
 
 class OneDnnLinear(nn.Module):
-    """A bias-free nn.Linear on oneDNN's packed copy of its weight (the plain copy is dropped: no extra RAM)."""
+    """A bias-free nn.Linear on oneDNN's packed copy of its weight (the plain copy is dropped: no extra RAM); with
+    `skinny`, calls of at most SKINNY_MAX_ROWS rows run the skinny kernel on a copy packed for it."""
 
-    def __init__(self, linear: nn.Linear):
+    def __init__(self, linear: nn.Linear, skinny: bool = False):
         super().__init__()
         if linear.bias is not None:
             raise ValueError("OneDnnLinear covers the bias-free projections of Gemma 3 only")
         self.out_features = linear.out_features
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), PACK_ROWS)
+        weight = linear.weight.detach()
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, PACK_ROWS)
+        self.skinny = None
+        if skinny and self.out_features % 32 == 0:  # the skinny kernel's panels are 32 outputs wide
+            self.skinny = torch.ops.g3serve.skinny_pack(weight.contiguous())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        k = x.shape[-1]
+        rows = x.numel() // k
+        if self.skinny is not None and 0 < rows <= SKINNY_MAX_ROWS:
+            out = torch.ops.g3serve.skinny_linear(x.reshape(rows, k).contiguous(), self.skinny)
+            return out.view(*x.shape[:-1], self.out_features)
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
 
 
@@ -103,7 +132,11 @@ class PackedLinear(nn.Module):
 
 def pack_linears(model: nn.Module, kernel: str = "mkl") -> int:
     """Swap every bias-free nn.Linear inside `model` for its packed form (in place); returns how many."""
-    cls = {"onednn": OneDnnLinear, "mkl": PackedLinear}[kernel]
+    make = {
+        "onednn-skinny": lambda lin: OneDnnLinear(lin, skinny=True),
+        "onednn": OneDnnLinear,
+        "mkl": PackedLinear,
+    }[kernel]
     swaps = [
         (parent, name, child)
         for parent in model.modules()
@@ -111,5 +144,5 @@ def pack_linears(model: nn.Module, kernel: str = "mkl") -> int:
         if type(child) is nn.Linear and child.bias is None
     ]
     for parent, name, child in swaps:
-        setattr(parent, name, cls(child))
+        setattr(parent, name, make(child))
     return len(swaps)

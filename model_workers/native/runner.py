@@ -40,8 +40,9 @@ def _image_ids(seq: Sequence, lo: int, hi: int) -> torch.Tensor | None:
 class _Prefill:
     """One prefill chunk's rows in the flat batch and its key pages per group."""
 
-    def __init__(self, rows: slice, pages: list[torch.Tensor], masks: tuple[torch.Tensor, torch.Tensor]):
-        self.rows, self.pages, self.masks = rows, pages, masks  # masks: (global, local) [1, 1, n, keys]
+    def __init__(self, rows: slice, pages: list[torch.Tensor], masks: tuple[torch.Tensor, torch.Tensor] | None):
+        # masks: (global, local) [1, 1, n, keys]; None when plain causal is the mask on both (see _prefill).
+        self.rows, self.pages, self.masks = rows, pages, masks
 
 
 class StepBatch:
@@ -124,6 +125,11 @@ class StepBatch:
             )
             for g, t in enumerate(tables)
         ]
+        if s == 0 and q_img is None and n <= W:
+            # A text chunk from position 0 that fits the window: the mask is plain causal on both layer types, which
+            # SDPA's flash kernel applies by skipping the blocks above the diagonal (half the chunk's attention FLOPs)
+            # instead of reading an explicit mask. Keys past the chunk (the last page's tail) lie above it too.
+            return _Prefill(slice(row, row + n), pages, None)
         masks = []
         for is_global, lo in ((True, 0), (False, lo_block * P)):
             kpos = torch.arange(lo, (last_block + 1) * P)
@@ -195,7 +201,8 @@ class PagedAttention:
             pages = pf.pages[group]
             kk = k_cache.index_select(0, pages).view(1, -1, hkv, hd)
             vv = v_cache.index_select(0, pages).view(1, -1, hkv, hd)
-            out[pf.rows] = sdpa(q[pf.rows][None], kk, vv, pf.masks[0 if group == 0 else 1], self.scale)[0]
+            mask = None if pf.masks is None else pf.masks[0 if group == 0 else 1]
+            out[pf.rows] = sdpa(q[pf.rows][None], kk, vv, mask, self.scale, is_causal=pf.masks is None)[0]
         return out
 
 
@@ -228,6 +235,10 @@ class ModelRunner:
         # reference and the fallback for other devices and dtypes.
         use_kernel = decode_kernel and self.device.type == "cpu" and dtype == torch.float32
         self.decode_kernel = kernels.paged_decode_attention() if use_kernel else None
+        # The layers' norms, RoPE and GeLU as fused C++ ops (kernels/fused_layer_ops.cpp), same arithmetic.
+        fused = kernels.fused_layer_ops() if use_kernel else None
+        if fused is not None:
+            model.ops = fused
         # Projection weights packed once for the CPU's GEMM kernel (see packed_linear.py).
         kernel = resolve_kernel(projections, self.device, dtype)
         if kernel != "plain":
@@ -239,10 +250,12 @@ class ModelRunner:
         batch = StepBatch(plan, self.cache, self.image_embeds, self.device)
         x = self.model.embed(batch.input_ids, batch.image_embeds, batch.image_mask)
         attn = PagedAttention(self.kv, self.cache, batch, self.model.attn_scale, self.decode_kernel)
-        hidden = self.model(x, batch.positions, attn)
+        # Only the sampled rows go past the last layer's attention: the others were run for their K/V.
+        rows = self.model(
+            x, batch.positions, attn, torch.tensor(batch.sample_rows, dtype=torch.long, device=self.device)
+        )
         if not batch.sample_rows:
             return {}
-        rows = hidden[torch.tensor(batch.sample_rows, device=self.device)]
         head = self.head(rows, self.sampler.needs_logits(batch.sample_seqs))
         tokens = self.sampler.sample(head, batch.sample_seqs)
         return {seq.seq_id: t for seq, t in zip(batch.sample_seqs, tokens, strict=True)}

@@ -1,5 +1,5 @@
-"""Packed projections (model_workers/native/packed_linear.py): MKL's give exactly F.linear's numbers, oneDNN's the
-same up to float rounding, and neither changes a greedy token of the runner."""
+"""Packed projections (model_workers/native/packed_linear.py): MKL's give exactly F.linear's numbers, oneDNN's and
+the skinny kernel's the same up to float rounding, and none changes a greedy token of the runner."""
 
 from __future__ import annotations
 
@@ -11,18 +11,23 @@ from torch import nn
 from model_workers.gemma3.decoder import Gemma3Decoder
 from model_workers.native.packed_linear import (
     MAX_PACKED_ROWS,
+    SKINNY_MAX_ROWS,
     OneDnnLinear,
     PackedLinear,
     mkl_available,
     onednn_available,
     pack_linears,
     resolve_kernel,
+    skinny_available,
 )
 from tests.fixtures.runner_decode import greedy_decode
 
 CPU = torch.device("cpu")
 needs_mkl = pytest.mark.skipif(not mkl_available(CPU, torch.float32), reason="this torch build has no MKL packed GEMM")
 needs_onednn = pytest.mark.skipif(not onednn_available(CPU, torch.float32), reason="this torch build has no oneDNN")
+needs_skinny = pytest.mark.skipif(
+    not skinny_available(CPU, torch.float32), reason="the skinny kernel needs oneDNN and an AVX-512 kernel build"
+)
 
 
 def _linear(rows: int, out: int = 1536, k: int = 640) -> tuple[nn.Linear, torch.Tensor]:
@@ -53,6 +58,26 @@ def test_onednn_linear_matches_f_linear_to_rounding(rows, dtype):
     assert (out.float() - ref).abs().max() <= tol * ref.abs().max()
 
 
+@needs_skinny
+@pytest.mark.parametrize("rows", [1, 11, 12, 13, 32, 37, SKINNY_MAX_ROWS, SKINNY_MAX_ROWS + 1, 300])
+@pytest.mark.parametrize("out,k", [(1536, 640), (640, 2048), (96, 40)])
+def test_skinny_linear_matches_f_linear_to_rounding(rows, out, k):
+    # Every register-block remainder (12 rows per block), both sides of the oneDNN hand-over, odd K.
+    lin, x = _linear(rows, out, k)
+    layer = OneDnnLinear(lin, skinny=True)
+    assert layer.skinny is not None
+    ref = F.linear(x, lin.weight)
+    got = layer(x)
+    assert got.shape == ref.shape and (got - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
+@needs_skinny
+def test_skinny_is_skipped_for_widths_it_cannot_pack():
+    lin, x = _linear(4, out=48)  # not a multiple of the 32-output panel
+    layer = OneDnnLinear(lin, skinny=True)
+    assert layer.skinny is None and torch.allclose(layer(x), F.linear(x, lin.weight), atol=1e-5)
+
+
 @pytest.mark.parametrize(
     "cls", [pytest.param(PackedLinear, marks=needs_mkl), pytest.param(OneDnnLinear, marks=needs_onednn)]
 )
@@ -65,7 +90,11 @@ def test_packed_linears_keep_leading_dims(cls):
 
 @pytest.mark.parametrize(
     "kernel,cls",
-    [pytest.param("mkl", PackedLinear, marks=needs_mkl), pytest.param("onednn", OneDnnLinear, marks=needs_onednn)],
+    [
+        pytest.param("mkl", PackedLinear, marks=needs_mkl),
+        pytest.param("onednn", OneDnnLinear, marks=needs_onednn),
+        pytest.param("onednn-skinny", OneDnnLinear, marks=needs_skinny),
+    ],
 )
 def test_runner_with_packed_weights_decodes_the_same_tokens(tiny_text_ckpt, kernel, cls):
     packed, runner = greedy_decode(tiny_text_ckpt, projections=kernel)
@@ -79,7 +108,10 @@ def test_runner_with_packed_weights_decodes_the_same_tokens(tiny_text_ckpt, kern
 
 def test_auto_resolves_to_onednn_on_cpu_when_available_and_plain_elsewhere():
     expected = "onednn" if onednn_available(CPU, torch.float32) else "plain"
+    if skinny_available(CPU, torch.float32):
+        expected = "onednn-skinny"
     assert resolve_kernel("auto", CPU, torch.float32) == expected
+    assert resolve_kernel("auto", CPU, torch.bfloat16) in ("onednn", "plain")  # the skinny kernel is fp32 only
     assert resolve_kernel("auto", torch.device("meta"), torch.float32) == "plain"
     with pytest.raises(ValueError, match="not available"):
         resolve_kernel("mkl", CPU, torch.bfloat16)  # MKL packs fp32 only
