@@ -15,7 +15,7 @@ from collections.abc import Callable
 import torch
 
 from model_workers.gemma3.attention import attention_mask, sdpa
-from model_workers.gemma3.decoder import Gemma3Decoder
+from model_workers.gemma3.decoder import TORCH_OPS, Gemma3Decoder
 from model_workers.gemma3.lm_head import LmHead, LmHeadMode
 from model_workers.native import kernels
 from model_workers.native.kv_cache.hybrid import HybridKVCache
@@ -214,7 +214,7 @@ class ModelRunner:
         device="cpu",
         dtype=torch.float32,
         lm_head: LmHeadMode = "auto",
-        decode_kernel: bool = True,
+        cpp_kernels: bool = True,
         projections: ProjectionKernel = "auto",
     ):
         spec = cache.spec
@@ -231,14 +231,13 @@ class ModelRunner:
         )
         self.sampler = Sampler(device=self.device)
         self.head = LmHead(model.embed_tokens.weight, lm_head, softcap=model.cfg.final_logit_softcapping)
-        # The C++ decode attention (kernels/) reads K/V in place; the torch path (page gather + SDPA) stays the
-        # reference and the fallback for other devices and dtypes.
-        use_kernel = decode_kernel and self.device.type == "cpu" and dtype == torch.float32
+        # `cpp_kernels` (kernels/, fp32 CPU): the decode attention reads K/V in place, and the layers' norms, RoPE and
+        # GeLU run fused; the torch paths (page gather + SDPA, decoder.TorchLayerOps) stay the reference and the
+        # fallback for other devices and dtypes.
+        use_kernel = cpp_kernels and self.device.type == "cpu" and dtype == torch.float32
         self.decode_kernel = kernels.paged_decode_attention() if use_kernel else None
-        # The layers' norms, RoPE and GeLU as fused C++ ops (kernels/fused_layer_ops.cpp), same arithmetic.
         fused = kernels.fused_layer_ops() if use_kernel else None
-        if fused is not None:
-            model.ops = fused
+        model.ops = fused if fused is not None else TORCH_OPS
         # Projection weights packed once for the CPU's GEMM kernel (see packed_linear.py).
         kernel = resolve_kernel(projections, self.device, dtype)
         if kernel != "plain":

@@ -64,6 +64,6 @@ def test_other_dtypes_fall_back_to_the_reference():
 
 def test_runner_with_fused_ops_decodes_the_same_tokens(tiny_text_ckpt):
     fused, runner = greedy_decode(tiny_text_ckpt, projections="plain")
-    plain, plain_runner = greedy_decode(tiny_text_ckpt, projections="plain", decode_kernel=False)
+    plain, plain_runner = greedy_decode(tiny_text_ckpt, projections="plain", cpp_kernels=False)
     assert isinstance(runner.model.ops, FusedLayerOps) and isinstance(plain_runner.model.ops, TorchLayerOps)
     assert fused == plain and all(len(t) == 24 for t in fused.values())

@@ -52,8 +52,8 @@ def test_kernel_matches_gather_and_sdpa_with_gqa_and_windows(hq, hkv, d):
 
 
 def test_runner_with_kernel_decodes_the_same_tokens(tiny_text_ckpt):
-    with_kernel, runner = greedy_decode(tiny_text_ckpt, decode_kernel=True)
-    without, plain = greedy_decode(tiny_text_ckpt, decode_kernel=False)
+    with_kernel, runner = greedy_decode(tiny_text_ckpt, cpp_kernels=True)
+    without, plain = greedy_decode(tiny_text_ckpt, cpp_kernels=False)
     assert runner.decode_kernel is not None and plain.decode_kernel is None
     assert with_kernel == without
     assert all(len(t) == 24 for t in with_kernel.values())
