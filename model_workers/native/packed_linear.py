@@ -1,11 +1,10 @@
 """Projections on pre-packed weights: the layer GEMMs laid out once at load for the CPU's GEMM kernel.
 
 Why: at decode batch sizes (tens of rows) a CPU GEMM spends much of each call re-packing the weight matrix into its
-kernel's panel layout. Packing once at load removes that work. Two packers, both torch ops (the ones torch.compile's
-CPU freezing pass emits), chosen by `engine.native.projections`:
+kernel's panel layout. Packing once at load removes that work. The choices of `engine.native.projections`:
 
-- `onednn` (auto's choice): oneDNN's blocked layout (`torch.ops.mkldnn._reorder_linear_weight` +
-  `_linear_pointwise`), for every row count, fp32 and bf16. Vendor-neutral: on an AMD EPYC (Zen 4, AVX-512) it ran
+- `onednn` (auto's choice where the skinny kernel is not built): oneDNN's blocked layout
+  (`torch.ops.mkldnn._reorder_linear_weight` + `_linear_pointwise`), for every row count, fp32 and bf16. Vendor-neutral: on an AMD EPYC (Zen 4, AVX-512) it ran
   the Gemma 3 270M projections 1.76x faster than F.linear at 32 rows and 1.41x at 512 (prefill chunks), where MKL's
   fp32 GEMM does not take its AVX-512 path. Its sums run in another order than MKL's: outputs differ from F.linear's
   by float rounding (~1e-6 relative); greedy tokens still match transformers (the parity tests run with it).
@@ -33,6 +32,7 @@ from model_workers.native import kernels
 
 ProjectionKernel = Literal["auto", "onednn-skinny", "onednn", "mkl", "plain"]
 SKINNY_MAX_ROWS = 96  # onednn-skinny: the skinny kernel up to here (measured faster than oneDNN from 4 to 96 rows)
+SKINNY_PANEL = 32  # the skinny kernel packs outputs in panels of this many (PANEL in kernels/skinny_linear.cpp)
 PACK_ROWS = 32  # the batch size the weights are packed for: a full decode step of 32 sequences is one call
 MAX_PACKED_ROWS = 64  # mkl: above this F.linear (measured: 2 packed chunks of 32 still beat one 64-row GEMM)
 # mkl: below 16 rows MKL's plain sgemm switches to another kernel whose rounding differs (~1e-6) from its blocked
@@ -63,7 +63,7 @@ def skinny_available(device: torch.device, dtype: torch.dtype) -> bool:
         device.type == "cpu"
         and dtype == torch.float32
         and onednn_available(device, dtype)
-        and kernels.skinny_linear() is not None
+        and kernels.skinny_supported()
     )
 
 
@@ -92,7 +92,7 @@ class OneDnnLinear(nn.Module):
         weight = linear.weight.detach()
         self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, PACK_ROWS)
         self.skinny = None
-        if skinny and self.out_features % 32 == 0:  # the skinny kernel's panels are 32 outputs wide
+        if skinny and self.out_features % SKINNY_PANEL == 0:
             self.skinny = torch.ops.g3serve.skinny_pack(weight.contiguous())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -86,9 +86,9 @@ def paged_decode_attention() -> Callable | None:
     return torch.ops.g3serve.paged_decode_attention if _load() else None
 
 
-def skinny_linear() -> Callable | None:
-    """torch.ops.g3serve.skinny_linear (decode-size fp32 projections, AVX-512 builds), or None."""
-    return torch.ops.g3serve.skinny_linear if _load() and torch.ops.g3serve.skinny_supported() else None
+def skinny_supported() -> bool:
+    """Whether torch.ops.g3serve.skinny_pack / skinny_linear run here (the library built, with AVX-512)."""
+    return _load() and torch.ops.g3serve.skinny_supported()
 
 
 def fused_layer_ops() -> FusedLayerOps | None:
