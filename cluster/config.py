@@ -82,12 +82,14 @@ class NativeEngineConfig(_Section):
         "copy of the weights), 'mkl' (fp32, 16-64 rows, bit-for-bit F.linear; ~1.9x on an Intel Xeon at 32 rows), "
         "'plain' (F.linear). 'auto' = onednn-skinny, else onednn, where available, else plain.",
     )
-    lm_head: Literal["auto", "exact", "candidates"] = Field(
+    lm_head: Literal["auto", "exact", "candidates", "candidates-int8"] = Field(
         "auto",
         description="How greedy tokens are found: 'candidates' ranks the vocabulary with a bf16 GEMM and recomputes "
-        "the best 32 in fp32 (the argmax is proven equal to fp32's, else the row is redone in full); 'exact' computes "
-        "every logit in the compute dtype; 'auto' = candidates on fp32 models where bf16 has hardware (AMX, "
-        "AVX512-BF16, GPUs).",
+        "in fp32 the best 32 and every token the ranking's error bound cannot rule out (the argmax is proven equal "
+        "to fp32's); 'candidates-int8' ranks steps without sampled rows with an int8 GEMM (half the bytes of bf16; "
+        "+1 byte per head parameter of RAM, 168 MB on the 270M) and the others with bf16; 'exact' computes every "
+        "logit in the compute dtype; 'auto' = candidates-int8 on fp32 models on CPUs with AMX or VNNI and bf16 "
+        "hardware, candidates on other fp32 models where bf16 has hardware (AVX512-BF16, GPUs), else exact.",
     )
     window_checkpoint_interval: int = Field(
         512,

@@ -6,7 +6,11 @@ import pytest
 import torch
 
 from model_workers.gemma3 import lm_head
+from model_workers.gemma3.head_ranking import Bf16Ranker, Int8Ranker, block_max, block_max_upper, int8_available
 from model_workers.gemma3.lm_head import LmHead, block_topk, exact_logits, resolve_mode
+
+needs_int8 = pytest.mark.skipif(not int8_available(torch.device("cpu")), reason="no oneDNN int8 GEMM in this torch")
+MODES = ["candidates", pytest.param("candidates-int8", marks=needs_int8)]
 
 
 def _weights(vocab: int = 5000, hidden: int = 64, seed: int = 0) -> torch.Tensor:
@@ -14,10 +18,11 @@ def _weights(vocab: int = 5000, hidden: int = 64, seed: int = 0) -> torch.Tensor
     return torch.randn(vocab, hidden, generator=g) * 0.05
 
 
-def test_greedy_tokens_equal_fp32_argmax_and_certified():
+@pytest.mark.parametrize("mode", MODES)
+def test_greedy_tokens_equal_fp32_argmax_and_certified(mode):
     w = _weights()
     h = torch.randn(16, 64, generator=torch.Generator().manual_seed(1)) * 30
-    out = LmHead(w, "candidates", num_candidates=16)(h, [False] * 16)
+    out = LmHead(w, mode, num_candidates=16)(h, [False] * 16)
     assert out.tokens.tolist() == exact_logits(h, w).argmax(-1).tolist()
     assert out.fallback_rows == 0  # random logits have a wide top-1..top-16 gap: all rows certified
     assert out.logits.shape == (0, 5000)
@@ -33,11 +38,12 @@ def _near_tie() -> tuple[torch.Tensor, torch.Tensor]:
     return w, h
 
 
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("widened_max", [16384, 0])  # 0: the widened set is "too big", the whole row is redone
-def test_uncertified_rows_are_resolved_in_fp32(monkeypatch, widened_max):
+def test_uncertified_rows_are_resolved_in_fp32(monkeypatch, widened_max, mode):
     monkeypatch.setattr(lm_head, "WIDENED_MAX", widened_max)
     w, h = _near_tie()
-    head = LmHead(w, "candidates", num_candidates=1)
+    head = LmHead(w, mode, num_candidates=1)
     computed = []
     index_select = torch.Tensor.index_select
     monkeypatch.setattr(
@@ -53,11 +59,12 @@ def test_uncertified_rows_are_resolved_in_fp32(monkeypatch, widened_max):
         assert widened == [300] * 4
 
 
-def test_exact_ties_go_to_the_lowest_id_like_argmax():
+@pytest.mark.parametrize("mode", MODES)
+def test_exact_ties_go_to_the_lowest_id_like_argmax(mode):
     w = _weights(vocab=300)
     w[200] = w[40]  # two identical rows: the same exact logit
     h = w[40:41].repeat(2, 1) * 300
-    out = LmHead(w, "candidates", num_candidates=1)(h, [False, False])
+    out = LmHead(w, mode, num_candidates=1)(h, [False, False])
     assert out.tokens.tolist() == [40, 40] == exact_logits(h, w).argmax(-1).tolist()
 
 
@@ -82,7 +89,7 @@ def test_sampled_rows_exact_at_the_top_and_within_the_bound_elsewhere():
     # bf16 ranking values are off by up to ~0.1 here.
     torch.testing.assert_close(out.logits.gather(1, top), ref.gather(1, top), rtol=1e-6, atol=1e-5)
     assert not torch.allclose(out.logits, ref, rtol=1e-6, atol=1e-5)  # ...and the tail is bf16's, not recomputed
-    bound = head.bound_factor * h[[0, 2, 5]].norm(dim=-1, keepdim=True)
+    bound = head.bf16.bound_factor * h[[0, 2, 5]].norm(dim=-1, keepdim=True)
     assert bool(((out.logits - ref).abs() <= bound).all())
 
 
@@ -102,7 +109,7 @@ def test_auto_mode_only_for_fp32_models(dtype):
     if dtype == torch.bfloat16:
         assert mode == "exact"  # a bf16 model's logits are bf16 already: nothing to save
     else:
-        assert mode in ("exact", "candidates")
+        assert mode in ("exact", "candidates", "candidates-int8")
     assert resolve_mode("exact", torch.device("cpu"), torch.float32) == "exact"
 
 
@@ -121,9 +128,80 @@ def test_block_topk_equals_topk(dtype):
 
 def test_packed_bf16_ranking_is_bitwise_the_plain_gemm():
     head = LmHead(_weights(vocab=4096), "candidates")
-    if head._packed_bf16 is None:
+    if head.bf16.packed is None:
         pytest.skip("no oneDNN on this torch build")
     for rows in (1, 5, 32, 70):
         h = torch.randn(rows, 64, generator=torch.Generator().manual_seed(rows)).to(torch.bfloat16)
-        packed = torch.ops.mkldnn._linear_pointwise(h, head._packed_bf16, None, "none", [], "")
+        packed = torch.ops.mkldnn._linear_pointwise(h, head.bf16.packed, None, "none", [], "")
         assert torch.equal(packed, h @ head.weight.to(torch.bfloat16).t())
+
+
+@needs_int8
+def test_int8_ranking_bound_holds_for_every_token():
+    # The bound is what makes candidates-int8 exact: check it (and oneDNN's output rounding it assumes) on every
+    # (row, token), with outlier channels in h (the hard case for per-row activation scales) and an all-zero row.
+    w = _weights(vocab=3000, hidden=128, seed=7)
+    w[5] = 0
+    w[9] *= 40  # a token with a large norm
+    g = torch.Generator().manual_seed(8)
+    h = torch.randn(37, 128, generator=g)
+    h[:, [3, 77]] *= 60
+    h[4] = 0
+    r = Int8Ranker(w)(h)
+    exact = (h.double() @ w.double().t()).float()  # ~exact: the fp32 logit differs by <= gamma_K ||h|| n_v
+    rows = torch.arange(h.shape[0])
+    upper = r.upper(rows, r.approx, r.tok_e, r.tok_f)
+    assert bool((exact <= upper).all())
+    lower = 2 * r.value(rows, r.approx) - upper  # the bound is symmetric: approx - bound
+    assert bool((exact >= lower).all())
+    # ...and without outliers it is about as tight as the bf16 ranking's (which certifies >99% of real rows)
+    h = torch.randn(8, 128, generator=g)
+    r = Int8Ranker(w)(h)
+    rows = torch.arange(8)
+    width = r.upper(rows, r.approx, r.tok_e, r.tok_f) - r.value(rows, r.approx)
+    assert float(width.median()) < 2 * float(Bf16Ranker(w)(h).row_bound.median())
+
+
+@needs_int8
+def test_int8_mode_ranks_sampled_steps_with_bf16():
+    w = _weights()
+    h = torch.randn(4, 64, generator=torch.Generator().manual_seed(9)) * 30
+    head = LmHead(w, "candidates-int8", num_candidates=32)
+    calls = []
+    head.int8, head.bf16 = _spy(head.int8, calls, "int8"), _spy(head.bf16, calls, "bf16")
+    greedy = head(h, [False] * 4)
+    sampled = head(h, [False, True, False, False])
+    assert calls == ["int8", "bf16"]
+    ref = exact_logits(h, w)
+    assert greedy.tokens.tolist() == sampled.tokens.tolist() == ref.argmax(-1).tolist()
+    top = ref[1].topk(8).indices
+    torch.testing.assert_close(sampled.logits[0, top], ref[1, top], rtol=1e-6, atol=1e-5)
+
+
+def _spy(ranker, calls: list, name: str):
+    def call(hidden):
+        calls.append(name)
+        return ranker(hidden)
+
+    return call
+
+
+def test_resolve_mode_int8_needs_a_cpu():
+    if int8_available(torch.device("cpu")):
+        assert resolve_mode("candidates-int8", torch.device("cpu"), torch.float32) == "candidates-int8"
+    with pytest.raises(ValueError, match="candidates-int8"):
+        resolve_mode("candidates-int8", torch.device("meta"), torch.float32)
+
+
+def test_block_max_upper_bounds_every_block_and_is_exact_where_it_matters():
+    g = torch.Generator().manual_seed(10)
+    x = (torch.randn(5, 4096, generator=g) * 4).to(torch.bfloat16)
+    x[0, :256] = -torch.rand(256, generator=g).to(torch.bfloat16) - 0.5  # a block of negatives only
+    x[1, 256:512] = -0.0
+    x[2, 512:768] = float("-inf")
+    x[3, 768] = float("inf")
+    exact = block_max(x)
+    upper = block_max_upper(x)
+    assert bool((upper >= exact).all())
+    assert torch.equal(upper[exact >= 0], exact[exact >= 0])  # every block with a value >= 0: its exact maximum
+    assert float(upper[0, 0]) == 0.0 and float(upper[2, 2]) == 0.0
