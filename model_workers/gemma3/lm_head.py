@@ -39,6 +39,15 @@ from model_workers.gemma3.head_ranking import (
 
 LmHeadMode = Literal["auto", "exact", "candidates", "candidates-int8"]
 WIDENED_MAX = 16384  # an uncertified row recomputes at most this many exact logits, else the whole row
+# candidates-int8: a row whose int8 bound leaves more than this many tokens in play (random-token prompts make flat
+# logits) is ranked again with bf16 (one bf16 GEMM for those rows instead of thousands of fp32 rows).
+REFINE_TOKENS = 4096
+SPARSE_BLOCKS = 64  # a row with more blocks in play is tested token by token over the whole row, not gathered
+# candidates-int8: a step with more such rows ranks with bf16 instead (int8 + bf16 cost ~1.3x bf16 alone), and so do
+# the next BF16_STEPS greedy steps (a batch of flat-logit rows stays flat), then int8 is tried again. On the 270M's
+# text steps ~3% of rows are such rows; on random-token prompts most are.
+ESCALATE_ROWS = 2
+BF16_STEPS = 16
 EXACT_CHUNK = 2048  # vocabulary rows per slice of the fp32 GEMM on CPU (keeps a weight slice hot for all M rows)
 
 
@@ -113,6 +122,7 @@ class LmHead:
         self.bf16 = Bf16Ranker(weight) if self.mode != "exact" else None
         # candidates-int8: +1 byte/parameter more (168 MB on the 270M) beside the bf16 copy sampled rows need.
         self.int8 = Int8Ranker(weight) if self.mode == "candidates-int8" else None
+        self._bf16_steps = 0  # greedy steps left to rank with bf16 after one whose int8 bound left too much in play
 
     def __call__(self, hidden: torch.Tensor, need_logits: list[bool]) -> HeadOutput:
         if self.mode == "exact":
@@ -120,63 +130,112 @@ class LmHead:
             rows = [i for i, need in enumerate(need_logits) if need]
             return HeadOutput(logits.argmax(dim=-1), logits[rows], 0)
         hidden = hidden.float()
-        ranker = self.int8 if self.int8 is not None and not any(need_logits) else self.bf16
-        return self._candidates(hidden, ranker(hidden), need_logits)
+        s = None
+        if self.int8 is not None and not any(need_logits):
+            if self._bf16_steps:
+                self._bf16_steps -= 1
+            else:
+                s = self._settle(hidden, self.int8(hidden), REFINE_TOKENS, ESCALATE_ROWS)
+                if s is None:  # flat logits (random-token prompts): bf16 for this step and the next few
+                    self._bf16_steps = BF16_STEPS
+        if s is None:
+            s = self._settle(hidden, self.bf16(hidden), WIDENED_MAX)
+            return self._finish(hidden, s, need_logits)
+        if s.coarse:  # the int8 bound leaves too many tokens in play: rank those rows again with bf16's tighter one
+            idx = torch.tensor(s.coarse, device=hidden.device)
+            fine = self._settle(hidden[idx], self.bf16(hidden[idx]), WIDENED_MAX)
+            s.tokens[idx] = fine.tokens
+            s.contenders.update({s.coarse[i]: ids for i, ids in fine.contenders.items()})
+            s.coarse[:] = [s.coarse[i] for i in fine.coarse]
+        return self._finish(hidden, s, need_logits)
 
     def _cap(self, logits: torch.Tensor) -> torch.Tensor:
         return torch.tanh(logits / self.softcap) * self.softcap if self.softcap else logits
 
-    def _contenders(self, r: Ranking, maxima: torch.Tensor, best: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(rows, ids) of every token whose upper bound reaches its row's best exact candidate (candidates
-        included): first whole blocks on their maxima, then the tokens of the blocks left."""
+    def _settle(
+        self, hidden: torch.Tensor, r: Ranking, max_tokens: int, max_dense: int | None = None
+    ) -> Settled | None:
+        """The candidates' verdict on every row; None if more than `max_dense` rows need the whole-row test."""
+        maxima = block_max_upper(r.approx, self.k)
+        _, cand_cols = block_topk(r.approx, self.k, maxima=maxima)
+        cand = r.tokens(cand_cols)
+        w_cand = self.weight.index_select(0, cand.reshape(-1)).view(*cand.shape, -1).float()  # [M, k, H]
+        exact = torch.bmm(w_cand, hidden[:, :, None])[..., 0]  # [M, k] fp32
+        # Ties between candidates go to the lowest vocabulary id, as a full-row argmax would.
+        best = exact.max(dim=-1).values
+        lowest_tied = torch.where(exact == best[:, None], cand, torch.full_like(cand, torch.iinfo(cand.dtype).max))
+        tokens = lowest_tied.min(dim=-1).values
+        # Blocks whose maximum's upper bound reaches the best candidate, then the columns in them whose own upper
+        # bound does: gathered block by block where a row has few such blocks, over the whole row where it has many.
         rows_all = torch.arange(maxima.shape[0], device=best.device)
         live = r.upper(rows_all, maxima, r.blk_e, r.blk_f) >= best[:, None]
+        dense = live.sum(dim=1) > SPARSE_BLOCKS
+        if max_dense is not None and int(dense.sum()) > max_dense:
+            return None
+        live[dense] = False
         pair_rows, pair_blocks = live.nonzero(as_tuple=True)
-        ids = pair_blocks[:, None] * BLOCK + torch.arange(BLOCK, device=best.device)  # [P, BLOCK]
-        v = r.approx.shape[1]
-        ids = ids.clamp(max=v - 1)  # the last block may be shorter: clamped ids repeat its last token
-        values = r.approx[pair_rows[:, None], ids]
+        # (the last block may be shorter: clamped columns repeat its last one)
+        cols = (pair_blocks[:, None] * BLOCK + torch.arange(BLOCK, device=best.device)).clamp(max=r.approx.shape[1] - 1)
         tok_e = tok_f = None
         if r.tok_e is not None:
-            tok_e, tok_f = r.tok_e[ids], r.tok_f[ids]
-        reach = r.upper(pair_rows, values, tok_e, tok_f) >= best[pair_rows][:, None]
-        return pair_rows[:, None].expand_as(ids)[reach], ids[reach]
+            tok_e, tok_f = r.tok_e[cols], r.tok_f[cols]
+        reach = r.upper(pair_rows, r.approx[pair_rows[:, None], cols], tok_e, tok_f) >= best[pair_rows][:, None]
+        rows, ids = pair_rows[:, None].expand_as(cols)[reach], r.tokens(cols[reach])
+        outside = ~(cand[rows] == ids[:, None]).any(dim=-1)  # contenders that are not candidates
+        # candidates included in a row's contenders: one fp32 computation decides among them
+        contenders = {i: ids[rows == i] for i in rows[outside].unique().tolist()}
+        for i in dense.nonzero()[:, 0].tolist():
+            row = torch.tensor([i], device=best.device)
+            reach = r.upper(row, r.approx[i : i + 1], r.tok_e, r.tok_f)[0] >= best[i]
+            contenders[i] = r.tokens(reach.nonzero()[:, 0])
+        coarse = [i for i, c in contenders.items() if c.numel() > max_tokens]
+        for i in coarse:
+            del contenders[i]
+        return Settled(r, tokens, cand, cand_cols, exact, contenders, coarse)
 
     def _widened_argmax(self, h: torch.Tensor, ids: torch.Tensor) -> int:
-        """The fp32 argmax over `ids`, every token that can still win (or over the whole row if they are too many):
-        reading their rows of the fp32 head instead of all of it (671 MB on the 270M, ~25 ms per row on 2 cores)."""
-        if ids.numel() > WIDENED_MAX:
-            ids = torch.arange(self.weight.shape[0], device=h.device)
+        """The fp32 argmax over `ids`, every token that can still win: reading their rows of the fp32 head instead
+        of all of it (671 MB on the 270M, ~25 ms on 2 cores)."""
         ids = ids.unique()
         exact = self.weight.index_select(0, ids).float() @ h
         top = exact.max()
         return int(ids[exact == top].min())  # ties go to the lowest vocabulary id, as a full-row argmax
 
-    def _candidates(self, hidden: torch.Tensor, r: Ranking, need_logits: list[bool]) -> HeadOutput:
-        maxima = block_max_upper(r.approx)
-        _, cand = block_topk(r.approx, self.k, maxima=maxima)
-        w_cand = self.weight.index_select(0, cand.reshape(-1)).view(*cand.shape, -1).float()  # [M, k, H]
-        exact = torch.bmm(w_cand, hidden[:, :, None])[..., 0]  # [M, k] fp32
-        # Ties between candidates go to the lowest vocabulary id, as a full-row argmax would.
-        best = exact.max(dim=-1, keepdim=True).values
-        lowest_tied = torch.where(exact == best, cand, torch.full_like(cand, torch.iinfo(cand.dtype).max))
-        tokens = lowest_tied.min(dim=-1).values
-        rows, ids = self._contenders(r, maxima, best[:, 0])
-        outside = ~(cand[rows] == ids[:, None]).any(dim=-1)  # contenders that are not candidates
-        failed = rows[outside].unique().tolist()
+    def _finish(self, hidden: torch.Tensor, s: Settled, need_logits: list[bool]) -> HeadOutput:
+        # Rows set aside and sampled rows whose candidates did not settle the argmax get every logit exact, in one
+        # pass over the fp32 head for all of them; the other unsettled rows recompute their contenders only.
+        full = sorted(set(s.coarse) | {i for i in s.contenders if need_logits[i]})
         full_rows: dict[int, torch.Tensor] = {}
-        for i in failed:
-            if need_logits[i]:  # a sampled row gets every logit exact
-                full_rows[i] = exact_logits(hidden[i : i + 1], self.weight.float())[0]
-                tokens[i] = full_rows[i].argmax()
-            else:
-                tokens[i] = self._widened_argmax(hidden[i], ids[rows == i])
+        if full:
+            logits = exact_logits(hidden[full], self.weight.float())
+            full_rows = dict(zip(full, logits, strict=True))
+            s.tokens[full] = logits.argmax(dim=-1)
+        for i, ids in s.contenders.items():
+            if i not in full_rows:
+                s.tokens[i] = self._widened_argmax(hidden[i], ids)
         out_rows = []
         for i, need in enumerate(need_logits):
             if need:
                 row = full_rows.get(i)
                 if row is None:
-                    row = r.value(torch.tensor([i]), r.approx[i : i + 1])[0].scatter(0, cand[i], exact[i])
+                    row = s.ranking.value(torch.tensor([i]), s.ranking.approx[i : i + 1])[0]
+                    row = row.scatter(0, s.cand_cols[i], s.exact[i])
+                    if s.ranking.column_ids is not None:  # columns -> token order
+                        row = torch.empty_like(row).scatter(0, s.ranking.column_ids, row)
                 out_rows.append(row)
         logits = self._cap(torch.stack(out_rows)) if out_rows else hidden.new_empty(0, self.weight.shape[0])
-        return HeadOutput(tokens, logits, len(failed))
+        return HeadOutput(s.tokens, logits, len(set(s.contenders) | set(s.coarse)))
+
+
+@dataclass
+class Settled:
+    """What the candidates decide for a batch of rows: `tokens` is final except for the rows in `contenders`
+    (row -> every token that can still win, recompute them) and in `coarse` (too many: recompute the whole row)."""
+
+    ranking: Ranking
+    tokens: torch.Tensor
+    cand: torch.Tensor  # [M, k] token ids
+    cand_cols: torch.Tensor  # [M, k] their columns in ranking.approx
+    exact: torch.Tensor
+    contenders: dict[int, torch.Tensor]
+    coarse: list[int]

@@ -42,21 +42,24 @@ def _near_tie() -> tuple[torch.Tensor, torch.Tensor]:
 @pytest.mark.parametrize("widened_max", [16384, 0])  # 0: the widened set is "too big", the whole row is redone
 def test_uncertified_rows_are_resolved_in_fp32(monkeypatch, widened_max, mode):
     monkeypatch.setattr(lm_head, "WIDENED_MAX", widened_max)
+    monkeypatch.setattr(lm_head, "REFINE_TOKENS", min(widened_max, 4096))  # 0: int8 rows go on to bf16, then whole
     w, h = _near_tie()
     head = LmHead(w, mode, num_candidates=1)
-    computed = []
+    computed, full = [], []
     index_select = torch.Tensor.index_select
     monkeypatch.setattr(
         torch.Tensor, "index_select", lambda t, d, i: computed.append(i.numel()) or index_select(t, d, i)
     )
+    monkeypatch.setattr(lm_head, "exact_logits", lambda h, w: full.append(h.shape[0]) or exact_logits(h, w))
     out = head(h, [False] * 4)
     assert out.fallback_rows == 4
     assert out.tokens.tolist() == exact_logits(h, w).argmax(-1).tolist()
-    widened = computed[1:]  # computed[0]: the one candidate per row
+    widened = [n for n in computed if n != 4]  # the others: the one candidate of each of the 4 rows
     if widened_max:
         assert len(widened) == 4 and all(3 <= n < 300 for n in widened)  # the near-ties 3, 7, 11, not all 300
+        assert full == []
     else:
-        assert widened == [300] * 4
+        assert widened == [] and full == [4]  # all four rows in one pass over the fp32 head
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -149,6 +152,7 @@ def test_int8_ranking_bound_holds_for_every_token():
     h[4] = 0
     r = Int8Ranker(w)(h)
     exact = (h.double() @ w.double().t()).float()  # ~exact: the fp32 logit differs by <= gamma_K ||h|| n_v
+    exact = exact[:, r.tokens(torch.arange(w.shape[0]))]  # in the ranking's column order
     rows = torch.arange(h.shape[0])
     upper = r.upper(rows, r.approx, r.tok_e, r.tok_f)
     assert bool((exact <= upper).all())
@@ -193,15 +197,16 @@ def test_resolve_mode_int8_needs_a_cpu():
         resolve_mode("candidates-int8", torch.device("meta"), torch.float32)
 
 
-def test_block_max_upper_bounds_every_block_and_is_exact_where_it_matters():
+def test_block_max_upper_bounds_every_block_and_is_exact_for_the_top_blocks():
     g = torch.Generator().manual_seed(10)
     x = (torch.randn(5, 4096, generator=g) * 4).to(torch.bfloat16)
     x[0, :256] = -torch.rand(256, generator=g).to(torch.bfloat16) - 0.5  # a block of negatives only
     x[1, 256:512] = -0.0
     x[2, 512:768] = float("-inf")
     x[3, 768] = float("inf")
-    exact = block_max(x)
-    upper = block_max_upper(x)
+    x[4] = -x[4].abs()  # a row of negative values only: fewer than k blocks >= 0
+    exact, upper = block_max(x), block_max_upper(x, k=4)
     assert bool((upper >= exact).all())
     assert torch.equal(upper[exact >= 0], exact[exact >= 0])  # every block with a value >= 0: its exact maximum
-    assert float(upper[0, 0]) == 0.0 and float(upper[2, 2]) == 0.0
+    assert float(upper[0, 0]) == 0.0 and float(upper[2, 2]) == 0.0  # negative blocks: 0
+    assert torch.equal(upper[4], exact[4])  # the all-negative row: exact
