@@ -20,6 +20,7 @@ from rich.table import Table
 from cluster.messages import SamplingParams
 from model_workers.gemma3.decoder import Gemma3Decoder
 from model_workers.gemma3.gguf_convert import default_checkpoint
+from model_workers.gemma3.gguf_int8 import layer_blocks
 from model_workers.native import runner as runner_mod
 from model_workers.native.kv_cache.hybrid import HybridKVCache
 from model_workers.native.kv_cache.spec import KVCacheSpec
@@ -44,12 +45,14 @@ def main() -> None:
     ap.add_argument("--seqs", type=int, default=32)
     args = ap.parse_args()
     n_seqs, steps = (8, 4) if args.quick else (args.seqs, 8)
-    model = Gemma3Decoder.from_checkpoint(default_checkpoint())
+    checkpoint = default_checkpoint()
+    model = Gemma3Decoder.from_checkpoint(checkpoint)
     c = model.cfg
     spec = KVCacheSpec(c.layer_types, 16, c.sliding_window, c.num_kv_heads, c.head_dim, 4)
     cache = HybridKVCache(spec, spec.num_pages_for_budget(1024 * 2**20))
     sched = Scheduler(SchedulerConfig(max_model_len=4096, max_num_batched_tokens=2048), cache)
-    runner = runner_mod.ModelRunner(model, cache)  # the engine defaults: C++ decode attention, packed weights
+    # the engine's defaults: C++ decode attention, packed weights (the GGUF's exact int8 form for decode steps)
+    runner = runner_mod.ModelRunner(model, cache, int8_weights=layer_blocks(checkpoint, model.layers))
     for i in range(n_seqs):
         prompt = [2] + [(i * 7919 + j * 31) % 200000 + 3 for j in range(255)]
         sched.add(Sequence(f"s{i}", prompt, 128, page_size=16, sampling=SamplingParams(temperature=0)))

@@ -78,8 +78,8 @@ class NativeEngineConfig(_Section):
         "auto",
         description="CPU GEMM kernel of the layer projections, on weights packed once at load: 'onednn' (fp32 and "
         "bf16, every batch size; 1.4-1.8x F.linear on an AMD EPYC), 'onednn-skinny' (fp32: onednn, plus g3serve's "
-        "AVX-512 kernel at <= 96 rows, which streams the weights at memory speed in decode steps; a second packed "
-        "copy of the weights), 'mkl' (fp32, 16-64 rows, bit-for-bit F.linear; ~1.9x on an Intel Xeon at 32 rows), "
+        "AVX-512 kernel at <= 96 rows, which streams the weights at memory speed in decode steps from a second "
+        "packed copy: a GGUF checkpoint's exact int8 form, 1.5 bytes per weight, else fp32), 'mkl' (fp32, 16-64 rows, bit-for-bit F.linear; ~1.9x on an Intel Xeon at 32 rows), "
         "'plain' (F.linear). 'auto' = onednn-skinny, else onednn, where available, else plain.",
     )
     lm_head: Literal["auto", "exact", "candidates", "candidates-int8"] = Field(

@@ -20,9 +20,11 @@ import numpy as np
 import torch
 
 from model_workers.gemma3.config import FULL, SLIDING, CheckpointError
+from model_workers.gemma3.gguf_int8 import Int8Blocks, int8_blocks
+from model_workers.gemma3.gguf_int8 import save as save_int8_blocks
 
 log = logging.getLogger(__name__)
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: + the projections' int8 blocks (gguf_int8.py)
 DEFAULT_MODEL_ALIAS = "gemma3-270m"
 
 # llama.cpp tensor names -> Hugging Face names (text decoder only: GGUF Gemma 3 files carry no vision tower).
@@ -65,8 +67,9 @@ def _field(reader, key: str, default=None):
     return default if f is None else f.contents()
 
 
-def read_gguf(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    """(HF-style config dict, HF-named fp32 state dict) of a Gemma 3 GGUF file."""
+def read_gguf(path: Path) -> tuple[dict, dict[str, torch.Tensor], dict[str, Int8Blocks]]:
+    """(HF-style config dict, HF-named fp32 state dict, HF name -> int8 blocks of the projections that have an
+    exact int8 form) of a Gemma 3 GGUF file."""
     from gguf import GGUFReader
     from gguf.quants import dequantize
 
@@ -79,10 +82,13 @@ def read_gguf(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     # GGUF keeps no layer pattern: Gemma 3 is 5 local : 1 global on every size.
     layer_types = [SLIDING if (i + 1) % 6 else FULL for i in range(n_layers)]
     state: dict[str, torch.Tensor] = {}
+    blocks: dict[str, Int8Blocks] = {}
     for t in reader.tensors:
         arr = dequantize(t.data, t.tensor_type).astype(np.float32)
         arr = arr.reshape([int(d) for d in reversed(t.shape.tolist())])
         name = hf_name(t.name)
+        if name.endswith("_proj.weight") and (b := int8_blocks(t, arr)) is not None:
+            blocks[name] = b
         tensor = torch.from_numpy(np.ascontiguousarray(arr))
         if name.endswith("norm.weight"):
             # llama.cpp stores Gemma's RMSNorm weight as (1 + w) because ggml multiplies by the weight directly.
@@ -121,7 +127,7 @@ def read_gguf(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
         "pad_token_id": int(_field(reader, "tokenizer.ggml.padding_token_id", 0)),
         "torch_dtype": "float32",
     }
-    return config, state
+    return config, state, blocks
 
 
 def _write_tokenizer(gguf_path: Path, out: Path) -> None:
@@ -134,10 +140,12 @@ def _write_tokenizer(gguf_path: Path, out: Path) -> None:
 def convert(gguf_path: Path, out: Path) -> Path:
     from safetensors.torch import save_file
 
-    config, state = read_gguf(gguf_path)
+    config, state, blocks = read_gguf(gguf_path)
     tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
     try:
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        if blocks:
+            save_int8_blocks(blocks, tmp)
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         _write_tokenizer(gguf_path, tmp)
         (tmp / "g3serve_converted.json").write_text(json.dumps({"source": str(gguf_path), "version": FORMAT_VERSION}))

@@ -23,6 +23,7 @@ from cluster.messages import FinishReason, GenerateRequest, KvEvent, ReplicaLoad
 from model_workers.engine import EngineOverloadedError, EngineRequestError, ModelInfo
 from model_workers.gemma3.config import Gemma3Config
 from model_workers.gemma3.decoder import Gemma3Decoder
+from model_workers.gemma3.gguf_int8 import layer_blocks
 from model_workers.gemma3.tokenizer import Gemma3Tokenizer, IncrementalDetokenizer
 from model_workers.native.kv_cache.hybrid import HybridKVCache
 from model_workers.native.kv_cache.spec import KVCacheSpec
@@ -117,7 +118,14 @@ class NativeEngine:
             self.cache,
         )
         self.runner = ModelRunner(
-            self.model, self.cache, device=device, dtype=dtype, lm_head=cfg.lm_head, projections=cfg.projections
+            self.model,
+            self.cache,
+            device=device,
+            dtype=dtype,
+            lm_head=cfg.lm_head,
+            projections=cfg.projections,
+            # the GGUF's exact int8 forms of the projections, for the decode kernel (fp32 on CPU only)
+            int8_weights=layer_blocks(cfg.checkpoint, self.model.layers) if torch.device(device).type == "cpu" else {},
         )
         self._info = ModelInfo(
             model_id=cfg.served_model_name or os.path.basename(str(cfg.checkpoint).rstrip("/")),

@@ -11,7 +11,8 @@ kernel's panel layout. Packing once at load removes that work. The choices of `e
 - `onednn-skinny` (auto's choice where the kernel library is built with AVX-512): oneDNN above SKINNY_MAX_ROWS
   rows, and at or below it (decode steps) kernels/skinny_linear.cpp, which streams its own packed copy of each weight
   at memory speed (18 layers x 4 projections at 32 rows: oneDNN 39.7, skinny 31 ms on an Intel Xeon; faster from 4
-  to 96 rows). The price is a second packed copy of the projection weights (400 MB more for the 270M).
+  to 96 rows). The price is a second packed copy of the projection weights: where the checkpoint came from a GGUF
+  file, their exact int8 form (gguf_int8.py; 150 MB more for the 270M, and 26 -> 21 ms), else fp32 (400 MB more).
 - `mkl`: MKL's packed sgemm (`torch.ops.mkl._mkl_reorder_linear_weight`), fp32 only, bit-for-bit F.linear's
   output; on an Intel Xeon (AMX) it ran 1.88 -> 1.00 ms per layer's four projections at 32 rows.
 
@@ -28,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model_workers.gemma3.gguf_int8 import Int8Blocks
 from model_workers.native import kernels
 
 ProjectionKernel = Literal["auto", "onednn-skinny", "onednn", "mkl", "plain"]
@@ -82,26 +84,39 @@ def resolve_kernel(kernel: ProjectionKernel, device: torch.device, dtype: torch.
 
 class OneDnnLinear(nn.Module):
     """A bias-free nn.Linear on oneDNN's packed copy of its weight (the plain copy is dropped: no extra RAM); with
-    `skinny`, calls of at most SKINNY_MAX_ROWS rows run the skinny kernel on a copy packed for it."""
+    `skinny`, calls of at most SKINNY_MAX_ROWS rows run the skinny kernel on a copy packed for it: the weight's exact
+    int8 form where the checkpoint has one (`int8`, gguf_int8.py: 1.5 bytes per weight), else fp32."""
 
-    def __init__(self, linear: nn.Linear, skinny: bool = False):
+    def __init__(self, linear: nn.Linear, skinny: bool = False, int8: Int8Blocks | None = None):
         super().__init__()
         if linear.bias is not None:
             raise ValueError("OneDnnLinear covers the bias-free projections of Gemma 3 only")
         self.out_features = linear.out_features
         weight = linear.weight.detach()
         self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, PACK_ROWS)
-        self.skinny = None
+        self.skinny = self.skinny_int8 = None
         if skinny and self.out_features % SKINNY_PANEL == 0:
-            self.skinny = torch.ops.g3serve.skinny_pack(weight.contiguous())
+            if int8 is not None:
+                self.skinny_int8 = tuple(_panels(t) for t in (int8.q, int8.scale, int8.minv))
+            else:
+                self.skinny = torch.ops.g3serve.skinny_pack(weight.contiguous())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         k = x.shape[-1]
         rows = x.numel() // k
-        if self.skinny is not None and 0 < rows <= SKINNY_MAX_ROWS:
-            out = torch.ops.g3serve.skinny_linear(x.reshape(rows, k).contiguous(), self.skinny)
-            return out.view(*x.shape[:-1], self.out_features)
+        if 0 < rows <= SKINNY_MAX_ROWS:
+            flat = x.reshape(rows, k).contiguous()
+            if self.skinny_int8 is not None:
+                return torch.ops.g3serve.skinny_int8_linear(flat, *self.skinny_int8).view(*x.shape[:-1], -1)
+            if self.skinny is not None:
+                return torch.ops.g3serve.skinny_linear(flat, self.skinny).view(*x.shape[:-1], self.out_features)
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
+
+
+def _panels(t: torch.Tensor) -> torch.Tensor:
+    """[N, C] -> [N / 32, C, 32]: each column's 32 outputs of a panel side by side (the skinny kernel's layout)."""
+    n, c = t.shape
+    return t.reshape(n // SKINNY_PANEL, SKINNY_PANEL, c).transpose(1, 2).contiguous()
 
 
 class PackedLinear(nn.Module):
@@ -130,19 +145,21 @@ class PackedLinear(nn.Module):
         return out[:rows].reshape(*x.shape[:-1], out.shape[-1])
 
 
-def pack_linears(model: nn.Module, kernel: str = "mkl") -> int:
-    """Swap every bias-free nn.Linear inside `model` for its packed form (in place); returns how many."""
+def pack_linears(model: nn.Module, kernel: str = "mkl", int8: dict[str, Int8Blocks] | None = None) -> int:
+    """Swap every bias-free nn.Linear inside `model` for its packed form (in place); returns how many. `int8` maps
+    a linear's name in `model` (e.g. "0.qkv_proj") to its weight's exact int8 form (onednn-skinny uses it)."""
+    int8 = int8 or {}
     make = {
-        "onednn-skinny": lambda lin: OneDnnLinear(lin, skinny=True),
-        "onednn": OneDnnLinear,
-        "mkl": PackedLinear,
+        "onednn-skinny": lambda lin, name: OneDnnLinear(lin, skinny=True, int8=int8.get(name)),
+        "onednn": lambda lin, name: OneDnnLinear(lin),
+        "mkl": lambda lin, name: PackedLinear(lin),
     }[kernel]
     swaps = [
-        (parent, name, child)
-        for parent in model.modules()
+        (parent, name, child, f"{path}.{name}" if path else name)
+        for path, parent in model.named_modules()
         for name, child in parent.named_children()
         if type(child) is nn.Linear and child.bias is None
     ]
-    for parent, name, child in swaps:
-        setattr(parent, name, make(child))
+    for parent, name, child, full in swaps:
+        setattr(parent, name, make(child, full))
     return len(swaps)

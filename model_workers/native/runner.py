@@ -16,6 +16,7 @@ import torch
 
 from model_workers.gemma3.attention import attention_mask, sdpa
 from model_workers.gemma3.decoder import TORCH_OPS, Gemma3Decoder
+from model_workers.gemma3.gguf_int8 import Int8Blocks
 from model_workers.gemma3.lm_head import LmHead, LmHeadMode
 from model_workers.native import kernels
 from model_workers.native.kv_cache.hybrid import HybridKVCache
@@ -216,6 +217,7 @@ class ModelRunner:
         lm_head: LmHeadMode = "auto",
         cpp_kernels: bool = True,
         projections: ProjectionKernel = "auto",
+        int8_weights: dict[str, Int8Blocks] | None = None,
     ):
         spec = cache.spec
         self.model, self.cache, self.device = model, cache, torch.device(device)
@@ -240,8 +242,8 @@ class ModelRunner:
         model.ops = fused if fused is not None else TORCH_OPS
         # Projection weights packed once for the CPU's GEMM kernel (see packed_linear.py).
         kernel = resolve_kernel(projections, self.device, dtype)
-        if kernel != "plain":
-            pack_linears(model.layers, kernel)
+        if kernel != "plain":  # int8_weights: exact int8 forms of projections (gguf_int8.layer_blocks)
+            pack_linears(model.layers, kernel, int8_weights)
         self.image_embeds: dict[str, list[torch.Tensor]] = {}  # seq_id -> one tensor per image span
 
     @torch.inference_mode()

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model_workers.gemma3.decoder import Gemma3Decoder
+from model_workers.gemma3.gguf_int8 import Int8Blocks
 from model_workers.native.packed_linear import (
     MAX_PACKED_ROWS,
     SKINNY_MAX_ROWS,
@@ -69,6 +70,32 @@ def test_skinny_linear_matches_f_linear_to_rounding(rows, out, k):
     ref = F.linear(x, lin.weight)
     got = layer(x)
     assert got.shape == ref.shape and (got - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
+def _int8_linear(out: int, k: int, seed: int) -> tuple[nn.Linear, Int8Blocks]:
+    # A weight that IS scale * q - min per 16 inputs, as GGUF's Q4_K (with a min) and Q8_0/Q5_0/Q6_K (without) are.
+    g = torch.Generator().manual_seed(seed)
+    blocks = Int8Blocks(
+        torch.randint(-32, 32, (out, k), generator=g, dtype=torch.int8),
+        torch.rand(out, k // 16, generator=g) * 0.01,
+        torch.rand(out, k // 16, generator=g) * 0.01 * (seed % 2),
+    )
+    lin = nn.Linear(k, out, bias=False)
+    lin.weight.data = blocks.dequantize()
+    return lin, blocks
+
+
+@needs_skinny
+@pytest.mark.parametrize("rows", [1, 11, 12, 13, 25, 32, SKINNY_MAX_ROWS, SKINNY_MAX_ROWS + 1])
+@pytest.mark.parametrize("out,k,seed", [(1536, 640, 0), (640, 2048, 1), (96, 48, 3)])
+def test_skinny_int8_is_bitwise_the_fp32_skinny_kernel(rows, out, k, seed):
+    # The int8 path rebuilds each weight exactly (scale * q - min, no FMA) and sums in the same order as the fp32
+    # skinny kernel: its output must be that kernel's bit for bit, on every row-block remainder.
+    lin, blocks = _int8_linear(out, k, seed)
+    x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows))
+    fp32, int8 = OneDnnLinear(lin, skinny=True), OneDnnLinear(lin, skinny=True, int8=blocks)
+    assert int8.skinny_int8 is not None and int8.skinny is None  # no fp32 skinny copy beside the int8 one
+    assert torch.equal(int8(x), fp32(x))
 
 
 @needs_skinny
