@@ -210,3 +210,21 @@ def test_block_max_upper_bounds_every_block_and_is_exact_for_the_top_blocks():
     assert torch.equal(upper[exact >= 0], exact[exact >= 0])  # every block with a value >= 0: its exact maximum
     assert float(upper[0, 0]) == 0.0 and float(upper[2, 2]) == 0.0  # negative blocks: 0
     assert torch.equal(upper[4], exact[4])  # the all-negative row: exact
+
+
+@needs_int8
+def test_int8_steps_with_flat_logits_rank_with_bf16_for_a_while(monkeypatch):
+    # Near-identical vocabulary rows make every row's logits flat: the int8 bound keeps whole blocks in play on every
+    # row. Such a step ranks with bf16 (no thousands of fp32 rows), and so do the next BF16_STEPS greedy steps;
+    # tokens stay fp32's argmax throughout.
+    monkeypatch.setattr(lm_head, "SPARSE_BLOCKS", 1)
+    monkeypatch.setattr(lm_head, "BF16_STEPS", 2)
+    w = _weights(vocab=1) + 1e-4 * _weights(vocab=8192, seed=12)
+    h = torch.randn(6, 64, generator=torch.Generator().manual_seed(11))
+    head = LmHead(w, "candidates-int8", num_candidates=4)
+    calls = []
+    head.int8, head.bf16 = _spy(head.int8, calls, "int8"), _spy(head.bf16, calls, "bf16")
+    ref = exact_logits(h, w).argmax(-1).tolist()
+    for _ in range(4):
+        assert head(h, [False] * 6).tokens.tolist() == ref
+    assert calls == ["int8", "bf16", "bf16", "bf16", "int8", "bf16"]  # escalate, 2 bf16 steps, try int8 again
