@@ -25,6 +25,7 @@
 #endif
 
 #include <algorithm>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -34,6 +35,24 @@ constexpr int64_t MR = 12;     // rows per register block
 constexpr int64_t SUB = 16;    // int8 weights: one (scale, min) per output per SUB inputs (gguf_int8.SUB)
 
 #if defined(__AVX512F__)
+// acc += x[rows, k] * w[k, 32 outputs] for R rows: every x value is broadcast once for both output vectors.
+template <int R>
+inline void fma_rows(__m512* lo, __m512* hi, const float* x, int64_t K, int64_t k, __m512 w0, __m512 w1) {
+  for (int m = 0; m < R; ++m) {
+    const __m512 xb = _mm512_set1_ps(x[m * K + k]);
+    lo[m] = _mm512_fmadd_ps(xb, w0, lo[m]);
+    hi[m] = _mm512_fmadd_ps(xb, w1, hi[m]);
+  }
+}
+
+template <int R>
+inline void store_rows(const __m512* lo, const __m512* hi, float* y, int64_t N) {
+  for (int m = 0; m < R; ++m) {
+    _mm512_storeu_ps(y + m * N, lo[m]);
+    _mm512_storeu_ps(y + m * N + 16, hi[m]);
+  }
+}
+
 // rows x 32 outputs of one panel; prefetches every `step`-th k line (from `phase`) of the next panel into L2.
 template <int R>
 inline void block(const float* x, int64_t K, const float* w, float* y, int64_t N, const char* next, int64_t stride,
@@ -47,39 +66,19 @@ inline void block(const float* x, int64_t K, const float* w, float* y, int64_t N
       _mm_prefetch(next + k * stride + 64, _MM_HINT_T1);
       due += step;
     }
-    const __m512 w0 = _mm512_loadu_ps(w + k * PANEL), w1 = _mm512_loadu_ps(w + k * PANEL + 16);
-    for (int m = 0; m < R; ++m) {
-      const __m512 xb = _mm512_set1_ps(x[m * K + k]);
-      lo[m] = _mm512_fmadd_ps(xb, w0, lo[m]);
-      hi[m] = _mm512_fmadd_ps(xb, w1, hi[m]);
-    }
+    fma_rows<R>(lo, hi, x, K, k, _mm512_loadu_ps(w + k * PANEL), _mm512_loadu_ps(w + k * PANEL + 16));
   }
-  for (int m = 0; m < R; ++m) {
-    _mm512_storeu_ps(y + m * N, lo[m]);
-    _mm512_storeu_ps(y + m * N + 16, hi[m]);
-  }
+  store_rows<R>(lo, hi, y, N);
 }
 
-// The row count of the last block is a runtime value: dispatch it to the template instance.
-template <int R>
-inline void block_rows(int64_t rows, const float* x, int64_t K, const float* w, float* y, int64_t N, const char* next,
-                       int64_t stride, int64_t phase, int64_t step) {
-  if constexpr (R > 0) {
-    if (rows == R) return block<R>(x, K, w, y, N, next, stride, phase, step);
-    block_rows<R - 1>(rows, x, K, w, y, N, next, stride, phase, step);
-  }
-}
-#endif
-
-#if defined(__AVX512F__)
 // The int8 form (gguf_int8.py): q [N / 32, K, 32] int8, scale/minv [N / 32, K / SUB, 32]. The first row block
 // rebuilds each weight in registers, w = fl(scale * q) - min (the checkpoint's fp32 weight bit for bit: the same
 // two roundings as gguf's dequantize), uses it, and leaves the panel in `buf` (L2) for the other row blocks.
 // Why: 1.5 bytes per weight arrive from DRAM instead of 4; 18 layers x 4 projections at 32 rows, weights from
 // DRAM: 26 -> 21 ms on 2 Xeon cores (benchmarks/decode_profile.py).
 template <int R>
-inline void block_int8(const float* x, int64_t K, const int8_t* q, const float* sc, const float* mn, float* buf, float* y,
-                       int64_t N, const int8_t* next) {
+inline void block_int8(const float* x, int64_t K, const int8_t* q, const float* sc, const float* mn, float* buf,
+                       float* y, int64_t N, const int8_t* next) {
   __m512 lo[R], hi[R];
   for (int m = 0; m < R; ++m) lo[m] = hi[m] = _mm512_setzero_ps();
   for (int64_t kb = 0; kb < K / SUB; ++kb) {
@@ -89,30 +88,23 @@ inline void block_int8(const float* x, int64_t K, const int8_t* q, const float* 
     const __m512 m0 = _mm512_loadu_ps(mn + kb * PANEL), m1 = _mm512_loadu_ps(mn + kb * PANEL + 16);
     for (int64_t k = kb * SUB; k < (kb + 1) * SUB; ++k) {
       const __m128i* qk = reinterpret_cast<const __m128i*>(q + k * PANEL);
-      const __m512 w0 = _mm512_sub_ps(_mm512_mul_ps(s0, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(qk)))), m0);
-      const __m512 w1 =
-          _mm512_sub_ps(_mm512_mul_ps(s1, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(qk + 1)))), m1);
+      const __m512 f0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(qk)));
+      const __m512 f1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(qk + 1)));
+      const __m512 w0 = _mm512_sub_ps(_mm512_mul_ps(s0, f0), m0), w1 = _mm512_sub_ps(_mm512_mul_ps(s1, f1), m1);
       _mm512_storeu_ps(buf + k * PANEL, w0);
       _mm512_storeu_ps(buf + k * PANEL + 16, w1);
-      for (int m = 0; m < R; ++m) {
-        const __m512 xb = _mm512_set1_ps(x[m * K + k]);
-        lo[m] = _mm512_fmadd_ps(xb, w0, lo[m]);
-        hi[m] = _mm512_fmadd_ps(xb, w1, hi[m]);
-      }
+      fma_rows<R>(lo, hi, x, K, k, w0, w1);
     }
   }
-  for (int m = 0; m < R; ++m) {
-    _mm512_storeu_ps(y + m * N, lo[m]);
-    _mm512_storeu_ps(y + m * N + 16, hi[m]);
-  }
+  store_rows<R>(lo, hi, y, N);
 }
 
-template <int R>
-inline void block_int8_rows(int64_t rows, const float* x, int64_t K, const int8_t* q, const float* sc, const float* mn,
-                            float* buf, float* y, int64_t N, const int8_t* next) {
+// The row count of the last block is a runtime value: call f with it as a template constant (1..R).
+template <int R, class F>
+inline void with_rows(int64_t rows, F&& f) {
   if constexpr (R > 0) {
-    if (rows == R) return block_int8<R>(x, K, q, sc, mn, buf, y, N, next);
-    block_int8_rows<R - 1>(rows, x, K, q, sc, mn, buf, y, N, next);
+    if (rows == R) return f(std::integral_constant<int, R>{});
+    with_rows<R - 1>(rows, f);
   }
 }
 #endif
@@ -150,7 +142,9 @@ at::Tensor skinny_linear(const at::Tensor& x, const at::Tensor& packed) {
       const char* next = reinterpret_cast<const char*>(wp + std::min(p + 1, panels - 1) * K * PANEL);
       for (int64_t b = 0; b < blocks; ++b) {
         const int64_t r0 = b * MR, rows = std::min(MR, M - r0);
-        block_rows<MR>(rows, xp + r0 * K, K, w, yp + r0 * N + p * PANEL, N, next, PANEL * 4, b, blocks);
+        with_rows<MR>(rows, [&](auto r) {
+          block<r>(xp + r0 * K, K, w, yp + r0 * N + p * PANEL, N, next, PANEL * 4, b, blocks);
+        });
       }
     }
   });
@@ -184,11 +178,15 @@ at::Tensor skinny_int8_linear(const at::Tensor& x, const at::Tensor& q, const at
     const char* own = reinterpret_cast<const char*>(buf.data());
     for (int64_t p = lo; p < hi; ++p) {
       const int8_t* next = qp + std::min(p + 1, panels - 1) * K * PANEL;
-      block_int8_rows<MR>(std::min(MR, M), xp, K, qp + p * K * PANEL, sp + p * subs * PANEL, mp + p * subs * PANEL,
-                          buf.data(), yp + p * PANEL, N, next);
+      with_rows<MR>(std::min(MR, M), [&](auto r) {
+        block_int8<r>(xp, K, qp + p * K * PANEL, sp + p * subs * PANEL, mp + p * subs * PANEL, buf.data(),
+                      yp + p * PANEL, N, next);
+      });
       for (int64_t b = 1; b < blocks; ++b) {  // (their prefetch hint points at the panel they read: a no-op)
         const int64_t r0 = b * MR, rows = std::min(MR, M - r0);
-        block_rows<MR>(rows, xp + r0 * K, K, buf.data(), yp + r0 * N + p * PANEL, N, own, PANEL * 4, 0, K);
+        with_rows<MR>(rows, [&](auto r) {
+          block<r>(xp + r0 * K, K, buf.data(), yp + r0 * N + p * PANEL, N, own, PANEL * 4, 0, K);
+        });
       }
     }
   });
