@@ -12,10 +12,11 @@ i and token v, an upper bound on |fp32_logit[i, v] - approx[i, v]|. Two rankers:
   h per row at run time (h ~ s_h q_h); the sums of q_h q_v are exact int32. Writing E = W - s_v q_v and
   D = h - s_h q_h, exactly h.W_v - s_h s_v (q_h.q_v) = h.E_v + D.W_v - D.E_v, so
       |fp32_logit - approx| <= ||h|| e_v + ||D|| (n_v + e_v) + gamma_K ||h|| n_v + u_out |approx|
-  with e_v = ||E_v|| and n_v = ||W_v|| computed once (made upper bounds), and u_out the output's bf16 rounding. The bound is
-  per token, so the head can skip whole blocks of the vocabulary on their maxima (`Ranking.upper`).
-  On the 270M's decode steps the bound is ~2-5x the bf16 one; a row whose top candidates do not settle the argmax
-  recomputes the few tokens that can still win (tens to hundreds, not 262K).
+  with e_v = ||E_v|| and n_v = ||W_v|| computed once (made upper bounds), and u_out the output's bf16 rounding.
+  The bound is per token, so the head can skip whole blocks of the vocabulary on their maxima (`Ranking.upper`);
+  columns are sorted by bound size so that a block's maxima bound its tokens closely. It is looser than bf16's: on
+  1,280 decode rows of real text on the 270M, 76 rows had tokens outside the 32 candidates left to recompute (1 with
+  bf16), each a few tens to hundreds of tokens, not 262K.
 """
 
 from __future__ import annotations
