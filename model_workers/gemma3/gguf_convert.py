@@ -18,13 +18,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import transformers
 
 from model_workers.gemma3.config import FULL, SLIDING, CheckpointError
 from model_workers.gemma3.gguf_int8 import Int8Blocks, int8_blocks
 from model_workers.gemma3.gguf_int8 import save as save_int8_blocks
 
 log = logging.getLogger(__name__)
-FORMAT_VERSION = 2  # 2: + the projections' int8 blocks (gguf_int8.py)
+FORMAT_VERSION = 3  # 2: + the projections' int8 blocks (gguf_int8.py); 3: config.json names its transformers version
 DEFAULT_MODEL_ALIAS = "gemma3-270m"
 
 # llama.cpp tensor names -> Hugging Face names (text decoder only: GGUF Gemma 3 files carry no vision tower).
@@ -146,7 +147,10 @@ def convert(gguf_path: Path, out: Path) -> Path:
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         if blocks:
             save_int8_blocks(blocks, tmp)
-        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        # transformers >= 5 warns that a local tokenizer "will lead to incorrect tokenization" (a Mistral regex check)
+        # whenever config.json lacks transformers_version; save_pretrained always writes it, so we do too.
+        stamped = {**config, "transformers_version": transformers.__version__}
+        (tmp / "config.json").write_text(json.dumps(stamped, indent=2))
         _write_tokenizer(gguf_path, tmp)
         (tmp / "g3serve_converted.json").write_text(json.dumps({"source": str(gguf_path), "version": FORMAT_VERSION}))
         if out.exists():
