@@ -18,7 +18,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import transformers
 
 from model_workers.gemma3.config import FULL, SLIDING, CheckpointError
 from model_workers.gemma3.gguf_int8 import Int8Blocks, int8_blocks
@@ -139,6 +138,7 @@ def _write_tokenizer(gguf_path: Path, out: Path) -> None:
 
 
 def convert(gguf_path: Path, out: Path) -> Path:
+    import transformers
     from safetensors.torch import save_file
 
     config, state, blocks = read_gguf(gguf_path)
