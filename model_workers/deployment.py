@@ -18,8 +18,9 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from pathlib import Path
 
 from cluster.config import G3ServeConfig
-from cluster.messages import GenerateRequest, KvEvent, ReplicaLoad, TokenDelta
-from model_workers.engine import DecoderEngine, ModelInfo
+from cluster.contracts.messages import GenerateRequest, KvEvent, ReplicaLoad, TokenDelta
+from cluster.contracts.model_info import ModelInfo
+from model_workers.engine import DecoderEngine
 from model_workers.stream_pacing import StreamPacer, default_budget
 
 log = logging.getLogger(__name__)

@@ -26,9 +26,9 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from cluster.config import G3ServeConfig
-from cluster.messages import FinishReason, GenerateRequest, SamplingParams, TokenDelta
+from cluster.contracts.messages import FinishReason, GenerateRequest, SamplingParams, TokenDelta
+from cluster.contracts.model_info import ModelInfo
 from model_workers.deployment import resolve_checkpoint
-from model_workers.engine import ModelInfo
 from model_workers.gemma3.tokenizer import Gemma3Tokenizer
 from router import openai_api as oa
 from router.ingress_errors import api_error_from_exception, replica_lost

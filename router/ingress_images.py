@@ -18,7 +18,7 @@ from pathlib import Path
 from prometheus_client import Gauge
 
 from cluster.config import G3ServeConfig
-from cluster.messages import ImageEmbedding
+from cluster.contracts.messages import ImageEmbedding
 from model_workers.gemma3.tokenizer import ChatTurn, ImageRef
 from router.ingress_errors import replica_lost
 from router.openai_api import ApiError, ImageInput, TurnDraft

@@ -27,7 +27,7 @@ from dataclasses import dataclass, replace
 
 import ray
 
-from cluster.messages import KvEvent, ReplicaLoad
+from cluster.contracts.messages import KvEvent, ReplicaLoad
 from router.kv_index import KvIndex
 
 logger = logging.getLogger(__name__)

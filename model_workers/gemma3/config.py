@@ -7,10 +7,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from cluster.contracts.model_info import FULL_ATTENTION, SLIDING_ATTENTION
+
 if TYPE_CHECKING:
     from model_workers.gemma3.siglip import VisionConfig
-
-FULL, SLIDING = "full_attention", "sliding_attention"
 
 
 class CheckpointError(ValueError):
@@ -48,11 +48,11 @@ class TextConfig:
 
     @property
     def global_layers(self) -> tuple[int, ...]:
-        return tuple(i for i, t in enumerate(self.layer_types) if t == FULL)
+        return tuple(i for i, t in enumerate(self.layer_types) if t == FULL_ATTENTION)
 
     @property
     def local_layers(self) -> tuple[int, ...]:
-        return tuple(i for i, t in enumerate(self.layer_types) if t == SLIDING)
+        return tuple(i for i, t in enumerate(self.layer_types) if t == SLIDING_ATTENTION)
 
 
 @dataclass(frozen=True)
@@ -102,7 +102,7 @@ def _text_config(t: dict, source: str) -> TextConfig:
     if not layer_types:
         # Older configs give only the pattern: every `pattern`-th layer is global (5 local : 1 global).
         pattern = t.get("sliding_window_pattern", t.get("_sliding_window_pattern", 6))
-        layer_types = [SLIDING if (i + 1) % pattern else FULL for i in range(n_layers)]
+        layer_types = [SLIDING_ATTENTION if (i + 1) % pattern else FULL_ATTENTION for i in range(n_layers)]
     if len(layer_types) != n_layers:
         raise CheckpointError(f"{source}: layer_types has {len(layer_types)} entries for {n_layers} layers")
     rope_global, rope_local = _rope(t)
@@ -135,8 +135,8 @@ def _rope(t: dict) -> tuple[RopeConfig, RopeConfig]:
     """Per-layer-type RoPE: transformers >= 4.56 writes `rope_parameters`; older configs `rope_theta`,
     `rope_local_base_freq` and a `rope_scaling` that applies to the global layers only."""
     params = t.get("rope_parameters")
-    if params and "full_attention" in params:
-        g, loc = params["full_attention"], params.get("sliding_attention", {})
+    if params and FULL_ATTENTION in params:
+        g, loc = params[FULL_ATTENTION], params.get(SLIDING_ATTENTION, {})
         return _one_rope(g, g.get("rope_theta", 1e6)), _one_rope(loc, loc.get("rope_theta", 1e4))
     scaling = t.get("rope_scaling") or {}
     return _one_rope(scaling, t.get("rope_theta", 1e6)), RopeConfig(theta=t.get("rope_local_base_freq", 1e4))

@@ -19,8 +19,9 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from cluster.config import NativeEngineConfig
-from cluster.messages import FinishReason, GenerateRequest, KvEvent, ReplicaLoad, TokenDelta
-from model_workers.engine import EngineOverloadedError, EngineRequestError, ModelInfo
+from cluster.contracts.engine_errors import EngineOverloadedError, EngineRequestError
+from cluster.contracts.messages import FinishReason, GenerateRequest, KvEvent, ReplicaLoad, TokenDelta
+from cluster.contracts.model_info import ModelInfo
 from model_workers.gemma3.config import Gemma3Config
 from model_workers.gemma3.decoder import Gemma3Decoder
 from model_workers.gemma3.gguf_int8 import layer_blocks
