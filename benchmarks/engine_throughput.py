@@ -24,10 +24,10 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from cluster.config import NativeEngineConfig
 from cluster.contracts.messages import GenerateRequest, SamplingParams
 from model_workers.gemma3.gguf_convert import default_checkpoint
 from model_workers.native.engine import NativeEngine
+from model_workers.settings import NativeEngineConfig
 
 GREEDY = dict(temperature=0.0, ignore_eos=True)
 

@@ -26,10 +26,10 @@ import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from cluster.config import ModelSettings, VllmEngineConfig
 from cluster.contracts.engine_errors import EngineOverloadedError, EngineRequestError
 from cluster.contracts.messages import FinishReason, GenerateRequest, KvEvent, ReplicaLoad, TokenDelta
 from cluster.contracts.model_info import FULL_ATTENTION, SLIDING_ATTENTION, ModelInfo
+from model_workers.settings import ModelSettings, VllmEngineConfig
 from model_workers.vllm_kv_events import KvEventTranslator, ZmqKvEventSubscriber
 
 log = logging.getLogger(__name__)

@@ -1,8 +1,9 @@
-"""Where a decoder replica publishes its KV events and load: the interface between the decoder and the routing.
+"""Where a decoder replica publishes its KV events and load (the KV-event sink): the interface between the decoder
+and the routing.
 
-The decoder deployment is handed a `KvEventPublisherFactory` by the composition (cluster/app.py builds it from
-router/kv_hub.py), so model_workers never imports router: it only calls the factory with its engine, `start()`s
-the publisher, and `stop()`s it on shutdown.
+The decoder deployment is handed a `KvEventSinkFactory` by the composition (cluster/app.py passes router/kv_hub.py's
+`HubPublisherFactory`), so model_workers never imports router: it calls the factory with its engine once the engine
+is up, `start()`s the sink, and `stop()`s it on shutdown.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ class KvEventSource(Protocol):
     def load(self) -> ReplicaLoad: ...
 
 
-class KvEventPublisher(Protocol):
+class KvEventSink(Protocol):
     """A running publication of one replica's KV events (periodic, in the replica's event loop)."""
 
     def start(self) -> None: ...
@@ -28,7 +29,7 @@ class KvEventPublisher(Protocol):
     async def stop(self) -> None: ...
 
 
-class KvEventPublisherFactory(Protocol):
-    """Builds the publisher of the current replica (called inside the replica, once its engine is up)."""
+class KvEventSinkFactory(Protocol):
+    """Builds the sink of the current replica (called inside the replica, once its engine is up)."""
 
-    def __call__(self, source: KvEventSource) -> KvEventPublisher: ...
+    def __call__(self, source: KvEventSource) -> KvEventSink: ...

@@ -7,10 +7,10 @@ import asyncio
 import pytest
 import torch
 
-from cluster.config import NativeEngineConfig
 from cluster.contracts.messages import FinishReason, GenerateRequest, SamplingParams
 from model_workers.gemma3.tokenizer import ChatTurn
 from model_workers.native.engine import NativeEngine
+from model_workers.settings import NativeEngineConfig
 
 pytestmark = pytest.mark.real_model
 GREEDY = dict(temperature=0.0, ignore_eos=True)
