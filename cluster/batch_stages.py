@@ -33,8 +33,7 @@ from router.ingress import G3ServeIngress, parse
 from router.ingress_errors import api_error_from_exception
 from router.ingress_images import _PAN_AND_SCAN_BY_DETAIL
 from vision_service.content_hash import HashSettings, checkpoint_revision
-from vision_service.images import ImageRef as ImageWhere
-from vision_service.images import load_image_bytes
+from vision_service.images import ImageLocation, load_image_bytes
 from vision_service.preprocess import PreprocessConfig
 from vision_service.request import VisionImage, VisionRequest, plan_image
 from vision_service.settings import VisionSettings
@@ -136,7 +135,7 @@ class Preprocess:
         drafts = oa.turn_drafts(req.messages, self.limits.max_images)
         images, refs = [], {}
         for img in (i for d in drafts for i in d.images):
-            where = ImageWhere(img.message_index, img.part_index)
+            where = ImageLocation(img.message_index, img.part_index)
             data = self._loop.run(self._image_bytes(img.url, where))
             vimg = VisionImage(data, where, _PAN_AND_SCAN_BY_DETAIL.get(img.detail or "auto"))
             # The vision service plans the same way (same function, same settings): the hashes name the blocks.
@@ -165,7 +164,7 @@ class Preprocess:
         )
         return replace(base, request=request, images=tuple(images))
 
-    async def _image_bytes(self, url: str, where: ImageWhere) -> bytes:
+    async def _image_bytes(self, url: str, where: ImageLocation) -> bytes:
         if "://" not in url and not url.startswith(("data:", "/")):  # a path relative to the input file
             url = str((self.input_dir / url).resolve())
         return await load_image_bytes(url, self.image_limits, where)

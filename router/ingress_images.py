@@ -22,8 +22,7 @@ from model_workers.gemma3.tokenizer import ChatTurn, ImageRef
 from router.ingress_errors import replica_lost
 from router.openai_api import ApiError, ImageInput, TurnDraft
 from vision_service.content_hash import HashSettings, checkpoint_revision
-from vision_service.images import ImageRef as ImageWhere
-from vision_service.images import load_image_bytes
+from vision_service.images import ImageLocation, load_image_bytes
 from vision_service.preprocess import PreprocessConfig
 from vision_service.request import VisionImage, VisionRequest, plan_image
 from vision_service.settings import VisionSettings
@@ -78,7 +77,7 @@ class ImagePipeline:
         limits = self._settings.images
         inputs = []
         for img in images:
-            where = ImageWhere(img.message_index, img.part_index)
+            where = ImageLocation(img.message_index, img.part_index)
             data = await load_image_bytes(img.url, limits, where)
             inputs.append(VisionImage(data, where, _PAN_AND_SCAN_BY_DETAIL.get(img.detail or "auto")))
         plans = [
