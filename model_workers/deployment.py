@@ -66,7 +66,8 @@ class DecoderDeployment:
     async def __init__(self, engine: EngineSettings, model: ModelSettings, kv_events: KvEventSinkFactory | None = None):
         """`engine` as the composition fitted it to this deployment (G3ServeConfig.decoder_engine); `kv_events`
         builds where this replica publishes its KV events and load (None: no KV-aware routing)."""
-        from model_workers.gemma3.gguf_convert import resolve_checkpoint  # torch: only in the replica
+        # Here, not at module level: gguf_convert imports torch, and the driver imports this module to build the app.
+        from model_workers.gemma3.gguf_convert import resolve_checkpoint
 
         self._replica_id = replica_id()
         checkpoint = resolve_checkpoint(model.checkpoint)  # in the replica: the embedded default converts per node

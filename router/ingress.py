@@ -97,7 +97,8 @@ class G3ServeIngress:
     ):
         """`model_id` is the served model name; `checkpoint` the `model.checkpoint` spec, resolved here (the
         embedded default converts once per node); `pool_plan` None = one decoder pool, no admission step."""
-        from model_workers.gemma3.gguf_convert import resolve_checkpoint  # converts (torch) only on first use
+        # Here, not at module level (as before): gguf_convert imports torch, which importing the ingress must not.
+        from model_workers.gemma3.gguf_convert import resolve_checkpoint
 
         self.settings, self.model_id = settings, model_id
         self._keys = tuple(k.encode() for k in api_keys)
