@@ -24,10 +24,10 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from cluster.config import NativeEngineConfig
-from cluster.messages import GenerateRequest, SamplingParams
+from cluster.contracts.messages import GenerateRequest, SamplingParams
 from model_workers.gemma3.gguf_convert import default_checkpoint
 from model_workers.native.engine import NativeEngine
+from model_workers.settings import NativeEngineConfig
 
 GREEDY = dict(temperature=0.0, ignore_eos=True)
 
@@ -128,8 +128,9 @@ async def ttft(engine: NativeEngine, rid: str, prompt) -> tuple[float, int]:
 
 
 def memory_table() -> tuple[Table, float]:
+    from cluster.contracts.model_info import FULL_ATTENTION, SLIDING_ATTENTION
     from cluster.model_presets import get_preset
-    from model_workers.native.kv_cache.spec import FULL, SLIDING, KVCacheSpec
+    from model_workers.native.kv_cache.spec import KVCacheSpec
 
     table = Table(title="KV bytes of one sequence (bf16, page 16): hybrid (ours) vs full attention on every layer")
     for col in ("model", "context", "hybrid GiB", "full GiB", "saving"):
@@ -137,7 +138,7 @@ def memory_table() -> tuple[Table, float]:
     worst = float("inf")
     for name in ("4b", "12b", "27b"):
         p = get_preset(name)
-        types = tuple(FULL if (i + 1) % 6 == 0 else SLIDING for i in range(p.num_hidden_layers))
+        types = tuple(FULL_ATTENTION if (i + 1) % 6 == 0 else SLIDING_ATTENTION for i in range(p.num_hidden_layers))
         spec = KVCacheSpec(types, 16, p.sliding_window, p.num_key_value_heads, p.head_dim, 2)
         for ctx in (8192, 32768, 131072):
             g_pages = -(-ctx // 16)

@@ -37,7 +37,7 @@ def main() -> None:
 
     from transformers import Gemma3ForCausalLM
 
-    from cluster.messages import SamplingParams
+    from cluster.contracts.messages import SamplingParams
     from model_workers.gemma3.attention import DenseAttention
     from model_workers.gemma3.decoder import Gemma3Decoder
     from model_workers.gemma3.gguf_convert import default_checkpoint

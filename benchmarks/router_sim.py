@@ -9,7 +9,7 @@ some with images) is replayed under each router:
 - text_tree: what Ray Serve LLM's PrefixCacheAffinityRouter does by default (a prefix tree on the prompt text,
   images dropped, updated on routing, no eviction knowledge, longest match wins, then the shorter queue),
 - ours: router/policy.py with router/kv_index.py fed by KvEvents and loads that arrive `--lag-s` late,
-  router/load_view.py counting recent sends, session affinity, page hashes from cluster/prefix_hash.py,
+  router/load_view.py counting recent sends, session affinity, page hashes from cluster/contracts/prefix_hash.py,
 - oracle: exact caches and exact queues at decision time, minimum modeled TTFT.
 
     python benchmarks/router_sim.py [--quick] [--conversations 2000] [--replicas 8] [--load 0.8]
@@ -27,8 +27,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cluster.messages import ImageSpan, KvEvent, ReplicaLoad
-from cluster.prefix_hash import page_hashes
+from cluster.contracts.messages import ImageSpan, KvEvent, ReplicaLoad
+from cluster.contracts.prefix_hash import page_hashes
 from router.admission import KvGeometry
 from router.kv_index import KvIndex
 from router.load_view import LoadView

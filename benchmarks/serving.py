@@ -34,17 +34,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from openai_load import Load, Run, _bounded, _free_port, _serve_load, make_load, pct, prompts  # noqa: E402, F401
 
 from cluster.config import G3ServeConfig  # noqa: E402
-from cluster.messages import GenerateRequest, SamplingParams  # noqa: E402
+from cluster.contracts.messages import GenerateRequest, SamplingParams  # noqa: E402
 
 
 async def run_in_process(
     config: G3ServeConfig, texts: list[str], max_tokens: int, concurrency: int, warm: list[str] | None = None
 ) -> Run:
-    from model_workers.deployment import ENGINE_FACTORIES, resolve_checkpoint
+    from model_workers.deployment import ENGINE_FACTORIES
+    from model_workers.gemma3.gguf_convert import resolve_checkpoint
     from model_workers.gemma3.tokenizer import Gemma3Tokenizer
 
     ckpt = resolve_checkpoint(config.model.checkpoint)
-    engine = ENGINE_FACTORIES[config.engine.kind](config, ckpt, "bench-inproc")
+    engine = ENGINE_FACTORIES[config.engine.kind](config.decoder_engine(), config.model, ckpt, "bench-inproc")
     await engine.start()
     tok = Gemma3Tokenizer.from_checkpoint(ckpt, engine.info.mm_tokens_per_image)
     sampling = SamplingParams(max_tokens=max_tokens, temperature=0.0, stop_token_ids=tok.eos_token_ids)
@@ -254,7 +255,7 @@ def main() -> None:
     config = G3ServeConfig.from_yaml(args.config) if args.config else G3ServeConfig()
     os.environ.pop("G3SERVE_API_KEYS", None)
 
-    from model_workers.deployment import resolve_checkpoint
+    from model_workers.gemma3.gguf_convert import resolve_checkpoint
 
     checkpoint = resolve_checkpoint(config.model.checkpoint)
     load = make_load(checkpoint, *load_args)

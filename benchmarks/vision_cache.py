@@ -26,7 +26,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from model_workers.gemma3.siglip import VisionConfig, VisionTower
+from model_workers.gemma3.config import VisionConfig
+from model_workers.gemma3.siglip import VisionTower
 from vision_service.deployment import VisionService
 from vision_service.request import VisionImage, VisionRequest
 

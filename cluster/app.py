@@ -19,9 +19,11 @@ from ray.serve import Application
 from ray.serve.config import RequestRouterConfig
 
 from cluster.config import DeploymentSettings, G3ServeConfig
-from model_workers.deployment import DecoderDeployment, resolve_checkpoint
+from cluster.pool_plan import pool_configs, pool_plan
+from model_workers.deployment import DecoderDeployment
 from router.ingress import G3ServeIngress
-from router.pools import DEFAULT_POOL, pool_configs, pool_deployment_name
+from router.kv_hub import HubPublisherFactory
+from router.pools import DEFAULT_POOL, pool_deployment_name
 from router.serve_router import KvAwareRequestRouter
 
 APP_NAME = "g3serve"
@@ -47,7 +49,7 @@ def deployment_options(name: str, settings: DeploymentSettings) -> dict:
 
 
 def engine_page_size(config: G3ServeConfig) -> int:
-    """The KV page size the router must hash with: the engine's own (cluster/prefix_hash.py is shared)."""
+    """The KV page size the router must hash with: the engine's own (cluster/contracts/prefix_hash.py is shared)."""
     if config.engine.kind == "vllm":
         return config.engine.vllm.block_size or 16
     return config.engine.native.page_size
@@ -61,7 +63,9 @@ def has_vision_tower(checkpoint_dir: Path) -> bool:
 def _decoder(name: str, config: G3ServeConfig) -> Application:
     """One decoder deployment (a pool's, or the only one) with its request router."""
     decoder_opts = deployment_options(name, config.decoder)
+    kv_events = None
     if config.router.enabled:
+        kv_events = HubPublisherFactory(period_s=config.router.publish_interval_s)
         decoder_opts["request_router_config"] = RequestRouterConfig(
             request_router_class=KvAwareRequestRouter,
             request_router_kwargs=config.router.request_router_kwargs(engine_page_size(config)),
@@ -70,11 +74,17 @@ def _decoder(name: str, config: G3ServeConfig) -> Application:
         from router.baseline_routers import RoundRobinRequestRouter
 
         decoder_opts["request_router_config"] = RequestRouterConfig(request_router_class=RoundRobinRequestRouter)
-    return serve.deployment(DecoderDeployment).options(**decoder_opts).bind(config)
+    return (
+        serve.deployment(DecoderDeployment)
+        .options(**decoder_opts)
+        .bind(config.decoder_engine(), config.model, kv_events)
+    )
 
 
 def build_app(config: G3ServeConfig) -> Application:
     """The application graph; call from the driver (it resolves the checkpoint once, converting it if needed)."""
+    from model_workers.gemma3.gguf_convert import resolve_checkpoint
+
     checkpoint = resolve_checkpoint(config.model.checkpoint)
     if config.router.pools:
         decoders = {name: _decoder(pool_deployment_name(name), cfg) for name, cfg in pool_configs(config).items()}
@@ -94,7 +104,16 @@ def build_app(config: G3ServeConfig) -> Application:
     return (
         serve.deployment(G3ServeIngress)
         .options(**ingress_opts)
-        .bind(config, config.ingress.resolved_api_keys(), vision, decoders)
+        .bind(
+            config.ingress.settings(),
+            config.ingress.resolved_api_keys(),
+            config.model.served_model_name,
+            config.model.checkpoint,
+            config.vision.service,
+            pool_plan(config, checkpoint),
+            vision,
+            decoders,
+        )
     )
 
 

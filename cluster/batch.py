@@ -76,6 +76,8 @@ def build_dataset(config: G3ServeConfig, rows: list[InputRow], checkpoint: Path,
     from cluster.app import has_vision_tower
     from cluster.batch_stages import Decode, Preprocess, VisionEncode
 
+    if config.engine.kind != "native":
+        raise NotImplementedError(f"g3serve batch runs the native engine; engine.kind={config.engine.kind}")
     b = config.batch
     # Blocks of decoder_batch_size rows from the start: Ray Data merges a map task's outputs into one block, so a
     # bigger block would reach the driver (and its shard) only when all its rows are decoded.
@@ -83,7 +85,7 @@ def build_dataset(config: G3ServeConfig, rows: list[InputRow], checkpoint: Path,
     ds = ray.data.from_items(items, override_num_blocks=max(1, math.ceil(len(items) / b.decoder_batch_size)))
     ds = ds.map_batches(
         Preprocess,
-        fn_constructor_args=(config, str(checkpoint), str(input_dir)),
+        fn_constructor_args=(config.model, config.vision.service, b, str(checkpoint), str(input_dir)),
         batch_size=b.decoder_batch_size,
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=b.preprocess_concurrency),
@@ -92,7 +94,7 @@ def build_dataset(config: G3ServeConfig, rows: list[InputRow], checkpoint: Path,
     if has_vision_tower(checkpoint):
         ds = ds.map_batches(
             VisionEncode,
-            fn_constructor_args=(config, str(checkpoint)),
+            fn_constructor_args=(config.vision.service, config.model.served_model_name, str(checkpoint)),
             batch_size=b.vision_batch_size,
             batch_format="pyarrow",
             compute=ray.data.ActorPoolStrategy(size=b.vision_concurrency),
@@ -101,7 +103,7 @@ def build_dataset(config: G3ServeConfig, rows: list[InputRow], checkpoint: Path,
         )
     return ds.map_batches(
         Decode,
-        fn_constructor_args=(config, str(checkpoint)),
+        fn_constructor_args=(config.native_engine_config(checkpoint),),
         batch_size=b.decoder_batch_size,
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=b.decoder_concurrency),
@@ -137,7 +139,7 @@ def run_batch(
     import ray
     from ray.data import DataContext
 
-    from model_workers.deployment import resolve_checkpoint
+    from model_workers.gemma3.gguf_convert import resolve_checkpoint
 
     console = console or Console(stderr=True)
     start = time.perf_counter()

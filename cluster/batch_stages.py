@@ -23,19 +23,20 @@ from pathlib import Path
 import pyarrow as pa
 
 from cluster.batch_io import OUTPUT_SCHEMA, output_row
-from cluster.config import G3ServeConfig
-from cluster.messages import FinishReason, GenerateRequest
+from cluster.config import BatchSettings
+from cluster.contracts.messages import FinishReason, GenerateRequest
 from model_workers.gemma3.config import Gemma3Config
 from model_workers.gemma3.tokenizer import ChatTurn, Gemma3Tokenizer, ImageRef
+from model_workers.settings import ModelSettings, NativeEngineConfig
 from router import openai_api as oa
 from router.ingress import G3ServeIngress, parse
 from router.ingress_errors import api_error_from_exception
 from router.ingress_images import _PAN_AND_SCAN_BY_DETAIL
 from vision_service.content_hash import HashSettings, checkpoint_revision
-from vision_service.images import ImageRef as ImageWhere
-from vision_service.images import load_image_bytes
+from vision_service.images import ImageLocation, load_image_bytes
 from vision_service.preprocess import PreprocessConfig
 from vision_service.request import VisionImage, VisionRequest, plan_image
+from vision_service.settings import VisionSettings
 
 PREPARED_SCHEMA = pa.schema([("id", pa.string()), ("index", pa.int64()), ("prepared", pa.binary())])
 
@@ -92,27 +93,26 @@ class _LoopThread:
 class Preprocess:
     """Validate each row as an OpenAI chat request, read and probe its images, tokenize it, fit the context."""
 
-    def __init__(self, config: G3ServeConfig, checkpoint: str, input_dir: str):
-        self.config, self.input_dir = config, Path(input_dir)
+    def __init__(
+        self, model: ModelSettings, vision: VisionSettings, batch: BatchSettings, checkpoint: str, input_dir: str
+    ):
+        self.model_id, self.vision, self.input_dir = model.served_model_name, vision, Path(input_dir)
         mcfg = Gemma3Config.from_checkpoint(checkpoint)
         text = mcfg.text
         # The engine's own rule (model_workers/native/engine.py), so the preprocessor refuses what it would refuse.
-        self.max_model_len = min(
-            config.model.max_model_len or text.max_position_embeddings, text.max_position_embeddings
-        )
+        self.max_model_len = min(model.max_model_len or text.max_position_embeddings, text.max_position_embeddings)
         self.tokenizer = Gemma3Tokenizer.from_checkpoint(checkpoint, mcfg.mm_tokens_per_image)
         self.supports_images = mcfg.vision is not None
-        vision = config.vision.service
         self.image_limits = vision.images.model_copy(
-            update={"allow_local_paths": vision.images.allow_local_paths or config.batch.allow_local_image_paths}
+            update={"allow_local_paths": vision.images.allow_local_paths or batch.allow_local_image_paths}
         )
         self.hash_settings = HashSettings(
             checkpoint_revision(Path(checkpoint)), PreprocessConfig.from_checkpoint(checkpoint), vision.pan_and_scan
         )
         self.limits = oa.Limits(
             max_tokens_cap=self.max_model_len,
-            default_max_tokens=config.batch.default_max_tokens,
-            max_images=config.batch.max_images_per_row,
+            default_max_tokens=batch.default_max_tokens,
+            max_images=batch.max_images_per_row,
         )
         self._loop = _LoopThread()  # image bytes come through an async loader (http(s) when allow-listed)
 
@@ -128,22 +128,22 @@ class Preprocess:
 
     def prepare(self, base: PreparedRow, request_json: str) -> PreparedRow:
         body = json.loads(request_json)
-        body.setdefault("model", self.config.model.served_model_name)
+        body.setdefault("model", self.model_id)
         body["stream"] = False
         req = parse(oa.ChatCompletionRequest, json.dumps(body).encode())
         sampling = oa.to_sampling(req, self.limits)
         drafts = oa.turn_drafts(req.messages, self.limits.max_images)
         images, refs = [], {}
         for img in (i for d in drafts for i in d.images):
-            where = ImageWhere(img.message_index, img.part_index)
+            where = ImageLocation(img.message_index, img.part_index)
             data = self._loop.run(self._image_bytes(img.url, where))
             vimg = VisionImage(data, where, _PAN_AND_SCAN_BY_DETAIL.get(img.detail or "auto"))
             # The vision service plans the same way (same function, same settings): the hashes name the blocks.
             plan = plan_image(
                 vimg,
-                self.config.model.served_model_name,
+                self.model_id,
                 self.hash_settings,
-                self.config.vision.service.pan_and_scan.enabled,
+                self.vision.pan_and_scan.enabled,
                 self.image_limits,
             )
             images.append(vimg)
@@ -164,7 +164,7 @@ class Preprocess:
         )
         return replace(base, request=request, images=tuple(images))
 
-    async def _image_bytes(self, url: str, where: ImageWhere) -> bytes:
+    async def _image_bytes(self, url: str, where: ImageLocation) -> bytes:
         if "://" not in url and not url.startswith(("data:", "/")):  # a path relative to the input file
             url = str((self.input_dir / url).resolve())
         return await load_image_bytes(url, self.image_limits, where)
@@ -184,11 +184,11 @@ class VisionEncode:
     """Encode each row's images through an in-process VisionService (its Redis embedding cache: embedded per
     actor by default, shared by all actors and the serving cluster when `vision.service.cache.redis_url` is set)."""
 
-    def __init__(self, config: G3ServeConfig, checkpoint: str):
+    def __init__(self, vision: VisionSettings, model_id: str, checkpoint: str):
         from vision_service.deployment import VisionService
 
         self._loop = _LoopThread()
-        self.service = VisionService(checkpoint, config.vision.service, model_id=config.model.served_model_name)
+        self.service = VisionService(checkpoint, vision, model_id=model_id)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = from_table(batch)
@@ -215,13 +215,12 @@ class VisionEncode:
 class Decode:
     """One engine per actor; all rows of a call generate concurrently, each ending as an output row."""
 
-    def __init__(self, config: G3ServeConfig, checkpoint: str):
-        if config.engine.kind != "native":
-            raise NotImplementedError(f"g3serve batch runs the native engine; engine.kind={config.engine.kind}")
+    def __init__(self, engine: NativeEngineConfig):
+        """`engine` with the model fields filled in (G3ServeConfig.native_engine_config)."""
         from model_workers.native.engine import NativeEngine
 
         self._loop = _LoopThread()
-        self.engine = NativeEngine(config.native_engine_config(checkpoint), replica_id=f"batch-{os.getpid()}")
+        self.engine = NativeEngine(engine, replica_id=f"batch-{os.getpid()}")
         self._loop.run(self.engine.start())
 
     def __call__(self, batch: pa.Table) -> pa.Table:

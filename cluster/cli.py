@@ -21,7 +21,8 @@ from rich.console import Console
 from rich.table import Table
 
 from cluster import capacity, deploy
-from cluster.config import API_KEYS_ENV, G3ServeConfig
+from cluster.config import G3ServeConfig
+from router.ingress_settings import API_KEYS_ENV
 
 out = Console()
 err = Console(stderr=True)

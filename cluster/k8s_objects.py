@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from cluster.deploy import DeployPreset, GpuGroup, PodShape
+    from cluster.deploy_preset import DeployPreset, GpuGroup, PodShape
 
 APP_LABELS = {"app.kubernetes.io/name": "g3serve", "app.kubernetes.io/part-of": "g3serve"}
 REDIS_NAME = "g3serve-redis"

@@ -17,36 +17,31 @@ import os
 from collections.abc import AsyncIterator, Callable, Mapping
 from pathlib import Path
 
-from cluster.config import G3ServeConfig
-from cluster.messages import GenerateRequest, KvEvent, ReplicaLoad, TokenDelta
-from model_workers.engine import DecoderEngine, ModelInfo
+from cluster.contracts.kv_events import KvEventSink, KvEventSinkFactory
+from cluster.contracts.messages import GenerateRequest, KvEvent, ReplicaLoad, TokenDelta
+from cluster.contracts.model_info import ModelInfo
+from model_workers.engine import DecoderEngine
+from model_workers.settings import EngineSettings, ModelSettings
 from model_workers.stream_pacing import StreamPacer, default_budget
 
 log = logging.getLogger(__name__)
 
 
-def _native_engine(config: G3ServeConfig, checkpoint_dir: Path, replica: str) -> DecoderEngine:
+def _native_engine(engine: EngineSettings, model: ModelSettings, checkpoint_dir: Path, replica: str) -> DecoderEngine:
     # Imported here so that a vLLM deployment does not import the native engine's torch kernels, and vice versa.
     from model_workers.native.engine import NativeEngine
 
-    return NativeEngine(config.native_engine_config(checkpoint_dir), replica_id=replica)
+    return NativeEngine(engine.native.with_model(model, checkpoint_dir), replica_id=replica)
 
 
-def _vllm_engine(config: G3ServeConfig, checkpoint_dir: Path, replica: str) -> DecoderEngine:
+def _vllm_engine(engine: EngineSettings, model: ModelSettings, checkpoint_dir: Path, replica: str) -> DecoderEngine:
     from model_workers.vllm_engine import VllmEngine
 
-    return VllmEngine(config.engine.vllm, config.model, checkpoint_dir, replica)
+    return VllmEngine(engine.vllm, model, checkpoint_dir, replica)
 
 
-EngineFactory = Callable[[G3ServeConfig, Path, str], DecoderEngine]
+EngineFactory = Callable[[EngineSettings, ModelSettings, Path, str], DecoderEngine]
 ENGINE_FACTORIES: Mapping[str, EngineFactory] = {"native": _native_engine, "vllm": _vllm_engine}
-
-
-def resolve_checkpoint(spec: str) -> Path:
-    """A checkpoint directory from `model.checkpoint` (the embedded default is converted once, then cached)."""
-    from model_workers.gemma3.gguf_convert import resolve_checkpoint as _resolve
-
-    return _resolve(spec)
 
 
 def replica_id() -> str:
@@ -68,20 +63,20 @@ def _has_gpu() -> bool:
 class DecoderDeployment:
     """Wrapped by `serve.deployment` in cluster/app.py (resources and replicas come from the config there)."""
 
-    async def __init__(self, config: G3ServeConfig):
-        self._config = config
-        self._replica_id = replica_id()
-        checkpoint = resolve_checkpoint(config.model.checkpoint)
-        self._engine = ENGINE_FACTORIES[config.engine.kind](config, checkpoint, self._replica_id)
-        await self._engine.start()
-        self._pacer = StreamPacer(default_budget(config.engine.stream_messages_per_s, _has_gpu()))
-        self._publisher = None
-        if config.router.enabled:  # KV events + load to the deployment's hub, read by the KV-aware routers
-            from router.kv_hub import KvEventPublisher
+    async def __init__(self, engine: EngineSettings, model: ModelSettings, kv_events: KvEventSinkFactory | None = None):
+        """`engine` as the composition fitted it to this deployment (G3ServeConfig.decoder_engine); `kv_events`
+        builds where this replica publishes its KV events and load (None: no KV-aware routing)."""
+        # Here, not at module level: gguf_convert imports torch, and the driver imports this module to build the app.
+        from model_workers.gemma3.gguf_convert import resolve_checkpoint
 
-            self._publisher = KvEventPublisher.for_current_replica(
-                self._engine, period_s=config.router.publish_interval_s
-            )
+        self._replica_id = replica_id()
+        checkpoint = resolve_checkpoint(model.checkpoint)  # in the replica: the embedded default converts per node
+        self._engine = ENGINE_FACTORIES[engine.kind](engine, model, checkpoint, self._replica_id)
+        await self._engine.start()
+        self._pacer = StreamPacer(default_budget(engine.stream_messages_per_s, _has_gpu()))
+        self._publisher: KvEventSink | None = None
+        if kv_events is not None:  # KV events + load to the deployment's hub, read by the KV-aware routers
+            self._publisher = kv_events(self._engine)
             self._publisher.start()
         log.info("decoder replica %s ready: %s", self._replica_id, self._engine.info)
 

@@ -7,33 +7,10 @@ The deployment is given the engine *class* (from config) and only ever calls the
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
-from cluster.messages import GenerateRequest, KvEvent, ReplicaLoad, TokenDelta
-
-
-class EngineRequestError(ValueError):
-    """The engine refused a request (too long, bad parameters): the API answers 400 with this message."""
-
-
-class EngineOverloadedError(RuntimeError):
-    """The engine's waiting queue is full: the API answers 429 with Retry-After."""
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    """Static facts about the served model that the ingress and router need."""
-
-    model_id: str
-    max_model_len: int
-    page_size: int
-    vocab_size: int
-    sliding_window: int
-    num_global_layers: int
-    num_local_layers: int
-    mm_tokens_per_image: int = 256
-    supports_images: bool = False
+from cluster.contracts.messages import GenerateRequest, KvEvent, ReplicaLoad, TokenDelta
+from cluster.contracts.model_info import ModelInfo
 
 
 @runtime_checkable
@@ -48,7 +25,7 @@ class DecoderEngine(Protocol):
 
     def generate(self, request: GenerateRequest) -> AsyncIterator[TokenDelta]:
         """Stream token deltas; the last one has finish_reason set. Closing the iterator aborts the request
-        and frees its KV pages at once. Raises EngineRequestError / EngineOverloadedError before the first delta."""
+        and frees its KV pages at once. Raises EngineRequestError / EngineOverloadedError (cluster/contracts/engine_errors.py) before the first delta."""
 
     async def abort(self, request_id: str) -> None:
         """Stop a request and free its KV pages (no-op if it already finished)."""

@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
-from cluster.messages import TokenDelta
+from cluster.contracts.messages import TokenDelta
 
 CPU_MESSAGES_PER_S = 100.0  # ~0.2 of a core for the front at ~2 ms per message (measured: docs/benchmarks.md)
 

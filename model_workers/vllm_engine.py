@@ -26,10 +26,11 @@ import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from cluster.config import ModelSettings, VllmEngineConfig
-from cluster.messages import FinishReason, GenerateRequest, KvEvent, ReplicaLoad, TokenDelta
-from model_workers.engine import EngineOverloadedError, EngineRequestError, ModelInfo
-from model_workers.vllm_kv_events import FULL_ATTENTION, KvEventTranslator, ZmqKvEventSubscriber
+from cluster.contracts.engine_errors import EngineOverloadedError, EngineRequestError
+from cluster.contracts.messages import FinishReason, GenerateRequest, KvEvent, ReplicaLoad, TokenDelta
+from cluster.contracts.model_info import FULL_ATTENTION, SLIDING_ATTENTION, ModelInfo
+from model_workers.settings import ModelSettings, VllmEngineConfig
+from model_workers.vllm_kv_events import KvEventTranslator, ZmqKvEventSubscriber
 
 log = logging.getLogger(__name__)
 _FINISH = {"stop": FinishReason.STOP, "length": FinishReason.LENGTH, "abort": FinishReason.ABORT}
@@ -178,8 +179,8 @@ class VllmEngine:
             page_size=block,
             vocab_size=text["vocab_size"],
             sliding_window=text.get("sliding_window") or 0,
-            num_global_layers=sum(t == "full_attention" for t in text.get("layer_types", [])),
-            num_local_layers=sum(t == "sliding_attention" for t in text.get("layer_types", [])),
+            num_global_layers=sum(t == FULL_ATTENTION for t in text.get("layer_types", [])),
+            num_local_layers=sum(t == SLIDING_ATTENTION for t in text.get("layer_types", [])),
             mm_tokens_per_image=self._hf_config.get("mm_tokens_per_image", 256),
             supports_images="vision_config" in self._hf_config,
         )

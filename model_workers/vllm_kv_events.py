@@ -5,7 +5,7 @@ KV-cache group of its hybrid manager. The router only tracks global-layer pages 
 about whether a long prefix is still there), so only the full-attention group is kept; when a model has several
 full-attention groups (same hashes, other layers) the lowest-numbered one stands for all.
 
-vLLM's block hashes are not ours: the router keys pages with `cluster.prefix_hash.page_hashes` (blake2b chain over
+vLLM's block hashes are not ours: the router keys pages with `cluster.contracts.prefix_hash.page_hashes` (blake2b chain over
 token ids + image content hashes). Each `BlockStored` carries what is needed to recompute our key: the blocks'
 token ids, the parent block's vLLM hash (whose key we computed when it was stored, so the chain continues), and per
 block the `(mm_identifier, offset-in-block)` of every image overlapping it. The engine passes our image content
@@ -21,11 +21,10 @@ import threading
 from collections import deque
 from collections.abc import Callable, Iterable
 
-from cluster.messages import ImageSpan, KvEvent
-from cluster.prefix_hash import ROOT_HASH, page_hashes
+from cluster.contracts.messages import ImageSpan, KvEvent
+from cluster.contracts.prefix_hash import ROOT_HASH, page_hashes
 
 log = logging.getLogger(__name__)
-FULL_ATTENTION = "full_attention"
 
 
 class KvEventTranslator:

@@ -22,7 +22,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from cluster.messages import ReplicaLoad
+from cluster.contracts.messages import ReplicaLoad
 
 
 class RouterOverloaded(RuntimeError):

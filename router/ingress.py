@@ -25,16 +25,16 @@ from pydantic import ValidationError
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from cluster.config import G3ServeConfig
-from cluster.messages import FinishReason, GenerateRequest, SamplingParams, TokenDelta
-from model_workers.deployment import resolve_checkpoint
-from model_workers.engine import ModelInfo
+from cluster.contracts.messages import FinishReason, GenerateRequest, SamplingParams, TokenDelta
+from cluster.contracts.model_info import ModelInfo
 from model_workers.gemma3.tokenizer import Gemma3Tokenizer
 from router import openai_api as oa
 from router.ingress_errors import api_error_from_exception, replica_lost
 from router.ingress_images import ImagePipeline
+from router.ingress_settings import IngressSettings
 from router.metrics import IngressMetrics
-from router.pools import DecoderPools
+from router.pools import DecoderPools, PoolPlan
+from vision_service.settings import VisionSettings
 
 api = FastAPI(title="g3serve", docs_url=None, redoc_url=None, openapi_url=None)
 # A decoder replica that dies before its first delta (killed, OOM, node lost) has streamed nothing, so the
@@ -86,20 +86,30 @@ class G3ServeIngress:
 
     async def __init__(
         self,
-        config: G3ServeConfig,
+        settings: IngressSettings,
         api_keys: tuple[str, ...],
+        model_id: str,
+        checkpoint: str,
+        vision_settings: VisionSettings,
+        pool_plan: PoolPlan | None,
         vision: DeploymentHandle | None,
         decoders: Mapping[str, DeploymentHandle],
     ):
-        self.config, self.settings = config, config.ingress
+        """`model_id` is the served model name; `checkpoint` the `model.checkpoint` spec, resolved here (the
+        embedded default converts once per node); `pool_plan` None = one decoder pool, no admission step."""
+        # Here, not at module level (as before): gguf_convert imports torch, which importing the ingress must not.
+        from model_workers.gemma3.gguf_convert import resolve_checkpoint
+
+        self.settings, self.model_id = settings, model_id
         self._keys = tuple(k.encode() for k in api_keys)
-        self._checkpoint = resolve_checkpoint(config.model.checkpoint)
-        self.pools = DecoderPools(config, self._checkpoint, decoders)  # one pool unless router.pools is set
+        self._checkpoint = resolve_checkpoint(checkpoint)
+        self.pools = DecoderPools(pool_plan, decoders)  # one pool unless router.pools is set
         self._decoder = self.pools.any_handle  # model info and load for /metrics: the longest-context pool
         self._tokenizer: Gemma3Tokenizer | None = None
         self.metrics = IngressMetrics()
         self.images = ImagePipeline(
-            config,
+            vision_settings,
+            model_id,
             self._checkpoint,
             vision,
             on_retry=self.metrics.vision_retries.inc,
@@ -130,7 +140,7 @@ class G3ServeIngress:
             info = await self._model_info()
         except Exception as e:  # noqa: BLE001 - every failure becomes OpenAI's error JSON
             return self._error(api_error_from_exception(e), "models")
-        card = oa.ModelCard(id=self.config.model.served_model_name, max_model_len=info.max_model_len)
+        card = oa.ModelCard(id=self.model_id, max_model_len=info.max_model_len)
         self.metrics.requests.labels(endpoint="models", status="200").inc()
         return JSONResponse(oa.ModelList(data=[card]).model_dump())
 
@@ -160,11 +170,10 @@ class G3ServeIngress:
             body = await read_body(request, self.settings.max_body_bytes)
             model = oa.ChatCompletionRequest if endpoint == "chat" else oa.CompletionRequest
             req = parse(model, body)
-            if req.model != self.config.model.served_model_name:
+            if req.model != self.model_id:
                 raise oa.ApiError(
                     404,
-                    f"The model {req.model!r} does not exist; this server serves "
-                    f"{self.config.model.served_model_name!r}",
+                    f"The model {req.model!r} does not exist; this server serves {self.model_id!r}",
                     param="model",
                     code="model_not_found",
                 )
@@ -359,7 +368,7 @@ class G3ServeIngress:
 
     @property
     def _model_name(self) -> str:
-        return self.config.model.served_model_name
+        return self.model_id
 
     def _get_tokenizer(self, info: ModelInfo) -> Gemma3Tokenizer:
         # Built on first use: the soft-token count per image comes from the engine's view of the checkpoint.

@@ -12,7 +12,7 @@ import logging
 from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
-from model_workers.engine import EngineOverloadedError, EngineRequestError
+from cluster.contracts.engine_errors import EngineOverloadedError, EngineRequestError
 from model_workers.gemma3.tokenizer import ChatFormatError
 from router.admission import RequestTooLong, RouterOverloaded
 from router.openai_api import ApiError

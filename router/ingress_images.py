@@ -17,16 +17,15 @@ from pathlib import Path
 
 from prometheus_client import Gauge
 
-from cluster.config import G3ServeConfig
-from cluster.messages import ImageEmbedding
+from cluster.contracts.messages import ImageEmbedding
 from model_workers.gemma3.tokenizer import ChatTurn, ImageRef
 from router.ingress_errors import replica_lost
 from router.openai_api import ApiError, ImageInput, TurnDraft
 from vision_service.content_hash import HashSettings, checkpoint_revision
-from vision_service.images import ImageRef as ImageWhere
-from vision_service.images import load_image_bytes
+from vision_service.images import ImageLocation, load_image_bytes
 from vision_service.preprocess import PreprocessConfig
 from vision_service.request import VisionImage, VisionRequest, plan_image
+from vision_service.settings import VisionSettings
 
 # OpenAI's `detail` per image: "low" = the whole image only, "high" = Pan & Scan crops when the image qualifies,
 # "auto"/absent = the configured default (vision.service.pan_and_scan.enabled).
@@ -40,7 +39,8 @@ log = logging.getLogger(__name__)
 class ImagePipeline:
     def __init__(
         self,
-        config: G3ServeConfig,
+        settings: VisionSettings,
+        model_id: str,
         checkpoint_dir: Path,
         vision_handle,
         on_retry: Callable[[], None] = lambda: None,
@@ -48,8 +48,8 @@ class ImagePipeline:
     ):
         self._on_retry = on_retry  # counts retries (the ingress's g3serve_vision_retries_total)
         self._in_flight = in_flight  # embed calls awaiting the vision service (g3serve_vision_calls_in_flight)
-        self._settings = config.vision.service
-        self._model_id = config.model.served_model_name  # the vision deployment gets the same id (cluster/app.py)
+        self._settings = settings
+        self._model_id = model_id  # the vision deployment gets the same id (cluster/app.py)
         self._vision = vision_handle
         self._hash_settings: HashSettings | None = None
         if vision_handle is not None:
@@ -77,7 +77,7 @@ class ImagePipeline:
         limits = self._settings.images
         inputs = []
         for img in images:
-            where = ImageWhere(img.message_index, img.part_index)
+            where = ImageLocation(img.message_index, img.part_index)
             data = await load_image_bytes(img.url, limits, where)
             inputs.append(VisionImage(data, where, _PAN_AND_SCAN_BY_DETAIL.get(img.detail or "auto")))
         plans = [

@@ -27,7 +27,8 @@ from dataclasses import dataclass, replace
 
 import ray
 
-from cluster.messages import KvEvent, ReplicaLoad
+from cluster.contracts.kv_events import KvEventSource
+from cluster.contracts.messages import KvEvent, ReplicaLoad
 from router.kv_index import KvIndex
 
 logger = logging.getLogger(__name__)
@@ -111,15 +112,16 @@ def get_or_create_hub(app_name: str, deployment: str, log_size: int = 100_000):
 
 
 class KvEventPublisher:
-    """Runs inside each decoder replica: drains the engine's KV events and load to the hub periodically.
+    """Runs inside each decoder replica: drains the engine's KV events and load to the hub periodically (a
+    `KvEventSink`, cluster/contracts/kv_events.py).
 
-    The decoder deployment starts it once its engine is up:
-        self._kv_publisher = KvEventPublisher.for_current_replica(self.engine, period_s=0.1)
-        self._kv_publisher.start()
-    and calls `await self._kv_publisher.stop()` on shutdown.
+    The decoder deployment builds it through `HubPublisherFactory` once its engine is up, `start()`s it and
+    calls `await stop()` on shutdown.
     """
 
-    def __init__(self, engine, replica_id: str, hub, period_s: float = 0.1, heartbeat_s: float = 1.0) -> None:
+    def __init__(
+        self, engine: KvEventSource, replica_id: str, hub, period_s: float = 0.1, heartbeat_s: float = 1.0
+    ) -> None:
         self.engine, self.replica_id, self.hub, self.period_s = engine, replica_id, hub, period_s
         self.heartbeat_s = heartbeat_s
         self._task: asyncio.Task | None = None
@@ -127,7 +129,7 @@ class KvEventPublisher:
         self._sent_at = float("-inf")
 
     @classmethod
-    def for_current_replica(cls, engine, period_s: float = 0.1) -> KvEventPublisher:
+    def for_current_replica(cls, engine: KvEventSource, period_s: float = 0.1) -> KvEventPublisher:
         from ray import serve
 
         ctx = serve.get_replica_context()
@@ -183,3 +185,14 @@ class KvEventPublisher:
             except asyncio.CancelledError:
                 pass
             self._task = None
+
+
+@dataclass(frozen=True)
+class HubPublisherFactory:
+    """What the composition hands each decoder deployment (a `KvEventSinkFactory`): picklable, so it travels with
+    the deployment's arguments, and called inside the replica, where the Serve context names the hub."""
+
+    period_s: float = 0.1
+
+    def __call__(self, source: KvEventSource) -> KvEventPublisher:
+        return KvEventPublisher.for_current_replica(source, period_s=self.period_s)

@@ -1,7 +1,7 @@
 """Which decoder replica holds which global-layer KV page: the router's view of every replica's prefix cache.
 
 Fed by the replicas' `KvEvent`s (stored / removed page hashes, `cleared` on restart). Keys are the chained page
-hashes of cluster/prefix_hash.py, so a replica holding page i of a prompt held pages 0..i-1 too when it stored
+hashes of cluster/contracts/prefix_hash.py, so a replica holding page i of a prompt held pages 0..i-1 too when it stored
 it; `longest_prefix` still walks from page 0 and stops at each replica's first miss, because pages are evicted
 one by one (LRU) and a middle page can be gone while a later one is still there.
 
@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 
-from cluster.messages import KvEvent
+from cluster.contracts.messages import KvEvent
 
 
 class KvIndex:

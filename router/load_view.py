@@ -13,7 +13,7 @@ import math
 from collections import deque
 from dataclasses import dataclass, replace
 
-from cluster.messages import ReplicaLoad
+from cluster.contracts.messages import ReplicaLoad
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from cluster.messages import FinishReason, SamplingParams
+from cluster.contracts.messages import FinishReason, SamplingParams
 
 # ---------------------------------------------------------------------------------------------------- errors
 

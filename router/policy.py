@@ -29,7 +29,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from cluster.messages import ReplicaLoad
+from cluster.contracts.messages import ReplicaLoad
 
 
 @dataclass(frozen=True)

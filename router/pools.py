@@ -5,6 +5,9 @@ admission step (the engine's own bounded queue answers 429). With pools (say `sh
 its own deployment `decoder-<name>` with its own replicas and KV budget), a request goes to the smallest-context pool
 that fits prompt + max_tokens, and waits there until the pool has the KV bytes it needs by the hybrid formula
 (global layers x tokens + local layers x window; router/admission.py), or gets 429.
+
+The pools' sizes (context, KV bytes per replica, the model's KV geometry) come sized from the composition
+(cluster/pool_plan.py) as a `PoolPlan`: this module knows neither the root config nor the model's code.
 """
 
 from __future__ import annotations
@@ -16,40 +19,25 @@ from dataclasses import dataclass
 
 from ray.serve.handle import DeploymentHandle
 
-from cluster.config import G3ServeConfig
-from model_workers.gemma3.config import Gemma3Config
 from router.admission import Admission, KvGeometry, PoolSpec, Reservation
 
 log = logging.getLogger(__name__)
 DEFAULT_POOL = "default"
-_DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
 
 
 def pool_deployment_name(pool: str) -> str:
     return f"decoder-{pool}"
 
 
-def pool_configs(config: G3ServeConfig) -> dict[str, G3ServeConfig]:
-    """One decoder config per pool: the pool's context as max_model_len, its KV budget and replica count."""
-    out = {}
-    for p in config.router.pools:
-        model = config.model.model_copy(update={"max_model_len": p.max_context})
-        native = config.engine.native.model_copy(
-            update={"kv_cache_bytes": p.kv_cache_bytes or config.engine.native.kv_cache_bytes}
-        )
-        engine = config.engine.model_copy(update={"native": native})
-        decoder = config.decoder.model_copy(update={"num_replicas": p.num_replicas, "autoscaling": None})
-        out[p.name] = config.model_copy(update={"model": model, "engine": engine, "decoder": decoder})
-    return out
+@dataclass(frozen=True)
+class PoolPlan:
+    """The decoder pools as the composition sized them (`router.pools` non-empty): one spec per pool, the model's
+    KV geometry, and the admission queue's bounds."""
 
-
-def kv_bytes_per_replica(config: G3ServeConfig) -> int:
-    native = config.engine.native
-    if native.kv_cache_bytes:
-        return native.kv_cache_bytes
-    import psutil
-
-    return int(psutil.virtual_memory().total * native.kv_cache_fraction)  # the engine's own rule on CPU
+    specs: tuple[PoolSpec, ...]
+    geometry: KvGeometry
+    queue_size: int
+    timeout_s: float
 
 
 @dataclass
@@ -60,27 +48,15 @@ class Admitted:
 
 
 class DecoderPools:
-    def __init__(self, config: G3ServeConfig, checkpoint, handles: Mapping[str, DeploymentHandle]):
+    def __init__(self, plan: PoolPlan | None, handles: Mapping[str, DeploymentHandle]):
+        """`plan` None: one pool, `DEFAULT_POOL`, without admission."""
         self.handles = dict(handles)
         self.admission: Admission | None = None
-        if not config.router.pools:
-            return
-        text = Gemma3Config.from_checkpoint(checkpoint).text
-        geometry = KvGeometry(
-            num_global_layers=len(text.global_layers),
-            num_local_layers=len(text.local_layers),
-            sliding_window=text.sliding_window,
-            kv_bytes_per_token_layer=2 * text.num_kv_heads * text.head_dim * _DTYPE_BYTES[config.engine.native.dtype],
-        )
-        configs = pool_configs(config)
-        specs = [
-            PoolSpec(p.name, p.max_context, kv_bytes_per_replica(configs[p.name]), pool_deployment_name(p.name))
-            for p in config.router.pools
-        ]
-        self.admission = Admission(
-            specs, geometry, queue_size=config.router.admission_queue_size, timeout_s=config.router.admission_timeout_s
-        )
         self._refresher: asyncio.Task | None = None
+        if plan is not None:
+            self.admission = Admission(
+                list(plan.specs), plan.geometry, queue_size=plan.queue_size, timeout_s=plan.timeout_s
+            )
 
     @property
     def any_handle(self) -> DeploymentHandle:

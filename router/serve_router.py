@@ -10,7 +10,7 @@ Plug it per decoder deployment:
 Ray Serve builds one router per process that holds a handle to the deployment (each ingress replica). Each keeps
 its own KvIndex and LoadView, fed by a background task that pulls the deployment's KvEventHub (kv_hub.py).
 The decoder call's first positional argument is the `GenerateRequest`; its page hashes are computed once per
-request (cluster/prefix_hash.py, the engine's own function) and cached until the request is routed.
+request (cluster/contracts/prefix_hash.py, the engine's own function) and cached until the request is routed.
 
 Replica churn: `update_replicas` (Ray's replica-set broadcast) and `on_replica_actor_died` drop a gone
 replica's index entries, load and sticky sessions, and tell the hub; a new or restarted replica is a new Ray
@@ -35,8 +35,8 @@ from ray.serve.request_router import (
     RunningReplica,
 )
 
-from cluster.messages import GenerateRequest
-from cluster.prefix_hash import page_hashes
+from cluster.contracts.messages import GenerateRequest
+from cluster.contracts.prefix_hash import page_hashes
 from router.kv_hub import HubUpdate, get_or_create_hub
 from router.kv_index import KvIndex
 from router.load_view import LoadView

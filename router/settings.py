@@ -9,16 +9,13 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
+from cluster.contracts.settings_base import ConfigSection
 from router.policy import PolicyConfig
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
-
-
-class PoolSettings(_Section):
+class PoolSettings(ConfigSection):
     name: str = Field(description='Pool name, e.g. "short" or "long"; its decoder deployment is "decoder-<name>".')
     max_context: int = Field(
         ge=16, description="Largest prompt + max_tokens this pool serves (its replicas' max_model_len)."
@@ -29,7 +26,7 @@ class PoolSettings(_Section):
     )
 
 
-class RouterSettings(_Section):
+class RouterSettings(ConfigSection):
     enabled: bool = Field(True, description="Route decoder requests by KV prefix; false = the `fallback` router.")
     fallback: Literal["power_of_two", "round_robin"] = Field(
         "power_of_two", description="Router used when `enabled` is false: Ray's power-of-two choices or round robin."

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from cluster.messages import ImageEmbedding
+from cluster.contracts.messages import ImageEmbedding
 from model_workers.gemma3.siglip import VisionTower
 from vision_service.batcher import DynamicBatcher
 from vision_service.cache import EmbeddingCache

@@ -40,7 +40,7 @@ class ImageInputError(ValueError):
 
 
 @dataclass(frozen=True)
-class ImageRef:
+class ImageLocation:
     """Where an image came from in the request: `messages[message_index].content[part_index]`."""
 
     message_index: int = 0
@@ -50,16 +50,16 @@ class ImageRef:
         return f"messages[{self.message_index}].content[{self.part_index}]"
 
 
-def _fail(status: int, where: ImageRef, what: str) -> ImageInputError:
+def _fail(status: int, where: ImageLocation, what: str) -> ImageInputError:
     return ImageInputError(status, f"{where}: {what}")
 
 
-def _too_big(n: int, limits: ImageInputSettings, where: ImageRef) -> None:
+def _too_big(n: int, limits: ImageInputSettings, where: ImageLocation) -> None:
     if n > limits.max_image_bytes:
         raise _fail(413, where, f"image is {n} bytes, more than the limit of {limits.max_image_bytes}")
 
 
-def decode_data_url(url: str, limits: ImageInputSettings, where: ImageRef) -> bytes:
+def decode_data_url(url: str, limits: ImageInputSettings, where: ImageLocation) -> bytes:
     header, sep, payload = url.partition(",")
     if not sep or not header.startswith("data:"):
         raise _fail(400, where, "malformed data: URL (expected data:image/...;base64,...)")
@@ -73,7 +73,7 @@ def decode_data_url(url: str, limits: ImageInputSettings, where: ImageRef) -> by
         raise _fail(400, where, f"invalid base64 in data: URL ({e})") from None
 
 
-def read_local_path(url: str, limits: ImageInputSettings, where: ImageRef) -> bytes:
+def read_local_path(url: str, limits: ImageInputSettings, where: ImageLocation) -> bytes:
     if not limits.allow_local_paths:
         raise _fail(400, where, "local file paths are disabled (only data: URLs are accepted)")
     path = Path(unquote(urlparse(url).path) if url.startswith("file://") else url).resolve()
@@ -105,7 +105,7 @@ def _is_ip(host: str) -> bool:
         return False
 
 
-async def fetch_http(url: str, limits: ImageInputSettings, where: ImageRef) -> bytes:
+async def fetch_http(url: str, limits: ImageInputSettings, where: ImageLocation) -> bytes:
     import httpx
 
     parsed = urlparse(url)
@@ -131,7 +131,7 @@ async def fetch_http(url: str, limits: ImageInputSettings, where: ImageRef) -> b
             raise _fail(400, where, f"fetching the image failed ({type(e).__name__})") from None
 
 
-async def load_image_bytes(url: str, limits: ImageInputSettings, where: ImageRef) -> bytes:
+async def load_image_bytes(url: str, limits: ImageInputSettings, where: ImageLocation) -> bytes:
     """The bytes behind an `image_url.url`: data: URL always; file paths and http(s) only when enabled."""
     if url.startswith("data:"):
         return decode_data_url(url, limits, where)
@@ -142,7 +142,7 @@ async def load_image_bytes(url: str, limits: ImageInputSettings, where: ImageRef
     raise _fail(400, where, "unsupported image URL (expected data:, or an enabled http(s) / local path)")
 
 
-def _open(data: bytes, limits: ImageInputSettings, where: ImageRef) -> Image.Image:
+def _open(data: bytes, limits: ImageInputSettings, where: ImageLocation) -> Image.Image:
     _too_big(len(data), limits, where)
     try:
         # Image.open reads only the header: the size is known before any pixel is decoded.
@@ -168,7 +168,9 @@ def _orientation(im: Image.Image) -> int:
         return 1
 
 
-def probe(data: bytes, limits: ImageInputSettings | None = None, where: ImageRef = ImageRef()) -> tuple[int, int]:
+def probe(
+    data: bytes, limits: ImageInputSettings | None = None, where: ImageLocation = ImageLocation()
+) -> tuple[int, int]:
     """(width, height) as displayed (EXIF orientation applied), from the header only: no pixel decoding.
 
     The ingress uses it to count Pan & Scan crops (hence prompt tokens) before tokenizing.
@@ -178,7 +180,9 @@ def probe(data: bytes, limits: ImageInputSettings | None = None, where: ImageRef
     return (h, w) if _orientation(im) in _SWAPS_AXES else (w, h)
 
 
-def decode_image(data: bytes, limits: ImageInputSettings | None = None, where: ImageRef = ImageRef()) -> Image.Image:
+def decode_image(
+    data: bytes, limits: ImageInputSettings | None = None, where: ImageLocation = ImageLocation()
+) -> Image.Image:
     """Decode to an RGB image, upright per EXIF; first frame of animations."""
     im = _open(data, limits or ImageInputSettings(), where)
     try:

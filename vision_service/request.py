@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from vision_service.content_hash import HashSettings, image_content_hash
-from vision_service.images import ImageRef, probe
+from vision_service.images import ImageLocation, probe
 from vision_service.pan_and_scan import num_crops
 from vision_service.settings import ImageInputSettings
 
@@ -20,7 +20,7 @@ class VisionImage:
     """One `image_url` part: its bytes (already loaded from the data: URL / file / allowed http URL)."""
 
     data: bytes
-    ref: ImageRef = ImageRef()  # where it was in the request, for error messages
+    ref: ImageLocation = ImageLocation()  # where it was in the request, for error messages
     pan_and_scan: bool | None = None  # None = the service's configured default
 
 

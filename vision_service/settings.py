@@ -8,14 +8,12 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
+
+from cluster.contracts.settings_base import ConfigSection
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class PanAndScanSettings(_Section):
+class PanAndScanSettings(ConfigSection):
     enabled: bool = Field(
         True,
         description="Pan & Scan by default (requests may switch it per image). It only activates on images whose "
@@ -29,7 +27,7 @@ class PanAndScanSettings(_Section):
     )
 
 
-class ImageInputSettings(_Section):
+class ImageInputSettings(ConfigSection):
     max_image_bytes: int = Field(
         20 * 1024 * 1024, ge=1, description="Largest encoded image accepted, in bytes (413 beyond)."
     )
@@ -55,7 +53,7 @@ class ImageInputSettings(_Section):
     http_timeout_s: float = Field(10.0, gt=0, description="Timeout of one image fetch, in seconds.")
 
 
-class CacheSettings(_Section):
+class CacheSettings(ConfigSection):
     enabled: bool = Field(True, description="Cache image embeddings in Redis between turns.")
     redis_url: str | None = Field(
         None,
@@ -87,7 +85,7 @@ class CacheSettings(_Section):
     max_connections: int = Field(32, ge=1, description="Connection pool size per replica.")
 
 
-class EncoderSettings(_Section):
+class EncoderSettings(ConfigSection):
     max_batch_size: int = Field(8, ge=1, description="Most image blocks encoded in one forward pass.")
     batch_wait_timeout_s: float = Field(
         0.01, ge=0, description="How long the first waiting block waits for others to fill a batch."
@@ -101,7 +99,7 @@ class EncoderSettings(_Section):
     device: str = Field("cpu", description='Torch device of the vision tower ("cpu", "cuda", "cuda:1", ...).')
 
 
-class VisionSettings(_Section):
+class VisionSettings(ConfigSection):
     pan_and_scan: PanAndScanSettings = Field(default_factory=PanAndScanSettings, description="Pan & Scan cropping.")
     images: ImageInputSettings = Field(default_factory=ImageInputSettings, description="Accepted image inputs.")
     cache: CacheSettings = Field(default_factory=CacheSettings, description="Redis embedding cache.")

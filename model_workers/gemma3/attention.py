@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from cluster.contracts.model_info import FULL_ATTENTION
 from model_workers.gemma3.config import TextConfig
 
 
@@ -60,7 +61,7 @@ class DenseAttention:
         }
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        is_global = self.cfg.layer_types[layer] == "full_attention"
+        is_global = self.cfg.layer_types[layer] == FULL_ATTENTION
         return sdpa(q[None], k[None], v[None], self.masks[is_global], self.scale)[0]
 
 

@@ -5,12 +5,8 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from model_workers.gemma3.siglip import VisionConfig
-
-FULL, SLIDING = "full_attention", "sliding_attention"
+from cluster.contracts.model_info import FULL_ATTENTION, SLIDING_ATTENTION
 
 
 class CheckpointError(ValueError):
@@ -48,17 +44,78 @@ class TextConfig:
 
     @property
     def global_layers(self) -> tuple[int, ...]:
-        return tuple(i for i, t in enumerate(self.layer_types) if t == FULL)
+        return tuple(i for i, t in enumerate(self.layer_types) if t == FULL_ATTENTION)
 
     @property
     def local_layers(self) -> tuple[int, ...]:
-        return tuple(i for i, t in enumerate(self.layer_types) if t == SLIDING)
+        return tuple(i for i, t in enumerate(self.layer_types) if t == SLIDING_ATTENTION)
+
+
+@dataclass(frozen=True)
+class VisionConfig:
+    """Everything the SigLIP tower and projector (siglip.py, projector.py) need, read from a Gemma 3 checkpoint's
+    config.json. Here, not in siglip.py, so that reading a config imports nothing of the model (no torch)."""
+
+    hidden_size: int = 1152
+    intermediate_size: int = 4304
+    num_layers: int = 27
+    num_heads: int = 16
+    image_size: int = 896
+    patch_size: int = 14
+    num_channels: int = 3
+    layer_norm_eps: float = 1e-6
+    mm_tokens_per_image: int = 256
+    text_hidden_size: int = 2560
+
+    @property
+    def patches_per_side(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @classmethod
+    def from_hf_config(cls, cfg: dict) -> VisionConfig:
+        """Build from the parsed config.json of a Gemma3ForConditionalGeneration checkpoint."""
+        if "vision_config" not in cfg:
+            raise CheckpointError("config.json has no vision_config: not a multimodal Gemma 3 checkpoint")
+        v = cfg["vision_config"]
+        if v.get("vision_use_head", False):
+            # Gemma 3 never uses SigLIP's attention-pooling head; a checkpoint that does is something else.
+            raise CheckpointError("vision_config.vision_use_head=True is not a Gemma 3 vision tower")
+        act = v.get("hidden_act", "gelu_pytorch_tanh")
+        if act not in ("gelu_pytorch_tanh", "gelu_tanh"):
+            raise CheckpointError(f"vision_config.hidden_act={act!r}: Gemma 3's SigLIP uses gelu_pytorch_tanh")
+        text = cfg.get("text_config", {})
+        return cls(
+            hidden_size=v.get("hidden_size", 1152),
+            intermediate_size=v.get("intermediate_size", 4304),
+            num_layers=v.get("num_hidden_layers", 27),
+            num_heads=v.get("num_attention_heads", 16),
+            image_size=v.get("image_size", 896),
+            patch_size=v.get("patch_size", 14),
+            num_channels=v.get("num_channels", 3),
+            layer_norm_eps=v.get("layer_norm_eps", 1e-6),
+            mm_tokens_per_image=cfg.get("mm_tokens_per_image", 256),
+            text_hidden_size=text.get("hidden_size", 2560),
+        )
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path) -> VisionConfig:
+        cfg_path = Path(path) / "config.json"
+        if not cfg_path.is_file():
+            raise CheckpointError(f"{cfg_path}: missing config.json")
+        try:
+            return cls.from_hf_config(json.loads(cfg_path.read_text()))
+        except CheckpointError as e:
+            raise CheckpointError(f"{cfg_path}: {e}") from None
 
 
 @dataclass(frozen=True)
 class Gemma3Config:
     text: TextConfig
-    vision: VisionConfig | None = None  # model_workers.gemma3.siglip.VisionConfig
+    vision: VisionConfig | None = None
     mm_tokens_per_image: int = 256
     image_token_id: int = 262144
     boi_token_id: int = 255999
@@ -76,8 +133,6 @@ class Gemma3Config:
         text = _text_config(text_raw, source)
         vision = None
         if raw.get("vision_config"):
-            from model_workers.gemma3.siglip import VisionConfig  # the vision tower owns its config
-
             vision = VisionConfig.from_hf_config(raw)
         return cls(
             text=text,
@@ -102,7 +157,7 @@ def _text_config(t: dict, source: str) -> TextConfig:
     if not layer_types:
         # Older configs give only the pattern: every `pattern`-th layer is global (5 local : 1 global).
         pattern = t.get("sliding_window_pattern", t.get("_sliding_window_pattern", 6))
-        layer_types = [SLIDING if (i + 1) % pattern else FULL for i in range(n_layers)]
+        layer_types = [SLIDING_ATTENTION if (i + 1) % pattern else FULL_ATTENTION for i in range(n_layers)]
     if len(layer_types) != n_layers:
         raise CheckpointError(f"{source}: layer_types has {len(layer_types)} entries for {n_layers} layers")
     rope_global, rope_local = _rope(t)
@@ -135,8 +190,8 @@ def _rope(t: dict) -> tuple[RopeConfig, RopeConfig]:
     """Per-layer-type RoPE: transformers >= 4.56 writes `rope_parameters`; older configs `rope_theta`,
     `rope_local_base_freq` and a `rope_scaling` that applies to the global layers only."""
     params = t.get("rope_parameters")
-    if params and "full_attention" in params:
-        g, loc = params["full_attention"], params.get("sliding_attention", {})
+    if params and FULL_ATTENTION in params:
+        g, loc = params[FULL_ATTENTION], params.get(SLIDING_ATTENTION, {})
         return _one_rope(g, g.get("rope_theta", 1e6)), _one_rope(loc, loc.get("rope_theta", 1e4))
     scaling = t.get("rope_scaling") or {}
     return _one_rope(scaling, t.get("rope_theta", 1e6)), RopeConfig(theta=t.get("rope_local_base_freq", 1e4))

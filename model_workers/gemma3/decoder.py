@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model_workers.gemma3.config import FULL, RopeConfig, TextConfig
+from cluster.contracts.model_info import FULL_ATTENTION
+from model_workers.gemma3.config import RopeConfig, TextConfig
 from model_workers.gemma3.lm_head import exact_logits
 from model_workers.gemma3.weights import CheckpointReader
 
@@ -102,7 +103,7 @@ class DecoderLayer(nn.Module):
     def __init__(self, cfg: TextConfig, index: int):
         super().__init__()
         self.index = index
-        self.is_global = cfg.layer_types[index] == FULL
+        self.is_global = cfg.layer_types[index] == FULL_ATTENTION
         self.nq, self.nkv, self.hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         h, eps = cfg.hidden_size, cfg.rms_norm_eps
         # q, k and v fused into one GEMM (and gate/up into another): fewer, larger matmuls are faster on CPU.

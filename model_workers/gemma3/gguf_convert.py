@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from model_workers.gemma3.config import FULL, SLIDING, CheckpointError
+from cluster.contracts.model_info import FULL_ATTENTION, SLIDING_ATTENTION
+from model_workers.gemma3.config import CheckpointError
 from model_workers.gemma3.gguf_int8 import Int8Blocks, int8_blocks
 from model_workers.gemma3.gguf_int8 import save as save_int8_blocks
 
@@ -80,7 +81,7 @@ def read_gguf(path: Path) -> tuple[dict, dict[str, torch.Tensor], dict[str, Int8
     n_layers = int(_field(reader, "gemma3.block_count"))
     head_dim = int(_field(reader, "gemma3.attention.key_length", 256))
     # GGUF keeps no layer pattern: Gemma 3 is 5 local : 1 global on every size.
-    layer_types = [SLIDING if (i + 1) % 6 else FULL for i in range(n_layers)]
+    layer_types = [SLIDING_ATTENTION if (i + 1) % 6 else FULL_ATTENTION for i in range(n_layers)]
     state: dict[str, torch.Tensor] = {}
     blocks: dict[str, Int8Blocks] = {}
     for t in reader.tensors:
@@ -111,11 +112,11 @@ def read_gguf(path: Path) -> tuple[dict, dict[str, torch.Tensor], dict[str, Int8
         "query_pre_attn_scalar": head_dim,
         "rms_norm_eps": 1e-6,
         "rope_parameters": {
-            "full_attention": {
+            FULL_ATTENTION: {
                 "rope_type": "default",
                 "rope_theta": float(_field(reader, "gemma3.rope.freq_base", 1e6)),
             },
-            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+            SLIDING_ATTENTION: {"rope_type": "default", "rope_theta": 10000.0},
         },
         "hidden_activation": "gelu_pytorch_tanh",
         "attention_bias": False,

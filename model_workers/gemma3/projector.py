@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 if TYPE_CHECKING:
-    from model_workers.gemma3.siglip import VisionConfig
+    from model_workers.gemma3.config import VisionConfig
 
 
 class GemmaRMSNorm(nn.Module):

@@ -10,76 +10,14 @@ The `VisionTower` at the bottom glues the two and is what the vision service cal
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model_workers.gemma3.config import CheckpointError
+from model_workers.gemma3.config import VisionConfig
 from model_workers.gemma3.projector import Gemma3Projector
-
-
-@dataclass(frozen=True)
-class VisionConfig:
-    """Everything the tower and projector need, read from a Gemma 3 checkpoint's config.json."""
-
-    hidden_size: int = 1152
-    intermediate_size: int = 4304
-    num_layers: int = 27
-    num_heads: int = 16
-    image_size: int = 896
-    patch_size: int = 14
-    num_channels: int = 3
-    layer_norm_eps: float = 1e-6
-    mm_tokens_per_image: int = 256
-    text_hidden_size: int = 2560
-
-    @property
-    def patches_per_side(self) -> int:
-        return self.image_size // self.patch_size
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
-
-    @classmethod
-    def from_hf_config(cls, cfg: dict) -> VisionConfig:
-        """Build from the parsed config.json of a Gemma3ForConditionalGeneration checkpoint."""
-        if "vision_config" not in cfg:
-            raise CheckpointError("config.json has no vision_config: not a multimodal Gemma 3 checkpoint")
-        v = cfg["vision_config"]
-        if v.get("vision_use_head", False):
-            # Gemma 3 never uses SigLIP's attention-pooling head; a checkpoint that does is something else.
-            raise CheckpointError("vision_config.vision_use_head=True is not a Gemma 3 vision tower")
-        act = v.get("hidden_act", "gelu_pytorch_tanh")
-        if act not in ("gelu_pytorch_tanh", "gelu_tanh"):
-            raise CheckpointError(f"vision_config.hidden_act={act!r}: Gemma 3's SigLIP uses gelu_pytorch_tanh")
-        text = cfg.get("text_config", {})
-        return cls(
-            hidden_size=v.get("hidden_size", 1152),
-            intermediate_size=v.get("intermediate_size", 4304),
-            num_layers=v.get("num_hidden_layers", 27),
-            num_heads=v.get("num_attention_heads", 16),
-            image_size=v.get("image_size", 896),
-            patch_size=v.get("patch_size", 14),
-            num_channels=v.get("num_channels", 3),
-            layer_norm_eps=v.get("layer_norm_eps", 1e-6),
-            mm_tokens_per_image=cfg.get("mm_tokens_per_image", 256),
-            text_hidden_size=text.get("hidden_size", 2560),
-        )
-
-    @classmethod
-    def from_checkpoint(cls, path: str | Path) -> VisionConfig:
-        cfg_path = Path(path) / "config.json"
-        if not cfg_path.is_file():
-            raise CheckpointError(f"{cfg_path}: missing config.json")
-        try:
-            return cls.from_hf_config(json.loads(cfg_path.read_text()))
-        except CheckpointError as e:
-            raise CheckpointError(f"{cfg_path}: {e}") from None
 
 
 class SiglipAttention(nn.Module):

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from cluster.messages import ImageSpan
+from cluster.contracts.messages import ImageSpan
 
 CHAT_TEMPLATE = (Path(__file__).parent / "chat_template.jinja").read_text()
 BOI, EOI, IMAGE_SOFT = "<start_of_image>", "<end_of_image>", "<image_soft_token>"

@@ -18,9 +18,9 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from cluster.config import NativeEngineConfig
-from cluster.messages import FinishReason, GenerateRequest, KvEvent, ReplicaLoad, TokenDelta
-from model_workers.engine import EngineOverloadedError, EngineRequestError, ModelInfo
+from cluster.contracts.engine_errors import EngineOverloadedError, EngineRequestError
+from cluster.contracts.messages import FinishReason, GenerateRequest, KvEvent, ReplicaLoad, TokenDelta
+from cluster.contracts.model_info import ModelInfo
 from model_workers.gemma3.config import Gemma3Config
 from model_workers.gemma3.decoder import Gemma3Decoder
 from model_workers.gemma3.gguf_int8 import layer_blocks
@@ -30,6 +30,7 @@ from model_workers.native.kv_cache.spec import KVCacheSpec
 from model_workers.native.runner import ModelRunner
 from model_workers.native.scheduler import QueueFull, RequestTooLarge, Scheduler, SchedulerConfig, SeqOutput
 from model_workers.native.sequence import Sequence
+from model_workers.settings import NativeEngineConfig
 
 log = logging.getLogger(__name__)
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}

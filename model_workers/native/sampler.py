@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from cluster.messages import SamplingParams
+from cluster.contracts.messages import SamplingParams
 from model_workers.gemma3.lm_head import HeadOutput
 from model_workers.native.sequence import Sequence
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
-from cluster.messages import FinishReason
+from cluster.contracts.messages import FinishReason
 
 from .kv_cache.hybrid import HybridKVCache
 from .sequence import Sequence, SequenceStatus

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from enum import Enum
 
-from cluster.messages import FinishReason, ImageSpan
-from cluster.prefix_hash import ROOT_HASH, page_hashes
+from cluster.contracts.messages import FinishReason, ImageSpan
+from cluster.contracts.prefix_hash import ROOT_HASH, page_hashes
 
 
 class SequenceStatus(str, Enum):

@@ -315,7 +315,7 @@ def test_decoder_publishes_kv_pages_and_load_to_the_router_hub(client, served):
     import ray
 
     from cluster.app import APP_NAME, DECODER
-    from cluster.prefix_hash import page_hashes
+    from cluster.contracts.prefix_hash import page_hashes
     from model_workers.gemma3.tokenizer import Gemma3Tokenizer
     from router.kv_hub import HUB_NAMESPACE, hub_name
     from router.kv_index import KvIndex

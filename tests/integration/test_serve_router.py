@@ -13,8 +13,8 @@ import time
 
 import pytest
 
-from cluster.messages import GenerateRequest, KvEvent, ReplicaLoad
-from cluster.prefix_hash import page_hashes
+from cluster.contracts.messages import GenerateRequest, KvEvent, ReplicaLoad
+from cluster.contracts.prefix_hash import page_hashes
 
 PAGE = 4
 APP = "kvrouter-test"

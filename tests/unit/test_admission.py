@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from cluster.messages import ReplicaLoad
+from cluster.contracts.messages import ReplicaLoad
 from router.admission import (
     Admission,
     KvGeometry,

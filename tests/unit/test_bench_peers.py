@@ -45,7 +45,7 @@ def test_running_server_reports_a_server_that_dies_with_its_log():
 
 def test_native_kv_capacity_is_within_2pct_of_the_hybrid_ideal(checkpoint):
     """Issue 12: 32K-token sequences in 2 GiB on the 270M in fp32, engine's default page and checkpoint interval."""
-    from cluster.config import NativeEngineConfig
+    from model_workers.settings import NativeEngineConfig
 
     cfg = NativeEngineConfig()
     ideal = ideal_capacity(checkpoint, 2 * 2**30, 32768)

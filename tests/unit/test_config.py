@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 from pydantic import BaseModel, ValidationError
 
-from cluster.config import API_KEYS_ENV, G3ServeConfig, IngressSettings
+from cluster.config import G3ServeConfig
+from router.ingress_settings import API_KEYS_ENV, IngressSettings
 
 
 def test_defaults_round_trip_through_yaml(tmp_path):

@@ -16,7 +16,8 @@ import yaml
 from ray.serve.schema import ServeDeploySchema
 
 from cluster.config import G3ServeConfig
-from cluster.deploy import PRESETS_DIR, DeployPreset, load_preset, render
+from cluster.deploy import PRESETS_DIR, load_preset, render
+from cluster.deploy_preset import DeployPreset
 
 REPO = Path(__file__).resolve().parents[2]
 K8S = REPO / "infra" / "k8s"

@@ -12,7 +12,7 @@ import ray
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from cluster.messages import ReplicaLoad
+from cluster.contracts.messages import ReplicaLoad
 from router.metrics import IngressMetrics
 
 INFRA = Path(__file__).resolve().parents[2] / "infra"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from cluster.messages import KvEvent, ReplicaLoad
+from cluster.contracts.messages import KvEvent, ReplicaLoad
 from router.kv_hub import KvEventHubImpl
 from router.kv_index import KvIndex
 

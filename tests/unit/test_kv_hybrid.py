@@ -2,13 +2,21 @@
 
 import math
 
-from cluster.messages import ImageSpan
+from cluster.contracts.messages import ImageSpan
+from cluster.contracts.model_info import FULL_ATTENTION, SLIDING_ATTENTION
 from model_workers.native.kv_cache.hybrid import HybridKVCache
-from model_workers.native.kv_cache.spec import FULL, SLIDING, KVCacheSpec
+from model_workers.native.kv_cache.spec import KVCacheSpec
 from model_workers.native.sequence import Sequence
 
 P, W = 4, 16
-SPEC = KVCacheSpec((SLIDING,) * 5 + (FULL,), page_size=P, sliding_window=W, num_kv_heads=1, head_dim=2, dtype_bytes=4)
+SPEC = KVCacheSpec(
+    (SLIDING_ATTENTION,) * 5 + (FULL_ATTENTION,),
+    page_size=P,
+    sliding_window=W,
+    num_kv_heads=1,
+    head_dim=2,
+    dtype_bytes=4,
+)
 
 
 def seq(sid, tokens, images=()):
@@ -51,7 +59,7 @@ def test_long_sequence_local_pages_bounded_and_stats_exact():
 
 
 def test_128k_context_costs_global_full_and_local_window_only():
-    layers = tuple(FULL if (i + 1) % 6 == 0 else SLIDING for i in range(18))  # Gemma 3 270M
+    layers = tuple(FULL_ATTENTION if (i + 1) % 6 == 0 else SLIDING_ATTENTION for i in range(18))  # Gemma 3 270M
     spec = KVCacheSpec(layers, page_size=16, sliding_window=512, num_kv_heads=1, head_dim=256, dtype_bytes=4)
     cache = HybridKVCache(spec, num_pages=8192 + 5 * 80 + 1)
     n = 128 * 1024

@@ -5,8 +5,8 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cluster.messages import ImageSpan, KvEvent
-from cluster.prefix_hash import page_hashes
+from cluster.contracts.messages import ImageSpan, KvEvent
+from cluster.contracts.prefix_hash import page_hashes
 from router.kv_index import KvIndex
 
 PAGE = 4

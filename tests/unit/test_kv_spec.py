@@ -4,11 +4,12 @@ from types import SimpleNamespace
 
 import pytest
 
-from model_workers.native.kv_cache.spec import FULL, SLIDING, KVCacheSpec
+from cluster.contracts.model_info import FULL_ATTENTION, SLIDING_ATTENTION
+from model_workers.native.kv_cache.spec import KVCacheSpec
 
 
 def gemma_layers(n_layers: int, pattern: int = 6) -> tuple[str, ...]:
-    return tuple(FULL if (i + 1) % pattern == 0 else SLIDING for i in range(n_layers))
+    return tuple(FULL_ATTENTION if (i + 1) % pattern == 0 else SLIDING_ATTENTION for i in range(n_layers))
 
 
 def test_gemma3_270m_layout_has_no_padding():
@@ -39,7 +40,9 @@ def test_every_layer_has_one_distinct_slot_and_groups_list_them():
 
 
 def test_all_sliding_model_uses_local_count_per_page():
-    spec = KVCacheSpec((SLIDING,) * 4, page_size=4, sliding_window=8, num_kv_heads=1, head_dim=2, dtype_bytes=4)
+    spec = KVCacheSpec(
+        (SLIDING_ATTENTION,) * 4, page_size=4, sliding_window=8, num_kv_heads=1, head_dim=2, dtype_bytes=4
+    )
     assert spec.global_layers == () and spec.layers_per_page == 4 and spec.num_local_groups == 1
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from cluster.messages import ReplicaLoad
+from cluster.contracts.messages import ReplicaLoad
 from router.load_view import LoadView
 
 

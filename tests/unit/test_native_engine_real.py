@@ -7,10 +7,10 @@ import asyncio
 import pytest
 import torch
 
-from cluster.config import NativeEngineConfig
-from cluster.messages import FinishReason, GenerateRequest, SamplingParams
+from cluster.contracts.messages import FinishReason, GenerateRequest, SamplingParams
 from model_workers.gemma3.tokenizer import ChatTurn
 from model_workers.native.engine import NativeEngine
+from model_workers.settings import NativeEngineConfig
 
 pytestmark = pytest.mark.real_model
 GREEDY = dict(temperature=0.0, ignore_eos=True)
@@ -146,7 +146,7 @@ async def test_sampling_seed_top_k_and_stop_strings(real_270m_ckpt):
 
 
 async def test_bad_requests_are_refused_before_any_token(real_270m_ckpt):
-    from model_workers.engine import EngineRequestError
+    from cluster.contracts.engine_errors import EngineRequestError
 
     eng = await started(real_270m_ckpt, max_model_len=64)
     with pytest.raises(EngineRequestError, match="maximum context length of 64"):

@@ -7,7 +7,7 @@ import json
 import pytest
 from pydantic import ValidationError
 
-from cluster.messages import FinishReason
+from cluster.contracts.messages import FinishReason
 from router.openai_api import (
     SSE_DONE,
     ApiError,

@@ -6,8 +6,8 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cluster.messages import ImageSpan, ReplicaLoad
-from cluster.prefix_hash import page_hashes
+from cluster.contracts.messages import ImageSpan, ReplicaLoad
+from cluster.contracts.prefix_hash import page_hashes
 from router.kv_index import KvIndex
 from router.policy import Candidate, PolicyConfig, RouteQuery, choose_replica, rendezvous
 

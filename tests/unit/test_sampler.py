@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cluster.messages import SAMPLING_EPS, SamplingParams
+from cluster.contracts.messages import SAMPLING_EPS, SamplingParams
 from model_workers.native.sampler import Sampler
 
 

@@ -2,15 +2,23 @@
 
 import pytest
 
-from cluster.messages import FinishReason, ImageSpan
+from cluster.contracts.messages import FinishReason, ImageSpan
+from cluster.contracts.model_info import FULL_ATTENTION, SLIDING_ATTENTION
 from model_workers.native.kv_cache.hybrid import HybridKVCache
-from model_workers.native.kv_cache.spec import FULL, SLIDING, KVCacheSpec
+from model_workers.native.kv_cache.spec import KVCacheSpec
 from model_workers.native.scheduler import QueueFull, RequestTooLarge, Scheduler, SchedulerConfig
 from model_workers.native.sequence import Sequence, SequenceStatus
 from tests.unit.kv_fake_runner import FakeRunner, drive
 
 P, W = 4, 16
-SPEC = KVCacheSpec((SLIDING,) * 5 + (FULL,), page_size=P, sliding_window=W, num_kv_heads=1, head_dim=2, dtype_bytes=4)
+SPEC = KVCacheSpec(
+    (SLIDING_ATTENTION,) * 5 + (FULL_ATTENTION,),
+    page_size=P,
+    sliding_window=W,
+    num_kv_heads=1,
+    head_dim=2,
+    dtype_bytes=4,
+)
 
 
 def make(num_pages=400, **cfg):
@@ -201,7 +209,7 @@ def test_max_model_len_finishes_with_length():
 
 
 def test_sequence_page_hashes_are_the_router_chain_incrementally():
-    from cluster.prefix_hash import page_hashes
+    from cluster.contracts.prefix_hash import page_hashes
 
     img = ImageSpan(offset=3, length=6, content_hash="h")
     s = Sequence("a", [5, 6, 7] + [99] * 6 + [1, 2], 20, page_size=P, images=(img,))

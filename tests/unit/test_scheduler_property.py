@@ -9,16 +9,22 @@ and the pool returns to its initial free count.
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cluster.messages import FinishReason, ImageSpan
+from cluster.contracts.messages import FinishReason, ImageSpan
+from cluster.contracts.model_info import FULL_ATTENTION, SLIDING_ATTENTION
 from model_workers.native.kv_cache.hybrid import HybridKVCache
-from model_workers.native.kv_cache.spec import FULL, SLIDING, KVCacheSpec
+from model_workers.native.kv_cache.spec import KVCacheSpec
 from model_workers.native.scheduler import Scheduler, SchedulerConfig
 from model_workers.native.sequence import Sequence
 from tests.unit.kv_fake_runner import FakeRunner, drive
 
 P, W = 4, 12
 SPEC = KVCacheSpec(
-    (SLIDING, SLIDING, FULL) * 2, page_size=P, sliding_window=W, num_kv_heads=1, head_dim=2, dtype_bytes=4
+    (SLIDING_ATTENTION, SLIDING_ATTENTION, FULL_ATTENTION) * 2,
+    page_size=P,
+    sliding_window=W,
+    num_kv_heads=1,
+    head_dim=2,
+    dtype_bytes=4,
 )
 BASES = [[(7 * b + 3 * i) % 40 + 1 for i in range(64)] for b in range(3)]
 IMAGE_TOKEN = 99

@@ -9,8 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from model_workers.gemma3.config import CheckpointError
-from model_workers.gemma3.siglip import VisionConfig, VisionTower
+from model_workers.gemma3.config import CheckpointError, VisionConfig
+from model_workers.gemma3.siglip import VisionTower
 
 
 def _rel_err(ours: torch.Tensor, theirs: torch.Tensor) -> float:

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from cluster.messages import FinishReason, TokenDelta
+from cluster.contracts.messages import FinishReason, TokenDelta
 from model_workers.stream_pacing import CPU_MESSAGES_PER_S, StreamPacer, default_budget
 
 

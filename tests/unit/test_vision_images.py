@@ -8,11 +8,11 @@ import io
 import pytest
 from PIL import Image
 
-from vision_service.images import ImageInputError, ImageRef, decode_image, load_image_bytes, probe
+from vision_service.images import ImageInputError, ImageLocation, decode_image, load_image_bytes, probe
 from vision_service.settings import ImageInputSettings
 
 LIMITS = ImageInputSettings()
-WHERE = ImageRef(message_index=2, part_index=1)
+WHERE = ImageLocation(message_index=2, part_index=1)
 
 
 def _encode(im: Image.Image, fmt: str, **kw) -> bytes:

@@ -20,13 +20,12 @@ import math
 from dataclasses import dataclass
 from functools import cached_property
 
-FULL = "full_attention"
-SLIDING = "sliding_attention"
+from cluster.contracts.model_info import FULL_ATTENTION, SLIDING_ATTENTION
 
 
 @dataclass(frozen=True)
 class KVCacheSpec:
-    layer_types: tuple[str, ...]  # FULL or SLIDING, one per decoder layer
+    layer_types: tuple[str, ...]  # FULL_ATTENTION or SLIDING_ATTENTION, one per decoder layer
     page_size: int  # tokens per page (also the prefix-cache / router hashing granularity)
     sliding_window: int  # a query at position q attends to keys [q - sliding_window + 1, q] on local layers
     num_kv_heads: int
@@ -34,9 +33,11 @@ class KVCacheSpec:
     dtype_bytes: int
 
     def __post_init__(self) -> None:
-        bad = [t for t in self.layer_types if t not in (FULL, SLIDING)]
+        bad = [t for t in self.layer_types if t not in (FULL_ATTENTION, SLIDING_ATTENTION)]
         if bad or not self.layer_types:
-            raise ValueError(f"layer_types must be non-empty and only {FULL!r}/{SLIDING!r}, got {bad or '()'}")
+            raise ValueError(
+                f"layer_types must be non-empty and only {FULL_ATTENTION!r}/{SLIDING_ATTENTION!r}, got {bad or '()'}"
+            )
         for name in ("page_size", "sliding_window", "num_kv_heads", "head_dim", "dtype_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
@@ -58,11 +59,11 @@ class KVCacheSpec:
     # ---- layer layout -------------------------------------------------------------------------------------------
     @cached_property
     def global_layers(self) -> tuple[int, ...]:
-        return tuple(i for i, t in enumerate(self.layer_types) if t == FULL)
+        return tuple(i for i, t in enumerate(self.layer_types) if t == FULL_ATTENTION)
 
     @cached_property
     def local_layers(self) -> tuple[int, ...]:
-        return tuple(i for i, t in enumerate(self.layer_types) if t == SLIDING)
+        return tuple(i for i, t in enumerate(self.layer_types) if t == SLIDING_ATTENTION)
 
     @property
     def layers_per_page(self) -> int:
@@ -85,7 +86,7 @@ class KVCacheSpec:
     def layer_slot(self, layer_idx: int) -> tuple[int, int]:
         """(group, slot inside the page) of a decoder layer."""
         kind = self.layer_types[layer_idx]
-        if kind == FULL:
+        if kind == FULL_ATTENTION:
             return 0, self.global_layers.index(layer_idx)
         j = self.local_layers.index(layer_idx)
         return 1 + j // self.layers_per_page, j % self.layers_per_page

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # the contracts import no torch: a torch-free stage (the router) must stay torch-free
+    import torch
 
 
 class FinishReason(str, Enum):

