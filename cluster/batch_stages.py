@@ -26,16 +26,15 @@ from cluster.batch_io import OUTPUT_SCHEMA, output_row
 from cluster.config import BatchSettings
 from cluster.contracts.messages import FinishReason, GenerateRequest
 from model_workers.gemma3.config import Gemma3Config
-from model_workers.gemma3.tokenizer import ChatTurn, Gemma3Tokenizer, ImageRef
+from model_workers.gemma3.tokenizer import Gemma3Tokenizer
 from model_workers.settings import ModelSettings, NativeEngineConfig
 from router import openai_api as oa
-from router.ingress import G3ServeIngress, parse
+from router import request_prep as prep
 from router.ingress_errors import api_error_from_exception
-from router.ingress_images import _PAN_AND_SCAN_BY_DETAIL
 from vision_service.content_hash import HashSettings, checkpoint_revision
 from vision_service.images import ImageLocation, load_image_bytes
 from vision_service.preprocess import PreprocessConfig
-from vision_service.request import VisionImage, VisionRequest, plan_image
+from vision_service.request import VisionImage, VisionRequest
 from vision_service.settings import VisionSettings
 
 PREPARED_SCHEMA = pa.schema([("id", pa.string()), ("index", pa.int64()), ("prepared", pa.binary())])
@@ -91,7 +90,8 @@ class _LoopThread:
 
 
 class Preprocess:
-    """Validate each row as an OpenAI chat request, read and probe its images, tokenize it, fit the context."""
+    """Validate each row as an OpenAI chat request, read and probe its images, tokenize it, fit the context: the
+    ingress's own steps (router/request_prep.py), so a row fails with the message its HTTP request would get."""
 
     def __init__(
         self, model: ModelSettings, vision: VisionSettings, batch: BatchSettings, checkpoint: str, input_dir: str
@@ -130,37 +130,29 @@ class Preprocess:
         body = json.loads(request_json)
         body.setdefault("model", self.model_id)
         body["stream"] = False
-        req = parse(oa.ChatCompletionRequest, json.dumps(body).encode())
+        req = prep.parse(oa.ChatCompletionRequest, json.dumps(body).encode())
         sampling = oa.to_sampling(req, self.limits)
         drafts = oa.turn_drafts(req.messages, self.limits.max_images)
-        images, refs = [], {}
-        for img in (i for d in drafts for i in d.images):
-            where = ImageLocation(img.message_index, img.part_index)
-            data = self._loop.run(self._image_bytes(img.url, where))
-            vimg = VisionImage(data, where, _PAN_AND_SCAN_BY_DETAIL.get(img.detail or "auto"))
-            # The vision service plans the same way (same function, same settings): the hashes name the blocks.
-            plan = plan_image(
-                vimg,
-                self.model_id,
-                self.hash_settings,
-                self.vision.pan_and_scan.enabled,
-                self.image_limits,
-            )
-            images.append(vimg)
-            refs[img] = ImageRef(plan.content_hashes)
+        inputs = [img for d in drafts for img in d.images]
+        data = [self._loop.run(self._image_bytes(img.url, prep.image_where(img))) for img in inputs]
+        images, refs = prep.plan_images(
+            inputs,
+            data,
+            self.model_id,
+            self.hash_settings,
+            self.vision.pan_and_scan.enabled,
+            self.image_limits,
+        )
         if images and not self.supports_images:
             raise oa.ApiError(400, "this model does not accept images (text-only checkpoint)", param="messages")
-        turns = [ChatTurn(d.role, tuple(refs.get(p, p) for p in d.parts)) for d in drafts]
-        prompt = self.tokenizer.render_chat(turns)
-        explicit = bool(req.max_tokens or req.max_completion_tokens)
-        info = _ContextInfo(self.max_model_len)
-        sampling = G3ServeIngress._fit_context(len(prompt.token_ids), sampling, info, explicit=explicit)
-        stop_ids = tuple(dict.fromkeys((*sampling.stop_token_ids, *self.tokenizer.eos_token_ids)))
-        request = GenerateRequest(
+        turns = prep.chat_turns(drafts, dict(zip(inputs, refs, strict=True)))
+        request = prep.build_request(
+            req,
+            prep.render_prompt(req, turns, self.tokenizer),
+            sampling,
+            self.tokenizer,
+            self.max_model_len,
             request_id=f"batch-{base.index}-{base.id}",
-            prompt_token_ids=tuple(prompt.token_ids),
-            sampling=replace(sampling, stop_token_ids=stop_ids),
-            images=tuple(prompt.images),
         )
         return replace(base, request=request, images=tuple(images))
 
@@ -168,13 +160,6 @@ class Preprocess:
         if "://" not in url and not url.startswith(("data:", "/")):  # a path relative to the input file
             url = str((self.input_dir / url).resolve())
         return await load_image_bytes(url, self.image_limits, where)
-
-
-@dataclass(frozen=True)
-class _ContextInfo:
-    """The one ModelInfo field the ingress's context check reads."""
-
-    max_model_len: int
 
 
 # ---------------------------------------------------------------------------------------------------- vision

@@ -17,11 +17,9 @@ import hmac
 import time
 import uuid
 from collections.abc import AsyncIterator, Mapping
-from dataclasses import replace
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import ValidationError
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
@@ -34,6 +32,7 @@ from router.ingress_images import ImagePipeline
 from router.ingress_settings import IngressSettings
 from router.metrics import IngressMetrics
 from router.pools import DecoderPools, PoolPlan
+from router.request_prep import build_request, parse, render_prompt
 from vision_service.settings import VisionSettings
 
 api = FastAPI(title="g3serve", docs_url=None, redoc_url=None, openapi_url=None)
@@ -54,15 +53,6 @@ async def read_body(request: Request, limit: int) -> bytes:
             raise oa.ApiError(413, f"request body exceeds the limit of {limit} bytes", code="request_too_large")
         chunks.append(chunk)
     return b"".join(chunks)
-
-
-def parse(model: type[oa._Request], body: bytes) -> oa._Request:
-    try:
-        return model.model_validate_json(body)
-    except ValidationError as e:
-        err = e.errors()[0]
-        param = ".".join(str(p) for p in err["loc"]) or None
-        raise oa.ApiError(400, f"{param}: {err['msg']}" if param else err["msg"], param=param) from None
 
 
 class _Slot:
@@ -210,45 +200,22 @@ class G3ServeIngress:
     ) -> GenerateRequest:
         info = await self._model_info()
         tokenizer = self._get_tokenizer(info)
-        if isinstance(req, oa.ChatCompletionRequest):
+        turns, embeds, chat = None, (), isinstance(req, oa.ChatCompletionRequest)
+        if chat:
             drafts = oa.turn_drafts(req.messages, self.settings.max_images_per_request)
             turns, embeds = await self.images.resolve(drafts)
             hits = sum(e.cache_hit for e in embeds)
             self.metrics.observe_images(cache_hits=hits, misses=len(embeds) - hits)
-            prompt = tokenizer.render_chat(turns)
-        else:
-            prompt, embeds = tokenizer.encode_completion(oa.completion_prompt(req)), ()
-        sampling = self._fit_context(len(prompt.token_ids), sampling, info, explicit=self._explicit_max_tokens(req))
-        stop_ids = tuple(dict.fromkeys((*sampling.stop_token_ids, *tokenizer.eos_token_ids)))
-        return GenerateRequest(
-            request_id=f"{'chatcmpl' if isinstance(req, oa.ChatCompletionRequest) else 'cmpl'}-{uuid.uuid4().hex}",
-            prompt_token_ids=tuple(prompt.token_ids),
-            sampling=replace(sampling, stop_token_ids=stop_ids),
-            images=tuple(prompt.images),
-            image_embeds=tuple(embeds),
+        return build_request(
+            req,
+            render_prompt(req, turns, tokenizer),
+            sampling,
+            tokenizer,
+            info.max_model_len,
+            request_id=f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
+            image_embeds=embeds,
             session_id=req.user or http.headers.get("x-session-id"),
             arrival_time=time.time(),
-        )
-
-    @staticmethod
-    def _explicit_max_tokens(req: oa._Request) -> bool:
-        return bool(req.max_tokens or getattr(req, "max_completion_tokens", None))
-
-    @staticmethod
-    def _fit_context(prompt_len: int, sampling: SamplingParams, info: ModelInfo, explicit: bool) -> SamplingParams:
-        """Prompt + max_tokens must fit the model's context; a defaulted max_tokens shrinks to fit instead."""
-        limit = info.max_model_len
-        if prompt_len + sampling.max_tokens <= limit:
-            return sampling
-        if not explicit and prompt_len < limit:
-            return replace(sampling, max_tokens=limit - prompt_len)
-        raise oa.ApiError(
-            400,
-            f"This model's maximum context length is {limit} tokens. However, you requested "
-            f"{prompt_len + (sampling.max_tokens if explicit else 0)} tokens ({prompt_len} in the prompt"
-            + (f", {sampling.max_tokens} for the completion)." if explicit else ")."),
-            param="messages" if not explicit else "max_tokens",
-            code="context_length_exceeded",
         )
 
     async def _start(

@@ -21,15 +21,13 @@ from cluster.contracts.messages import ImageEmbedding
 from model_workers.gemma3.tokenizer import ChatTurn, ImageRef
 from router.ingress_errors import replica_lost
 from router.openai_api import ApiError, ImageInput, TurnDraft
+from router.request_prep import chat_turns, image_where, plan_images
 from vision_service.content_hash import HashSettings, checkpoint_revision
-from vision_service.images import ImageLocation, load_image_bytes
+from vision_service.images import load_image_bytes
 from vision_service.preprocess import PreprocessConfig
-from vision_service.request import VisionImage, VisionRequest, plan_image
+from vision_service.request import VisionRequest
 from vision_service.settings import VisionSettings
 
-# OpenAI's `detail` per image: "low" = the whole image only, "high" = Pan & Scan crops when the image qualifies,
-# "auto"/absent = the configured default (vision.service.pan_and_scan.enabled).
-_PAN_AND_SCAN_BY_DETAIL = {"low": False, "high": True}
 # Encoding is idempotent (same bytes, same embeddings), so a vision replica that dies under a request is retried
 # on another (or its restarted self): the client never sees a lost vision replica.
 VISION_ATTEMPTS = 3
@@ -63,35 +61,26 @@ class ImagePipeline:
         """Chat turns for the tokenizer, and one embedding per image block in prompt order."""
         images = [img for d in drafts for img in d.images]
         if not images:
-            return [ChatTurn(d.role, tuple(p for p in d.parts if isinstance(p, str))) for d in drafts], ()
+            return chat_turns(drafts, {}), ()
         refs, embeds = await self._embed(images)
-        by_input = dict(zip(images, refs, strict=True))
-        turns = [
-            ChatTurn(d.role, tuple(by_input[p] if isinstance(p, ImageInput) else p for p in d.parts)) for d in drafts
-        ]
-        return turns, embeds
+        return chat_turns(drafts, dict(zip(images, refs, strict=True))), embeds
 
     async def _embed(self, images: Sequence[ImageInput]) -> tuple[list[ImageRef], tuple[ImageEmbedding, ...]]:
         if self._vision is None or self._hash_settings is None:
             raise ApiError(400, "this model does not accept images (text-only checkpoint)", param="messages")
         limits = self._settings.images
-        inputs = []
-        for img in images:
-            where = ImageLocation(img.message_index, img.part_index)
-            data = await load_image_bytes(img.url, limits, where)
-            inputs.append(VisionImage(data, where, _PAN_AND_SCAN_BY_DETAIL.get(img.detail or "auto")))
-        plans = [
-            plan_image(v, self._model_id, self._hash_settings, self._settings.pan_and_scan.enabled, limits)
-            for v in inputs
-        ]
+        data = [await load_image_bytes(img.url, limits, image_where(img)) for img in images]
+        inputs, refs = plan_images(
+            images, data, self._model_id, self._hash_settings, self._settings.pan_and_scan.enabled, limits
+        )
         request = VisionRequest(request_id=f"img-{uuid.uuid4().hex}", images=tuple(inputs))
         embeds = await self._embed_with_retry(request)
-        expected = [h for plan in plans for h in plan.content_hashes]
+        expected = [h for ref in refs for h in ref.block_hashes]
         if [e.content_hash for e in embeds] != expected:
             # The two sides planned differently (version skew between ingress and vision replicas): refuse
             # rather than attach one image's soft tokens to another's placeholders.
             raise ApiError(500, "vision service returned embeddings for different image blocks than planned")
-        return [ImageRef(plan.content_hashes) for plan in plans], embeds
+        return refs, embeds
 
     async def _embed_with_retry(self, request: VisionRequest) -> tuple[ImageEmbedding, ...]:
         for attempt in range(1, VISION_ATTEMPTS + 1):

@@ -3,7 +3,8 @@
 Per image block: bilinear resize (PIL, on the 8-bit image, as transformers does) to the checkpoint's square image
 size, rescale by 1/255, normalize with the checkpoint's mean/std (0.5 / 0.5 for Gemma 3, i.e. to [-1, 1]).
 Settings come from the checkpoint's preprocessor_config.json when it has one, else from its vision_config
-(the tiny test checkpoints have no processor file).
+(the tiny test checkpoints have no processor file). torch is imported where pixels become tensors, not at module
+level: the ingress reads PreprocessConfig (part of every image's content hash) and must not load torch for it.
 """
 
 from __future__ import annotations
@@ -11,10 +12,13 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image
+
+if TYPE_CHECKING:
+    import torch
 
 # PIL's resampling filter numbers, which preprocessor_config.json stores as `resample`.
 _BILINEAR = int(Image.Resampling.BILINEAR)
@@ -59,6 +63,8 @@ class PreprocessConfig:
 
 def to_pixels(image: Image.Image, cfg: PreprocessConfig) -> torch.Tensor:
     """One RGB image block -> float32 [3, S, S]."""
+    import torch
+
     if image.mode != "RGB":
         image = image.convert("RGB")
     s = cfg.image_size
@@ -73,4 +79,6 @@ def to_pixels(image: Image.Image, cfg: PreprocessConfig) -> torch.Tensor:
 
 def batch_pixels(images: list[Image.Image], cfg: PreprocessConfig) -> torch.Tensor:
     """Image blocks -> float32 [N, 3, S, S]."""
+    import torch
+
     return torch.stack([to_pixels(im, cfg) for im in images])

@@ -6,6 +6,10 @@ libraries disagree on whether they add BOS (transformers 5.19's GGUF tokenizer d
 tokenizer.json may not), and Gemma degenerates without it, so we never let the library decide: we strip any BOS it
 added and put exactly one first.
 
+The tokenizer is the `tokenizers` library on the checkpoint's tokenizer.json and the chat template is rendered with
+jinja2 the way transformers renders it (same sandbox and options), so the ingress that imports this module loads
+neither transformers nor torch; token ids equal transformers' on the same files (tests/unit/test_tokenizer.py).
+
 Images: each image part becomes `\\n\\n<start_of_image>` + mm_tokens_per_image x `<image_soft_token>` +
 `<end_of_image>\\n\\n`, and with Pan & Scan crops "Here is the original image ... and here are some crops to help you
 see better ..." exactly as transformers' Gemma3Processor writes it, so token ids match the reference.
@@ -17,10 +21,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import jinja2
+from jinja2.ext import loopcontrols
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import Tokenizer
+
 from cluster.contracts.messages import ImageSpan
 
 CHAT_TEMPLATE = (Path(__file__).parent / "chat_template.jinja").read_text()
-BOI, EOI, IMAGE_SOFT = "<start_of_image>", "<end_of_image>", "<image_soft_token>"
+BOI, EOI, IMAGE_SOFT, BOS = "<start_of_image>", "<end_of_image>", "<image_soft_token>", "<bos>"
 
 
 class ChatFormatError(ValueError):
@@ -87,30 +96,46 @@ def _content(parts: Sequence[str | ImageRef]) -> list[dict]:
     return [{"type": "text", "text": p} if isinstance(p, str) else {"type": "image"} for p in parts]
 
 
+def _raise_exception(message: str) -> None:
+    raise ChatFormatError(message)
+
+
+def compile_chat_template(source: str) -> jinja2.Template:
+    """The template in the environment transformers' apply_chat_template uses (sandboxed, trimmed blocks)."""
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    env.globals["raise_exception"] = _raise_exception
+    return env.from_string(source)
+
+
 class Gemma3Tokenizer:
-    def __init__(self, hf_tokenizer, mm_tokens_per_image: int = 256):
-        self.hf = hf_tokenizer
+    def __init__(self, backend: Tokenizer, mm_tokens_per_image: int = 256):
+        self.backend = backend
         self.mm_tokens_per_image = mm_tokens_per_image
-        self.bos_token_id = self._id("<bos>")
+        self.bos_token_id = self._id(BOS)
         self.eos_token_ids = tuple(i for i in (self._id("<eos>"), self._id("<end_of_turn>")) if i is not None)
         self.image_token_id = self._id(IMAGE_SOFT)
+        self._template = compile_chat_template(CHAT_TEMPLATE)
 
     def _id(self, token: str) -> int | None:
-        i = self.hf.convert_tokens_to_ids(token)
-        return None if i is None or i == self.hf.unk_token_id else i
+        return self.backend.token_to_id(token)
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, mm_tokens_per_image: int = 256) -> Gemma3Tokenizer:
+        path = Path(path)
+        if (path / "tokenizer.json").is_file():
+            return cls(Tokenizer.from_file(str(path / "tokenizer.json")), mm_tokens_per_image)
+        # A checkpoint with only a sentencepiece model: transformers converts it to the same fast tokenizer
+        # (imported here only, so the tokenizer.json path never loads transformers and torch).
         from transformers import AutoTokenizer
 
-        return cls(AutoTokenizer.from_pretrained(str(path)), mm_tokens_per_image)
+        return cls(AutoTokenizer.from_pretrained(str(path)).backend_tokenizer, mm_tokens_per_image)
 
     @property
     def supports_images(self) -> bool:
         return self.image_token_id is not None
 
     def _encode(self, text: str) -> list[int]:
-        ids = self.hf(text, add_special_tokens=False).input_ids
+        ids = self.backend.encode(text, add_special_tokens=False).ids
         while ids and ids[0] == self.bos_token_id:
             ids = ids[1:]
         return [self.bos_token_id, *ids]
@@ -120,9 +145,7 @@ class Gemma3Tokenizer:
 
     def render_chat(self, turns: Sequence[ChatTurn], add_generation_prompt: bool = True) -> PromptTokens:
         messages = normalize_turns(turns)
-        text = self.hf.apply_chat_template(
-            messages, chat_template=CHAT_TEMPLATE, tokenize=False, add_generation_prompt=add_generation_prompt
-        )
+        text = self._template.render(messages=messages, bos_token=BOS, add_generation_prompt=add_generation_prompt)
         images = [p for t in turns for p in t.parts if isinstance(p, ImageRef)]
         if images and not self.supports_images:
             raise ChatFormatError("this model does not accept images (text-only checkpoint)")
@@ -153,8 +176,8 @@ class Gemma3Tokenizer:
                 i += 1
         return tuple(spans)
 
-    def decode(self, ids: Sequence[int]) -> str:
-        return self.hf.decode(list(ids), skip_special_tokens=True)
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
     def detokenizer(self) -> IncrementalDetokenizer:
         return IncrementalDetokenizer(self)
