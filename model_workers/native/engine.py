@@ -1,10 +1,10 @@
 """NativeEngine: g3serve's own Gemma 3 engine (the embedded default), implementing `DecoderEngine`.
 
-The step loop is three lines — `plan = scheduler.schedule()`, `sampled = runner.run(plan)`,
-`outputs = scheduler.postprocess(plan, sampled)` — plus turning outputs into streamed text deltas. The forward pass
-runs in one worker thread (torch releases the GIL), so the asyncio loop keeps accepting and streaming requests while
-a step computes. Everything that changes scheduler or cache state (admission, aborts, postprocess) happens on the
-loop thread between steps, never while the runner reads the block tables.
+One step is `_step`: `plan = scheduler.schedule()`, `sampled = runner.run(plan)` (in a worker thread), then
+`_postprocess` — the scheduler records the tokens and `OutputStreams` (output_stream.py) turns them into streamed
+text deltas. The forward pass runs in one worker thread (torch releases the GIL), so the asyncio loop keeps accepting
+and streaming requests while a step computes. Everything that changes scheduler or cache state (admission, aborts,
+postprocess) happens on the loop thread between steps, never while the runner reads the block tables.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ import logging
 import os
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -24,32 +23,17 @@ from cluster.contracts.model_info import ModelInfo
 from model_workers.gemma3.config import Gemma3Config
 from model_workers.gemma3.decoder import Gemma3Decoder
 from model_workers.gemma3.gguf_int8 import layer_blocks
-from model_workers.gemma3.tokenizer import Gemma3Tokenizer, IncrementalDetokenizer
+from model_workers.gemma3.tokenizer import Gemma3Tokenizer
 from model_workers.native.kv_cache.hybrid import HybridKVCache
 from model_workers.native.kv_cache.spec import KVCacheSpec
+from model_workers.native.output_stream import OutputStreams
 from model_workers.native.runner import ModelRunner
-from model_workers.native.scheduler import QueueFull, RequestTooLarge, Scheduler, SchedulerConfig, SeqOutput
+from model_workers.native.scheduler import QueueFull, RequestTooLarge, Scheduler, SchedulerConfig, StepPlan
 from model_workers.native.sequence import Sequence
 from model_workers.settings import NativeEngineConfig
 
 log = logging.getLogger(__name__)
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-
-
-@dataclass
-class _Stream:
-    """Per-request output state: the queue the client's iterator reads, the detokenizer, stop strings."""
-
-    detok: IncrementalDetokenizer
-    stop: tuple[str, ...]
-    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
-    pending: str = ""  # text held back because it could be the start of a stop string
-    done: bool = False
-
-
-def merge_deltas(a: TokenDelta, b: TokenDelta) -> TokenDelta:
-    """Two consecutive deltas of one request as one (b is the later: its finish state and counts win)."""
-    return replace(b, token_ids=a.token_ids + b.token_ids, text=a.text + b.text)
 
 
 def kv_budget_bytes(cfg: NativeEngineConfig, device: torch.device) -> int:
@@ -75,7 +59,7 @@ class NativeEngine:
     def __init__(self, config: NativeEngineConfig, replica_id: str | None = None):
         self.config = config
         self.replica_id = replica_id or f"pid-{os.getpid()}"
-        self._streams: dict[str, _Stream] = {}
+        self._streams = OutputStreams()
         self._pending_aborts: list[str] = []
         self._events: list[KvEvent] = []
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="g3serve-step")
@@ -157,8 +141,7 @@ class NativeEngine:
 
     async def shutdown(self) -> None:
         self._closed = True
-        for seq_id in list(self._streams):
-            self._pending_aborts.append(seq_id)
+        self._pending_aborts.extend(self._streams.ids())
         if self._wake:
             self._wake.set()
         if self._task:
@@ -218,16 +201,11 @@ class NativeEngine:
             raise EngineOverloadedError(str(e)) from e
         if request.image_embeds:
             self.runner.image_embeds[seq.seq_id] = [e.embeds for e in request.image_embeds]
-        stream = _Stream(self.tokenizer.detokenizer(), tuple(s for s in request.sampling.stop if s))
-        self._streams[seq.seq_id] = stream
+        stream = self._streams.open(seq.seq_id, self.tokenizer.detokenizer(), request.sampling.stop)
         self._wake.set()
         try:
             while True:
-                delta = await stream.queue.get()
-                while delta.finish_reason is None and not stream.queue.empty():
-                    # The consumer fell behind (a slow client, a busy proxy): send what piled up as one delta,
-                    # so every hop downstream (Ray stream, SSE) handles fewer, larger messages.
-                    delta = merge_deltas(delta, stream.queue.get_nowait())
+                delta = await stream.next_delta()
                 yield delta
                 if delta.finish_reason is not None:
                     return
@@ -243,92 +221,52 @@ class NativeEngine:
 
     # ---- the step loop --------------------------------------------------------------------------------------------
     async def _loop(self) -> None:
-        loop = asyncio.get_running_loop()
         while not self._closed:
             self._apply_aborts()
             if not self.scheduler.has_work:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
-            plan = self.scheduler.schedule()
-            if plan.is_empty:  # everything waits for pages that a running abort will free
-                await asyncio.sleep(0.005)
-                continue
-            try:
-                sampled = await loop.run_in_executor(self._executor, self.runner.run, plan)
-            except Exception as e:  # a failed step fails its requests, not the replica
-                log.exception("engine step failed")
-                for chunk in plan.chunks:
-                    self._fail(chunk.seq.seq_id, f"engine step failed: {e}")
-                continue
-            self._emit(self.scheduler.postprocess(plan, sampled))
-            self._collect_events()
-            self.steps += 1
+            await self._step()
+
+    async def _step(self) -> None:
+        """One step: schedule -> run -> postprocess."""
+        plan = self.scheduler.schedule()
+        if plan.is_empty:  # everything waits for pages that a running abort will free
+            await asyncio.sleep(0.005)
+            return
+        sampled = await self._run(plan)
+        if sampled is not None:
+            self._postprocess(plan, sampled)
+
+    async def _run(self, plan: StepPlan) -> dict[str, int] | None:
+        """The forward pass in the worker thread; None if it failed (its requests failed, not the replica)."""
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._executor, self.runner.run, plan)
+        except Exception as e:
+            log.exception("engine step failed")
+            for chunk in plan.chunks:
+                self._end(chunk.seq.seq_id, FinishReason.ERROR, f"engine step failed: {e}")
+            return None
+
+    def _postprocess(self, plan: StepPlan, sampled: dict[str, int]) -> None:
+        """Record the step in the scheduler, stream its tokens, finish what a stop string ended, publish KV events."""
+        for end in self._streams.publish(self.scheduler.postprocess(plan, sampled)):
+            if end.by_stop_string:
+                self.scheduler.finish(end.seq_id, FinishReason.STOP)
+            self.runner.forget(end.seq_id)
+        self._collect_events()
+        self.steps += 1
 
     def _apply_aborts(self) -> None:
         while self._pending_aborts:
-            seq_id = self._pending_aborts.pop()
-            self.scheduler.abort(seq_id)
-            stream = self._streams.pop(seq_id, None)
-            self.runner.forget(seq_id)
-            if stream is not None and not stream.done:
-                stream.done = True
-                stream.queue.put_nowait(TokenDelta(seq_id, (), "", FinishReason.ABORT))
+            self._end(self._pending_aborts.pop(), FinishReason.ABORT)
 
-    def _fail(self, seq_id: str, message: str) -> None:
+    def _end(self, seq_id: str, reason: FinishReason, error: str | None = None) -> None:
+        """End a request now (abort, failed step): free its pages, drop its inputs, send the finish delta."""
         self.scheduler.abort(seq_id)
         self.runner.forget(seq_id)
-        stream = self._streams.pop(seq_id, None)
-        if stream is not None:
-            stream.done = True
-            stream.queue.put_nowait(TokenDelta(seq_id, (), "", FinishReason.ERROR, error=message))
-
-    def _emit(self, outputs: list[SeqOutput]) -> None:
-        for out in outputs:
-            stream = self._streams.get(out.seq_id)
-            if stream is None:
-                continue
-            reason = out.finish_reason
-            is_stop_token = reason is FinishReason.STOP
-            text = "" if is_stop_token else stream.detok.push([out.token_id])
-            text, hit = self._apply_stop_strings(stream, text)
-            if hit and reason is None:
-                reason = FinishReason.STOP
-                self.scheduler.finish(out.seq_id, reason)
-            if reason is not None:
-                text += stream.pending if not hit else ""
-                stream.pending = ""
-                stream.done = True
-                self._streams.pop(out.seq_id, None)
-                self.runner.forget(out.seq_id)
-            stream.queue.put_nowait(
-                TokenDelta(
-                    out.seq_id,
-                    (out.token_id,),
-                    text,
-                    reason,
-                    prompt_tokens=out.num_prompt_tokens,
-                    completion_tokens=out.num_output_tokens,
-                    cached_tokens=out.num_cached_tokens,
-                )
-            )
-
-    @staticmethod
-    def _apply_stop_strings(stream: _Stream, text: str) -> tuple[str, bool]:
-        """(text to send now, whether a stop string ended the output). Text that may begin a stop string is held."""
-        if not stream.stop:
-            return text, False
-        buf = stream.pending + text
-        cut = min((i for i in (buf.find(s) for s in stream.stop) if i >= 0), default=-1)
-        if cut >= 0:
-            stream.pending = ""
-            return buf[:cut], True
-        hold = max(len(s) for s in stream.stop) - 1
-        keep = next(
-            (k for k in range(min(hold, len(buf)), 0, -1) if any(s.startswith(buf[-k:]) for s in stream.stop)), 0
-        )
-        stream.pending = buf[len(buf) - keep :] if keep else ""
-        return buf[: len(buf) - keep], False
+        self._streams.close(seq_id, reason, error)
 
     # ---- router-facing --------------------------------------------------------------------------------------------
     def _collect_events(self) -> None:

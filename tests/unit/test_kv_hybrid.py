@@ -115,7 +115,7 @@ def test_hit_needs_the_local_window_not_only_global_pages():
         cache.pool.allocate(1, group=1)
     b = seq("b", list(range(20)) + [5] * 10)
     # Group 0 still has blocks 0..4, but the window before position 20 (blocks 1..4) is gone in local groups.
-    assert cache.full.longest_hit(b.page_hashes, 7) != []
+    assert cache.full.find_longest_cache_hit(b.page_hashes, 7, lambda n: True).num_blocks == 5
     assert cache.match_prefix(b) == 0
     # The tail of a is still fully there: a follow-up turn hits everything.
     cache.free(a)
@@ -209,3 +209,16 @@ def test_window_checkpoints_keep_a_requery_hit_under_pressure():
     assert _requery_hit_after_pressure(32) == 32
     # Without checkpoints the released local pages are plain FIFO entries: the window before 40 is gone too.
     assert _requery_hit_after_pressure(0) == 0
+
+
+def test_a_model_without_global_layers_hits_on_the_local_window_alone():
+    spec = KVCacheSpec((SLIDING,) * 4, page_size=P, sliding_window=W, num_kv_heads=1, head_dim=2, dtype_bytes=4)
+    cache = HybridKVCache(spec, num_pages=100)
+    a = seq("a", range(40))
+    compute(cache, a, 40)
+    cache.free(a)
+    b = seq("b", list(range(30)) + [99] * 10)
+    assert cache.match_prefix(b) == 28  # the longest n whose window (blocks 3..6 at 28) is cached
+    g, locs = cache.block_tables("b")
+    assert g == [] and len(locs) == 1 and locs[0][:3] == [-1, -1, -1] and all(p > 0 for p in locs[0][3:])
+    assert cache.stats().global_pages_in_use == 0 and cache.stats().local_pages_in_use == 4

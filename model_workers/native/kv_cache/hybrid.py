@@ -1,21 +1,24 @@
 """HybridKVCache: the one KV-cache object the scheduler uses (global + sliding groups over one page pool).
 
-It composes a FullAttentionManager (group 0) and a SlidingWindowManager (groups 1..G) over a shared PagePool,
-keeps the all-or-nothing allocation across groups, the prefix-cache rule, the free order and the KV events.
+It coordinates the per-type managers (single_type_manager.py: FullAttentionManager for group 0,
+SlidingWindowManager for groups 1..G) over a shared PagePool: the hit length every manager accepts, the
+all-or-nothing allocation across groups, the free order and the KV events.
 
 Prefix rule. A hit of n full pages lets the sequence start computing at position n*P. That needs
   - group 0: the pages of blocks 0..n-1 (global layers read the whole context), and
   - every local group: the pages covering positions [n*P - window + 1, n*P), the keys the first new query reads
     (older local pages are never read again, so they may be long gone).
-The hash chain makes group-0 hits a prefix, but the local condition is not monotonic in n (a shorter hit needs an
-*older* window, which may have been released), so we take the longest n for which both hold, trying n downwards.
+Each manager finds its longest hit no longer than a bound (`find_longest_cache_hit`); the hybrid passes the shortest
+so far on as the next bound until every manager accepts the same n (the local condition is not monotonic in n, so a
+manager may answer a shorter n than the previous ones did, and they are asked again).
 At least one prompt token must be computed (its logits give the first output token), so n*P <= num_tokens - 1.
 And n*P must not fall strictly inside an image span: a span is computed in one chunk (bidirectional attention).
 Keys are (group, page_hash) with the same chained hash for a block in every group.
 
 Free order when a sequence ends (pages reaching ref 0 join the LRU tail in this order, so the later ones survive
-longer): the local pages outside the tail window, then the global pages tail-first, then the local tail-window
-pages. A finished conversation's tail window thus stays cached as long as its global pages do, and eviction eats a
+longer): every manager's pages a follow-up turn does not need, then those it needs (`SingleTypeKVManager.pop`),
+managers in order — that is the local pages outside the tail window, then the global pages tail-first, then the
+local tail-window pages. A finished conversation's tail window thus stays cached as long as its global pages do, and eviction eats a
 cached prefix from its end.
 """
 
@@ -28,6 +31,7 @@ from ..sequence import Sequence
 from .full_manager import GROUP as GLOBAL_GROUP
 from .full_manager import FullAttentionManager
 from .page_pool import PagePool
+from .single_type_manager import CacheHit, SingleTypeKVManager
 from .sliding_manager import SlidingWindowManager
 from .spec import KVCacheSpec
 
@@ -65,6 +69,8 @@ class HybridKVCache:
         self.pool = PagePool(num_pages)
         self.full = FullAttentionManager(spec, self.pool)
         self.sliding = SlidingWindowManager(spec, self.pool, window_checkpoint_interval)
+        # In this order the managers allocate, cache and free (the free order of the module doc relies on it).
+        self.managers: tuple[SingleTypeKVManager, ...] = (self.full, self.sliding)
         self._cached_blocks: dict[str, int] = {}  # blocks [0, n) of the sequence are registered in the cache
 
     # ---- prefix cache ---------------------------------------------------------------------------------------------
@@ -72,23 +78,24 @@ class HybridKVCache:
         """Take refs on the longest valid cached prefix of a sequence with no pages yet; returns cached tokens."""
         assert seq.num_computed_tokens == 0 and seq.seq_id not in self._cached_blocks, seq
         P = self.spec.page_size
-        max_n = min(len(seq.page_hashes), (seq.num_tokens - 1) // P)
-        hashes = seq.page_hashes
-        global_pages = self.full.longest_hit(hashes, max_n) if self.full.enabled else None
-        n = len(global_pages) if global_pages is not None else max_n
-        local_pages = None
-        while n > 0:
-            if not any(s.offset < n * P < s.offset + s.length for s in seq.images):
-                local_pages = self.sliding.window_hit(hashes, n)
-                if local_pages is not None:
-                    break
-            n -= 1
-        if n == 0:
-            self._cached_blocks[seq.seq_id] = 0
-            return 0
-        self.full.take_hit(seq.seq_id, global_pages[:n] if global_pages is not None else [])
-        self.sliding.take_hit(seq.seq_id, n, local_pages)
+
+        def valid(n: int) -> bool:
+            return not any(s.offset < n * P < s.offset + s.length for s in seq.images)
+
+        n = min(len(seq.page_hashes), (seq.num_tokens - 1) // P)
+        # Each manager answers its longest hit within the bound n; a shorter answer lowers the bound, and the
+        # managers that answered a longer one are asked again, until every manager's hit is n blocks long.
+        hits: list[CacheHit | None] = [None] * len(self.managers)
+        while not all(h is not None and h.num_blocks == n for h in hits):
+            for i, manager in enumerate(self.managers):
+                if hits[i] is None or hits[i].num_blocks != n:
+                    hits[i] = manager.find_longest_cache_hit(seq.page_hashes, n, valid)
+                    n = hits[i].num_blocks
         self._cached_blocks[seq.seq_id] = n
+        if n == 0:
+            return 0
+        for manager, hit in zip(self.managers, hits, strict=True):
+            manager.save_cache_hit(seq.seq_id, hit)
         seq.num_computed_tokens = seq.num_cached_tokens = n * P
         return n * P
 
@@ -97,8 +104,8 @@ class HybridKVCache:
         lo = self._cached_blocks.get(seq.seq_id, 0)
         hi = min(seq.num_computed_tokens // self.spec.page_size, len(seq.page_hashes))
         if hi > lo:
-            self.full.cache_blocks(seq.seq_id, seq.page_hashes, lo, hi)
-            self.sliding.cache_blocks(seq.seq_id, seq.page_hashes, lo, hi)
+            for manager in self.managers:
+                manager.cache_blocks(seq.seq_id, seq.page_hashes, lo, hi)
             self._cached_blocks[seq.seq_id] = hi
 
     # ---- allocation -----------------------------------------------------------------------------------------------
@@ -106,28 +113,27 @@ class HybridKVCache:
         """Pages for positions [0, num_computed + num_new_tokens) in every group, all or nothing."""
         sid = seq.seq_id
         self._cached_blocks.setdefault(sid, 0)
-        self.sliding.release(sid, seq.num_computed_tokens)  # always valid: no future query reads those keys
+        for manager in self.managers:  # always valid: no future query reads those keys
+            manager.remove_skipped_blocks(sid, seq.num_computed_tokens)
         total = seq.num_computed_tokens + num_new_tokens
-        need = self.full.pages_needed(sid, total) + self.sliding.pages_needed(sid, total)
-        if need > self.pool.num_free:
+        if sum(m.num_pages_to_allocate(sid, total) for m in self.managers) > self.pool.num_free:
             return False
-        self.full.allocate(sid, total)
-        self.sliding.allocate(sid, total)
+        for manager in self.managers:
+            manager.allocate_new_pages(sid, total)
         return True
 
     def free(self, seq: Sequence) -> None:
         """Drop the sequence's pages in the order described in the module doc."""
         sid = seq.seq_id
         n_full = self._cached_blocks.pop(sid, 0)
-        outside, window = self.sliding.pop(sid, n_full)
-        global_pages = self.full.pop(sid)
-        self.pool.free(outside)
-        self.pool.free(global_pages)
-        self.pool.free(window)
+        early, late = zip(*(m.pop(sid, n_full) for m in self.managers), strict=True)
+        for pages in early + late:
+            self.pool.free(pages)
 
     def block_tables(self, seq_id: str) -> tuple[list[int], list[list[int]]]:
         """(group-0 table, one table per local group); local entries outside the window are NULL (-1)."""
-        return self.full.table(seq_id), self.sliding.tables(seq_id)
+        global_tables = self.full.block_tables(seq_id)
+        return (global_tables[0] if global_tables else []), self.sliding.block_tables(seq_id)
 
     # ---- events and stats -----------------------------------------------------------------------------------------
     def drain_events(self) -> tuple[list[int], list[int]]:
@@ -156,7 +162,7 @@ class HybridKVCache:
 
     def pages_for(self, seq_len: int, max_chunk: int = 1) -> int:
         """Peak pages one sequence of `seq_len` tokens needs when computed in chunks of at most `max_chunk`."""
-        n_global = math.ceil(seq_len / self.spec.page_size) if self.full.enabled else 0
+        n_global = math.ceil(seq_len / self.spec.page_size) if self.full.groups else 0
         return n_global + self.spec.num_local_groups * self.spec.peak_local_pages(seq_len, max_chunk)
 
     def capacity_tokens(self, seq_len: int) -> tuple[int, int]:
