@@ -13,7 +13,7 @@ import asyncio
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
-from cluster.messages import FinishReason, TokenDelta
+from cluster.contracts.messages import FinishReason, TokenDelta
 
 if TYPE_CHECKING:  # the tokenizer module loads the tokenizer library: only its type is needed here
     from model_workers.gemma3.tokenizer import IncrementalDetokenizer

@@ -212,7 +212,9 @@ def test_window_checkpoints_keep_a_requery_hit_under_pressure():
 
 
 def test_a_model_without_global_layers_hits_on_the_local_window_alone():
-    spec = KVCacheSpec((SLIDING,) * 4, page_size=P, sliding_window=W, num_kv_heads=1, head_dim=2, dtype_bytes=4)
+    spec = KVCacheSpec(
+        (SLIDING_ATTENTION,) * 4, page_size=P, sliding_window=W, num_kv_heads=1, head_dim=2, dtype_bytes=4
+    )
     cache = HybridKVCache(spec, num_pages=100)
     a = seq("a", range(40))
     compute(cache, a, 40)

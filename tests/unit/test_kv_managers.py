@@ -3,14 +3,22 @@ each type's own hit-finding (longest prefix vs window) and release (nothing vs p
 
 import pytest
 
+from cluster.contracts.model_info import FULL_ATTENTION, SLIDING_ATTENTION
 from model_workers.native.kv_cache.full_manager import FullAttentionManager
 from model_workers.native.kv_cache.page_pool import PagePool
 from model_workers.native.kv_cache.single_type_manager import NULL, CacheHit, SingleTypeKVManager
 from model_workers.native.kv_cache.sliding_manager import SlidingWindowManager
-from model_workers.native.kv_cache.spec import FULL, SLIDING, KVCacheSpec
+from model_workers.native.kv_cache.spec import KVCacheSpec
 
 P, W = 4, 8
-SPEC = KVCacheSpec((SLIDING, SLIDING, FULL), page_size=P, sliding_window=W, num_kv_heads=1, head_dim=2, dtype_bytes=4)
+SPEC = KVCacheSpec(
+    (SLIDING_ATTENTION, SLIDING_ATTENTION, FULL_ATTENTION),
+    page_size=P,
+    sliding_window=W,
+    num_kv_heads=1,
+    head_dim=2,
+    dtype_bytes=4,
+)
 HASHES = list(range(1000, 1020))  # block j's hash: any distinct values do
 
 
@@ -100,7 +108,9 @@ def test_sliding_hit_is_not_monotonic_so_shorter_windows_are_tried():
 
 
 def test_a_type_the_model_lacks_has_no_groups_and_accepts_any_valid_hit():
-    spec = KVCacheSpec((SLIDING,) * 2, page_size=P, sliding_window=W, num_kv_heads=1, head_dim=2, dtype_bytes=4)
+    spec = KVCacheSpec(
+        (SLIDING_ATTENTION,) * 2, page_size=P, sliding_window=W, num_kv_heads=1, head_dim=2, dtype_bytes=4
+    )
     pool = PagePool(16)
     full = FullAttentionManager(spec, pool)
     assert full.groups == () and full.num_pages_to_allocate("s", 100) == 0

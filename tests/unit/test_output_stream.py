@@ -1,6 +1,6 @@
 """OutputStreams without a model: deltas, stop strings held back and cut, finish reasons, closes, merged backlogs."""
 
-from cluster.messages import FinishReason, TokenDelta
+from cluster.contracts.messages import FinishReason, TokenDelta
 from model_workers.native.output_stream import OutputStreams, StreamEnd, merge_deltas
 from model_workers.native.scheduler import SeqOutput
 
