@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-from kv_capacity import ideal_capacity, native_capacity, vllm_capacity  # noqa: E402
+from kv_capacity import ideal_capacity, native_capacity, vllm_capacity, vllm_rule_capacity  # noqa: E402
 from openai_load import _free_port, sized_prompts  # noqa: E402
 from peer_servers import RunningServer, ServerSpec, find_llama_server  # noqa: E402
 
@@ -53,6 +53,24 @@ def test_native_kv_capacity_is_within_2pct_of_the_hybrid_ideal(checkpoint):
     # 3 global x 32768 + 15 local x 512 token-layer slots of 2 KiB (1 KV head x 256 x K,V x fp32) per sequence.
     assert ideal.sequences == pytest.approx(2 * 2**30 / ((3 * 32768 + 15 * 512) * 2048))
     assert 0.98 * ideal.sequences <= ours.sequences <= ideal.sequences
+
+
+def test_kv_capacity_ours_and_vllms_rule_agree_under_one_convention(checkpoint):
+    """Issue 27: compared under the same reserve (decode only, or vLLM's 2,048-token prefill chunk) the native
+    engine and vLLM's sizing rule fit the same number of 32K-token sequences; the chunk reserved makes the gap."""
+    from cluster.config import NativeEngineConfig
+
+    cfg = NativeEngineConfig()
+    budget, ctx = 2 * 2**30, 32768
+    for chunk in (1, 2048):
+        ours = native_capacity(checkpoint, budget, ctx, cfg.page_size, cfg.window_checkpoint_interval, max_chunk=chunk)
+        theirs = vllm_rule_capacity(checkpoint, budget, ctx, chunk)
+        assert ours.sequences == pytest.approx(theirs.sequences, rel=0.01)
+    # vLLM's rule by hand: 6 groups of 3 layers, 16-token blocks of 3 x 16 x 2 KiB; a request takes 2,048 blocks in
+    # the full group and cdiv(511 + 2048, 16) + 1 = 161 in each of the 5 sliding groups.
+    assert theirs.sequences == pytest.approx((budget // (3 * 16 * 2048)) / (2048 + 5 * 161))
+    own = native_capacity(checkpoint, budget, ctx, cfg.page_size, cfg.window_checkpoint_interval, max_chunk=512)
+    assert 1.15 < own.sequences / theirs.sequences < 1.25
 
 
 def test_vllm_capacity_is_parsed_from_its_start_log():
