@@ -10,7 +10,8 @@ the ranker's own approximate logits and per-token bounds:
 - the tokens outside the 32 candidates whose upper bound reaches the best candidate's exact logit: what the head
   recomputes in fp32 for that row (0: the row is certified by its candidates);
 - the 256-token blocks whose maximum's upper bound reaches it ("blocks in play": a row with more than
-  lm_head.SPARSE_BLOCKS of them is tested token by token over the whole row);
+  lm_head.SPARSE_BLOCKS of them is tested token by token over the whole row), also with the int8 ranker's columns
+  in vocabulary order instead of sorted by bound size, which is what the sorting is for;
 - the rows left with more than lm_head.REFINE_TOKENS tokens (the int8 head ranks those rows again with bf16);
 - the largest measured |fp32 logit - approximate logit| over all tokens, and the median over rows of the proven
   bound at the row's top candidate (what a sampled row's tail logits may be off by: lm_head.py);
@@ -30,7 +31,14 @@ from rich.table import Table
 from cluster.messages import SamplingParams
 from model_workers.gemma3.decoder import Gemma3Decoder
 from model_workers.gemma3.gguf_convert import default_checkpoint
-from model_workers.gemma3.head_ranking import Bf16Ranker, Int8Ranker, Ranking, block_max_upper, int8_available
+from model_workers.gemma3.head_ranking import (
+    Bf16Ranker,
+    Int8Ranker,
+    Ranking,
+    block_max,
+    block_max_upper,
+    int8_available,
+)
 from model_workers.gemma3.lm_head import REFINE_TOKENS, SPARSE_BLOCKS, LmHead, exact_logits
 from model_workers.gemma3.tokenizer import ChatTurn, Gemma3Tokenizer
 from model_workers.native.kv_cache.hybrid import HybridKVCache
@@ -62,6 +70,7 @@ class Counts:
 
     recompute: list[int] = field(default_factory=list)  # tokens outside the candidates left for fp32 recompute
     blocks: list[int] = field(default_factory=list)  # 256-token blocks in play
+    blocks_unsorted: list[int] = field(default_factory=list)  # the same, columns in vocabulary order
     error: list[float] = field(default_factory=list)  # max |fp32 logit - approx| over the row's tokens (measured)
     bound: list[float] = field(default_factory=list)  # the proven bound at the row's top candidate
 
@@ -80,6 +89,17 @@ class Counts:
         self.recompute += reach.sum(dim=1).tolist()
         maxima = block_max_upper(r.approx, NUM_CANDIDATES)  # the head's own block maxima (upper bounds)
         self.blocks += (r.upper(rows, maxima, r.blk_e, r.blk_f) >= best[:, None]).sum(dim=1).tolist()
+        if r.column_ids is None:
+            self.blocks_unsorted = self.blocks
+            return
+        # The same test with the columns in vocabulary order (what sorting them by bound size is measured against).
+        approx = torch.empty_like(r.approx)
+        approx[:, r.column_ids] = r.approx
+        tok_e, tok_f = torch.empty_like(r.tok_e), torch.empty_like(r.tok_f)
+        tok_e[r.column_ids], tok_f[r.column_ids] = r.tok_e, r.tok_f
+        blk_e, blk_f = block_max(tok_e[None])[0], block_max(tok_f[None])[0]
+        maxima = block_max_upper(approx, NUM_CANDIDATES)
+        self.blocks_unsorted += (r.upper(rows, maxima, blk_e, blk_f) >= best[:, None]).sum(dim=1).tolist()
 
     def row(self, name: str, n: int) -> tuple[str, ...]:
         some = sorted(c for c in self.recompute if c)
@@ -93,7 +113,7 @@ class Counts:
             f"{sum(self.recompute) / n:.1f}",
             str(median),
             str(max(self.recompute, default=0)),
-            str(dense),
+            f"{sum(b > SPARSE_BLOCKS for b in self.blocks_unsorted)} -> {dense}",
             str(coarse),
             f"{max(self.error):.3f}",
             f"{sorted(self.bound)[len(self.bound) // 2]:.3f}",
@@ -169,7 +189,12 @@ def main() -> None:
 
     table = Table(title=f"LM-head ranking on {n_rows:,} decode rows of real text ({n_texts} texts, Gemma 3 270M fp32)")
     cols = ("ranker", "rows certified", "rows to recompute", "tokens/row (mean)", "median (rows >0)", "max")
-    more = (f"rows > {SPARSE_BLOCKS} blocks in play", f"rows > {REFINE_TOKENS} tokens", "max |error|", "bound (median)")
+    more = (
+        f"rows > {SPARSE_BLOCKS} blocks in play (columns unsorted -> sorted)",
+        f"rows > {REFINE_TOKENS} tokens",
+        "max |error|",
+        "bound (median)",
+    )
     for col in (*cols, *more):
         table.add_column(col)
     for name, c in counts.items():
@@ -184,6 +209,7 @@ def main() -> None:
             f"{name}_tokens_mean={sum(c.recompute) / n_rows:.1f}",
             f"{name}_tokens_max={max(c.recompute, default=0)}",
             f"{name}_rows_over{SPARSE_BLOCKS}_blocks={sum(b > SPARSE_BLOCKS for b in c.blocks)}",
+            f"{name}_rows_over{SPARSE_BLOCKS}_blocks_unsorted={sum(b > SPARSE_BLOCKS for b in c.blocks_unsorted)}",
             f"{name}_rows_over{REFINE_TOKENS}_tokens={sum(x > REFINE_TOKENS for x in c.recompute)}",
             f"{name}_max_error={max(c.error):.3f}",
             f"{name}_median_bound={sorted(c.bound)[len(c.bound) // 2]:.3f}",
