@@ -19,12 +19,14 @@ Per engine:
   kv_cache_utils.get_max_concurrency_for_kv_cache_config, vLLM 0.32): the layers fall into groups of
   `global_layers` layers (one full-attention group, the local layers in the others); the budget holds
   budget // (group size x block bytes per layer) blocks shared by all groups; a request needs cdiv(L, block) blocks
-  in the full group and cdiv(min(window - 1 + C, L), block) + 1 in each sliding group. A computed figure, not vLLM
-  run;
+  in the full group and cdiv(min(window - 1 + C, L), block) + 1 in each sliding group, with vLLM CPU's 128-token
+  blocks. A computed figure, not vLLM run; it reproduces the "maximum concurrency" vLLM CPU 0.32 logged for the 270M
+  in fp32 (25.75x for 1,024 tokens in 1 GiB, 7.56x for 32,768 tokens in 2 GiB, both with its 2,048-token chunk);
 - vLLM (log): its own "KV cache size: N tokens, Maximum concurrency for L tokens per request: X.XXx" line from a
   server log (`--vllm-log`; benchmarks/serving.py passes the log of the server it started).
-On the 270M in fp32 (3 global + 15 local layers, 1 KV head of 256, window 512, b = 2 KiB) at L = 32K in 2 GiB, the
-difference between g3serve and vLLM is the chunk each reserves, not the layout: under one convention they agree.
+On the 270M in fp32 (3 global + 15 local layers, 1 KV head of 256, window 512, b = 2 KiB) at L = 32K in 2 GiB, most
+of the difference between g3serve and vLLM is the chunk each reserves; under one convention only the page size
+differs (g3serve's 16-token pages against vLLM CPU's 128-token blocks).
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ _VLLM_LINE = re.compile(
     r"KV cache size: ([\d,]+) tokens, Maximum concurrency for ([\d,]+) tokens per request: ([\d.]+)x"
 )
 VLLM_CPU_CHUNK = 2048  # vLLM's max_num_batched_tokens default for its CPU OpenAI server (engine/arg_utils.py)
-VLLM_BLOCK = 16  # vLLM's CPU block size for this model
+VLLM_BLOCK = 128  # vLLM CPU's default block size (its GPU default is 16: `--vllm-block`)
 
 
 @dataclass(frozen=True)
@@ -136,7 +138,14 @@ def vllm_capacity(log_text: str, chunk: int = VLLM_CPU_CHUNK) -> KvCapacity | No
 
 
 def capacity_rows(
-    checkpoint: Path, budget: int, seq_len: int, ours_chunk: int, vllm_chunk: int, page_size: int, interval: int
+    checkpoint: Path,
+    budget: int,
+    seq_len: int,
+    ours_chunk: int,
+    vllm_chunk: int,
+    page_size: int,
+    interval: int,
+    vllm_block: int = VLLM_BLOCK,
 ) -> list[tuple[KvCapacity, KvCapacity]]:
     """(capacity, its convention's ideal) for each engine under: decode only, vLLM's chunk reserved, each engine's own
     chunk reserved (ours with its step budget)."""
@@ -149,7 +158,8 @@ def capacity_rows(
 
     rows = []
     for chunk in (1, vllm_chunk):
-        rows += [(ours(chunk), ideal(chunk)), (vllm_rule_capacity(checkpoint, budget, seq_len, chunk), ideal(chunk))]
+        theirs = vllm_rule_capacity(checkpoint, budget, seq_len, chunk, block=vllm_block)
+        rows += [(ours(chunk), ideal(chunk)), (theirs, ideal(chunk))]
     rows.append((ours(ours_chunk), ideal(ours_chunk)))
     return rows
 
@@ -166,13 +176,14 @@ def main() -> None:
     ap.add_argument("--budget-gib", type=float, default=2.0)
     ap.add_argument("--vllm-log", type=Path, help="a vLLM server log to take its own figure from")
     ap.add_argument("--vllm-chunk", type=int, default=VLLM_CPU_CHUNK, help="vLLM's max_num_batched_tokens")
+    ap.add_argument("--vllm-block", type=int, default=VLLM_BLOCK, help="vLLM's block size (16 on GPUs)")
     args = ap.parse_args()
     checkpoint = default_checkpoint()
     native = NativeEngineConfig()
     budget = int(args.budget_gib * 2**30)
     logged = vllm_capacity(args.vllm_log.read_text(), args.vllm_chunk) if args.vllm_log else None
     fields = [f"budget_gib={args.budget_gib:g}", f"ours_chunk={native.max_num_batched_tokens}"]
-    fields.append(f"vllm_chunk={args.vllm_chunk}")
+    fields += [f"vllm_chunk={args.vllm_chunk}", f"vllm_block={args.vllm_block}"]
     console = Console(width=max(Console().width, 120))
     for seq_len in (32768,) if args.quick else (4096, 32768):
         rows = capacity_rows(
@@ -183,6 +194,7 @@ def main() -> None:
             args.vllm_chunk,
             native.page_size,
             native.window_checkpoint_interval,
+            args.vllm_block,
         )
         if logged is not None and logged.seq_len == seq_len:
             rows.append((logged, ideal_capacity(checkpoint, budget, seq_len, chunk=args.vllm_chunk)))
