@@ -110,7 +110,7 @@ PEERS = ("vllm", "llamacpp")
 
 def run_peers(load: Load, checkpoint, peers: list[str], config: G3ServeConfig) -> None:
     """g3serve (README command), then each requested peer, each alone; table + KV capacity + RESULT."""
-    from kv_capacity import ideal_capacity, native_capacity, vllm_capacity
+    from kv_capacity import VLLM_CPU_CHUNK, ideal_capacity, native_capacity, vllm_capacity
     from peer_servers import find_llama_server, g3serve_spec, gguf_file, llama_spec, vllm_installed, vllm_spec
 
     model, notes, runs = config.model.served_model_name, [], {}
@@ -152,7 +152,10 @@ def run_peers(load: Load, checkpoint, peers: list[str], config: G3ServeConfig) -
 
     native = config.engine.native
     ideal = ideal_capacity(checkpoint, KV_BUDGET, KV_SEQ_LEN)
-    caps = [native_capacity(checkpoint, KV_BUDGET, KV_SEQ_LEN, native.page_size, native.window_checkpoint_interval)]
+    caps = [
+        native_capacity(checkpoint, KV_BUDGET, KV_SEQ_LEN, native.page_size, native.window_checkpoint_interval, 4, c)
+        for c in (1, VLLM_CPU_CHUNK)  # decode only, and under vLLM's convention (its log's figure reserves a chunk)
+    ]
     theirs = vllm_capacity(vllm_log) if vllm_log else None
     if theirs is not None:
         caps.append(theirs)
@@ -182,6 +185,7 @@ def run_peers(load: Load, checkpoint, peers: list[str], config: G3ServeConfig) -
     ratio = ours.tok_s / peer_runs[best].tok_s if best else float("nan")
     fields += [f"best_peer={best or 'none'}", f"ratio_best_peer={ratio:.3f}"]
     fields += [f"kv32k_ours_seqs={caps[0].sequences:.2f}", f"kv32k_ideal_seqs={ideal.sequences:.2f}"]
+    fields.append(f"kv32k_ours_vllm_chunk_seqs={caps[1].sequences:.2f}")
     fields.append(f"kv32k_vllm_seqs={theirs.sequences:.2f}" if theirs else "kv32k_vllm_seqs=skipped")
     fields.append(f"load_avg_max={max(r.load_avg for r in runs.values()):.1f}")
     print("RESULT " + " ".join(fields))

@@ -76,7 +76,29 @@ async def test_streams_text_deltas_with_usage(vllm_engine, tok):
     assert "".join(d.text for d in deltas) == tok.decode(tokens)
 
 
-async def test_greedy_outputs_agree_with_native_engine(vllm_engine, native_engine, tok):
+def fp32_logits(ckpt, ids: list[int]):
+    """The next-token logits after `ids` from our decoder's dense fp32 reference path (no cache, every logit exact)."""
+    import torch
+
+    from model_workers.gemma3.attention import DenseAttention
+    from model_workers.gemma3.decoder import Gemma3Decoder
+
+    model = Gemma3Decoder.from_checkpoint(ckpt)
+    with torch.inference_mode():
+        pos = torch.arange(len(ids))
+        hidden = model(model.embed(torch.tensor(ids)), pos, DenseAttention(model.cfg, pos))
+        return model.logits(hidden[-1:])[0]
+
+
+# Two fp32 implementations agree on a logit to within this fraction of the row's largest |logit| (the bound the
+# transformers parity tests hold ours to): two tokens closer than that are a tie either engine may break its way.
+TIE_REL = 1e-4
+
+
+async def test_greedy_outputs_agree_with_native_engine(vllm_engine, native_engine, tok, real_270m_ckpt):
+    """Both engines run the same fp32 weights: every prompt's greedy tokens are identical, or they diverge only at
+    a tie, checked on the exact fp32 logits of the diverging position (the two tokens are its top two, within
+    TIE_REL of each other)."""
     prompts = [
         chat(tok, "What is the capital of France? Answer in one word."),
         chat(tok, "Write a haiku about the sea."),
@@ -86,20 +108,24 @@ async def test_greedy_outputs_agree_with_native_engine(vllm_engine, native_engin
         tok.encode_completion("Once upon a time, in a small village,").token_ids,
     ]
     agree_tokens = total = exact = 0
-    first_token_agrees = []
+    ties = []
     for i, p in enumerate(prompts):
         ours = [t for d in await run(vllm_engine, f"agree-v{i}", p) for t in d.token_ids]
         ref = [t for d in await run(native_engine, f"agree-n{i}", p) for t in d.token_ids]
-        prefix = next((k for k, (a, b) in enumerate(zip(ours, ref, strict=True)) if a != b), len(ref))
-        agree_tokens, total, exact = agree_tokens + prefix, total + len(ref), exact + (ours == ref)
-        first_token_agrees.append(ours[0] == ref[0])
+        assert len(ours) == len(ref) == N_TOKENS
+        k = next((k for k, (a, b) in enumerate(zip(ours, ref, strict=True)) if a != b), len(ref))
+        agree_tokens, total, exact = agree_tokens + k, total + len(ref), exact + (ours == ref)
+        if k < len(ref):
+            logits = fp32_logits(real_270m_ckpt, [*p, *ref[:k]])
+            top2 = set(logits.topk(2).indices.tolist())
+            gap = abs(float(logits[ours[k]] - logits[ref[k]]))
+            ties.append((i, k, gap))
+            assert {ours[k], ref[k]} == top2, f"prompt {i} token {k}: the engines' picks are not the fp32 top two"
+            assert gap <= TIE_REL * float(logits.abs().max()), f"prompt {i} token {k}: not a tie (gap {gap:.2e})"
     print(
         f"\nvLLM vs native greedy agreement: {exact}/{len(prompts)} prompts identical, "
-        f"{100 * agree_tokens / total:.1f}% of tokens before the first divergence"
+        f"{100 * agree_tokens / total:.1f}% of tokens before the first divergence; ties (prompt, token, gap): {ties}"
     )
-    # Both run the same fp32 weights; argmax ties may flip late tokens, never the first one.
-    assert all(first_token_agrees)
-    assert exact >= len(prompts) // 2
 
 
 async def test_stop_string_ends_output_like_native(vllm_engine, native_engine, tok):

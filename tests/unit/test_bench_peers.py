@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-from kv_capacity import ideal_capacity, native_capacity, vllm_capacity  # noqa: E402
+from kv_capacity import ideal_capacity, native_capacity, vllm_capacity, vllm_rule_capacity  # noqa: E402
 from openai_load import _free_port, sized_prompts  # noqa: E402
 from peer_servers import RunningServer, ServerSpec, find_llama_server  # noqa: E402
 
@@ -53,6 +53,28 @@ def test_native_kv_capacity_is_within_2pct_of_the_hybrid_ideal(checkpoint):
     # 3 global x 32768 + 15 local x 512 token-layer slots of 2 KiB (1 KV head x 256 x K,V x fp32) per sequence.
     assert ideal.sequences == pytest.approx(2 * 2**30 / ((3 * 32768 + 15 * 512) * 2048))
     assert 0.98 * ideal.sequences <= ours.sequences <= ideal.sequences
+
+
+def test_kv_capacity_ours_and_vllms_rule_under_one_convention(checkpoint):
+    """Issue 27: compared under the same reserve (decode only, or vLLM's 2,048-token prefill chunk) the native engine
+    and vLLM's sizing rule fit nearly the same number of 32K-token sequences (ours a little more: 16-token pages
+    against vLLM CPU's 128-token blocks); the smaller chunk g3serve reserves makes the gap."""
+    from cluster.config import NativeEngineConfig
+
+    cfg = NativeEngineConfig()
+    budget, ctx = 2 * 2**30, 32768
+    for chunk in (1, 2048):
+        ours = native_capacity(checkpoint, budget, ctx, cfg.page_size, cfg.window_checkpoint_interval, max_chunk=chunk)
+        theirs = vllm_rule_capacity(checkpoint, budget, ctx, chunk)
+        assert theirs.sequences <= ours.sequences <= 1.02 * theirs.sequences
+    # vLLM's rule by hand: 6 groups of 3 layers, 128-token blocks of 3 x 128 x 2 KiB; a request takes 256 blocks in the
+    # full group and cdiv(511 + 2048, 128) + 1 = 21 in each of the 5 sliding groups. vLLM CPU 0.32 logged 7.56x.
+    assert theirs.sequences == pytest.approx((budget // (3 * 128 * 2048)) / (256 + 5 * 21))
+    assert round(theirs.sequences, 2) == 7.56
+    # and 25.75x for 1,024-token requests in 1 GiB (tests/integration/test_vllm_engine.py's engine)
+    assert round(vllm_rule_capacity(checkpoint, 2**30, 1024, 2048).sequences, 2) == 25.75
+    own = native_capacity(checkpoint, budget, ctx, cfg.page_size, cfg.window_checkpoint_interval, max_chunk=512)
+    assert 1.15 < own.sequences / theirs.sequences < 1.25
 
 
 def test_vllm_capacity_is_parsed_from_its_start_log():
