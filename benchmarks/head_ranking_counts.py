@@ -28,7 +28,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from cluster.messages import SamplingParams
+from cluster.contracts.messages import SamplingParams
 from model_workers.gemma3.decoder import Gemma3Decoder
 from model_workers.gemma3.gguf_convert import default_checkpoint
 from model_workers.gemma3.head_ranking import (
