@@ -122,6 +122,12 @@ class VllmEngineConfig(ConfigSection):
     cpu_kv_cache_space_gib: float | None = Field(
         None, gt=0, description="vLLM CPU backend only: KV cache size in GiB (VLLM_CPU_KVCACHE_SPACE)."
     )
+    kv_cache_bytes: int | None = Field(
+        None,
+        gt=0,
+        description="KV cache bytes per replica, split evenly over its TP x PP ranks (vLLM's kv_cache_memory_bytes "
+        "per rank); overrides gpu_memory_utilization and cpu_kv_cache_space_gib. Default: vLLM sizes it at start.",
+    )
     enable_kv_cache_events: bool = Field(True, description="Publish KV events for the KV-aware router.")
     block_size: int | None = Field(
         None,

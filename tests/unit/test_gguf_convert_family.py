@@ -176,3 +176,15 @@ def test_missing_scaling_keys_take_the_family_config_and_1b_has_none(tmp_path):
     )
     assert g1["rope_parameters"][FULL_ATTENTION] == {"rope_type": "default", "rope_theta": 1e6}
     assert g1["query_pre_attn_scalar"] == 8 and g1["rms_norm_eps"] == 1e-6
+
+
+def test_family_tables_agree_with_the_model_presets():
+    from cluster.model_presets import PRESETS
+    from model_workers.gemma3.gguf_convert import _FAMILY_BY_LAYERS, _FAMILY_ROPE_FACTOR
+
+    assert {p.num_hidden_layers: name for name, p in PRESETS.items()} == _FAMILY_BY_LAYERS
+    # The long-context sizes (128K) are the ones that scale RoPE.
+    assert {name for name, p in PRESETS.items() if p.max_position_embeddings > 32_768} == set(_FAMILY_ROPE_FACTOR)
+    # Only the 27B has hidden / heads != head_dim among the sizes whose scalar is hidden / heads.
+    p27 = PRESETS["27b"]
+    assert p27.hidden_size // p27.num_attention_heads == 168 and p27.head_dim == 128
