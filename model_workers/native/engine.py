@@ -23,8 +23,8 @@ from cluster.messages import FinishReason, GenerateRequest, KvEvent, ReplicaLoad
 from model_workers.engine import EngineOverloadedError, EngineRequestError, ModelInfo
 from model_workers.gemma3.config import Gemma3Config
 from model_workers.gemma3.decoder import Gemma3Decoder
-from model_workers.gemma3.gguf_int8 import layer_blocks
 from model_workers.gemma3.tokenizer import Gemma3Tokenizer, IncrementalDetokenizer
+from model_workers.native.accel import build_accel
 from model_workers.native.kv_cache.hybrid import HybridKVCache
 from model_workers.native.kv_cache.spec import KVCacheSpec
 from model_workers.native.runner import ModelRunner
@@ -122,10 +122,7 @@ class NativeEngine:
             self.cache,
             device=device,
             dtype=dtype,
-            lm_head=cfg.lm_head,
-            projections=cfg.projections,
-            # the GGUF's exact int8 forms of the projections, for the decode kernel (fp32 on CPU only)
-            int8_weights=layer_blocks(cfg.checkpoint, self.model.layers) if torch.device(device).type == "cpu" else {},
+            accel=build_accel(cfg.accel, device, dtype, cfg.projections, cfg.lm_head, checkpoint=cfg.checkpoint),
         )
         self._info = ModelInfo(
             model_id=cfg.served_model_name or os.path.basename(str(cfg.checkpoint).rstrip("/")),
