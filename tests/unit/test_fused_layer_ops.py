@@ -1,4 +1,4 @@
-"""The fused C++ layer ops (model_workers/native/kernels/fused_layer_ops.cpp) against the torch reference
+"""The fused C++ layer ops (model_workers/native/accel/kernels/fused_layer_ops.cpp) against the torch reference
 (`decoder.TorchLayerOps`): the same values to float rounding at every row count, and the same greedy tokens."""
 
 from __future__ import annotations
