@@ -98,8 +98,9 @@ class NativeEngineConfig(_Section):
         "logit in the compute dtype; 'auto' = candidates-int8 on fp32 models on CPUs with AMX or VNNI and bf16 "
         "hardware, candidates on other fp32 models where bf16 has hardware (AVX512-BF16, GPUs), else exact; "
         "'candidates-int8' on a CPU without VNNI or AMX is demoted to candidates (its int8 sums may saturate). "
-        "Sampled rows (temperature > 0) in the candidates modes: the top 32 tokens' logits exact, the others within "
-        "bf16 rounding (a row whose argmax the ranking cannot prove gets every logit exact); exact: all exact.",
+        "Sampled rows (temperature > 0) in the candidates modes draw from logits exact (fp32) for the ranking's best "
+        "32 tokens and within bf16 rounding for the others (a row whose argmax the ranking cannot prove gets every "
+        "logit exact); in exact mode from all-exact logits.",
     )
     window_checkpoint_interval: int = Field(
         512,
