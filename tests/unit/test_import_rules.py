@@ -3,7 +3,8 @@
 The rules are import-linter contracts in pyproject.toml (`[tool.importlinter]`): the contracts layer imports no stage
 and no torch, the stages never import the composition, model_workers never imports router, routing and the KV
 bookkeeping import no torch, and only the native engine picks the CPU speed-ups (model_workers.native.accel).
-import-linter runs in a subprocess with the tree's own root first on the path, so it reads the tree under test (this worktree, or a tmp copy with a wrong import added) and not an installed copy.
+import-linter runs in a subprocess with the tree's own root first on the path, so it reads the tree under test
+(this worktree, or a tmp copy with a wrong import added) and not an installed copy.
 No import cycles: checked here on grimp's graph (import-linter has no plain acyclic contract).
 """
 
