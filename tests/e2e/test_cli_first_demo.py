@@ -3,7 +3,8 @@ embedded model (the real Gemma 3 270M, pretrained: it continues text, so the fir
 
 The app runs on the session's local Ray with the native engine and small caps; the CLI's `main` runs in this
 process against its URL. Its streamed output is compared with the server's own non-streamed greedy completion of
-the same prompt (the same tokens, printed as they came), never with particular words.
+the same prompt (the same tokens, printed as they came), never with particular words. `g3serve status` against
+the same app shows its readings without prometheus_client's `*_created` timestamps.
 """
 
 from __future__ import annotations
@@ -61,3 +62,15 @@ def test_the_readmes_first_demo_streams_the_models_completion(served_270m, capsy
     assert not streamed.strip().startswith(PROMPT)
     assert usage == f"{reference.usage.prompt_tokens} prompt + {reference.usage.completion_tokens} completion tokens"
     assert reference.usage.completion_tokens >= 1
+
+
+@pytest.mark.real_model
+def test_status_of_the_served_app_lists_readings_only(served_270m, capsys, monkeypatch):
+    client = openai.OpenAI(base_url=f"{served_270m}/v1", api_key="none", max_retries=0, timeout=120)
+    client.completions.create(model="gemma-3-270m", prompt=PROMPT, max_tokens=2, temperature=0)
+    monkeypatch.setattr(cli, "out", Console(width=1000))
+    assert cli.main(["status", "--url", served_270m]) == 0
+    text = capsys.readouterr().out
+    assert "200 ok" in text
+    assert "g3serve_requests_total" in text and "g3serve_kv_cache_usage_ratio" in text
+    assert "_created" not in text and "_bucket" not in text
