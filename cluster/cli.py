@@ -72,6 +72,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
     if overrides:
         config = config.model_copy(update={"ingress": config.ingress.model_copy(update=overrides)})
+    _resolve_checkpoint(config)
     _stop_on_sigterm()
     try:
         if config.ray.address is None:
@@ -93,6 +94,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
             serve.shutdown()
             ray.shutdown()
     return 0
+
+
+def _resolve_checkpoint(config: G3ServeConfig) -> None:
+    """Resolve (and on first use convert) the checkpoint before Ray starts and before the "starting" spinner.
+
+    Why here: the spinner redirects stderr line by line, so the conversion's progress bar (carriage returns, no
+    newline) would stay hidden until it ends; and a checkpoint that cannot be found is a message, not a traceback.
+    The app resolves it again in `run`, from the converted cache at once.
+    """
+    from model_workers.gemma3.config import CheckpointError
+    from model_workers.gemma3.gguf_convert import resolve_checkpoint
+
+    try:
+        resolve_checkpoint(config.model.checkpoint)
+    except (CheckpointError, OSError) as e:
+        raise CliError(f"[red]model.checkpoint {escape(str(config.model.checkpoint))}:[/] {escape(str(e))}") from e
 
 
 def _stop_on_sigterm() -> None:
