@@ -18,10 +18,11 @@ from rich.console import Console
 from rich.table import Table
 
 from cluster.contracts.messages import SamplingParams
+from model_workers.gemma3.checkpoints import default_checkpoint
 from model_workers.gemma3.decoder import Gemma3Decoder
-from model_workers.gemma3.gguf_convert import default_checkpoint
-from model_workers.gemma3.gguf_int8 import layer_blocks
 from model_workers.native import runner as runner_mod
+from model_workers.native import step_batch
+from model_workers.native.accel import build_accel
 from model_workers.native.kv_cache.hybrid import HybridKVCache
 from model_workers.native.kv_cache.spec import KVCacheSpec
 from model_workers.native.scheduler import Scheduler, SchedulerConfig
@@ -52,7 +53,7 @@ def main() -> None:
     cache = HybridKVCache(spec, spec.num_pages_for_budget(1024 * 2**20))
     sched = Scheduler(SchedulerConfig(max_model_len=4096, max_num_batched_tokens=2048), cache)
     # the engine's defaults: C++ decode attention, packed weights (the GGUF's exact int8 form for decode steps)
-    runner = runner_mod.ModelRunner(model, cache, int8_weights=layer_blocks(checkpoint, model.layers))
+    runner = runner_mod.ModelRunner(model, cache, accel=build_accel("auto", checkpoint=checkpoint))
     for i in range(n_seqs):
         prompt = [2] + [(i * 7919 + j * 31) % 200000 + 3 for j in range(255)]
         sched.add(Sequence(f"s{i}", prompt, 128, page_size=16, sampling=SamplingParams(temperature=0)))
@@ -64,12 +65,11 @@ def main() -> None:
         sched.postprocess(plan, runner.run(plan))
 
     acc: dict[str, float] = defaultdict(float)
-    runner.head = timed(acc, "LM head", runner.head)  # the engine's head (lm_head.LmHead), not model.logits
+    runner.head = timed(acc, "LM head", runner.head)  # the engine's head (the accel's), not model.logits
     attend = runner_mod.PagedAttention.attend
     runner_mod.PagedAttention.attend = timed(acc, "attention (K/V write, page gather, SDPA)", attend)
     runner.sampler.sample = timed(acc, "sampling", runner.sampler.sample)
-    batch_init = runner_mod.StepBatch.__init__
-    runner_mod.StepBatch.__init__ = timed(acc, "step inputs (block tables -> tensors)", batch_init)
+    runner_mod.prepare_step = timed(acc, "step inputs (block tables -> tensors)", step_batch.prepare_step)
     run_total = 0.0
     for _ in range(steps):
         plan = timed(acc, "scheduling", sched.schedule)()

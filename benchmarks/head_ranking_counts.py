@@ -25,12 +25,6 @@ import argparse
 from dataclasses import dataclass, field
 
 import torch
-from rich.console import Console
-from rich.table import Table
-
-from cluster.contracts.messages import SamplingParams
-from model_workers.gemma3.decoder import Gemma3Decoder
-from model_workers.gemma3.gguf_convert import default_checkpoint
 from model_workers.gemma3.head_ranking import (
     Bf16Ranker,
     Int8Ranker,
@@ -39,6 +33,12 @@ from model_workers.gemma3.head_ranking import (
     block_max_upper,
     int8_available,
 )
+from rich.console import Console
+from rich.table import Table
+
+from cluster.contracts.messages import SamplingParams
+from model_workers.gemma3.checkpoints import default_checkpoint
+from model_workers.gemma3.decoder import Gemma3Decoder
 from model_workers.gemma3.lm_head import REFINE_TOKENS, SPARSE_BLOCKS, LmHead, exact_logits
 from model_workers.gemma3.tokenizer import ChatTurn, Gemma3Tokenizer
 from model_workers.native.kv_cache.hybrid import HybridKVCache

@@ -169,7 +169,7 @@ def main() -> None:
     from rich.table import Table
 
     from cluster.config import NativeEngineConfig
-    from model_workers.gemma3.gguf_convert import default_checkpoint
+    from model_workers.gemma3.checkpoints import default_checkpoint
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="32K-token sequences only")

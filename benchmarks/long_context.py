@@ -191,7 +191,7 @@ def main() -> None:
         ap.error(f"unknown servers {bad}: choose from {SERVERS}")
 
     from cluster.config import G3ServeConfig
-    from model_workers.gemma3.gguf_convert import resolve_checkpoint
+    from model_workers.gemma3.checkpoints import resolve_checkpoint
     from model_workers.gemma3.tokenizer import Gemma3Tokenizer
 
     os.environ.pop("G3SERVE_API_KEYS", None)

@@ -39,8 +39,8 @@ def main() -> None:
 
     from cluster.contracts.messages import SamplingParams
     from model_workers.gemma3.attention import DenseAttention
+    from model_workers.gemma3.checkpoints import default_checkpoint
     from model_workers.gemma3.decoder import Gemma3Decoder
-    from model_workers.gemma3.gguf_convert import default_checkpoint
     from model_workers.native.kv_cache.hybrid import HybridKVCache
     from model_workers.native.kv_cache.spec import KVCacheSpec
     from model_workers.native.runner import ModelRunner

@@ -41,7 +41,7 @@ async def run_in_process(
     config: G3ServeConfig, texts: list[str], max_tokens: int, concurrency: int, warm: list[str] | None = None
 ) -> Run:
     from model_workers.deployment import ENGINE_FACTORIES
-    from model_workers.gemma3.gguf_convert import resolve_checkpoint
+    from model_workers.gemma3.checkpoints import resolve_checkpoint
     from model_workers.gemma3.tokenizer import Gemma3Tokenizer
 
     ckpt = resolve_checkpoint(config.model.checkpoint)
@@ -259,7 +259,7 @@ def main() -> None:
     config = G3ServeConfig.from_yaml(args.config) if args.config else G3ServeConfig()
     os.environ.pop("G3SERVE_API_KEYS", None)
 
-    from model_workers.gemma3.gguf_convert import resolve_checkpoint
+    from model_workers.gemma3.checkpoints import resolve_checkpoint
 
     checkpoint = resolve_checkpoint(config.model.checkpoint)
     load = make_load(checkpoint, *load_args)

@@ -262,7 +262,7 @@ def main() -> None:
         if args.checkpoint:
             ckpt = Path(args.checkpoint)
         else:
-            from model_workers.gemma3.gguf_convert import default_checkpoint
+            from model_workers.gemma3.checkpoints import default_checkpoint
             from tests.fixtures.tiny_checkpoints import write_tiny_mm_servable
 
             ckpt = write_tiny_mm_servable(Path(tmp) / "ckpt", default_checkpoint())

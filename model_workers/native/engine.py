@@ -22,8 +22,8 @@ from cluster.contracts.messages import FinishReason, GenerateRequest, KvEvent, R
 from cluster.contracts.model_info import ModelInfo
 from model_workers.gemma3.config import Gemma3Config
 from model_workers.gemma3.decoder import Gemma3Decoder
-from model_workers.gemma3.gguf_int8 import layer_blocks
 from model_workers.gemma3.tokenizer import Gemma3Tokenizer
+from model_workers.native.accel import build_accel
 from model_workers.native.kv_cache.hybrid import HybridKVCache
 from model_workers.native.kv_cache.spec import KVCacheSpec
 from model_workers.native.output_stream import OutputStreams
@@ -107,10 +107,7 @@ class NativeEngine:
             self.cache,
             device=device,
             dtype=dtype,
-            lm_head=cfg.lm_head,
-            projections=cfg.projections,
-            # the GGUF's exact int8 forms of the projections, for the decode kernel (fp32 on CPU only)
-            int8_weights=layer_blocks(cfg.checkpoint, self.model.layers) if torch.device(device).type == "cpu" else {},
+            accel=build_accel(cfg.accel, device, dtype, cfg.projections, cfg.lm_head, checkpoint=cfg.checkpoint),
         )
         self._info = ModelInfo(
             model_id=cfg.served_model_name or os.path.basename(str(cfg.checkpoint).rstrip("/")),

@@ -2,7 +2,9 @@
 
 Greedy rows (the common case for evaluation and our parity tests) take the head's exact argmax, so only sampled
 rows need full logits (`needs_logits`). Sampled rows are drawn one by one with a per-request torch.Generator when
-the request gave a seed, so a seeded request reproduces whatever else is in the batch.
+the request gave a seed, so a seeded request reproduces whatever else is in the batch. The logits' precision is the
+head's: all exact with the plain head (gemma3/lm_head.ExactHead); with the accel's candidates head, exact for its 32
+best-ranked tokens and within bf16 rounding elsewhere (`engine.native.lm_head`).
 """
 
 from __future__ import annotations

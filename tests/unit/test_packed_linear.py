@@ -1,4 +1,4 @@
-"""Packed projections (model_workers/native/packed_linear.py): MKL's give exactly F.linear's numbers, oneDNN's and
+"""Packed projections (model_workers/native/accel/packed_linear.py): MKL's give exactly F.linear's numbers, oneDNN's and
 the skinny kernel's the same up to float rounding, and none changes a greedy token of the runner."""
 
 from __future__ import annotations
@@ -10,7 +10,9 @@ from torch import nn
 
 from model_workers.gemma3.decoder import Gemma3Decoder
 from model_workers.gemma3.gguf_int8 import Int8Blocks
-from model_workers.native.packed_linear import (
+from model_workers.native.accel.cpu_features import CpuFeatures
+from model_workers.native.accel.kernels import KernelLibrary
+from model_workers.native.accel.packed_linear import (
     MAX_PACKED_ROWS,
     SKINNY_MAX_ROWS,
     OneDnnLinear,
@@ -19,7 +21,6 @@ from model_workers.native.packed_linear import (
     onednn_available,
     pack_linears,
     resolve_kernel,
-    skinny_available,
 )
 from tests.fixtures.runner_decode import greedy_decode
 
@@ -27,7 +28,8 @@ CPU = torch.device("cpu")
 needs_mkl = pytest.mark.skipif(not mkl_available(CPU, torch.float32), reason="this torch build has no MKL packed GEMM")
 needs_onednn = pytest.mark.skipif(not onednn_available(CPU, torch.float32), reason="this torch build has no oneDNN")
 needs_skinny = pytest.mark.skipif(
-    not skinny_available(CPU, torch.float32), reason="the skinny kernel needs oneDNN and an AVX-512 kernel build"
+    not (onednn_available(CPU, torch.float32) and KernelLibrary().skinny_supported()),
+    reason="the skinny kernel needs oneDNN and an AVX-512 kernel build",
 )
 
 
@@ -133,15 +135,13 @@ def test_runner_with_packed_weights_decodes_the_same_tokens(tiny_text_ckpt, kern
     assert (swapped, none) == (4 * layers, 0)  # qkv, o, gate_up, down of every layer
 
 
-def test_auto_resolves_to_onednn_on_cpu_when_available_and_plain_elsewhere():
-    expected = "onednn" if onednn_available(CPU, torch.float32) else "plain"
-    if skinny_available(CPU, torch.float32):
-        expected = "onednn-skinny"
-    assert resolve_kernel("auto", CPU, torch.float32) == expected
-    assert resolve_kernel("auto", CPU, torch.bfloat16) in ("onednn", "plain")  # the skinny kernel is fp32 only
-    assert resolve_kernel("auto", torch.device("meta"), torch.float32) == "plain"
+def test_resolve_refuses_what_is_not_available():
+    cpu = CpuFeatures.from_cpuinfo("avx2 avx512f")
+    assert resolve_kernel("auto", torch.device("meta"), torch.float32, cpu, skinny_built=True) == "plain"
     with pytest.raises(ValueError, match="not available"):
-        resolve_kernel("mkl", CPU, torch.bfloat16)  # MKL packs fp32 only
+        resolve_kernel("mkl", CPU, torch.bfloat16, cpu, skinny_built=True)  # MKL packs fp32 only
+    with pytest.raises(ValueError, match="not available"):
+        resolve_kernel("onednn-skinny", CPU, torch.float32, cpu, skinny_built=False)  # no kernel library
 
 
 @pytest.mark.parametrize(

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from model_workers.gemma3.attention import sdpa
-from model_workers.native import kernels
+from model_workers.native.accel.kernels import KernelDecodeAttention, KernelLibrary
+from model_workers.native.runner import TorchDecodeAttention
 from tests.fixtures.runner_decode import greedy_decode
 
 
@@ -28,8 +29,8 @@ def _reference(q, k_cache, v_cache, pages, first, lo, hi, scale):
 # the CPU has it, in blocks of up to 4 query heads per KV head (4, 2, 3, 1 and 5 = 4 + 1 below); 32 the portable one.
 @pytest.mark.parametrize("hq,hkv,d", [(8, 2, 32), (4, 1, 256), (8, 4, 64), (6, 2, 64), (2, 2, 128), (10, 2, 64)])
 def test_kernel_matches_gather_and_sdpa_with_gqa_and_windows(hq, hkv, d):
-    op = kernels.paged_decode_attention()
-    assert op is not None, "the kernel must build here (g++ and ninja are installed with the project)"
+    assert KernelLibrary().available, "the kernel must build here (g++ and ninja are installed with the project)"
+    op = torch.ops.g3serve.paged_decode_attention
     g = torch.Generator().manual_seed(0)
     n_pages, P = 40, 4
     kv = torch.randn(2, 2, n_pages, P, hkv, d, generator=g)  # two layer slots, like the engine's KV tensor
@@ -52,8 +53,9 @@ def test_kernel_matches_gather_and_sdpa_with_gqa_and_windows(hq, hkv, d):
 
 
 def test_runner_with_kernel_decodes_the_same_tokens(tiny_text_ckpt):
-    with_kernel, runner = greedy_decode(tiny_text_ckpt, cpp_kernels=True)
-    without, plain = greedy_decode(tiny_text_ckpt, cpp_kernels=False)
-    assert runner.decode_kernel is not None and plain.decode_kernel is None
+    with_kernel, runner = greedy_decode(tiny_text_ckpt, "cpu")
+    without, plain = greedy_decode(tiny_text_ckpt, "none")
+    assert runner.accel.decode_attention is KernelDecodeAttention
+    assert plain.accel.decode_attention is TorchDecodeAttention
     assert with_kernel == without
     assert all(len(t) == 24 for t in with_kernel.values())

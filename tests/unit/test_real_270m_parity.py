@@ -36,9 +36,22 @@ def test_conversion_equals_transformers_gguf_loader(real_270m_ckpt):
         assert torch.equal(reader.tensor(name), t), name
 
 
+@pytest.mark.parametrize("accel", ["none", "auto"])
 @torch.no_grad()
-def test_greedy_chat_continuation_identical(models, real_270m_tokenizer):
-    ours, theirs = models
+def test_greedy_chat_continuation_identical(models, real_270m_tokenizer, real_270m_ckpt, accel):
+    """Our decoder with the plain torch path (accel none) and with the accel package's layer ops, packed (int8)
+    projections and LM head (auto): the same 32 greedy tokens as transformers."""
+    plain, theirs = models
+    ours, next_token = plain, lambda h: int(plain.logits(h).argmax())
+    if accel != "none":
+        from model_workers.native.accel import build_accel
+
+        ours = Gemma3Decoder.from_checkpoint(real_270m_ckpt)  # packing swaps the layers' modules: a model of its own
+        acc = build_accel(accel, checkpoint=real_270m_ckpt)
+        ours.ops = acc.layer_ops
+        assert acc.pack_projections(ours.layers) > 0
+        lm_head = acc.make_head(ours.embed_tokens.weight, ours.cfg.final_logit_softcapping)
+        next_token = lambda h: int(lm_head(h, [False]).tokens[0])  # noqa: E731
     prompt = real_270m_tokenizer.render_chat([ChatTurn("user", ("Write a haiku about the sea.",))]).token_ids
     ref = theirs.generate(torch.tensor([prompt]), max_new_tokens=32, do_sample=False, min_new_tokens=32)[
         0, len(prompt) :
@@ -47,7 +60,7 @@ def test_greedy_chat_continuation_identical(models, real_270m_tokenizer):
     for _ in range(32):  # no cache here on purpose: the dense path re-runs the whole sequence
         pos = torch.arange(len(seq))
         h = ours(ours.embed(torch.tensor(seq)), pos, DenseAttention(ours.cfg, pos))
-        seq.append(int(ours.logits(h[-1:]).argmax()))
+        seq.append(next_token(h[-1:]))
     assert seq[len(prompt) :] == ref.tolist()
 
 

@@ -174,6 +174,8 @@ def test_loading_and_using_the_tokenizer_does_not_import_transformers(real_270m_
 def test_the_ingress_and_its_tokenizer_import_no_torch(real_270m_ckpt):
     code = (
         "import router.ingress; from model_workers.gemma3.tokenizer import ChatTurn, Gemma3Tokenizer as T; "
+        "from model_workers.gemma3.checkpoints import resolve_checkpoint; "
+        "assert resolve_checkpoint('gemma3-270m').is_dir(); "
         f"T.from_checkpoint({str(real_270m_ckpt)!r}).render_chat([ChatTurn('user', ('hi',))])"
     )
     assert _modules_loaded_by(code) == []

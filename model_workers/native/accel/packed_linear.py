@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model_workers.gemma3.gguf_int8 import Int8Blocks
-from model_workers.native import kernels
+from model_workers.native.accel.cpu_features import CpuFeatures, projection_kernel
 
 ProjectionKernel = Literal["auto", "onednn-skinny", "onednn", "mkl", "plain"]
 SKINNY_MAX_ROWS = 96  # onednn-skinny: the skinny kernel up to here (measured faster than oneDNN from 4 to 96 rows)
@@ -60,26 +60,12 @@ def mkl_available(device: torch.device, dtype: torch.dtype) -> bool:
     )
 
 
-def skinny_available(device: torch.device, dtype: torch.dtype) -> bool:
-    return (
-        device.type == "cpu"
-        and dtype == torch.float32
-        and onednn_available(device, dtype)
-        and kernels.skinny_supported()
-    )
-
-
-def resolve_kernel(kernel: ProjectionKernel, device: torch.device, dtype: torch.dtype) -> str:
-    """The packer that will run: `auto` is onednn-skinny, else onednn, where available for the device and dtype,
-    else plain."""
-    if kernel == "auto":
-        if skinny_available(device, dtype):
-            return "onednn-skinny"
-        return "onednn" if onednn_available(device, dtype) else "plain"
-    available = {"onednn-skinny": skinny_available, "onednn": onednn_available, "mkl": mkl_available}.get(kernel)
-    if available is not None and not available(device, dtype):
-        raise ValueError(f"projections: {kernel!r} is not available for {device.type}/{dtype}")
-    return kernel
+def resolve_kernel(
+    kernel: ProjectionKernel, device: torch.device, dtype: torch.dtype, cpu: CpuFeatures, skinny_built: bool
+) -> str:
+    """The packer that will run (cpu_features.projection_kernel's rule on this torch build's oneDNN and MKL)."""
+    onednn, mkl = onednn_available(device, dtype), mkl_available(device, dtype)
+    return projection_kernel(kernel, device, dtype, cpu, onednn, mkl, skinny_built)
 
 
 class OneDnnLinear(nn.Module):

@@ -149,10 +149,6 @@ def int8_available(device: torch.device) -> bool:
     )
 
 
-def int8_is_fast(device: torch.device) -> bool:
-    return int8_available(device) and bool(torch.cpu._is_amx_tile_supported() or torch.cpu._is_vnni_supported())
-
-
 class Int8Ranker:
     BATCH = 32  # the row count oneDNN packs the weights for (a full decode step)
 

@@ -1,0 +1,155 @@
+"""g3serve's C++ CPU kernels (decode attention, fused layer ops, skinny projections), compiled on first use and
+cached per source, torch, CPU and build.
+
+They are built with torch's own extension builder (needs a C++ compiler and ninja, both present wherever torch
+wheels are built from source and installed with g3serve) into ~/.cache/g3serve/kernels/<key>; when the build is not
+possible the accel package keeps the torch path for these parts and logs why, so a machine without a compiler still
+serves. A `KernelLibrary` names one build: `native` (-march=native, what the engine uses) or one of the portable
+builds (`avx2`, `scalar`) that compile the sources' fallback branches on this CPU, for tests. torch registers one op
+namespace per process, so a process loads one build only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import platform
+from functools import cache
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from model_workers.gemma3.decoder import TORCH_OPS
+from model_workers.native.step_batch import DecodeBatch
+
+log = logging.getLogger(__name__)
+# One library (one torch op namespace): decode attention, the layer's fused elementwise ops, decode-size projections.
+_SOURCES = [
+    Path(__file__).with_name(n) for n in ("paged_decode_attention.cpp", "fused_layer_ops.cpp", "skinny_linear.cpp")
+]
+Build = Literal["native", "avx2", "scalar"]
+# -fopenmp: at::parallel_for is a header template that splits work over torch's OpenMP pool only when the
+# extension itself is compiled with OpenMP; without it the kernel ran on one thread.
+_BUILD_FLAGS: dict[str, list[str]] = {
+    "native": ["-O3", "-march=native", "-fopenmp"],
+    # The sources' #if branches below AVX-512, compiled and run on this CPU (they are what an older CPU runs).
+    "avx2": ["-O3", "-march=native", "-mno-avx512f", "-fopenmp"],
+    "scalar": ["-O3", "-march=native", "-mno-avx512f", "-mno-avx2", "-fopenmp"],
+}
+_LDFLAGS = ["-fopenmp"]
+
+
+def cpu_flags_line() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _build_key(build: str) -> str:
+    # -march=native code is only valid on the CPU it was built for: the CPU's flags are part of the key.
+    flags = " ".join(_BUILD_FLAGS[build] + _LDFLAGS).encode()
+    sources = b"".join(src.read_bytes() for src in _SOURCES)
+    h = hashlib.sha256(sources + flags + torch.__version__.encode() + cpu_flags_line().encode())
+    return h.hexdigest()[:16]
+
+
+@cache
+def _load(build: str) -> str | None:
+    """Build (once per key) and load the op library; None when it loaded, else why it could not (a second build
+    in one process fails here: torch refuses to register the g3serve namespace twice)."""
+    try:
+        key = _build_key(build)
+        name = f"g3serve_kernels_{key}"
+        directory = Path(os.environ.get("G3SERVE_CACHE", Path.home() / ".cache" / "g3serve")) / "kernels" / key
+        built = directory / f"{name}.so"
+        if built.exists():  # the key covers sources, flags, torch and CPU: load it without the builder's checks
+            torch.ops.load_library(str(built))
+        else:
+            directory.mkdir(parents=True, exist_ok=True)
+            from torch.utils.cpp_extension import load  # slow to import: only when a build is due
+
+            load(
+                name=name,
+                sources=[str(src) for src in _SOURCES],
+                extra_cflags=_BUILD_FLAGS[build],
+                extra_ldflags=_LDFLAGS,
+                build_directory=str(directory),
+                is_python_module=False,
+                verbose=False,
+            )
+        return None
+    except Exception as exc:  # no compiler, no ninja, read-only home...: the caller keeps the torch path
+        return f"{type(exc).__name__}: {exc}"
+
+
+class KernelLibrary:
+    """One build of the kernels. `error` is None when it loaded, else the reason it could not (logged once)."""
+
+    def __init__(self, build: Build = "native"):
+        self.build = build
+        self.error = _load(build)
+        if self.error:
+            log.warning("C++ kernels (%s build) unavailable, using the torch path: %s", build, self.error)
+
+    @property
+    def available(self) -> bool:
+        return self.error is None
+
+    def skinny_supported(self) -> bool:
+        """Whether skinny_pack / skinny_linear run in this build (compiled with AVX-512)."""
+        return self.available and bool(torch.ops.g3serve.skinny_supported())
+
+
+class KernelDecodeAttention:
+    """runner.DecodeAttention on paged_decode_attention.cpp: reads K/V from the pages in place. Its key ranges per
+    group are built here, once per step: global layers see [0, pos], local ones the window."""
+
+    def __init__(self, batch: DecodeBatch):
+        qpos = batch.positions
+        zeros = torch.zeros_like(qpos)
+        self.pages = batch.pages
+        self.key_hi = qpos + 1
+        self.first = [zeros if g == 0 else batch.window_lo for g in range(len(batch.pages))]
+        self.key_lo = [zeros if g == 0 else (qpos - batch.sliding_window + 1).clamp(min=0) for g in range(2)]
+
+    def attend(self, group, q, k_cache, v_cache, scale):
+        return torch.ops.g3serve.paged_decode_attention(
+            q, k_cache, v_cache, self.pages[group], self.first[group], self.key_lo[min(group, 1)], self.key_hi, scale
+        )
+
+
+class FusedLayerOps:
+    """`decoder.LayerOps` on the fused fp32 CPU ops of fused_layer_ops.cpp (same arithmetic, one pass each)."""
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        if not _fits(x):
+            return TORCH_OPS.rms_norm(x, weight, eps)
+        return torch.ops.g3serve.rms_norm(x.contiguous(), weight, eps)
+
+    def add_rms_norm(self, residual: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        if not _fits(y):
+            return TORCH_OPS.add_rms_norm(residual, y, weight, eps)
+        return torch.ops.g3serve.add_rms_norm(residual.contiguous(), y.contiguous(), weight, eps)
+
+    def qk_norm_rope(self, qkv, q_weight, k_weight, cos, sin, nq: int, nkv: int, eps: float):
+        if not _fits(qkv):
+            return TORCH_OPS.qk_norm_rope(qkv, q_weight, k_weight, cos, sin, nq, nkv, eps)
+        t, d = qkv.shape[0], q_weight.shape[0]
+        return torch.ops.g3serve.qk_norm_rope(
+            qkv.contiguous(), q_weight, k_weight, cos.reshape(t, d), sin.reshape(t, d), nq, nkv, eps
+        )
+
+    def gelu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        if not _fits(gate_up):
+            return TORCH_OPS.gelu_mul(gate_up)
+        return torch.ops.g3serve.gelu_mul(gate_up.contiguous())
+
+
+def _fits(x: torch.Tensor) -> bool:
+    return x.device.type == "cpu" and x.dtype == torch.float32
