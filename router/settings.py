@@ -22,7 +22,11 @@ class PoolSettings(ConfigSection):
     )
     num_replicas: int = Field(1, ge=1, description="Decoder replicas in this pool.")
     kv_cache_bytes: int | None = Field(
-        None, gt=0, description="KV cache bytes per replica; default: the engine's kv_cache_bytes/fraction."
+        None,
+        gt=0,
+        description="KV cache bytes per replica, which the pool admits by; default: the engine's own (native: "
+        "kv_cache_bytes, else kv_cache_fraction; vLLM: engine.vllm.kv_cache_bytes or cpu_kv_cache_space_gib, one of "
+        "which is then required).",
     )
 
 

