@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from cluster.contracts.model_info import FULL_ATTENTION, SLIDING_ATTENTION
+from cluster.contracts.model_info import FULL_ATTENTION, SLIDING_ATTENTION, layers_of
 
 
 class CheckpointError(ValueError):
@@ -44,11 +44,11 @@ class TextConfig:
 
     @property
     def global_layers(self) -> tuple[int, ...]:
-        return tuple(i for i, t in enumerate(self.layer_types) if t == FULL_ATTENTION)
+        return layers_of(self.layer_types, FULL_ATTENTION)
 
     @property
     def local_layers(self) -> tuple[int, ...]:
-        return tuple(i for i, t in enumerate(self.layer_types) if t == SLIDING_ATTENTION)
+        return layers_of(self.layer_types, SLIDING_ATTENTION)
 
 
 @dataclass(frozen=True)
