@@ -3,18 +3,18 @@
     python benchmarks/head_ranking_counts.py            # 10 texts x 128 greedy tokens = 1,280 decode rows
     python benchmarks/head_ranking_counts.py --quick    # 4 texts x 24 tokens
 
-The validation behind the `candidates` / `candidates-int8` LM head (model_workers/gemma3/lm_head.py and
+The validation behind the `candidates` / `candidates-int8` LM head (model_workers/native/accel/candidates_head.py and
 head_ranking.py), on the real Gemma 3 270M in fp32: the texts are decoded greedily by the native engine's runner with
 the exact fp32 head, and every decode row's final hidden state is kept. For each row and each ranker it counts, from
 the ranker's own approximate logits and per-token bounds:
 - the tokens outside the 32 candidates whose upper bound reaches the best candidate's exact logit: what the head
   recomputes in fp32 for that row (0: the row is certified by its candidates);
 - the 256-token blocks whose maximum's upper bound reaches it ("blocks in play": a row with more than
-  lm_head.SPARSE_BLOCKS of them is tested token by token over the whole row), also with the int8 ranker's columns
+  candidates_head.SPARSE_BLOCKS of them is tested token by token over the whole row), also with the int8 ranker's columns
   in vocabulary order instead of sorted by bound size, which is what the sorting is for;
-- the rows left with more than lm_head.REFINE_TOKENS tokens (the int8 head ranks those rows again with bf16);
+- the rows left with more than candidates_head.REFINE_TOKENS tokens (the int8 head ranks those rows again with bf16);
 - the largest measured |fp32 logit - approximate logit| over all tokens, and the median over rows of the proven
-  bound at the row's top candidate (what a sampled row's tail logits may be off by: lm_head.py);
+  bound at the row's top candidate (what a sampled row's tail logits may be off by: candidates_head.py);
 and it runs the head itself in both modes on every step's rows and checks each token against the fp32 argmax.
 Prints a table and a `RESULT` line; needs a CPU with oneDNN's int8 GEMM for the int8 ranker (else it is skipped).
 """
@@ -25,7 +25,16 @@ import argparse
 from dataclasses import dataclass, field
 
 import torch
-from model_workers.gemma3.head_ranking import (
+from rich.console import Console
+from rich.table import Table
+
+from cluster.contracts.messages import SamplingParams
+from model_workers.gemma3.checkpoints import default_checkpoint
+from model_workers.gemma3.decoder import Gemma3Decoder
+from model_workers.gemma3.lm_head import exact_logits
+from model_workers.gemma3.tokenizer import ChatTurn, Gemma3Tokenizer
+from model_workers.native.accel.candidates_head import REFINE_TOKENS, SPARSE_BLOCKS, CandidatesHead
+from model_workers.native.accel.head_ranking import (
     Bf16Ranker,
     Int8Ranker,
     Ranking,
@@ -33,21 +42,13 @@ from model_workers.gemma3.head_ranking import (
     block_max_upper,
     int8_available,
 )
-from rich.console import Console
-from rich.table import Table
-
-from cluster.contracts.messages import SamplingParams
-from model_workers.gemma3.checkpoints import default_checkpoint
-from model_workers.gemma3.decoder import Gemma3Decoder
-from model_workers.gemma3.lm_head import REFINE_TOKENS, SPARSE_BLOCKS, LmHead, exact_logits
-from model_workers.gemma3.tokenizer import ChatTurn, Gemma3Tokenizer
 from model_workers.native.kv_cache.hybrid import HybridKVCache
 from model_workers.native.kv_cache.spec import KVCacheSpec
 from model_workers.native.runner import ModelRunner
 from model_workers.native.scheduler import Scheduler, SchedulerConfig
 from model_workers.native.sequence import Sequence
 
-NUM_CANDIDATES = 32  # LmHead's default
+NUM_CANDIDATES = 32  # CandidatesHead's default
 CHAT = (  # the prompts of tests/integration/test_vllm_engine.py's agreement test
     "What is the capital of France? Answer in one word.",
     "Write a haiku about the sea.",
@@ -134,7 +135,7 @@ def decode_rows(checkpoint, texts: list[list[int]], max_tokens: int) -> tuple[Ge
     spec = KVCacheSpec(c.layer_types, 16, c.sliding_window, c.num_kv_heads, c.head_dim, 4)
     cache = HybridKVCache(spec, spec.num_pages_for_budget(256 * 2**20))
     sched = Scheduler(SchedulerConfig(max_model_len=1024, max_num_batched_tokens=2048), cache)
-    runner = ModelRunner(model, cache, lm_head="exact")
+    runner = ModelRunner(model, cache)  # the plain acceleration: exact fp32 head
     greedy = SamplingParams(temperature=0.0, ignore_eos=True)
     for i, p in enumerate(texts):
         sched.add(Sequence(f"t{i}", p, max_tokens, page_size=16, ignore_eos=True, sampling=greedy))
@@ -171,9 +172,9 @@ def main() -> None:
     rankers = {"bf16": Bf16Ranker(weight)}
     if int8_available(weight.device):
         rankers["int8"] = Int8Ranker(weight)
-    heads = {"candidates": LmHead(weight, "candidates", softcap=softcap)}
+    heads = {"candidates": CandidatesHead(weight, "candidates", softcap=softcap)}
     if "int8" in rankers:
-        heads["candidates-int8"] = LmHead(weight, "candidates-int8", softcap=softcap)
+        heads["candidates-int8"] = CandidatesHead(weight, "candidates-int8", softcap=softcap)
     counts = {name: Counts() for name in rankers}
     wrong = dict.fromkeys(heads, 0)
     n_rows = 0

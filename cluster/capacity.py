@@ -95,7 +95,7 @@ def sequence_kv_bytes(preset: ModelPreset, tokens: int, tp: int, kv_dtype_bytes:
 
 
 def activation_reserve_bytes(preset: ModelPreset, tp: int, s: PlanSettings, act_bytes: int = 2) -> int:
-    """Peak transient memory of one step, per GPU: a prefill chunk's residual stream and norms (~4 x hidden),
+    """Peak transient memory of one step, per GPU: a prefill chunk's residual stream and norms (4 x hidden),
     its sharded q/k/v and MLP gate/up/act (3 x intermediate / TP), plus fp32 logits for the sampled rows."""
     h, i = preset.hidden_size, preset.intermediate_size
     qkv = (preset.num_attention_heads + 2 * preset.num_key_value_heads) * preset.head_dim // tp

@@ -18,33 +18,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from model_workers.gemma3.config import VisionConfig
+
 GLOBAL_LAYER_PERIOD = 6  # sliding_window_pattern: layers 5, 11, 17, ... ((i + 1) % 6 == 0) attend globally
 TEXT_VOCAB = 262_144
 MULTIMODAL_VOCAB = 262_208
-
-
-@dataclass(frozen=True)
-class VisionTower:
-    """SigLIP-So400m as Gemma 3 uses it, plus the projector into the decoder's width."""
-
-    hidden_size: int = 1152
-    intermediate_size: int = 4304
-    num_layers: int = 27
-    num_heads: int = 16
-    image_size: int = 896
-    patch_size: int = 14
-    mm_tokens_per_image: int = 256
-
-    def params(self) -> int:
-        h, i = self.hidden_size, self.intermediate_size
-        # per layer: q, k, v, o with biases; fc1 + fc2 with biases; two LayerNorms (weight + bias)
-        layer = 4 * (h * h + h) + (h * i + i) + (i * h + h) + 4 * h
-        patches = (self.image_size // self.patch_size) ** 2
-        embeddings = 3 * self.patch_size**2 * h + h + patches * h  # conv patch embedding + position embedding
-        return self.num_layers * layer + embeddings + 2 * h  # + post LayerNorm
-
-    def projector_params(self, text_hidden: int) -> int:
-        return self.hidden_size * text_hidden + self.hidden_size  # linear projection + soft-embedding RMSNorm
 
 
 @dataclass(frozen=True)
@@ -62,7 +40,7 @@ class ModelPreset:
     vocab_size: int
     sliding_window: int
     max_position_embeddings: int
-    vision: VisionTower | None = None
+    vision: VisionConfig | None = None
 
     @property
     def global_layers(self) -> int:
@@ -91,7 +69,9 @@ class ModelPreset:
         return params * bytes_per_param
 
 
-_SIGLIP = VisionTower()
+# SigLIP-So400m as Gemma 3 uses it: the checkpoint reader's defaults are its geometry, so the planner and the
+# vision tower read one description of it.
+_SIGLIP = VisionConfig()
 
 PRESETS: dict[str, ModelPreset] = {
     p.name: p

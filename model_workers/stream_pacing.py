@@ -1,18 +1,20 @@
 """Stream pacing: a decoder replica sends at most `messages_per_s` streamed messages per second, in total.
 
 Why: every streamed message crosses four processes on its way to the client (decoder replica -> Ray object stream
--> ingress -> SSE -> Serve proxy -> client), and each hop costs CPU per message, not per token: ~2 ms in all per
-message on the 2-core reference machine (benchmarks/proc_cpu.py). At 32 concurrent streams one decode step makes 32
-messages, and on a machine where the front shares cores with the model that CPU comes out of the decode step itself:
-the model's two compute threads stall each other at every barrier while one of them is preempted, so every 1% of CPU
-taken by the front costs the engine ~2% of its speed (docs/benchmarks.md, serving section, "Session 4").
+-> ingress -> SSE -> Serve proxy -> client), and each hop costs CPU per message, not per token (benchmarks/proc_cpu.py
+measures it by process). At 32 concurrent streams one decode step makes 32 messages, and on a machine where the front
+shares cores with the model that CPU comes out of the decode step itself: the model's compute threads stall each other
+at every barrier while one of them is preempted, so CPU taken by the front costs the engine more than its share
+(docs/benchmarks.md, "Serving overhead" and "Decode step profile").
 
 The rule: after a stream sends a message, it waits `active_streams / messages_per_s` seconds before taking the next
 delta from its engine; what the engine produced meanwhile arrives as one merged delta (the native engine merges the
 deltas queued for a request; vLLM's output collector merges a request's outputs the same way). So:
   - one stream, or a few: the wait is shorter than a decode step, nothing changes (every token is its own message);
-  - 32 streams at 100 messages/s: 0.32 s between messages of one stream, i.e. ~2 tokens per message at ~150 ms steps,
-    half the messages — the trade Ray Serve LLM makes by default (it batches every stream's output for 50 ms).
+  - 32 streams at 100 messages/s: 0.32 s between messages of one stream, so a message carries every token its
+    engine made in that interval: fewer messages for the same tokens — the trade Ray Serve LLM makes by default (it
+    batches every stream's output over a fixed interval). benchmarks/serving.py measures the effect on throughput
+    and on the gap between messages (docs/benchmarks.md).
 The first token is never held (TTFT is unchanged); a finished request's last delta may wait up to one interval.
 Streams count as active from their first delta on: requests still in prefill send nothing, so they take no share.
 `messages_per_s = 0` turns pacing off (every delta is sent as soon as the engine makes it). The default depends on
@@ -27,7 +29,7 @@ from collections.abc import AsyncIterator
 
 from cluster.contracts.messages import TokenDelta
 
-CPU_MESSAGES_PER_S = 100.0  # ~0.2 of a core for the front at ~2 ms per message (measured: docs/benchmarks.md)
+CPU_MESSAGES_PER_S = 100.0  # a fixed CPU budget for the front, whatever the number of streams (benchmarks/serving.py)
 
 
 def default_budget(configured: float | None, has_gpu: bool) -> float:

@@ -143,8 +143,8 @@ class KvEventPublisher:
             events.insert(0, KvEvent(self.replica_id, cleared=True))
         load, now = self.engine.load(), time.monotonic()
         if not events and not self._load_moved(load) and now - self._sent_at < self.heartbeat_s:
-            # Nothing a router would decide differently on: skip the actor call. On a 2-core machine ten calls a
-            # second were ~2.5% of the decoder process's CPU while it decoded.
+            # Nothing a router would decide differently on: skip the actor call. Every call costs the decoder
+            # process CPU that, on a machine where it shares cores with the model, comes out of decoding.
             return False
         await self.hub.publish.remote(self.replica_id, events, load)
         self._sent_load, self._sent_at = load, now

@@ -72,7 +72,8 @@ class KvAwareRequestRouter(LocalityMixin, MultiplexMixin, RequestRouter):
         self._cursor = 0
         self._poller: asyncio.Task | None = None
         # Between bursts nobody reads the index: poll slowly once no request was routed for `idle_after_s`, and
-        # wake at the next request (on 2 cores ten hub calls a second per router were measurable while decoding).
+        # wake at the next request (every hub call takes CPU that, where the front shares cores with the model,
+        # comes out of decoding).
         self.idle_poll_s, self.idle_after_s = max(1.0, poll_interval_s), 2.0
         self._last_route = float("-inf")
         self._wake = asyncio.Event()

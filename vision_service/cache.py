@@ -57,7 +57,7 @@ class EmbeddingCache:
         url = s.redis_url or os.environ.get(REDIS_URL_ENV) or None
         if url is None:
             self._embedded = EmbeddedRedis(s.max_bytes)
-            # On the loop thread (blocks ~0.1 s once): the server's death signal follows the thread that starts it.
+            # On the loop thread (blocks it once, briefly): the server's death signal follows the thread that starts it.
             sock = self._embedded.start()
             self._redis = Redis(unix_socket_path=sock, **common)
         else:

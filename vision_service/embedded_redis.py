@@ -43,6 +43,18 @@ def _die_with_parent() -> None:
         pass
 
 
+def terminate(proc: subprocess.Popen, grace_s: float = 5.0) -> None:
+    """Stop a redis-server: SIGTERM (it exits cleanly), SIGKILL if it has not exited after `grace_s` seconds."""
+    if proc.poll() is not None:
+        return
+    os.kill(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
 class EmbeddedRedis:
     def __init__(self, max_bytes: int, start_timeout_s: float = 10.0):
         self.max_bytes = max_bytes
@@ -92,13 +104,8 @@ class EmbeddedRedis:
         return self.socket_path
 
     def stop(self) -> None:
-        if self._proc is not None and self._proc.poll() is None:
-            os.kill(self._proc.pid, signal.SIGTERM)
-            try:
-                self._proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                os.kill(self._proc.pid, signal.SIGKILL)
-                self._proc.wait()
+        if self._proc is not None:
+            terminate(self._proc)
         self._proc = None
         if self._dir is not None:
             self._dir.cleanup()

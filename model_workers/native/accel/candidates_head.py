@@ -1,6 +1,7 @@
 """The accel package's LM head: exact greedy tokens at a fraction of the fp32 cost (gemma3/lm_head.py is the plain one).
 
-The 262,144 x 640 head is the biggest matmul of a Gemma 3 270M decode step (~45% of it at 32 sequences in fp32).
+The 262,144 x 640 head is the biggest matmul of a Gemma 3 270M decode step (benchmarks/decode_profile.py measures
+its share).
 A bf16 or int8 GEMM runs several times faster on CPUs with matrix units (AMX, AVX512-BF16/VNNI) and on GPUs, but its
 logits can flip a greedy token. So the `candidates` modes use the low-precision GEMM only to *find* the tokens that
 can win and keep fp32 for the answer (head_ranking.py has the rankers and their error bounds):
@@ -43,9 +44,9 @@ WIDENED_MAX = 16384  # an uncertified row recomputes at most this many exact log
 # logits) is ranked again with bf16 (one bf16 GEMM for those rows instead of thousands of fp32 rows).
 REFINE_TOKENS = 4096
 SPARSE_BLOCKS = 64  # a row with more blocks in play is tested token by token over the whole row, not gathered
-# candidates-int8: a step with more such rows ranks with bf16 instead (int8 + bf16 cost ~1.3x bf16 alone), and so do
-# the next BF16_STEPS greedy steps (a batch of flat-logit rows stays flat), then int8 is tried again. On the 270M's
-# text steps ~3% of rows are such rows; on random-token prompts most are.
+# candidates-int8: a step with more such rows ranks with bf16 instead (int8 then bf16 costs more than bf16 alone), and
+# so do the next BF16_STEPS greedy steps (a batch of flat-logit rows stays flat), then int8 is tried again. On text
+# such rows are rare; on random-token prompts most are (benchmarks/head_ranking_counts.py counts them).
 ESCALATE_ROWS = 2
 BF16_STEPS = 16
 
@@ -64,7 +65,7 @@ def make_head(
 def block_topk(
     x: torch.Tensor, k: int, block: int = BLOCK, maxima: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """torch.topk(x, k, dim=-1) of a [M, V] tensor in ~40% of its time on a 262K vocabulary (CPU, 32 rows).
+    """torch.topk(x, k, dim=-1) of a [M, V] tensor, faster on a large vocabulary: topk runs over k blocks, not V.
 
     Each of the k largest values lies in a block whose maximum is >= the k-th largest value, and at most k blocks
     have such a maximum: so the k blocks with the largest maxima hold all of them, and one topk over those k blocks
@@ -163,7 +164,7 @@ class CandidatesHead:
 
     def _widened_argmax(self, h: torch.Tensor, ids: torch.Tensor) -> int:
         """The fp32 argmax over `ids`, every token that can still win: reading their rows of the fp32 head instead
-        of all of it (671 MB on the 270M, ~25 ms on 2 cores)."""
+        of all of it (671 MB on the 270M)."""
         ids = ids.unique()
         exact = self.weight.index_select(0, ids).float() @ h
         top = exact.max()

@@ -7,16 +7,16 @@ i and token v, an upper bound on |fp32_logit[i, v] - approx[i, v]|. Two rankers:
 - `Bf16Ranker`: bf16(h) @ bf16(W).T (AMX / AVX512-BF16 / GPUs), one bound per row:
       (3u + 4u^2 + 3*gamma_K) * ||h|| * max_v ||W_v||,   u = 2^-8, gamma_K = K * 2^-24
   (rounding h and W to bf16: 2u; the bf16 output: u; fp32 sums of K terms: gamma_K; Cauchy-Schwarz).
-- `Int8Ranker`: int8(h) @ int8(W).T with oneDNN's u8s8 GEMM (AMX / VNNI), half the bytes of the bf16 head: on the
-  Gemma 3 270M at 32 rows 16.4 -> 6.9 ms on 2 Xeon cores. W is quantized once per vocabulary row (W ~ s_v q_v),
+- `Int8Ranker`: int8(h) @ int8(W).T with oneDNN's u8s8 GEMM (AMX / VNNI), half the bytes of the bf16 head, which
+  matters because the ranking GEMM is bound by reading the head. W is quantized once per vocabulary row (W ~ s_v q_v),
   h per row at run time (h ~ s_h q_h); the sums of q_h q_v are exact int32. Writing E = W - s_v q_v and
   D = h - s_h q_h, exactly h.W_v - s_h s_v (q_h.q_v) = h.E_v + D.W_v - D.E_v, so
       |fp32_logit - approx| <= ||h|| e_v + ||D|| (n_v + e_v) + gamma_K ||h|| n_v + u_out |approx|
   with e_v = ||E_v|| and n_v = ||W_v|| computed once (made upper bounds), and u_out the output's bf16 rounding.
   The bound is per token, so the head can skip whole blocks of the vocabulary on their maxima (`Ranking.upper`);
-  columns are sorted by bound size so that a block's maxima bound its tokens closely. It is looser than bf16's: on
-  1,280 decode rows of real text on the 270M, 76 rows had tokens outside the 32 candidates left to recompute (1 with
-  bf16), each a few tens to hundreds of tokens, not 262K.
+  columns are sorted by bound size so that a block's maxima bound its tokens closely. It is looser than bf16's, so
+  more rows have tokens outside the candidates left to recompute, though far fewer than the whole vocabulary:
+  benchmarks/head_ranking_counts.py counts them on real text (docs/benchmarks.md, "LM head").
 """
 
 from __future__ import annotations
@@ -91,8 +91,8 @@ def block_max_upper(x: torch.Tensor, k: int, block: int = BLOCK) -> torch.Tensor
     """Upper bounds of the block maxima of a bf16 [M, V] tensor: each block's exact maximum where it is >= 0, 0 for a
     block of negative values only, and exact maxima for every block of a row with fewer than k blocks >= 0.
 
-    Why: torch reduces bf16 through fp32 (1.4 ms for the 270M's 32 x 262,144 logits); the same bits read as int16
-    reduce in 0.3 ms, and int16 order is float order for the non-negative values (for negative ones it is
+    Why: torch reduces bf16 through fp32, converting every element; the same bits read as int16 reduce directly,
+    several times faster, and int16 order is float order for the non-negative values (for negative ones it is
     reversed: sign and magnitude). The head's block test only needs upper bounds (a text row's best logit is far
     above 0), and its top-k blocks get their exact maxima; a row of mostly negative logits (random-token prompts)
     is reduced again through the int16 minimum (a negative block's float maximum)."""
@@ -112,8 +112,9 @@ def block_max_upper(x: torch.Tensor, k: int, block: int = BLOCK) -> torch.Tensor
 def onednn_pack(weight: torch.Tensor, batch: int = 32) -> torch.Tensor | None:
     """`weight` in oneDNN's blocked (AMX) layout for bf16 GEMMs, or None off CPU / without oneDNN.
 
-    A plain bf16 GEMM re-lays out the whole 335 MB head for the matrix units on every call; packing it once makes
-    the ranking GEMM 26 -> 18 ms at 32 rows (2 cores), with bitwise the same output (tests check it)."""
+    A plain bf16 GEMM re-lays out the whole 335 MB head for the matrix units on every call; packing it once saves
+    that pass on every step, with bitwise the same output (tests check it; benchmarks/decode_profile.py times the
+    head)."""
     if weight.device.type != "cpu" or not torch.backends.mkldnn.is_available():
         return None
     if not hasattr(torch.ops.mkldnn, "_reorder_linear_weight"):
@@ -172,8 +173,8 @@ class Int8Ranker:
         tok_e = (e_up + gamma(k) * n_up) * (1 + 2.0**-20)  # e_v + gamma_K n_v: see the module docstring
         tok_f = (n_up + e_up) * (1 + 2.0**-20)
         # Columns sorted by the bound's size: a block of 256 columns then holds tokens of alike bounds, so its
-        # maxima bound each of them closely and the head's block test rules out whole blocks (on the 270M's text
-        # steps, rows with > 64 blocks in play: 120 -> 2 of 1,280).
+        # maxima bound each of them closely and the head's block test rules out whole blocks
+        # (benchmarks/head_ranking_counts.py counts the rows with many blocks in play, sorted and unsorted).
         self.column_ids = torch.argsort(tok_f)
         self.tok_e, self.tok_f = tok_e[self.column_ids], tok_f[self.column_ids]
         self.w_scale = self.w_scale[self.column_ids]

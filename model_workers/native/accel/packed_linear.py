@@ -4,21 +4,22 @@ Why: at decode batch sizes (tens of rows) a CPU GEMM spends much of each call re
 kernel's panel layout. Packing once at load removes that work. The choices of `engine.native.projections`:
 
 - `onednn` (auto's choice where the skinny kernel is not built): oneDNN's blocked layout
-  (`torch.ops.mkldnn._reorder_linear_weight` + `_linear_pointwise`), for every row count, fp32 and bf16. Vendor-neutral: on an AMD EPYC (Zen 4, AVX-512) it ran
-  the Gemma 3 270M projections 1.76x faster than F.linear at 32 rows and 1.41x at 512 (prefill chunks), where MKL's
-  fp32 GEMM does not take its AVX-512 path. Its sums run in another order than MKL's: outputs differ from F.linear's
-  by float rounding (~1e-6 relative); greedy tokens still match transformers (the parity tests run with it).
+  (`torch.ops.mkldnn._reorder_linear_weight` + `_linear_pointwise`), for every row count, fp32 and bf16.
+  Vendor-neutral: it takes its AVX-512 path on AMD CPUs too, where MKL's fp32 GEMM does not, at decode and prefill
+  sizes alike. Its sums run in another order than MKL's: outputs differ from F.linear's by float rounding; greedy
+  tokens still match transformers (the parity tests run with it).
 - `onednn-skinny` (auto's choice where the kernel library is built with AVX-512): oneDNN above SKINNY_MAX_ROWS
   rows, and at or below it (decode steps) kernels/skinny_linear.cpp, which streams its own packed copy of each weight
-  at memory speed (18 layers x 4 projections at 32 rows: oneDNN 39.7, skinny 31 ms on an Intel Xeon; faster from 4
-  to 96 rows). The price is a second packed copy of the projection weights: where the checkpoint came from a GGUF
-  file, their exact int8 form (gguf_int8.py; 150 MB more for the 270M, and 26 -> 21 ms), else fp32 (400 MB more).
+  at memory speed, where a decode step is bound by the weight stream (see that file for why oneDNN is not). The
+  price is a second packed copy of the projection weights: where the checkpoint came from a GGUF file, their exact
+  int8 form (gguf_int8.py; 150 MB more for the 270M, and fewer bytes per weight to stream), else fp32 (400 MB more).
 - `mkl`: MKL's packed sgemm (`torch.ops.mkl._mkl_reorder_linear_weight`), fp32 only, bit-for-bit F.linear's
-  output; on an Intel Xeon (AMX) it ran 1.88 -> 1.00 ms per layer's four projections at 32 rows.
+  output, without re-packing the weights on every call.
 
 torch's MKL op takes the packed path only when the row count equals the packing's batch size (else it silently calls
 F.linear), so rows go through in chunks of exactly PACK_ROWS, the last one zero-padded; outside
-[MIN_PACKED_ROWS, MAX_PACKED_ROWS] it keeps F.linear (see there). Measurements: docs/benchmarks.md (decode_profile).
+[MIN_PACKED_ROWS, MAX_PACKED_ROWS] it keeps F.linear (see there). benchmarks/decode_profile.py measures the
+projections in a decode step, benchmarks/model_forward.py in prefill (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -33,11 +34,11 @@ from model_workers.gemma3.gguf_int8 import Int8Blocks
 from model_workers.native.accel.cpu_features import CpuFeatures, projection_kernel
 
 ProjectionKernel = Literal["auto", "onednn-skinny", "onednn", "mkl", "plain"]
-SKINNY_MAX_ROWS = 96  # onednn-skinny: the skinny kernel up to here (measured faster than oneDNN from 4 to 96 rows)
+SKINNY_MAX_ROWS = 96  # onednn-skinny: the skinny kernel up to decode-sized batches; above, oneDNN's blocked GEMM
 SKINNY_PANEL = 32  # the skinny kernel packs outputs in panels of this many (PANEL in kernels/skinny_linear.cpp)
 PACK_ROWS = 32  # the batch size the weights are packed for: a full decode step of 32 sequences is one call
-MAX_PACKED_ROWS = 64  # mkl: above this F.linear (measured: 2 packed chunks of 32 still beat one 64-row GEMM)
-# mkl: below 16 rows MKL's plain sgemm switches to another kernel whose rounding differs (~1e-6) from its blocked
+MAX_PACKED_ROWS = 64  # mkl: above this F.linear, whose own packing pays off once rows are many
+# mkl: below 16 rows MKL's plain sgemm switches to another kernel whose rounding differs from its blocked
 # one; those calls keep F.linear, so the output is F.linear's bit for bit at every row count.
 MIN_PACKED_ROWS = 16
 

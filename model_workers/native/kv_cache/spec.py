@@ -20,7 +20,7 @@ import math
 from dataclasses import dataclass
 from functools import cached_property
 
-from cluster.contracts.model_info import FULL_ATTENTION, SLIDING_ATTENTION
+from cluster.contracts.model_info import FULL_ATTENTION, SLIDING_ATTENTION, layers_of
 
 
 @dataclass(frozen=True)
@@ -59,11 +59,11 @@ class KVCacheSpec:
     # ---- layer layout -------------------------------------------------------------------------------------------
     @cached_property
     def global_layers(self) -> tuple[int, ...]:
-        return tuple(i for i, t in enumerate(self.layer_types) if t == FULL_ATTENTION)
+        return layers_of(self.layer_types, FULL_ATTENTION)
 
     @cached_property
     def local_layers(self) -> tuple[int, ...]:
-        return tuple(i for i, t in enumerate(self.layer_types) if t == SLIDING_ATTENTION)
+        return layers_of(self.layer_types, SLIDING_ATTENTION)
 
     @property
     def layers_per_page(self) -> int:

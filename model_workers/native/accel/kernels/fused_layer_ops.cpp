@@ -1,10 +1,11 @@
 // The Gemma 3 layer's elementwise work fused into four fp32 CPU ops (torch custom ops, g3serve::*).
 //
-// Why: between its GEMMs a layer runs ~20 small torch ops (RMSNorm alone is pow, mean, add, rsqrt, mul, mul), each
-// a pass over memory with a fresh output tensor. At a 512-token prefill chunk they took ~115 of ~480 ms per step
-// on 2 cores (torch.profiler: mul 29, gelu 19, rms_norm 28 ms...). Here each is one pass, rows split over torch's
-// thread pool. The arithmetic is the torch reference's, in its order per element (model_workers/gemma3/decoder.py
-// `TorchLayerOps`); only the order of RMSNorm's sum of squares differs (vector lanes), ~1e-7 relative.
+// Why: between its GEMMs a layer runs some twenty small torch ops (RMSNorm alone is pow, mean, add, rsqrt, mul, mul),
+// each a pass over memory with a fresh output tensor, so at prefill-chunk sizes they add up to a large share of the
+// step (torch.profiler shows it; benchmarks/model_forward.py measures the forward). Here each is one pass, rows split
+// over torch's thread pool. The arithmetic is the torch reference's, in its order per element
+// (model_workers/gemma3/decoder.py `TorchLayerOps`); only the order of RMSNorm's sum of squares differs (vector
+// lanes), so the two agree to float rounding.
 //
 //   rms_norm(x [T, H], w [H], eps)                 x * rsqrt(mean(x^2) + eps) * (1 + w)
 //   add_rms_norm(r [T, H], y [T, H], w [H], eps)   r + rms_norm(y, w, eps)
@@ -145,7 +146,7 @@ std::tuple<at::Tensor, at::Tensor> qk_norm_rope(const at::Tensor& qkv, const at:
 }
 
 // gelu_tanh(g) * u. 0.5 g (1 + tanh(z)) = g / (1 + exp(-2 z)) with z = b (g + k g^3): the same function in one exp
-// and one division instead of a tanh (SLEEF's vector tanh was most of this op's time: 0.90 -> 0.33 ms at 512 x 2048);
+// and one division instead of a tanh (SLEEF's vector tanh is far dearer than an exp and was most of this op's time);
 // it differs from the reference's rounding by a few ulp. Large |z| saturate correctly: exp -> inf gives -0, exp -> 0
 // gives g.
 constexpr float kBeta = static_cast<float>(M_SQRT2 * M_2_SQRTPI * 0.5);

@@ -27,20 +27,20 @@
 namespace {
 
 // A page's rows are contiguous but pages are scattered, and hardware prefetchers stop at 4 KiB boundaries (4 rows
-// of a 256-wide head): software-prefetch the row AHEAD positions on while this one is used. Measured at 32
-// sequences x 320 keys x 18 layers on 2 cores: 34 -> 24.5 ms (11 -> 15 GB/s); 2, 4 and 8 ahead alike.
+// of a 256-wide head): software-prefetch the row AHEAD positions on while this one is used. The distance is not
+// critical (a few rows ahead cover a row's memory latency); benchmarks/decode_profile.py measures attention's share.
 constexpr int64_t AHEAD = 4;
-constexpr int64_t FAR = 8;  // the blocked paths prefetch further ahead: they consume rows ~3x faster
+constexpr int64_t FAR = 8;  // the blocked paths prefetch further ahead: they consume rows several times faster
 inline void prefetch_row(const float* p, int64_t D) {
   for (int64_t d = 0; d < D; d += 16) __builtin_prefetch(p + d, 0, 3);  // one 64-byte line per 16 floats
 }
 
 #if defined(__AVX512F__)
 // AVX-512 paths, register-blocked (head dims that are multiples of 64). The portable loops below are bound by L1
-// traffic (the value accumulator is loaded and stored for every key): with the KV in cache (32 sequences x 320
-// keys, x18 layers, 2 cores of an AMD EPYC Zen 4) they take 19.0 ms, these 6.9 ms. From DRAM, pages scattered over
-// 700 MB, both take ~28-34 ms on that machine: about what a plain torch gather of the same pages costs there, so the
-// memory system bounds that case, not this code.
+// traffic (the value accumulator is loaded and stored for every key); these keep a block of accumulators in
+// registers, which pays when the KV is in cache. From DRAM, with pages scattered, both paths run at about the speed
+// of a plain torch gather of the same pages: the memory system bounds that case, not this code
+// (benchmarks/decode_profile.py).
 // Rows come as pointers (one per key position), so pages may lie anywhere.
 
 // out[g * stride + i] = scale * q_g . k_i for GB heads and every key row; four keys at a time share each q load.

@@ -1,20 +1,19 @@
-// fp32 projections for decode-sized batches (a few to ~100 rows): y = x W^T with W packed once, as torch ops
+// fp32 projections for decode-sized batches (up to packed_linear.py's SKINNY_MAX_ROWS): y = x W^T with W packed
+// once, as torch ops
 // g3serve::skinny_pack / g3serve::skinny_linear.
 //
 // Why: at 32 rows the layer GEMMs of the Gemma 3 270M stream 400 MB of fp32 weights per decode step, each byte used
 // by only 32 rows, so the step is bound by how fast the weights arrive, not by FLOPs. oneDNN's packed GEMM (the
-// prefill path, 345 GFLOP/s at 512 rows here) reached ~160 GFLOP/s = 10 GB/s at 32 rows with the weights coming
-// from DRAM. This kernel reads each weight panel once, as one sequential stream per thread, and prefetches the next
-// panel into L2 in slices spread over the whole panel's compute: 18 layers x 4 projections at 32 rows 39.7 -> 31 ms
-// on 2 cores of an Intel Xeon (AVX-512), ahead of oneDNN from 4 to 96 rows (benchmarks/decode_profile.py, docs).
-// With the weights in cache it runs at ~300 GFLOP/s (oneDNN ~215); from DRAM the weight stream bounds it (~13 GB/s
-// of the ~24 a plain sequential read gets here). Measured alike: prefetch hints T0/T1/T2, 2-8 panels ahead (slower),
-// 8- or 14-row blocks.
+// prefill path) is built for many rows and, at decode sizes with the weights coming from DRAM, reads them well below
+// what the memory system delivers. This kernel reads each weight panel once, as one sequential stream per thread,
+// and prefetches the next panel into L2 in slices spread over the whole panel's compute, so the weight stream, not
+// the kernel, bounds it (benchmarks/decode_profile.py measures the projections' share of a step; docs/benchmarks.md).
+// Other prefetch hints, distances and row blocks were tried and were no better; the ones here are the simplest.
 //
 // Layout: W [N, K] -> [N / 32, K, 32]: for each k, the 32 outputs of a panel are two adjacent zmm vectors.
 // Register block: 12 rows x 32 outputs = 24 accumulators; every x value is broadcast once for both vectors.
 // The sums run over k in order with one FMA per term (no reassociation): fp32 throughout, like F.linear, whose
-// summation order differs (outputs agree to float rounding, ~1e-6 relative).
+// summation order differs (outputs agree to float rounding).
 #pragma GCC optimize("fp-contract=off")  // the int8 path's w = scale * q - min: a multiply then a subtract, no FMA
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -74,8 +73,8 @@ inline void block(const float* x, int64_t K, const float* w, float* y, int64_t N
 // The int8 form (gguf_int8.py): q [N / 32, K, 32] int8, scale/minv [N / 32, K / SUB, 32]. The first row block
 // rebuilds each weight in registers, w = fl(scale * q) - min (the checkpoint's fp32 weight bit for bit: the same
 // two roundings as gguf's dequantize), uses it, and leaves the panel in `buf` (L2) for the other row blocks.
-// Why: 1.5 bytes per weight arrive from DRAM instead of 4; 18 layers x 4 projections at 32 rows, weights from
-// DRAM: 26 -> 21 ms on 2 Xeon cores (benchmarks/decode_profile.py).
+// Why: 1.5 bytes per weight arrive from DRAM instead of 4, and the weight stream bounds decode
+// (benchmarks/decode_profile.py measures the step).
 template <int R>
 inline void block_int8(const float* x, int64_t K, const int8_t* q, const float* sc, const float* mn, float* buf,
                        float* y, int64_t N, const int8_t* next) {
