@@ -57,6 +57,7 @@ async def _run(tp: int, concurrency: int, prompt_tokens: int, max_tokens: int) -
     t0 = time.perf_counter()
     results = await asyncio.gather(*(one(i) for i in range(concurrency)))
     wall = time.perf_counter() - t0
+    load = os.getloadavg()[0]  # the machine is shared: the load during the timed window says how noisy it was
     await engine.shutdown()
     tokens = sum(n for _, n in results)
     return {
@@ -67,6 +68,7 @@ async def _run(tp: int, concurrency: int, prompt_tokens: int, max_tokens: int) -
         "tok_s": round(tokens / wall, 2),
         "outputs": [list(ids) for ids, _ in results],
         "bind": os.environ.get("VLLM_CPU_OMP_THREADS_BIND", ""),
+        "load1": round(load, 1),
     }
 
 
@@ -81,6 +83,7 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--prompt-tokens", type=int, default=128)
     ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--order", type=lambda v: [int(x) for x in v.split(",")], default=[1, 2], help="e.g. 2,1")
     ap.add_argument("--tp", type=int, default=0, help=argparse.SUPPRESS)  # child mode
     args = ap.parse_args()
     if args.quick:
@@ -89,7 +92,7 @@ def main() -> None:
         _child(args)
         return
     runs = {}
-    for tp in (1, 2):
+    for tp in args.order:
         cmd = [sys.executable, __file__, "--tp", str(tp), "--concurrency", str(args.concurrency)]
         cmd += ["--prompt-tokens", str(args.prompt_tokens), "--max-tokens", str(args.max_tokens)]
         env = {**os.environ, "PYTHONPATH": REPO}
@@ -101,11 +104,13 @@ def main() -> None:
         runs[tp] = json.loads(line.removeprefix("CHILD "))
     same = runs[1]["outputs"] == runs[2]["outputs"]
     print(f"vLLM CPU, Gemma 3 270M fp32 eager: {args.concurrency} requests x {args.max_tokens} greedy tokens")
-    print("| TP | executor | thread binding | engine start s | wall s | output tok/s |")
-    print("|---|---|---|---|---|---|")
+    print("| TP | executor | thread binding | engine start s | wall s | output tok/s | 1-min load after |")
+    print("|---|---|---|---|---|---|---|")
     for tp, r in runs.items():
         executor = "multiprocessing" if tp > 1 else "in-process"
-        print(f"| {tp} | {executor} | {r['bind'] or '-'} | {r['start_s']} | {r['wall_s']} | {r['tok_s']} |")
+        print(
+            f"| {tp} | {executor} | {r['bind'] or '-'} | {r['start_s']} | {r['wall_s']} | {r['tok_s']} | {r['load1']} |"
+        )
     ratio = runs[2]["tok_s"] / runs[1]["tok_s"]
     print(
         f"RESULT tp1_tok_s={runs[1]['tok_s']} tp2_tok_s={runs[2]['tok_s']} tp2_over_tp1={ratio:.2f} "
