@@ -104,6 +104,23 @@ def executor_backend(ranks: int, on_cpu: bool) -> str | None:
     return "mp" if on_cpu else "ray"
 
 
+def use_replica_placement_group(vllm_config) -> None:
+    """On the Ray executor, hand vLLM the replica's own placement group: the engine core is a spawned process (a new
+    Ray driver, outside the replica's group), so it would otherwise create a group of its own and find no free GPU
+    (Ray Serve LLM sets the same field)."""
+    import ray
+
+    if vllm_config.parallel_config.distributed_executor_backend != "ray":
+        return
+    group = ray.util.get_current_placement_group()
+    if group is None:
+        raise RuntimeError(
+            "vLLM's Ray executor needs the decoder replica's placement group, and this replica has none: run it "
+            "through the app (cluster/app.py declares the group when TP x PP > 1)"
+        )
+    vllm_config.parallel_config.placement_group = group
+
+
 class VllmEngine:
     def __init__(self, config: VllmEngineConfig, model: ModelSettings, checkpoint: str | Path, replica_id: str):
         self.config = config
@@ -180,6 +197,7 @@ class VllmEngine:
     async def start(self) -> None:
         from vllm.platforms import current_platform
         from vllm.v1.engine.async_llm import AsyncLLM
+        from vllm.v1.executor.abstract import Executor
 
         c = self.config
         if c.cpu_kv_cache_space_gib:
@@ -195,7 +213,16 @@ class VllmEngine:
             self._subscriber = ZmqKvEventSubscriber(c.kv_events_port)
         endpoint = self._subscriber.endpoint if self._subscriber else None
         try:
-            self._llm = AsyncLLM.from_engine_args(self.engine_args(endpoint), stat_loggers=[self._stats.factory])
+            args = self.engine_args(endpoint)
+            vllm_config = args.create_engine_config()
+            use_replica_placement_group(vllm_config)
+            self._llm = AsyncLLM(
+                vllm_config=vllm_config,
+                executor_class=Executor.get_class(vllm_config),
+                log_requests=args.enable_log_requests,
+                log_stats=not args.disable_log_stats,
+                stat_loggers=[self._stats.factory],
+            )
         except BaseException:
             if self._subscriber:
                 self._subscriber.close()

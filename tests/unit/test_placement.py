@@ -168,3 +168,23 @@ def test_vllm_engine_args_for_tp2(tmp_path, on_cpu, backend):
             2,
             "ray",
         )
+
+
+def test_vllm_ray_executor_gets_the_replicas_placement_group(monkeypatch):
+    import types
+
+    import ray
+
+    from model_workers.vllm_engine import use_replica_placement_group
+
+    group = object()
+    monkeypatch.setattr(ray.util, "get_current_placement_group", lambda: group)
+    ray_cfg = types.SimpleNamespace(parallel_config=types.SimpleNamespace(distributed_executor_backend="ray"))
+    use_replica_placement_group(ray_cfg)
+    assert ray_cfg.parallel_config.placement_group is group  # the engine core (a new driver) uses the replica's
+    mp_cfg = types.SimpleNamespace(parallel_config=types.SimpleNamespace(distributed_executor_backend="mp"))
+    use_replica_placement_group(mp_cfg)
+    assert not hasattr(mp_cfg.parallel_config, "placement_group")  # CPU ranks are the replica's child processes
+    monkeypatch.setattr(ray.util, "get_current_placement_group", lambda: None)
+    with pytest.raises(RuntimeError, match="placement group"):
+        use_replica_placement_group(ray_cfg)
