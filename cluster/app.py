@@ -19,6 +19,7 @@ from ray.serve import Application
 from ray.serve.config import RequestRouterConfig
 
 from cluster.config import DeploymentSettings, G3ServeConfig
+from cluster.placement import placement_options, validate_for_checkpoint
 from cluster.pool_plan import pool_configs, pool_plan
 from model_workers.deployment import DecoderDeployment
 from model_workers.gemma3.checkpoints import resolve_checkpoint
@@ -61,9 +62,17 @@ def has_vision_tower(checkpoint_dir: Path) -> bool:
     return "vision_config" in config
 
 
+def decoder_options(name: str, config: G3ServeConfig) -> dict:
+    """`serve.deployment(...)` keyword arguments of a decoder deployment: its replicas or autoscaling, and its
+    placement (one placement group per replica when the engine has more than one rank: cluster/placement.py)."""
+    opts = deployment_options(name, config.decoder)
+    opts.update(placement_options(config.decoder, config.engine))
+    return opts
+
+
 def _decoder(name: str, config: G3ServeConfig) -> Application:
     """One decoder deployment (a pool's, or the only one) with its request router."""
-    decoder_opts = deployment_options(name, config.decoder)
+    decoder_opts = decoder_options(name, config)
     kv_events = None
     if config.router.enabled:
         kv_events = HubPublisherFactory(period_s=config.router.publish_interval_s)
@@ -82,9 +91,18 @@ def _decoder(name: str, config: G3ServeConfig) -> Application:
     )
 
 
+def check_ranks(config: G3ServeConfig, checkpoint: Path) -> None:
+    """The TP size against the checkpoint's heads, before anything starts (the config alone cannot know them)."""
+    from model_workers.gemma3.config import Gemma3Config
+
+    text = Gemma3Config.from_checkpoint(checkpoint).text
+    validate_for_checkpoint(config.engine, text.num_heads, text.num_kv_heads)
+
+
 def build_app(config: G3ServeConfig) -> Application:
     """The application graph; call from the driver (it resolves the checkpoint once, converting it if needed)."""
     checkpoint = resolve_checkpoint(config.model.checkpoint)
+    check_ranks(config, checkpoint)
     if config.router.pools:
         decoders = {name: _decoder(pool_deployment_name(name), cfg) for name, cfg in pool_configs(config).items()}
     else:

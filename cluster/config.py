@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Literal
 
 import yaml
 from pydantic import Field, model_validator
 
 from cluster.contracts.settings_base import ConfigSection
+from cluster.placement import validate_placement
 from model_workers.settings import EngineSettings, ModelSettings, NativeEngineConfig
 from router.ingress_settings import IngressSettings
 from router.settings import RouterSettings
@@ -48,6 +50,27 @@ class DeploymentSettings(ConfigSection):
     num_cpus: float = Field(1, ge=0, description="CPUs reserved per replica (Ray resource).")
     num_gpus: float = Field(0, ge=0, description="GPUs reserved per replica (Ray resource).")
     max_ongoing_requests: int = Field(64, ge=1, description="Most requests Ray Serve sends one replica at once.")
+
+
+class DecoderDeploymentSettings(DeploymentSettings):
+    """The decoder's deployment: a replica with more than one rank (TP x PP) gets a placement group
+    (cluster/placement.py): one bundle for the replica actor (num_cpus), then one per rank."""
+
+    num_gpus: float = Field(
+        0,
+        ge=0,
+        description="GPUs per replica. With one rank the replica actor reserves them; with more (TP x PP), 0 = ranks "
+        "on CPUs, else it must equal the ranks, each rank's GPU in its own placement-group bundle.",
+    )
+    cpus_per_rank: float = Field(
+        1, gt=0, description="CPUs of each rank's placement-group bundle when the ranks run on CPUs (num_gpus 0)."
+    )
+    placement_strategy: Literal["STRICT_PACK", "PACK", "SPREAD"] = Field(
+        "STRICT_PACK",
+        description="Ray placement strategy of a replica's bundles when it has more than one rank: STRICT_PACK = all "
+        "on one node (TP inside a node); PACK = one node if it fits, else several (e.g. vLLM pipeline stages "
+        "across nodes); SPREAD = ranks on different nodes where possible.",
+    )
 
 
 class VisionDeploymentSettings(ConfigSection):
@@ -110,8 +133,8 @@ class BatchSettings(ConfigSection):
 class G3ServeConfig(ConfigSection):
     model: ModelSettings = Field(default_factory=ModelSettings, description="The served model.")
     engine: EngineSettings = Field(default_factory=EngineSettings, description="The decoder engine.")
-    decoder: DeploymentSettings = Field(
-        default_factory=lambda: DeploymentSettings(num_cpus=1, max_ongoing_requests=256),
+    decoder: DecoderDeploymentSettings = Field(
+        default_factory=lambda: DecoderDeploymentSettings(num_cpus=1, max_ongoing_requests=256),
         description="Decoder deployment replicas and resources.",
     )
     vision: VisionDeploymentSettings = Field(default_factory=VisionDeploymentSettings, description="Vision deployment.")
@@ -134,6 +157,11 @@ class G3ServeConfig(ConfigSection):
                     f"router.pools[{i}].kv_cache_bytes, or engine.vllm.kv_cache_bytes (on CPU also "
                     "engine.vllm.cpu_kv_cache_space_gib); vLLM's own size is known only after it has started"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _placement(self) -> G3ServeConfig:
+        validate_placement(self.decoder, self.engine, self.ray)
         return self
 
     @classmethod

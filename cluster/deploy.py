@@ -2,14 +2,15 @@
 
 A preset (infra/presets/<name>.yaml) is a `DeployPreset`: the app's own `G3ServeConfig` plus the cluster shape. The
 RayService's serveConfigV2 carries that G3ServeConfig verbatim as the application's args, and every pod shape is
-derived from it (GPUs per decoder pod = the engine's tensor_parallel_size, decoder pods = replicas per pool), so
-the app and the manifests cannot drift: there is one source for both.
+derived from it (each decoder pod offers what one replica's placement-group bundles on it need, decoder pods =
+replicas per pool x the nodes a replica spans), so the app and the manifests cannot drift: there is one source for both.
 
-Placement, without naming deployments: the decoder replica reserves `tensor_parallel_size` GPUs itself (vLLM's
-multiprocessing executor then runs its TP ranks inside that one actor's node: one pod = one replica = one node's
-NVLink domain). GPU pods advertise only the CPUs their replica asks for and the head advertises none, so the
-CPU-only ingress and router can land only on the CPU group; vision asks for a GPU and its pods are the only ones
-with a GPU left.
+Placement, without naming deployments: a decoder with more than one rank (TP x PP) declares a placement group
+(cluster/placement.py): bundle 0 holds the replica actor's CPUs, then one `{"GPU": 1}` bundle per rank, and the
+replica actor itself reserves no GPU. On GPUs vLLM runs its ranks with its Ray executor, whose workers take those GPU
+bundles (TP inside a node with STRICT_PACK; pipeline stages on separate nodes with PACK, one pod per stage). GPU pods
+advertise only the CPUs the replica asks for and the head advertises none, so the CPU-only ingress and router can land
+only on the CPU group; vision asks for a GPU and its pods are the only ones with a GPU left.
 
 The output is a kustomize tree: base/ (Redis, the API Service and Ingress) and overlays/gemma3-<preset>/ (the
 RayService). tests/unit/test_infra_manifests.py renders every preset and compares it with infra/k8s/.

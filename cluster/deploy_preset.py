@@ -12,6 +12,7 @@ from pydantic import Field
 
 from cluster.config import G3ServeConfig
 from cluster.contracts.settings_base import ConfigSection
+from cluster.placement import DecoderNode, decoder_node
 
 
 class PodShape(ConfigSection):
@@ -68,9 +69,9 @@ class DeployPreset(ConfigSection):
     def from_yaml(cls, path: str | Path) -> DeployPreset:
         return cls.model_validate(yaml.safe_load(Path(path).read_text()))
 
-    @property
-    def tensor_parallel_size(self) -> int:
-        return self.app.engine.vllm.tensor_parallel_size if self.app.engine.kind == "vllm" else 1
+    def decoder_node(self) -> DecoderNode:
+        """What each decoder pod offers: one replica's placement-group bundles on 1 or more nodes (cluster/placement.py)."""
+        return decoder_node(self.app.decoder, self.app.engine)
 
     def decoder_pools(self) -> list[tuple[str, int]]:
         """(pool name, decoder replicas): the router's pools, or one pool "decoder" from `decoder:`."""
@@ -82,3 +83,8 @@ class DeployPreset(ConfigSection):
             ]
         d = self.app.decoder
         return [("decoder", d.autoscaling.max_replicas if d.autoscaling else d.num_replicas or 1)]
+
+    def decoder_pods(self) -> list[tuple[str, int]]:
+        """(pool name, decoder pods): replicas x the nodes one replica's bundles span."""
+        nodes = self.decoder_node().nodes_per_replica
+        return [(name, replicas * nodes) for name, replicas in self.decoder_pools()]

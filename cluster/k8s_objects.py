@@ -74,7 +74,7 @@ def _num_cpus(value: float) -> str:
 
 def ray_service(preset: DeployPreset, serve_config_yaml: str) -> dict:
     app = preset.app
-    tp = preset.tensor_parallel_size
+    node = preset.decoder_node()
     workers = [
         {
             "groupName": "cpu",
@@ -85,9 +85,10 @@ def ray_service(preset: DeployPreset, serve_config_yaml: str) -> dict:
             "template": _pod_template(preset, preset.cpu_group),
         }
     ]
-    # One pod per decoder replica: the pod's GPUs are the replica's TP ranks, its CPUs exactly the replica's, so
-    # nothing else fits there.
-    for pool, replicas in preset.decoder_pools():
+    # One pod per decoder replica (per pipeline stage when the placement strategy spans nodes): the pod offers
+    # exactly what the replica's placement-group bundles on it ask for (the replica actor's CPUs + its ranks' GPUs,
+    # or CPUs on CPU ranks), so nothing else fits there.
+    for pool, replicas in preset.decoder_pods():
         group = "decoder" if pool == "decoder" else f"decoder-{pool}"
         workers.append(
             {
@@ -96,11 +97,11 @@ def ray_service(preset: DeployPreset, serve_config_yaml: str) -> dict:
                 "minReplicas": replicas,
                 "maxReplicas": replicas,
                 "rayStartParams": {
-                    "num-cpus": _num_cpus(app.decoder.num_cpus),
-                    "num-gpus": str(tp),
+                    "num-cpus": _num_cpus(node.cpus),
+                    "num-gpus": str(node.gpus),
                     "metrics-export-port": str(RAY_METRICS_PORT),
                 },
-                "template": _pod_template(preset, preset.decoder_group, gpus=tp),
+                "template": _pod_template(preset, preset.decoder_group, gpus=node.gpus),
             }
         )
     if preset.vision_group is not None:

@@ -1,4 +1,8 @@
-"""The decoder deployment: one Ray Serve replica around one engine (native now, vLLM later).
+"""The decoder deployment: one Ray Serve replica around one engine (native or vLLM).
+
+With more than one rank the replica runs inside its own placement group (cluster/placement.py declares it): bundle 0
+is this actor's, bundles 1.. are the ranks', which the engine's rank workers take (vLLM's Ray executor on GPUs, the
+native engine's rank actors), or which reserve the CPUs of vLLM's multiprocessing ranks on this node (CPUs).
 
 The engine class comes from the config's `engine.kind` through `ENGINE_FACTORIES` (a plain mapping of kinds to
 constructors; no lookup of classes by name strings). Everything upstream talks to this class only through

@@ -61,6 +61,11 @@ class NativeEngineConfig(ConfigSection):
         "decoder.num_cpus rounded up, so replicas sharing a node do not oversubscribe it.",
     )
     device: str = Field("cpu", description='torch device of the replica: "cpu", "cuda", "cuda:1", ...')
+    tensor_parallel_size: int = Field(
+        1,
+        ge=1,
+        description="Ranks of the native engine's tensor-parallel decoder (one worker process per rank, each in its own placement-group bundle).",
+    )
     dtype: Literal["float32", "bfloat16"] = Field("float32", description="Compute dtype (model.dtype overrides).")
     accel: Literal["auto", "none", "cpu"] = Field(
         "auto",
@@ -117,8 +122,15 @@ class NativeEngineConfig(ConfigSection):
 class VllmEngineConfig(ConfigSection):
     """Settings of the vLLM engine (GPU clusters; `pip install g3serve[vllm]`)."""
 
-    tensor_parallel_size: int = Field(1, ge=1, description="GPUs per replica for tensor parallelism.")
-    pipeline_parallel_size: int = Field(1, ge=1, description="Pipeline stages per replica.")
+    tensor_parallel_size: int = Field(
+        1,
+        ge=1,
+        description="Tensor-parallel ranks per replica, each in its own placement-group bundle (one GPU on GPUs; "
+        "on CPU machines decoder.cpus_per_rank CPUs, run by vLLM's multiprocessing executor inside the replica).",
+    )
+    pipeline_parallel_size: int = Field(
+        1, ge=1, description="Pipeline stages per replica (GPUs only: vLLM CPU's second stage fails)."
+    )
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="Fraction of GPU memory vLLM may use.")
     enable_prefix_caching: bool = Field(True, description="vLLM automatic prefix caching.")
     enable_chunked_prefill: bool = Field(True, description="Split long prefills across steps.")

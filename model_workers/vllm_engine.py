@@ -13,6 +13,10 @@ the same `TokenDelta` stream, errors and KV events as `NativeEngine`'s. What map
   -> EngineOverloadedError (429). vLLM has no bounded queue of its own.
 - load: from vLLM's per-step SchedulerStats (a stat-logger sink); KV events from its ZMQ publisher
   (vllm_kv_events.py), bound on 127.0.0.1 only.
+- ranks (TP x PP > 1): on GPUs vLLM's Ray executor, whose workers take the GPU bundles of the replica's placement
+  group (cluster/placement.py); on CPUs its multiprocessing executor (vLLM CPU refuses the Ray executor), one child
+  process per rank on the replica's node, each rank's OpenMP threads bound to its share of the CPUs this process may
+  run on (`VLLM_CPU_OMP_THREADS_BIND`, else vLLM CPU refuses to start a second local worker). PP > 1 is GPU-only.
 
 vLLM's engine core is a spawned process: scripts that start this engine need an `if __name__ == "__main__":` guard.
 """
@@ -66,6 +70,57 @@ class _StatsSink:
         return _Logger(vllm_config, engine_index)
 
 
+def _cpu_list(cpus: list[int]) -> str:
+    runs: list[str] = []
+    start = prev = cpus[0]
+    for c in [*cpus[1:], None]:
+        if c is not None and c == prev + 1:
+            prev = c
+            continue
+        runs.append(str(start) if start == prev else f"{start}-{prev}")
+        if c is not None:
+            start = prev = c
+    return ",".join(runs)
+
+
+def cpu_threads_bind(cpus: set[int] | list[int], ranks: int) -> str:
+    """`VLLM_CPU_OMP_THREADS_BIND` for `ranks` local CPU workers: the given CPUs (this process's affinity) cut into
+    `ranks` equal contiguous shares, `|` between ranks (e.g. "0|1", "0-3|4-7"); leftover CPUs stay unbound."""
+    ordered = sorted(cpus)
+    share = len(ordered) // ranks
+    if share == 0:
+        raise RuntimeError(
+            f"{ranks} vLLM CPU ranks need at least one CPU each, but this replica may run on {len(ordered)} "
+            f"({_cpu_list(ordered) if ordered else 'none'}): lower engine.vllm.tensor_parallel_size"
+        )
+    return "|".join(_cpu_list(ordered[i * share : (i + 1) * share]) for i in range(ranks))
+
+
+def executor_backend(ranks: int, on_cpu: bool) -> str | None:
+    """vLLM's distributed executor: none for one rank; Ray on GPUs (its workers take the placement group's GPU
+    bundles); multiprocessing on CPUs, named explicitly since vLLM would pick Ray inside a placement group."""
+    if ranks == 1:
+        return None
+    return "mp" if on_cpu else "ray"
+
+
+def use_replica_placement_group(vllm_config) -> None:
+    """On the Ray executor, hand vLLM the replica's own placement group: the engine core is a spawned process (a new
+    Ray driver, outside the replica's group), so it would otherwise create a group of its own and find no free GPU
+    (Ray Serve LLM sets the same field)."""
+    import ray
+
+    if vllm_config.parallel_config.distributed_executor_backend != "ray":
+        return
+    group = ray.util.get_current_placement_group()
+    if group is None:
+        raise RuntimeError(
+            "vLLM's Ray executor needs the decoder replica's placement group, and this replica has none: run it "
+            "through the app (cluster/app.py declares the group when TP x PP > 1)"
+        )
+    vllm_config.parallel_config.placement_group = group
+
+
 class VllmEngine:
     def __init__(self, config: VllmEngineConfig, model: ModelSettings, checkpoint: str | Path, replica_id: str):
         self.config = config
@@ -81,16 +136,25 @@ class VllmEngine:
         self._closed = False
 
     # ---- lifecycle ------------------------------------------------------------------------------------------------
-    def engine_args(self, kv_events_endpoint: str | None):
+    def engine_args(self, kv_events_endpoint: str | None, on_cpu: bool | None = None):
+        """vLLM's engine arguments; `on_cpu` defaults to vLLM's current platform (tests pass it to check both)."""
         from vllm.config import KVEventsConfig
         from vllm.engine.arg_utils import AsyncEngineArgs
-        from vllm.platforms import current_platform
 
+        if on_cpu is None:
+            from vllm.platforms import current_platform
+
+            on_cpu = current_platform.is_cpu()
         c, hf = self.config, json.loads((self.checkpoint / "config.json").read_text())
         self._hf_config = hf
         multimodal = "vision_config" in hf
+        if on_cpu and c.pipeline_parallel_size > 1:
+            raise ValueError(
+                "engine.vllm.pipeline_parallel_size > 1 needs GPUs: vLLM CPU's second pipeline stage fails with the "
+                "multiprocessing executor, and it refuses the Ray executor"
+            )
         dtype = self.model.dtype
-        if dtype == "auto" and current_platform.is_cpu():
+        if dtype == "auto" and on_cpu:
             dtype = "float32"  # vLLM's auto downcasts fp32 checkpoints to bf16, which CPUs without AVX512-BF16 emulate
         mm: dict = {}
         if multimodal:
@@ -111,8 +175,7 @@ class VllmEngine:
             seed=c.seed,
             tensor_parallel_size=c.tensor_parallel_size,
             pipeline_parallel_size=c.pipeline_parallel_size,
-            # TP/PP > 1: one Ray worker per GPU in the replica's placement group (one node for TP).
-            distributed_executor_backend="ray" if c.tensor_parallel_size * c.pipeline_parallel_size > 1 else None,
+            distributed_executor_backend=executor_backend(c.tensor_parallel_size * c.pipeline_parallel_size, on_cpu),
             gpu_memory_utilization=c.gpu_memory_utilization,
             # vLLM's figure is per worker: the replica's budget (a pool's, cluster/pool_plan.py) split over its ranks.
             kv_cache_memory_bytes=c.kv_cache_bytes // (c.tensor_parallel_size * c.pipeline_parallel_size)
@@ -136,7 +199,9 @@ class VllmEngine:
         )
 
     async def start(self) -> None:
+        from vllm.platforms import current_platform
         from vllm.v1.engine.async_llm import AsyncLLM
+        from vllm.v1.executor.abstract import Executor
 
         c = self.config
         if c.kv_cache_bytes:
@@ -144,11 +209,26 @@ class VllmEngine:
         elif c.cpu_kv_cache_space_gib:
             os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, math.ceil(c.cpu_kv_cache_space_gib)))
         os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")  # vLLM CPU otherwise keeps one core idle
+        ranks = c.tensor_parallel_size * c.pipeline_parallel_size
+        if ranks > 1 and current_platform.is_cpu() and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
+            # vLLM's automatic binding wants one NUMA node per local worker; bind each rank to its share instead.
+            bind = cpu_threads_bind(os.sched_getaffinity(0), ranks)
+            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = bind
+            log.info("vLLM CPU: %d ranks, OpenMP threads bound as %s", ranks, bind)
         if c.enable_kv_cache_events:
             self._subscriber = ZmqKvEventSubscriber(c.kv_events_port)
         endpoint = self._subscriber.endpoint if self._subscriber else None
         try:
-            self._llm = AsyncLLM.from_engine_args(self.engine_args(endpoint), stat_loggers=[self._stats.factory])
+            args = self.engine_args(endpoint)
+            vllm_config = args.create_engine_config()
+            use_replica_placement_group(vllm_config)
+            self._llm = AsyncLLM(
+                vllm_config=vllm_config,
+                executor_class=Executor.get_class(vllm_config),
+                log_requests=args.enable_log_requests,
+                log_stats=not args.disable_log_stats,
+                stat_loggers=[self._stats.factory],
+            )
         except BaseException:
             if self._subscriber:
                 self._subscriber.close()

@@ -92,7 +92,8 @@ def test_vllm_pools_on_gpus_split_the_budget_over_tp_ranks_in_bf16(g27b, g270m):
     # 16 KV heads over 4 ranks: each rank holds a quarter of every token, so the replica holds the whole budget.
     assert {s.name: s.kv_bytes_per_replica for s in plan.specs} == {"short": 8 * GIB, "long": 40 * GIB}
     # One KV head over 2 ranks is replicated: the replica's 2 x 4 GiB hold 4 GiB of distinct KV.
-    c1 = cfg(engine={"kind": "vllm", "vllm": {"tensor_parallel_size": 2, "kv_cache_bytes": 8 * GIB}}, **gpu)
+    gpu2 = dict(decoder={"num_gpus": 2}, long={"kv_cache_bytes": 40 * GIB})  # one GPU per rank (cluster/placement.py)
+    c1 = cfg(engine={"kind": "vllm", "vllm": {"tensor_parallel_size": 2, "kv_cache_bytes": 8 * GIB}}, **gpu2)
     assert pool_plan(c1, g270m).specs[0].kv_bytes_per_replica == 4 * GIB
 
 
