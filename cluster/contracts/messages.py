@@ -120,3 +120,9 @@ class ReplicaLoad:
     # Used fraction of each KV pool by layer type, e.g. (("global", 0.4), ("sliding", 0.7)), for /metrics.
     # Optional: when empty, the ingress reports 1 - free_pages / total_pages as the global layers' usage.
     kv_usage: tuple[tuple[str, float], ...] = ()
+    # Prompt tokens this replica computed since it started (prefix hits excluded, recomputes counted again): what a
+    # prefix hit saved is visible per replica, not only in one response's usage.
+    prefilled_tokens: int = 0
+    # KV bytes the replica holds, by kind: "global" / "sliding" in use by running sequences, "global_cached" /
+    # "sliding_cached" kept as evictable prefix-cache entries (finished windows and window checkpoints). Optional.
+    kv_bytes: tuple[tuple[str, int], ...] = ()

@@ -288,4 +288,14 @@ class NativeEngine:
             pending_prefill_tokens=self.scheduler.pending_prefill_tokens,
             max_model_len=self._info.max_model_len,
             kv_usage=(("global", st.global_pages_in_use / total), ("sliding", st.local_pages_in_use / total)),
+            prefilled_tokens=self.scheduler.prefilled_tokens,
+            kv_bytes=tuple(
+                (kind, pages * self.cache.spec.page_bytes)
+                for kind, pages in (
+                    ("global", st.global_pages_in_use),
+                    ("sliding", st.local_pages_in_use),
+                    ("global_cached", st.global_pages_cached),
+                    ("sliding_cached", st.local_pages_cached),
+                )
+            ),
         )

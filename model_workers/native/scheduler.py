@@ -77,6 +77,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # admission order: the last one is preempted first
         self._arrivals = 0
+        self.prefilled_tokens = 0  # prompt tokens computed since start (prefix hits excluded), for the load report
 
     # ---- requests -------------------------------------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
@@ -223,7 +224,9 @@ class Scheduler:
             seq = chunk.seq
             if seq.status is not SequenceStatus.RUNNING:  # aborted while the step ran
                 continue
+            before = seq.num_prefilled_tokens
             seq.record_computed(chunk.start, chunk.num_tokens)
+            self.prefilled_tokens += seq.num_prefilled_tokens - before
             reason = None
             if chunk.sample:
                 token = sampled[seq.seq_id]

@@ -68,3 +68,18 @@ def test_duplicate_key_is_not_cached_twice_and_free_pages_cannot_be_cached():
     pool.free([a])
     with pytest.raises(ValueError):
         pool.cache(a, 0, 6)
+
+
+def test_cached_pages_are_counted_per_group_of_their_entry():
+    pool = PagePool(8)
+    g0, g1 = pool.allocate(2, group=0), pool.allocate(2, group=1)
+    pool.cache(g0[0], 0, 10)
+    pool.cache(g0[1], 0, 11)
+    pool.cache(g1[0], 1, 20)
+    assert pool.cached_by_group() == {}  # in use: not cached-free yet
+    pool.free(g0 + g1)
+    assert pool.cached_by_group() == {0: 2, 1: 1} and pool.num_cached == 3
+    pool.ref(g0[0])  # a prefix hit takes it back
+    assert pool.cached_by_group() == {0: 1, 1: 1}
+    pool.allocate(pool.num_free, group=2)  # evicts every free entry
+    assert pool.cached_by_group() == {} and pool.num_cached == 0

@@ -43,6 +43,8 @@ class KVCacheStats:
     cached_pages: int  # free pages still holding a prefix-cache entry
     global_pages_in_use: int
     local_pages_in_use: int  # all local groups together
+    global_pages_cached: int  # free (evictable) pages holding a global-layer cache entry
+    local_pages_cached: int  # the same for the local groups: finished tail windows and window checkpoints
     page_size: int
     layers_per_page: int
     bytes_per_token_global: int
@@ -147,13 +149,15 @@ class HybridKVCache:
         return [h for h, s in last.items() if s], [h for h, s in last.items() if not s]
 
     def stats(self) -> KVCacheStats:
-        usage = self.pool.usage_by_group()
+        usage, cached = self.pool.usage_by_group(), self.pool.cached_by_group()
         return KVCacheStats(
             total_pages=self.pool.num_usable,
             free_pages=self.pool.num_free,
             cached_pages=self.pool.num_cached,
             global_pages_in_use=usage.get(GLOBAL_GROUP, 0),
             local_pages_in_use=sum(n for g, n in usage.items() if g != GLOBAL_GROUP),
+            global_pages_cached=cached.get(GLOBAL_GROUP, 0),
+            local_pages_cached=sum(n for g, n in cached.items() if g != GLOBAL_GROUP),
             page_size=self.spec.page_size,
             layers_per_page=self.spec.layers_per_page,
             bytes_per_token_global=self.spec.bytes_per_token_global,

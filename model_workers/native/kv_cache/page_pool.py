@@ -34,6 +34,7 @@ class PagePool:
         self._page_of: dict[tuple[int, int], int] = {}  # (group, hash) -> page
         self._in_use_by_group: dict[int, int] = {}
         self._num_cached_free = 0  # free pages with a cache entry (kept as a counter: stats are read every step)
+        self._cached_free_by_group: dict[int, int] = {}  # the same, per group of the cache entry
         # Cache events since the last drain, in order: (True, (group, hash)) stored / (False, ...) removed.
         self._events: list[tuple[bool, tuple[int, int]]] = []
 
@@ -57,6 +58,14 @@ class PagePool:
         """All pages holding a cache entry, in use or free."""
         return len(self._page_of)
 
+    def cached_by_group(self) -> dict[int, int]:
+        """Free pages still holding a cache entry (evictable), per group of the entry."""
+        return {g: n for g, n in self._cached_free_by_group.items() if n}
+
+    def _count_cached(self, key: tuple[int, int], delta: int) -> None:
+        self._num_cached_free += delta
+        self._cached_free_by_group[key[0]] = self._cached_free_by_group.get(key[0], 0) + delta
+
     def usage_by_group(self) -> dict[int, int]:
         """Pages in use (ref_count > 0) per group; a page shared by several sequences counts once."""
         return {g: n for g, n in self._in_use_by_group.items() if n}
@@ -77,7 +86,7 @@ class PagePool:
             page, _ = self._free.popitem(last=False)
             key = self._key_of.pop(page, None)
             if key is not None:
-                self._num_cached_free -= 1
+                self._count_cached(key, -1)
                 del self._page_of[key]
                 self._events.append((False, key))
             self._take(page, group)
@@ -88,7 +97,7 @@ class PagePool:
         """Take one more reference (a prefix hit); a free cached page leaves the LRU."""
         if self._ref[page] == 0:
             del self._free[page]
-            self._num_cached_free -= 1
+            self._count_cached(self._key_of[page], -1)
             self._take(page, self._key_of[page][0])
         else:
             self._ref[page] += 1
@@ -107,7 +116,7 @@ class PagePool:
                 self._in_use_by_group[self._group[page]] -= 1
                 self._free[page] = None
                 if page in self._key_of:
-                    self._num_cached_free += 1
+                    self._count_cached(self._key_of[page], 1)
                 if evict_first or page not in self._key_of:
                     self._free.move_to_end(page, last=False)
 
