@@ -74,7 +74,7 @@ def hybrid_formula_bytes(engine, tokens: int) -> int:
 
 
 async def main_async(args) -> None:
-    from model_workers.gemma3.gguf_convert import default_checkpoint
+    from model_workers.gemma3.checkpoints import default_checkpoint
     from model_workers.native.engine import NativeEngine
     from model_workers.settings import NativeEngineConfig
     from tests.fixtures.tiny_128k import CONTEXT_128K, write_tiny_128k

@@ -27,7 +27,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 async def _run(tp: int, concurrency: int, prompt_tokens: int, max_tokens: int) -> dict:
     from cluster.contracts.messages import GenerateRequest, SamplingParams
-    from model_workers.gemma3.gguf_convert import default_checkpoint
+    from model_workers.gemma3.checkpoints import default_checkpoint
     from model_workers.gemma3.tokenizer import Gemma3Tokenizer
     from model_workers.settings import ModelSettings, VllmEngineConfig
     from model_workers.vllm_engine import VllmEngine
