@@ -61,6 +61,11 @@ class NativeEngineConfig(ConfigSection):
         "decoder.num_cpus rounded up, so replicas sharing a node do not oversubscribe it.",
     )
     device: str = Field("cpu", description='torch device of the replica: "cpu", "cuda", "cuda:1", ...')
+    tensor_parallel_size: int = Field(
+        1,
+        ge=1,
+        description="Ranks of the native engine's tensor-parallel decoder (one worker process per rank, each in its own placement-group bundle).",
+    )
     dtype: Literal["float32", "bfloat16"] = Field("float32", description="Compute dtype (model.dtype overrides).")
     accel: Literal["auto", "none", "cpu"] = Field(
         "auto",
