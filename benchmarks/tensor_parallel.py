@@ -84,17 +84,17 @@ def main() -> None:
     same = one_rank["tokens"] == two["tokens"]
     full = layer_mib()
     table = Table(title=f"Native engine, {n_req} requests x {new_tokens} new tokens, accel {args.accel}")
-    cols = ("TP", "output tok/s", "wait on ranks / step", "all-reduce / step", "driver LM head / step", "weights/rank")
+    cols = ("TP", "output tok/s", "wait on ranks / step", "all-reduce / step", "driver LM head / step", "MiB per rank")
     for col in cols:
         table.add_column(col)
-    table.add_row("1", f"{one_rank['tok_s']:.1f}", "-", "-", "-", f"{full:.0f} MiB (all)")
+    table.add_row("1", f"{one_rank['tok_s']:.1f}", "-", "-", "-", f"{full:.0f} (all)")
     table.add_row(
         "2",
         f"{two['tok_s']:.1f}",
         f"{two['rank_ms']:.1f} ms",
         f"{two['reduce_ms']:.1f} ms",
         f"{two['head_ms']:.1f} ms",
-        " / ".join(f"{m:.0f}" for m in two["rank_mib"]) + f" MiB ({two['rank_mib'][0] / full:.2f} of all)",
+        " / ".join(f"{m:.0f}" for m in two["rank_mib"]) + f" ({two['rank_mib'][0] / full:.2f} of all)",
     )
     Console().print(table)
     print(f"embedding / LM head on the driver: {two['embed_mib']:.0f} MiB; TP=2 tokens equal TP=1: {same}")

@@ -138,6 +138,26 @@ class TensorShard:
             return self.heads(num_kv_heads)
         return self.rank * num_kv_heads // self.size, 1
 
+    def parts(self, cfg: TextConfig) -> dict[str, tuple[int, int, int]]:
+        """Checkpoint projection -> (dim, start, length): the rows (0) or columns (1) of it this rank holds; {} for
+        one rank. Used to read the weights and to slice their exact int8 forms (gguf_int8.layer_blocks)."""
+        if self.size == 1:
+            return {}
+        hd = cfg.head_dim
+        q0, nq = self.heads(cfg.num_heads)
+        kv0, nkv = self.kv_heads(cfg.num_kv_heads)
+        i0, ni = self.heads(cfg.intermediate_size)
+        kv = (0, kv0 * hd, nkv * hd)
+        return {
+            "self_attn.q_proj": (0, q0 * hd, nq * hd),
+            "self_attn.k_proj": kv,
+            "self_attn.v_proj": kv,
+            "self_attn.o_proj": (1, q0 * hd, nq * hd),
+            "mlp.gate_proj": (0, i0, ni),
+            "mlp.up_proj": (0, i0, ni),
+            "mlp.down_proj": (1, i0, ni),
+        }
+
 
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: TextConfig, index: int, shard: TensorShard = TensorShard()):
@@ -153,6 +173,7 @@ class DecoderLayer(nn.Module):
         self.q_norm, self.k_norm = RMSNorm(self.hd, eps), RMSNorm(self.hd, eps)
         self.gate_up_proj = nn.Linear(h, 2 * inter, bias=False)
         self.down_proj = nn.Linear(inter, h, bias=False)
+        self.parts = shard.parts(cfg)  # which slice of each checkpoint projection this layer holds ({}: all)
         # Tensor parallel: sums the ranks' partial projections (set by the rank worker); None on one rank.
         self.all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
         self.input_layernorm = RMSNorm(h, eps)
@@ -269,42 +290,37 @@ class Gemma3Decoder(nn.Module):
         c, shard = self.cfg, self.shard or TensorShard()
         hd, h = c.head_dim, c.hidden_size
         q_out, kv_out = c.num_heads * hd, c.num_kv_heads * hd
-        q0, nq = shard.heads(c.num_heads)
-        kv0, nkv = shard.kv_heads(c.num_kv_heads)
-        i0, ni = shard.heads(c.intermediate_size)
-        # Rows (dim 0) or columns (dim 1) of this rank; the whole tensor on one rank.
-        q_rows, kv_rows, mlp_rows = (0, q0 * hd, nq * hd), (0, kv0 * hd, nkv * hd), (0, i0, ni)
-        q_cols, mlp_cols = (1, q0 * hd, nq * hd), (1, i0, ni)
+        parts = shard.parts(c)
         if self.embed_tokens is not None:
             self.embed_tokens.weight.copy_(reader.tensor("embed_tokens.weight", (c.vocab_size, h)))
         self.norm.weight.copy_(reader.tensor("norm.weight", (h,)))
         for i, layer in enumerate(self.layers):
             p = f"layers.{i}."
 
-            def get(name, shape, part=None, p=p):
-                return reader.tensor(p + name, shape, part=part)
+            def get(name, shape, p=p):
+                return reader.tensor(p + name, shape, part=parts.get(name.removesuffix(".weight")))
 
             layer.qkv_proj.weight.copy_(
                 torch.cat(
                     [
-                        get("self_attn.q_proj.weight", (q_out, h), q_rows),
-                        get("self_attn.k_proj.weight", (kv_out, h), kv_rows),
-                        get("self_attn.v_proj.weight", (kv_out, h), kv_rows),
+                        get("self_attn.q_proj.weight", (q_out, h)),
+                        get("self_attn.k_proj.weight", (kv_out, h)),
+                        get("self_attn.v_proj.weight", (kv_out, h)),
                     ]
                 )
             )
-            layer.o_proj.weight.copy_(get("self_attn.o_proj.weight", (h, q_out), q_cols))
+            layer.o_proj.weight.copy_(get("self_attn.o_proj.weight", (h, q_out)))
             layer.q_norm.weight.copy_(get("self_attn.q_norm.weight", (c.head_dim,)))
             layer.k_norm.weight.copy_(get("self_attn.k_norm.weight", (c.head_dim,)))
             layer.gate_up_proj.weight.copy_(
                 torch.cat(
                     [
-                        get("mlp.gate_proj.weight", (c.intermediate_size, h), mlp_rows),
-                        get("mlp.up_proj.weight", (c.intermediate_size, h), mlp_rows),
+                        get("mlp.gate_proj.weight", (c.intermediate_size, h)),
+                        get("mlp.up_proj.weight", (c.intermediate_size, h)),
                     ]
                 )
             )
-            layer.down_proj.weight.copy_(get("mlp.down_proj.weight", (h, c.intermediate_size), mlp_cols))
+            layer.down_proj.weight.copy_(get("mlp.down_proj.weight", (h, c.intermediate_size)))
             for norm in (
                 "input_layernorm",
                 "post_attention_layernorm",

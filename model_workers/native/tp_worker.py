@@ -129,14 +129,9 @@ class TPWorker:
         return self.loaded_bytes
 
     def _accel(self, cfg: NativeEngineConfig, dtype: torch.dtype) -> Acceleration:
-        # The projections' exact int8 forms are the GGUF's blocks of whole matrices, not of a rank's slice: the
-        # engine's builder is called without a checkpoint, so ranks keep the packed fp32 projections (the fused ops
-        # and the kernel decode attention work per rank as they are).
-        if cfg.accel != "none" and cfg.projections in ("auto", "onednn-skinny"):
-            log.info(
-                "rank %d: GGUF int8 projection forms off on tensor-parallel ranks (whole-matrix blocks)", self.rank
-            )
-        return self.make_accel(device=self.device, dtype=dtype)
+        # Per rank as on one: fused ops, kernel decode attention, packed projections (with the GGUF's exact int8
+        # forms sliced to this rank's rows / columns: gguf_int8.layer_blocks reads each layer's `parts`).
+        return self.make_accel(device=self.device, dtype=dtype, checkpoint=cfg.checkpoint)
 
     def _all_reduce(self, t: torch.Tensor) -> torch.Tensor:
         t0 = time.perf_counter()

@@ -162,3 +162,21 @@ async def test_real_270m_tp2_requery_is_served_from_a_window_checkpoint(real_270
     finally:
         await cold.shutdown()
     assert cold_last.cached_tokens == 0 and out2 == cold_out
+
+
+@pytest.mark.real_model
+def test_a_rank_keeps_the_gguf_int8_forms_of_its_slices(real_270m_ckpt):
+    """The skinny decode kernel's exact int8 weights work per rank: every fused projection of a rank's layers gets
+    its slice of the GGUF blocks (checked bit for bit against the rank's fp32 weights by layer_blocks itself)."""
+    from model_workers.gemma3.decoder import TensorShard
+    from model_workers.gemma3.gguf_int8 import layer_blocks
+
+    full = layer_blocks(real_270m_ckpt, Gemma3Decoder.from_checkpoint(real_270m_ckpt).layers)
+    assert full, "the converted 270M has no int8 blocks"
+    for rank in (0, 1):
+        shard = Gemma3Decoder.from_checkpoint(real_270m_ckpt, shard=TensorShard(rank, 2))
+        blocks = layer_blocks(real_270m_ckpt, shard.layers)
+        assert blocks.keys() == full.keys()
+        for name, b in blocks.items():
+            layer, proj = name.split(".")
+            assert b.q.shape == getattr(shard.layers[int(layer)], proj).weight.shape
