@@ -180,3 +180,35 @@ def test_a_rank_keeps_the_gguf_int8_forms_of_its_slices(real_270m_ckpt):
         for name, b in blocks.items():
             layer, proj = name.split(".")
             assert b.q.shape == getattr(shard.layers[int(layer)], proj).weight.shape
+
+
+def test_a_size_that_cannot_split_the_model_is_a_clear_error(tiny_text_ckpt):
+    from model_workers.gemma3.decoder import TensorShard
+
+    cfg = Gemma3Config.from_checkpoint(tiny_text_ckpt).text  # 4 heads, 2 KV heads, intermediate 128
+    with pytest.raises(ValueError, match=r"tensor_parallel_size: num_attention_heads \(4\) is not divisible by .* 3"):
+        TensorShard(0, 3).check(cfg)
+    assert TensorShard(1, 4).kv_heads(cfg.num_kv_heads) == (0, 1)  # 4 ranks, 2 KV heads: ranks 0-1 share head 0
+    assert TensorShard(2, 4).kv_heads(cfg.num_kv_heads) == (1, 1)
+
+
+def test_inside_a_placement_group_rank_i_goes_to_bundle_i_plus_1(ray_cluster):
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    from model_workers.native.tp_executor import rank_actor_options
+
+    @ray.remote(num_cpus=0.1)
+    def options_in_replica():
+        return [(o["scheduling_strategy"].placement_group_bundle_index, o["num_cpus"])
+                for o in (rank_actor_options(r, "cpu") for r in (0, 1))]  # fmt: skip
+
+    pg = placement_group([{"CPU": 0.1}, {"CPU": 0.3}, {"CPU": 0.4}])
+    try:
+        ray.get(pg.ready(), timeout=60)
+        in_bundle_0 = PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=0)
+        assert ray.get(options_in_replica.options(scheduling_strategy=in_bundle_0).remote()) == [(1, 0.3), (2, 0.4)]
+    finally:
+        remove_placement_group(pg)
+    assert rank_actor_options(0, "cpu") == {"num_cpus": 1}  # no placement group: plain actors
