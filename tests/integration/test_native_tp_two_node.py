@@ -24,15 +24,18 @@ from tests.fixtures.serve_faults import free_port
 from tests.integration.test_two_node import RayNode, _node_ports
 
 DRIVER = """
-import asyncio, json, sys
+import json, sys, time
 import ray
 from ray.util.placement_group import placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 ray.init(address=sys.argv[1], log_to_driver=False)
 ckpt = sys.argv[2]
+deadline = time.monotonic() + 300  # the worker nodes may still be joining (a busy machine)
+while sum(n["Alive"] for n in ray.nodes()) < 3 and time.monotonic() < deadline:
+    time.sleep(1)
 pg = placement_group([{"CPU": 1}] * 3, strategy="SPREAD")
-ray.get(pg.ready(), timeout=120)
+ray.get(pg.ready(), timeout=300)
 PROMPTS = [[2] + [(i * 37 + j * 11) % 250000 + 3 for j in range(n)] for i, n in enumerate((5, 40, 90))]
 
 
