@@ -10,10 +10,17 @@ Gemma 3 specifics, each from the report / the reference implementation:
 - GQA; RMSNorm on q and k per head (QK-norm, replacing Gemma 2's soft-capping); scale query_pre_attn_scalar**-0.5.
 - Pre- and post-norm around both attention and MLP; RMSNorm multiplies by (1 + w); GeLU-tanh gated MLP.
 - Embeddings scaled by sqrt(hidden) (image soft tokens are not scaled); LM head tied to the embeddings.
+
+Tensor parallelism (Megatron-style, `TensorShard`): a rank's decoder holds its slice of the query heads, of the KV
+heads (replicated where the model has fewer KV heads than ranks) and of the MLP's intermediate dimension, plus the
+norms; `all_reduce` sums the partial outputs of the attention output projection and of the MLP down projection.
+A rank's decoder has no embedding: the driver embeds the tokens and runs the tied LM head (native/tp_executor.py).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -100,19 +107,75 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotated * sin
 
 
+@dataclass(frozen=True)
+class TensorShard:
+    """Rank `rank` of `size` of a tensor-parallel decoder: which heads and MLP columns it holds."""
+
+    rank: int = 0
+    size: int = 1
+
+    def check(self, cfg: TextConfig) -> None:
+        """A clear error where `size` cannot split this model (heads, KV heads or the MLP)."""
+        n, nkv = self.size, cfg.num_kv_heads
+        problems = [
+            f"{what} ({num}) is not divisible by tensor_parallel_size {n}"
+            for what, num in (("num_attention_heads", cfg.num_heads), ("intermediate_size", cfg.intermediate_size))
+            if num % n
+        ]
+        if nkv % n and n % nkv:
+            problems.append(f"num_key_value_heads ({nkv}) neither divides nor is divided by tensor_parallel_size {n}")
+        if problems:
+            raise ValueError("engine.native.tensor_parallel_size: " + "; ".join(problems))
+
+    def heads(self, num_heads: int) -> tuple[int, int]:
+        """(first, count) of this rank's query heads (or of the MLP's intermediate columns)."""
+        per = num_heads // self.size
+        return self.rank * per, per
+
+    def kv_heads(self, num_kv_heads: int) -> tuple[int, int]:
+        """(first, count) of this rank's KV heads: a split where there are enough, else the one its queries use."""
+        if num_kv_heads >= self.size:
+            return self.heads(num_kv_heads)
+        return self.rank * num_kv_heads // self.size, 1
+
+    def parts(self, cfg: TextConfig) -> dict[str, tuple[int, int, int]]:
+        """Checkpoint projection -> (dim, start, length): the rows (0) or columns (1) of it this rank holds; {} for
+        one rank. Used to read the weights and to slice their exact int8 forms (gguf_int8.layer_blocks)."""
+        if self.size == 1:
+            return {}
+        hd = cfg.head_dim
+        q0, nq = self.heads(cfg.num_heads)
+        kv0, nkv = self.kv_heads(cfg.num_kv_heads)
+        i0, ni = self.heads(cfg.intermediate_size)
+        kv = (0, kv0 * hd, nkv * hd)
+        return {
+            "self_attn.q_proj": (0, q0 * hd, nq * hd),
+            "self_attn.k_proj": kv,
+            "self_attn.v_proj": kv,
+            "self_attn.o_proj": (1, q0 * hd, nq * hd),
+            "mlp.gate_proj": (0, i0, ni),
+            "mlp.up_proj": (0, i0, ni),
+            "mlp.down_proj": (1, i0, ni),
+        }
+
+
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: TextConfig, index: int):
+    def __init__(self, cfg: TextConfig, index: int, shard: TensorShard = TensorShard()):
         super().__init__()
         self.index = index
         self.is_global = cfg.layer_types[index] == FULL_ATTENTION
-        self.nq, self.nkv, self.hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.nq, self.nkv, self.hd = shard.heads(cfg.num_heads)[1], shard.kv_heads(cfg.num_kv_heads)[1], cfg.head_dim
+        inter = shard.heads(cfg.intermediate_size)[1]
         h, eps = cfg.hidden_size, cfg.rms_norm_eps
         # q, k and v fused into one GEMM (and gate/up into another): fewer, larger matmuls are faster on CPU.
         self.qkv_proj = nn.Linear(h, (self.nq + 2 * self.nkv) * self.hd, bias=False)
         self.o_proj = nn.Linear(self.nq * self.hd, h, bias=False)
         self.q_norm, self.k_norm = RMSNorm(self.hd, eps), RMSNorm(self.hd, eps)
-        self.gate_up_proj = nn.Linear(h, 2 * cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, h, bias=False)
+        self.gate_up_proj = nn.Linear(h, 2 * inter, bias=False)
+        self.down_proj = nn.Linear(inter, h, bias=False)
+        self.parts = shard.parts(cfg)  # which slice of each checkpoint projection this layer holds ({}: all)
+        # Tensor parallel: sums the ranks' partial projections (set by the rank worker); None on one rank.
+        self.all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
         self.input_layernorm = RMSNorm(h, eps)
         self.post_attention_layernorm = RMSNorm(h, eps)
         self.pre_feedforward_layernorm = RMSNorm(h, eps)
@@ -138,17 +201,41 @@ class DecoderLayer(nn.Module):
             if not len(out_rows):
                 return x[:0]
             x, o = x[out_rows], o[out_rows]
-        x = ops.add_rms_norm(x, self.o_proj(o), self.post_attention_layernorm.weight, eps)
-        h = self.gate_up_proj(ops.rms_norm(x, self.pre_feedforward_layernorm.weight, eps))
-        return ops.add_rms_norm(x, self.down_proj(ops.gelu_mul(h)), self.post_feedforward_layernorm.weight, eps)
+        a = self.o_proj(o)
+        if self.all_reduce is not None:
+            a = self.all_reduce(a)
+        x = ops.add_rms_norm(x, a, self.post_attention_layernorm.weight, eps)
+        h = self.down_proj(ops.gelu_mul(self.gate_up_proj(ops.rms_norm(x, self.pre_feedforward_layernorm.weight, eps))))
+        if self.all_reduce is not None:
+            h = self.all_reduce(h)
+        return ops.add_rms_norm(x, h, self.post_feedforward_layernorm.weight, eps)
+
+
+def embed_tokens(
+    weight: torch.Tensor,
+    input_ids: torch.Tensor,
+    scale: float,
+    image_embeds: torch.Tensor | None = None,
+    image_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Token embeddings (scaled by sqrt(hidden)) with image soft tokens written at `image_mask` positions."""
+    # Image placeholder ids may lie past the text vocab (multimodal checkpoints): look up a valid id, then overwrite.
+    x = F.embedding(input_ids.clamp(max=weight.shape[0] - 1), weight) * torch.tensor(scale, dtype=weight.dtype)
+    if image_embeds is not None and image_mask is not None and image_embeds.numel():
+        x = x.masked_scatter(image_mask[:, None], image_embeds.to(x.dtype))
+    return x
 
 
 class Gemma3Decoder(nn.Module):
-    def __init__(self, cfg: TextConfig):
+    def __init__(self, cfg: TextConfig, shard: TensorShard | None = None):
+        """`shard`: one rank of a tensor-parallel decoder (its slice of the layers, no embedding); None: all of it."""
         super().__init__()
         self.cfg = cfg
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
+        self.shard = shard
+        if shard is not None:
+            shard.check(cfg)
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size) if shard is None else None
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, shard or TensorShard()) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.embed_scale = cfg.hidden_size**0.5
         self.attn_scale = cfg.query_pre_attn_scalar**-0.5
@@ -158,12 +245,7 @@ class Gemma3Decoder(nn.Module):
         self, input_ids: torch.Tensor, image_embeds: torch.Tensor | None = None, image_mask: torch.Tensor | None = None
     ) -> torch.Tensor:
         """Token embeddings (scaled by sqrt(hidden)) with image soft tokens written at `image_mask` positions."""
-        w = self.embed_tokens.weight
-        # Image placeholder ids may lie past the text vocab (multimodal checkpoints): look up a valid id, then overwrite.
-        x = F.embedding(input_ids.clamp(max=w.shape[0] - 1), w) * torch.tensor(self.embed_scale, dtype=w.dtype)
-        if image_embeds is not None and image_mask is not None and image_embeds.numel():
-            x = x.masked_scatter(image_mask[:, None], image_embeds.to(x.dtype))
-        return x
+        return embed_tokens(self.embed_tokens.weight, input_ids, self.embed_scale, image_embeds, image_mask)
 
     def forward(
         self, x: torch.Tensor, positions: torch.Tensor, attn: AttentionBackend, out_rows: torch.Tensor | None = None
@@ -188,49 +270,57 @@ class Gemma3Decoder(nn.Module):
 
     @classmethod
     def from_checkpoint(
-        cls, path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+        cls,
+        path,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+        shard: TensorShard | None = None,
     ) -> Gemma3Decoder:
+        """The decoder (or, with `shard`, one rank's slice of it, reading only that slice from the files)."""
         from model_workers.gemma3.config import Gemma3Config
 
         cfg = Gemma3Config.from_checkpoint(path).text
         with torch.device("meta"):
-            model = cls(cfg)
+            model = cls(cfg, shard)
         model = model.to_empty(device="cpu").float()
         return model.load(CheckpointReader(path), dtype).to(device).eval()
 
     @torch.no_grad()
     def load(self, reader: CheckpointReader, dtype: torch.dtype = torch.float32) -> Gemma3Decoder:
-        c = self.cfg
-        q_out, kv_out = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
-        self.embed_tokens.weight.copy_(reader.tensor("embed_tokens.weight", (c.vocab_size, c.hidden_size)))
-        self.norm.weight.copy_(reader.tensor("norm.weight", (c.hidden_size,)))
+        c, shard = self.cfg, self.shard or TensorShard()
+        hd, h = c.head_dim, c.hidden_size
+        q_out, kv_out = c.num_heads * hd, c.num_kv_heads * hd
+        parts = shard.parts(c)
+        if self.embed_tokens is not None:
+            self.embed_tokens.weight.copy_(reader.tensor("embed_tokens.weight", (c.vocab_size, h)))
+        self.norm.weight.copy_(reader.tensor("norm.weight", (h,)))
         for i, layer in enumerate(self.layers):
             p = f"layers.{i}."
 
             def get(name, shape, p=p):
-                return reader.tensor(p + name, shape)
+                return reader.tensor(p + name, shape, part=parts.get(name.removesuffix(".weight")))
 
             layer.qkv_proj.weight.copy_(
                 torch.cat(
                     [
-                        get("self_attn.q_proj.weight", (q_out, c.hidden_size)),
-                        get("self_attn.k_proj.weight", (kv_out, c.hidden_size)),
-                        get("self_attn.v_proj.weight", (kv_out, c.hidden_size)),
+                        get("self_attn.q_proj.weight", (q_out, h)),
+                        get("self_attn.k_proj.weight", (kv_out, h)),
+                        get("self_attn.v_proj.weight", (kv_out, h)),
                     ]
                 )
             )
-            layer.o_proj.weight.copy_(get("self_attn.o_proj.weight", (c.hidden_size, q_out)))
+            layer.o_proj.weight.copy_(get("self_attn.o_proj.weight", (h, q_out)))
             layer.q_norm.weight.copy_(get("self_attn.q_norm.weight", (c.head_dim,)))
             layer.k_norm.weight.copy_(get("self_attn.k_norm.weight", (c.head_dim,)))
             layer.gate_up_proj.weight.copy_(
                 torch.cat(
                     [
-                        get("mlp.gate_proj.weight", (c.intermediate_size, c.hidden_size)),
-                        get("mlp.up_proj.weight", (c.intermediate_size, c.hidden_size)),
+                        get("mlp.gate_proj.weight", (c.intermediate_size, h)),
+                        get("mlp.up_proj.weight", (c.intermediate_size, h)),
                     ]
                 )
             )
-            layer.down_proj.weight.copy_(get("mlp.down_proj.weight", (c.hidden_size, c.intermediate_size)))
+            layer.down_proj.weight.copy_(get("mlp.down_proj.weight", (h, c.intermediate_size)))
             for norm in (
                 "input_layernorm",
                 "post_attention_layernorm",

@@ -34,6 +34,18 @@ class Int8Blocks:
         """The fp32 weight: the multiply and the subtract rounded separately, as gguf does."""
         return self.scale.repeat_interleave(SUB, 1) * self.q.float() - self.minv.repeat_interleave(SUB, 1)
 
+    def part(self, dim: int, start: int, length: int) -> Int8Blocks | None:
+        """The blocks of rows (dim 0) or columns (dim 1) [start, start + length) of the weight (a tensor-parallel
+        rank's slice); None where columns do not fall on whole blocks of SUB inputs."""
+        if dim == 0:
+            return Int8Blocks(self.q[start : start + length], self.scale[start : start + length],
+                              self.minv[start : start + length])  # fmt: skip
+        if start % SUB or length % SUB:
+            return None
+        b0, b1 = start // SUB, (start + length) // SUB
+        return Int8Blocks(self.q[:, start : start + length].contiguous(), self.scale[:, b0:b1].contiguous(),
+                          self.minv[:, b0:b1].contiguous())  # fmt: skip
+
     @staticmethod
     def cat(parts: list[Int8Blocks]) -> Int8Blocks:
         """Blocks of weights stacked along the outputs (the decoder's fused q/k/v and gate/up projections)."""
@@ -135,7 +147,8 @@ _FUSED = {
 def layer_blocks(checkpoint: Path, layers: torch.nn.ModuleList) -> dict[str, Int8Blocks]:
     """ "{i}.{projection}" -> the int8 form of that fused projection of `layers` (a Gemma3Decoder's, loaded from
     `checkpoint`), for each one whose parts all have blocks that give back its fp32 weight bit for bit (checked
-    here against the loaded weight: a stale or foreign blocks file is ignored, never used)."""
+    here against the loaded weight: a stale or foreign blocks file is ignored, never used). A tensor-parallel rank's
+    layers (`layer.parts`) get the slices of the blocks that match their slices of the weights."""
     from model_workers.gemma3.weights import canonical_name
 
     stored = {canonical_name(name): b for name, b in load(Path(checkpoint)).items()}
@@ -143,6 +156,11 @@ def layer_blocks(checkpoint: Path, layers: torch.nn.ModuleList) -> dict[str, Int
     for i, layer in enumerate(layers):
         for proj, parts in _FUSED.items():
             found = [stored.get(f"layers.{i}.{part}.weight") for part in parts]
+            shard = getattr(layer, "parts", {})  # a tensor-parallel rank's layer: its slice of each part
+            found = [
+                b.part(*shard[part]) if b is not None and part in shard else b
+                for b, part in zip(found, parts, strict=True)
+            ]
             weight = getattr(layer, proj).weight
             if any(b is None for b in found) or weight.dtype != torch.float32 or weight.device.type != "cpu":
                 continue

@@ -80,15 +80,28 @@ class CheckpointReader:
     def has(self, name: str) -> bool:
         return name in self._where
 
-    def tensor(self, name: str, shape: tuple[int, ...] | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The tensor `name` (canonical), checked against `shape`, converted to `dtype`."""
+    def tensor(
+        self,
+        name: str,
+        shape: tuple[int, ...] | None = None,
+        dtype: torch.dtype | None = None,
+        part: tuple[int, int, int] | None = None,
+    ) -> torch.Tensor:
+        """The tensor `name` (canonical), its whole shape checked against `shape`, converted to `dtype`. `part`:
+        (dim, start, length) of a 2-D tensor: only that slice is read from the file (a tensor-parallel rank's)."""
         if name not in self._where:
             raise CheckpointError(f"{self.path}: tensor {name!r} is missing from the checkpoint")
         file, raw = self._where[name]
         with safe_open(file, framework="pt") as fh:
-            t = fh.get_tensor(raw)
-        if shape is not None and tuple(t.shape) != tuple(shape):
-            raise CheckpointError(f"{file}: tensor {raw!r} has shape {tuple(t.shape)}, expected {tuple(shape)}")
+            sl = fh.get_slice(raw)
+            full = tuple(sl.get_shape())
+            if shape is not None and full != tuple(shape):
+                raise CheckpointError(f"{file}: tensor {raw!r} has shape {full}, expected {tuple(shape)}")
+            if part is None:
+                t = fh.get_tensor(raw)
+            else:
+                dim, start, length = part
+                t = sl[start : start + length] if dim == 0 else sl[:, start : start + length]
         return t.to(dtype) if dtype is not None else t
 
 

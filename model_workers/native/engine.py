@@ -10,6 +10,7 @@ postprocess) happens on the loop thread between steps, never while the runner re
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 from collections.abc import AsyncIterator
@@ -79,7 +80,6 @@ class NativeEngine:
         dtype = _DTYPES[cfg.dtype]
         mcfg = Gemma3Config.from_checkpoint(cfg.checkpoint)
         self.model_config = mcfg
-        self.model = Gemma3Decoder.from_checkpoint(cfg.checkpoint, dtype=dtype, device=device)
         self.tokenizer = Gemma3Tokenizer.from_checkpoint(cfg.checkpoint, mcfg.mm_tokens_per_image)
         text = mcfg.text
         spec = KVCacheSpec(
@@ -102,13 +102,22 @@ class NativeEngine:
             ),
             self.cache,
         )
-        self.runner = ModelRunner(
-            self.model,
-            self.cache,
-            device=device,
-            dtype=dtype,
-            accel=build_accel(cfg.accel, device, dtype, cfg.projections, cfg.lm_head, checkpoint=cfg.checkpoint),
-        )
+        if cfg.tensor_parallel_size > 1:
+            # Ranks hold the layers' shards; this process keeps scheduling, the KV bookkeeping and the LM head.
+            from model_workers.native.tp_executor import TensorParallelRunner
+
+            accel = build_accel(cfg.accel, "cpu", dtype, cfg.projections, cfg.lm_head)
+            rank_accel = functools.partial(build_accel, cfg.accel, projections=cfg.projections, lm_head="exact")
+            self.runner = TensorParallelRunner(cfg, self.cache, dtype, accel, rank_accel)
+        else:
+            self.model = Gemma3Decoder.from_checkpoint(cfg.checkpoint, dtype=dtype, device=device)
+            self.runner = ModelRunner(
+                self.model,
+                self.cache,
+                device=device,
+                dtype=dtype,
+                accel=build_accel(cfg.accel, device, dtype, cfg.projections, cfg.lm_head, checkpoint=cfg.checkpoint),
+            )
         self._info = ModelInfo(
             model_id=cfg.served_model_name or os.path.basename(str(cfg.checkpoint).rstrip("/")),
             max_model_len=max_len,
@@ -144,6 +153,8 @@ class NativeEngine:
         if self._task:
             await asyncio.gather(self._task, return_exceptions=True)
         self._apply_aborts()
+        if hasattr(self, "runner"):
+            self.runner.close()
         self._executor.shutdown(wait=False)
 
     @property

@@ -166,6 +166,9 @@ class ModelRunner:
         self.image_embeds.pop(seq_id, None)
         self.sampler.forget(seq_id)
 
+    def close(self) -> None:
+        """Nothing to stop in-process (tp_executor.TensorParallelRunner stops its rank actors here)."""
+
 
 def chunk_summary(chunks: list[ScheduledChunk]) -> str:  # pragma: no cover - debugging aid
     return " ".join(f"{c.seq.seq_id}[{c.start}:{c.start + c.num_tokens}]" for c in chunks)
