@@ -18,6 +18,9 @@ from cluster.contracts.prefix_hash import page_hashes
 
 PAGE = 4
 APP = "kvrouter-test"
+# How long the router counts its own sends as load on a replica (LoadView). The stub never reports load after `store`,
+# so each conversation's turns wait this out: the previous conversations' sends must not weigh on the holder.
+INFLIGHT_TTL_S = 0.5
 
 
 def _prompt(conv: int, n_tokens: int) -> tuple[int, ...]:
@@ -41,6 +44,7 @@ def kv_app(ray_cluster):
                 "policy": {"page_size": PAGE, "decode_cost_tokens": 1},
                 "predict_on_route": False,
                 "poll_interval_s": 0.05,
+                "inflight_ttl_s": INFLIGHT_TTL_S,
             },
         ),
     )
@@ -97,6 +101,7 @@ async def test_router_follows_published_kv_events(kv_app):
     # seen in 3 of 5 runs): the pause is for propagation; what is asserted does not depend on timing.
     await asyncio.sleep(1.0)
     for conv, holder in holders.items():
+        await asyncio.sleep(INFLIGHT_TTL_S)
         assert await _wait_routed_to(handle, conv, 2100, holder) == holder
         # Once learned, every later turn (longer prompt, same prefix) lands there.
         for n in (2200, 2300, 2400):
