@@ -19,9 +19,9 @@ from model_workers.native.kv_cache.hybrid import HybridKVCache
 from model_workers.native.kv_cache.spec import KVCacheSpec
 from model_workers.native.runner import PLAIN, ModelRunner
 from model_workers.native.scheduler import Scheduler, SchedulerConfig
-from model_workers.native.sequence import Sequence
 from model_workers.native.tp_executor import TensorParallelRunner
 from model_workers.settings import NativeEngineConfig
+from tests.fixtures.runner_decode import decode_prompts
 
 GREEDY = dict(temperature=0.0, ignore_eos=True)
 
@@ -41,16 +41,7 @@ def _decode(ckpt, tp: int, max_tokens: int = 12):
     hidden: list[torch.Tensor] = []
     head = runner.head
     runner.head = lambda h, need: (hidden.append(h.clone()), head(h, need))[1]
-    seqs = []
-    for i, n in enumerate((3, 17, 30, 41)):  # past the 16-token window, across 4-token pages
-        prompt = [2] + [(i * 37 + j * 11) % 290 + 3 for j in range(n)]
-        seqs.append(Sequence(f"s{i}", prompt, max_tokens, page_size=4, sampling=SamplingParams(temperature=0)))
-        sched.add(seqs[-1])
-    with torch.inference_mode():
-        while sched.waiting or sched.running:
-            plan = sched.schedule()
-            sched.postprocess(plan, runner.run(plan))
-    return {s.seq_id: list(s.output_token_ids) for s in seqs}, hidden, runner
+    return decode_prompts(sched, runner, max_tokens), hidden, runner
 
 
 def test_tiny_tp2_logits_equal_tp1_with_the_kv_heads_split(tiny_text_ckpt, ray_cluster):
