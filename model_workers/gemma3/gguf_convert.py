@@ -224,6 +224,8 @@ class ConvertProgress:
             self.now(next_step, refresh=False)
         if self.bar is not None:
             self.bar.update(1)
+            if next_step:  # a named phase is shown when it starts, whatever tqdm's refresh interval
+                self.bar.refresh()
 
     def close(self) -> None:
         if self.bar is not None:
