@@ -62,8 +62,11 @@ def available_cores() -> int:
 
 
 class NativeEngine:
-    def __init__(self, config: NativeEngineConfig, replica_id: str | None = None):
+    def __init__(self, config: NativeEngineConfig, replica_id: str | None = None, rank_group=None):
+        """`rank_group`: with tensor_parallel_size > 1, a Ray placement group of one bundle per rank to start the
+        ranks in (None: the current placement group's bundles 1.., as a Serve replica has; tp_executor.py)."""
         self.config = config
+        self.rank_group = rank_group
         self.replica_id = replica_id or f"pid-{os.getpid()}"
         self._streams = OutputStreams()
         self._pending_aborts: list[str] = []
@@ -115,7 +118,7 @@ class NativeEngine:
 
             accel = build_accel(cfg.accel, "cpu", dtype, cfg.projections, cfg.lm_head)
             rank_accel = functools.partial(build_accel, cfg.accel, projections=cfg.projections, lm_head="exact")
-            self.runner = TensorParallelRunner(cfg, self.cache, dtype, accel, rank_accel)
+            self.runner = TensorParallelRunner(cfg, self.cache, dtype, accel, rank_accel, self.rank_group)
         else:
             self.model = Gemma3Decoder.from_checkpoint(cfg.checkpoint, dtype=dtype, device=device)
             self.runner = ModelRunner(

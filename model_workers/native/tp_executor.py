@@ -19,7 +19,8 @@ per step). The engine then ends its requests and refuses new ones, and Serve rep
 and all.
 
 Placement: inside a Serve replica with a placement group (bundle 0 the replica, then one bundle per rank), rank i is
-scheduled into bundle i + 1 with that bundle's resources; with none (the engine alone, in tests), the rank actors
+scheduled into bundle i + 1 with that bundle's resources; given a group of the ranks alone (a batch job's decoder
+actor makes one: cluster/batch_stages.py), into bundle i; with none (the engine alone, in tests), the rank actors
 are created plainly with one CPU (or GPU) each.
 """
 
@@ -79,18 +80,22 @@ async def probe_ranks(workers: list, timeout_s: float = RANK_PROBE_TIMEOUT_S) ->
             raise _rank_failure(rank, f.exception())
 
 
-def rank_actor_options(rank: int, device: str) -> dict:
-    """Ray options of rank `rank`'s actor: into bundle rank + 1 of the current placement group, if any."""
+def rank_actor_options(rank: int, device: str, group=None) -> dict:
+    """Ray options of rank `rank`'s actor: into bundle `rank` of `group` (a placement group of the ranks alone, as a
+    batch job's decoder actor makes), else into bundle rank + 1 of the current placement group (a Serve replica's:
+    bundle 0 is the replica), else plain."""
     import ray
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-    pg = ray.util.get_current_placement_group()
+    index = rank
+    if group is None:
+        group, index = ray.util.get_current_placement_group(), rank + 1
     plain = {"num_gpus": 1, "num_cpus": 0} if torch.device(device).type == "cuda" else {"num_cpus": 1}
-    if pg is None:
+    if group is None:
         return plain
-    bundle = pg.bundle_specs[rank + 1]
+    bundle = group.bundle_specs[index]
     res = {"num_cpus": bundle.get("CPU", 0), "num_gpus": bundle.get("GPU", 0)}
-    strategy = PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=rank + 1)
+    strategy = PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=index)
     return {**res, "scheduling_strategy": strategy}
 
 
@@ -104,9 +109,11 @@ class TensorParallelRunner:
         dtype: torch.dtype,
         accel: Acceleration,
         rank_accel: Callable[..., Acceleration] | None = None,
+        rank_group=None,
     ) -> None:
         """`accel`: the driver's (its LM head); `rank_accel(device=, dtype=)`: builds each rank's, in the rank's
-        process (picklable; None: the plain engine on every rank)."""
+        process (picklable; None: the plain engine on every rank); `rank_group`: a placement group holding one
+        bundle per rank (None: the current placement group's bundles 1.., if any: rank_actor_options)."""
         import ray
 
         if not ray.is_initialized():
@@ -125,7 +132,7 @@ class TensorParallelRunner:
         self.broken: str | None = None  # why the ranks can no longer run a step (a rank lost or failed)
         remote = ray.remote(TPWorker)
         self.workers = [
-            remote.options(**rank_actor_options(r, config.device)).remote(
+            remote.options(**rank_actor_options(r, config.device, rank_group)).remote(
                 r, size, config, cache.pool.num_pages, *([rank_accel] if rank_accel else [])
             )
             for r in range(size)
