@@ -3,7 +3,8 @@
     read input (driver: ids, duplicates, skip what earlier runs wrote)
       -> from_items -> map_batches(Preprocess)    validate as OpenAI requests, read/probe images, tokenize
                     -> map_batches(VisionEncode)  image checkpoints only: soft tokens via VisionService + its cache
-                    -> map_batches(Decode)        one NativeEngine per actor, a call's rows run concurrently
+                    -> map_batches(Decode)        one NativeEngine per actor, a call's rows run concurrently (TP > 1:
+                                                  its ranks in a placement group the actor makes, cluster/placement.py)
       -> driver: each finished block becomes one shard (tmp + rename), then the progress bar moves
 
 The driver writes the shards itself (rather than `Dataset.write_*`) so that a block is on disk before the next
@@ -75,6 +76,7 @@ def build_dataset(config: G3ServeConfig, rows: list[InputRow], checkpoint: Path,
 
     from cluster.app import has_vision_tower
     from cluster.batch_stages import Decode, Preprocess, VisionEncode
+    from cluster.placement import rank_bundles
 
     if config.engine.kind != "native":
         raise NotImplementedError(f"g3serve batch runs the native engine; engine.kind={config.engine.kind}")
@@ -101,14 +103,17 @@ def build_dataset(config: G3ServeConfig, rows: list[InputRow], checkpoint: Path,
             num_cpus=b.vision_num_cpus,
             num_gpus=b.vision_num_gpus,
         )
+    # More than one rank: each decoder actor puts its ranks in a placement group of their own, the serving replica's
+    # rank bundles and strategy; the actor then holds no GPU (each rank's is in its bundle).
+    ranks = rank_bundles(config.decoder, config.engine)
     return ds.map_batches(
         Decode,
-        fn_constructor_args=(config.native_engine_config(checkpoint),),
+        fn_constructor_args=(config.native_engine_config(checkpoint), ranks, config.decoder.placement_strategy),
         batch_size=b.decoder_batch_size,
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=b.decoder_concurrency),
         num_cpus=b.decoder_num_cpus,
-        num_gpus=b.decoder_num_gpus,
+        num_gpus=0 if ranks else b.decoder_num_gpus,
     )
 
 

@@ -197,15 +197,23 @@ class VisionEncode:
 # ---------------------------------------------------------------------------------------------------- decoder
 
 
+# How long a decoder actor waits for its ranks' placement group before it gives up with a clear error.
+RANK_GROUP_TIMEOUT_S = 600
+
+
 class Decode:
     """One engine per actor; all rows of a call generate concurrently, each ending as an output row."""
 
-    def __init__(self, engine: NativeEngineConfig):
-        """`engine` with the model fields filled in (G3ServeConfig.native_engine_config)."""
+    def __init__(
+        self, engine: NativeEngineConfig, rank_bundles: list[dict[str, float]] | None = None, strategy: str = "PACK"
+    ):
+        """`engine` with the model fields filled in (G3ServeConfig.native_engine_config); `rank_bundles`: with more
+        than one rank, one bundle per rank (cluster/placement.py rank_bundles), placed with `strategy`."""
         from model_workers.native.engine import NativeEngine
 
         self._loop = _LoopThread()
-        self.engine = NativeEngine(engine, replica_id=f"batch-{os.getpid()}")
+        group = _rank_group(rank_bundles, strategy) if rank_bundles else None
+        self.engine = NativeEngine(engine, replica_id=f"batch-{os.getpid()}", rank_group=group)
         self._loop.run(self.engine.start())
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -235,6 +243,23 @@ class Decode:
             completion_tokens=last.completion_tokens,
             cached_tokens=last.cached_tokens,
         )
+
+
+def _rank_group(bundles: list[dict[str, float]], strategy: str):
+    """A placement group for this actor's ranks. Made by the actor, so it is the actor's: Ray removes it when the
+    actor dies, and the actor Ray Data restarts makes a new one."""
+    import ray
+    from ray.util.placement_group import placement_group
+
+    group = placement_group(bundles, strategy=strategy)
+    try:
+        ray.get(group.ready(), timeout=RANK_GROUP_TIMEOUT_S)
+    except ray.exceptions.GetTimeoutError:
+        raise RuntimeError(
+            f"the decoder's {len(bundles)} rank bundles {bundles} ({strategy}) found no room in "
+            f"{RANK_GROUP_TIMEOUT_S} s: lower decoder.cpus_per_rank or add nodes"
+        ) from None
+    return group
 
 
 def _error_row(row: PreparedRow) -> dict:

@@ -8,7 +8,8 @@ then one bundle per rank: `{"GPU": 1}` on GPU clusters (`decoder.num_gpus` > 0),
 CPU machines. The replica actor reserves no rank's devices, so the engines' rank workers find them free in the group:
 vLLM's Ray executor (GPUs) takes the group's GPU bundles; the native engine schedules rank i into bundle i + 1; vLLM's
 multiprocessing executor (CPUs) runs the ranks as child processes of the replica, on the replica's node, the CPU
-bundles reserving their share of that node. This is the layout Ray Serve LLM uses for vLLM
+bundles reserving their share of that node. A `g3serve batch` decoder actor (a Ray Data actor, which Ray Data cannot
+schedule into a group) makes a group of the rank bundles alone, with the same strategy (`rank_bundles`). This is the layout Ray Serve LLM uses for vLLM
 (vllm-project/vllm#30016: a replica that reserves every GPU itself leaves none to its TP workers).
 
 Everything here reads config sections only (annotations under TYPE_CHECKING), so cluster/config.py can call the
@@ -52,6 +53,13 @@ def placement_bundles(decoder: DecoderDeploymentSettings, engine: EngineSettings
         return None
     rank = {"GPU": 1.0} if ranks_on_gpus(decoder) else {"CPU": float(decoder.cpus_per_rank)}
     return [{"CPU": float(decoder.num_cpus)}] + [dict(rank) for _ in range(ranks)]
+
+
+def rank_bundles(decoder: DecoderDeploymentSettings, engine: EngineSettings) -> list[dict[str, float]] | None:
+    """The ranks' bundles alone (None with one rank): the placement group a `g3serve batch` decoder actor makes for
+    its ranks (the actor itself is a Ray Data actor reserving `batch.decoder_num_cpus`, outside the group)."""
+    bundles = placement_bundles(decoder, engine)
+    return None if bundles is None else bundles[1:]
 
 
 def placement_options(decoder: DecoderDeploymentSettings, engine: EngineSettings) -> dict:

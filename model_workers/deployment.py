@@ -10,7 +10,8 @@ constructors; no lookup of classes by name strings). Everything upstream talks t
 
 Errors: EngineRequestError / EngineOverloadedError raised by the engine before the first delta propagate through
 Ray as themselves (Ray re-raises a task's exception as a subclass of its class), and the ingress maps them to
-400 / 429. Cancellation: when the ingress cancels its handle stream (client disconnect), Serve cancels this
+400 / 429; EngineDeadError (the engine lost a rank or its core) ends every request and fails `check_health`, so Serve
+replaces this replica, and the ingress retries on another what it has not streamed yet. Cancellation: when the ingress cancels its handle stream (client disconnect), Serve cancels this
 async generator; the `finally` closes the engine's iterator and aborts the request, freeing its KV pages at once.
 """
 
@@ -107,8 +108,11 @@ class DecoderDeployment:
     def drain_kv_events(self) -> list[KvEvent]:
         return self._engine.drain_kv_events()
 
-    def check_health(self) -> None:
-        """Serve's periodic health check: an engine that cannot report its load is unhealthy (replica restarted)."""
+    async def check_health(self) -> None:
+        """Serve's periodic health check: a dead engine (EngineDeadError: a tensor-parallel rank lost, vLLM's engine
+        core gone) or one that cannot report its load is unhealthy, so Serve replaces the replica (and with it its
+        placement group)."""
+        await self._engine.check_health()
         self._engine.load()
 
     async def __del__(self) -> None:

@@ -33,6 +33,10 @@ class DecoderEngine(Protocol):
     def load(self) -> ReplicaLoad:
         """Current load: running, waiting, free pages."""
 
+    async def check_health(self) -> None:
+        """Raise EngineDeadError (cluster/contracts/engine_errors.py) once the engine can no longer serve (a lost
+        tensor-parallel rank, vLLM's engine core gone); its `generate` then raises it too."""
+
     def drain_kv_events(self) -> list[KvEvent]:
         """Global-layer page hashes stored / evicted since the last call (for the router)."""
 

@@ -11,6 +11,8 @@ the same `TokenDelta` stream, errors and KV events as `NativeEngine`'s. What map
 - rejections: our own checks first (same messages as the native engine), then anything vLLM's input processing
   refuses (ValueError) -> EngineRequestError (400); a full queue (running + waiting >= max_num_seqs + max_waiting)
   -> EngineOverloadedError (429). vLLM has no bounded queue of its own.
+- a dead engine core (vLLM raises its EngineDeadError, e.g. when a rank's worker process dies: its executor then
+  shuts the core down) -> our EngineDeadError, from `generate` and from `check_health`, so Serve replaces the replica.
 - load: from vLLM's per-step SchedulerStats (a stat-logger sink); KV events from its ZMQ publisher
   (vllm_kv_events.py), bound on 127.0.0.1 only.
 - ranks (TP x PP > 1): on GPUs vLLM's Ray executor, whose workers take the GPU bundles of the replica's placement
@@ -30,7 +32,7 @@ import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from cluster.contracts.engine_errors import EngineOverloadedError, EngineRequestError
+from cluster.contracts.engine_errors import EngineDeadError, EngineOverloadedError, EngineRequestError
 from cluster.contracts.messages import FinishReason, GenerateRequest, KvEvent, ReplicaLoad, TokenDelta
 from cluster.contracts.model_info import FULL_ATTENTION, SLIDING_ATTENTION, ModelInfo
 from model_workers.settings import ModelSettings, VllmEngineConfig
@@ -119,6 +121,16 @@ def use_replica_placement_group(vllm_config) -> None:
             "through the app (cluster/app.py declares the group when TP x PP > 1)"
         )
     vllm_config.parallel_config.placement_group = group
+
+
+def engine_death(exc: Exception) -> EngineDeadError | None:
+    """vLLM's EngineDeadError (its engine core is gone, e.g. after a rank's worker process died) as ours, which the
+    deployment's health check and the ingress understand; None for any other exception."""
+    from vllm.v1.engine.exceptions import EngineDeadError as VllmEngineDeadError
+
+    if isinstance(exc, VllmEngineDeadError):
+        return EngineDeadError(f"vLLM's engine core is dead ({exc})")
+    return None
 
 
 class VllmEngine:
@@ -290,6 +302,16 @@ class VllmEngine:
     def info(self) -> ModelInfo:
         return self._info
 
+    async def check_health(self) -> None:
+        if self._llm is None:
+            return
+        try:
+            await self._llm.check_health()
+        except Exception as e:
+            if (dead := engine_death(e)) is not None:
+                raise dead from e
+            raise
+
     # ---- requests -------------------------------------------------------------------------------------------------
     def _validate(self, req: GenerateRequest) -> None:
         sp, info = req.sampling, self._info
@@ -349,6 +371,8 @@ class VllmEngine:
     async def generate(self, request: GenerateRequest) -> AsyncIterator[TokenDelta]:
         from vllm.exceptions import VLLMClientError
 
+        if self._llm is not None and self._llm.errored:
+            raise EngineDeadError("vLLM's engine core is dead")
         if self._closed or self._llm is None:
             raise EngineOverloadedError("the engine is not running")
         rid = request.request_id
@@ -392,9 +416,13 @@ class VllmEngine:
                     ro = await anext(stream)
                 except StopAsyncIteration:
                     return
+        except Exception as e:
+            if (dead := engine_death(e)) is not None:
+                raise dead from e
+            raise
         finally:
             self._inflight.pop(rid, None)
-            if not finished:  # the client went away (or closed the iterator): free its KV blocks at once
+            if not finished and not self._llm.errored:  # the client went away: free its KV blocks at once
                 await self._llm.abort(rid)
 
     async def abort(self, request_id: str) -> None:

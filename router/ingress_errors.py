@@ -12,7 +12,7 @@ import logging
 from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
-from cluster.contracts.engine_errors import EngineOverloadedError, EngineRequestError
+from cluster.contracts.engine_errors import EngineDeadError, EngineOverloadedError, EngineRequestError
 from model_workers.gemma3.tokenizer import ChatFormatError
 from router.admission import RequestTooLong, RouterOverloaded
 from router.openai_api import ApiError
@@ -24,9 +24,10 @@ RETRY_AFTER_S = "1"
 
 def replica_lost(exc: BaseException) -> bool:
     """The replica serving a call died or became unreachable (killed, OOM, node lost), as opposed to a refusal
-    or a bug: such a call may be sent again, to whichever replica Serve has by then."""
+    or a bug: such a call may be sent again, to whichever replica Serve has by then. A replica whose engine died
+    (EngineDeadError: a lost tensor-parallel rank) is as good as lost: Serve is replacing it."""
     cause = exc.cause if isinstance(exc, RayTaskError) and exc.cause is not None else exc
-    return isinstance(cause, RayActorError)
+    return isinstance(cause, (RayActorError, EngineDeadError))
 
 
 def api_error_from_exception(exc: BaseException) -> ApiError:
@@ -47,6 +48,12 @@ def api_error_from_exception(exc: BaseException) -> ApiError:
     if isinstance(cause, (EngineOverloadedError, BackPressureError)):
         msg = str(cause.args[0]) if isinstance(cause, EngineOverloadedError) and cause.args else "server overloaded"
         return ApiError(429, msg, code="overloaded", headers={"Retry-After": RETRY_AFTER_S})
+    if isinstance(cause, EngineDeadError):
+        return ApiError(
+            503,
+            f"the decoder replica is being replaced ({cause}); retry shortly",
+            headers={"Retry-After": RETRY_AFTER_S},
+        )
     if isinstance(cause, (DeploymentUnavailableError, RayActorError)):
         return ApiError(
             503,

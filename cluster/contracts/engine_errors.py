@@ -1,4 +1,5 @@
-"""The errors a decoder engine raises before its first delta, which the API maps to HTTP statuses (400 / 429).
+"""The errors a decoder engine raises, which the API maps to HTTP statuses (400 / 429 before the first delta; 503 or
+a retry for a dead engine).
 
 Shared by the engines (which raise them) and the ingress and batch job (which answer them), so neither side
 imports the other for them.
@@ -13,3 +14,9 @@ class EngineRequestError(ValueError):
 
 class EngineOverloadedError(RuntimeError):
     """The engine's waiting queue is full: the API answers 429 with Retry-After."""
+
+
+class EngineDeadError(RuntimeError):
+    """The engine lost a part it cannot serve without (a tensor-parallel rank, vLLM's engine core): it refuses every
+    request from now on and its replica reports itself unhealthy, so Serve replaces it. A request that got this
+    before anything was streamed may be sent again (the API retries it, else answers 503 with Retry-After)."""

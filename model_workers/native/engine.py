@@ -5,6 +5,11 @@ One step is `_step`: `plan = scheduler.schedule()`, `sampled = runner.run(plan)`
 text deltas. The forward pass runs in one worker thread (torch releases the GIL), so the asyncio loop keeps accepting
 and streaming requests while a step computes. Everything that changes scheduler or cache state (admission, aborts,
 postprocess) happens on the loop thread between steps, never while the runner reads the block tables.
+
+A runner that raises EngineDeadError (a tensor-parallel rank lost or failed: tp_executor.py) kills the engine: every
+open request ends with that error (raised from `generate`, so the ingress may retry what it has not streamed yet),
+new requests are refused with it, the step loop stops, and `check_health` raises it, so Serve replaces the replica.
+Any other step failure fails only that step's requests.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from cluster.contracts.engine_errors import EngineOverloadedError, EngineRequestError
+from cluster.contracts.engine_errors import EngineDeadError, EngineOverloadedError, EngineRequestError
 from cluster.contracts.messages import FinishReason, GenerateRequest, KvEvent, ReplicaLoad, TokenDelta
 from cluster.contracts.model_info import ModelInfo
 from model_workers.gemma3.config import Gemma3Config
@@ -57,8 +62,11 @@ def available_cores() -> int:
 
 
 class NativeEngine:
-    def __init__(self, config: NativeEngineConfig, replica_id: str | None = None):
+    def __init__(self, config: NativeEngineConfig, replica_id: str | None = None, rank_group=None):
+        """`rank_group`: with tensor_parallel_size > 1, a Ray placement group of one bundle per rank to start the
+        ranks in (None: the current placement group's bundles 1.., as a Serve replica has; tp_executor.py)."""
         self.config = config
+        self.rank_group = rank_group
         self.replica_id = replica_id or f"pid-{os.getpid()}"
         self._streams = OutputStreams()
         self._pending_aborts: list[str] = []
@@ -67,6 +75,8 @@ class NativeEngine:
         self._task: asyncio.Task | None = None
         self._wake: asyncio.Event | None = None
         self._closed = False
+        self._dead: str | None = None  # why the engine can no longer serve (a lost rank), once it cannot
+        self._stepping = False
         self.steps = 0
 
     # ---- lifecycle ------------------------------------------------------------------------------------------------
@@ -108,7 +118,7 @@ class NativeEngine:
 
             accel = build_accel(cfg.accel, "cpu", dtype, cfg.projections, cfg.lm_head)
             rank_accel = functools.partial(build_accel, cfg.accel, projections=cfg.projections, lm_head="exact")
-            self.runner = TensorParallelRunner(cfg, self.cache, dtype, accel, rank_accel)
+            self.runner = TensorParallelRunner(cfg, self.cache, dtype, accel, rank_accel, self.rank_group)
         else:
             self.model = Gemma3Decoder.from_checkpoint(cfg.checkpoint, dtype=dtype, device=device)
             self.runner = ModelRunner(
@@ -161,6 +171,16 @@ class NativeEngine:
     def info(self) -> ModelInfo:
         return self._info
 
+    async def check_health(self) -> None:
+        """EngineDeadError once the engine is dead; between steps the runner is probed (its ranks still there)."""
+        if self._dead is None and not self._stepping and not self._closed and hasattr(self, "runner"):
+            try:
+                await self.runner.probe()
+            except EngineDeadError as e:
+                self._die(str(e))
+        if self._dead is not None:
+            raise EngineDeadError(self._dead)
+
     # ---- requests -------------------------------------------------------------------------------------------------
     def _make_sequence(self, req: GenerateRequest) -> Sequence:
         sp = req.sampling
@@ -196,6 +216,8 @@ class NativeEngine:
         )
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[TokenDelta]:
+        if self._dead is not None:
+            raise EngineDeadError(self._dead)
         if self._closed or self._task is None:
             raise EngineOverloadedError("the engine is not running")
         if request.request_id in self._streams:
@@ -214,6 +236,8 @@ class NativeEngine:
         try:
             while True:
                 delta = await stream.next_delta()
+                if delta.finish_reason is FinishReason.ERROR and self._dead is not None:
+                    raise EngineDeadError(self._dead)
                 yield delta
                 if delta.finish_reason is not None:
                     return
@@ -229,7 +253,7 @@ class NativeEngine:
 
     # ---- the step loop --------------------------------------------------------------------------------------------
     async def _loop(self) -> None:
-        while not self._closed:
+        while not self._closed and self._dead is None:
             self._apply_aborts()
             if not self.scheduler.has_work:
                 self._wake.clear()
@@ -248,14 +272,31 @@ class NativeEngine:
             self._postprocess(plan, sampled)
 
     async def _run(self, plan: StepPlan) -> dict[str, int] | None:
-        """The forward pass in the worker thread; None if it failed (its requests failed, not the replica)."""
+        """The forward pass in the worker thread; None if it failed (its requests failed, not the replica; all of
+        them and the engine if the runner lost a part of itself)."""
+        self._stepping = True
         try:
             return await asyncio.get_running_loop().run_in_executor(self._executor, self.runner.run, plan)
+        except EngineDeadError as e:
+            self._die(str(e))
+            return None
         except Exception as e:
             log.exception("engine step failed")
             for chunk in plan.chunks:
                 self._end(chunk.seq.seq_id, FinishReason.ERROR, f"engine step failed: {e}")
             return None
+        finally:
+            self._stepping = False
+
+    def _die(self, reason: str) -> None:
+        """The engine cannot serve any more: end every open request with the reason, stop the step loop."""
+        if self._dead is None:
+            log.error("decoder engine dead, the replica must be replaced: %s", reason)
+        self._dead = reason
+        for seq_id in self._streams.ids():
+            self._end(seq_id, FinishReason.ERROR, reason)
+        if self._wake is not None:
+            self._wake.set()
 
     def _postprocess(self, plan: StepPlan, sampled: dict[str, int]) -> None:
         """Record the step in the scheduler, stream its tokens, finish what a stop string ended, publish KV events."""

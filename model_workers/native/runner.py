@@ -166,6 +166,9 @@ class ModelRunner:
         self.image_embeds.pop(seq_id, None)
         self.sampler.forget(seq_id)
 
+    async def probe(self) -> None:
+        """Health check: nothing here can be lost apart from this process (tp_executor's runner probes its ranks)."""
+
     def close(self) -> None:
         """Nothing to stop in-process (tp_executor.TensorParallelRunner stops its rank actors here)."""
 

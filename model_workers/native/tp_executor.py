@@ -11,13 +11,23 @@ tokens, so ranks hold no 168M-parameter embedding on the 270M), the accel packag
 (candidates_head.py) runs on it unchanged, and a vocab-parallel head would add a gather of each rank's candidates and
 logits per step on top of the two all-reduces per layer.
 
+A lost rank (its node gone, its process killed) or a rank that fails mid-step leaves the others waiting in an
+all-reduce that never completes: the process group cannot be trusted again. So any rank failure is the engine's death
+(EngineDeadError): the step's wait returns at the first failed rank (`gather_ranks`, not one ray.get over all of them),
+and the replica's health check asks the ranks for a cheap answer between steps (`probe_ranks`; no extra round trip
+per step). The engine then ends its requests and refuses new ones, and Serve replaces the replica, placement group
+and all.
+
 Placement: inside a Serve replica with a placement group (bundle 0 the replica, then one bundle per rank), rank i is
-scheduled into bundle i + 1 with that bundle's resources; with none (the engine alone, in tests), the rank actors
+scheduled into bundle i + 1 with that bundle's resources; given a group of the ranks alone (a batch job's decoder
+actor makes one: cluster/batch_stages.py), into bundle i; with none (the engine alone, in tests), the rank actors
 are created plainly with one CPU (or GPU) each.
 """
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import logging
 import time
 from collections.abc import Callable
@@ -25,6 +35,7 @@ from dataclasses import replace
 
 import torch
 
+from cluster.contracts.engine_errors import EngineDeadError
 from model_workers.gemma3.config import Gemma3Config
 from model_workers.gemma3.decoder import embed_tokens
 from model_workers.gemma3.weights import CheckpointReader
@@ -37,20 +48,54 @@ from model_workers.native.tp_worker import RankStep, TPWorker
 from model_workers.settings import NativeEngineConfig
 
 log = logging.getLogger(__name__)
+# How long a health probe waits for the ranks: below Serve's health-check timeout. A rank that has not answered by
+# then is busy, not dead (Ray reports a dead actor as an error, which is what the probe looks for).
+RANK_PROBE_TIMEOUT_S = 10.0
 
 
-def rank_actor_options(rank: int, device: str) -> dict:
-    """Ray options of rank `rank`'s actor: into bundle rank + 1 of the current placement group, if any."""
+def _rank_failure(rank: int, exc: BaseException) -> EngineDeadError:
+    first = (str(exc).strip().splitlines() or [""])[0]
+    return EngineDeadError(f"tensor-parallel rank {rank} failed ({type(exc).__name__}: {first})")
+
+
+def gather_ranks(refs: list) -> list:
+    """Every rank's result of one call (Ray object refs, in rank order), failing at the first rank that fails:
+    ray.get over the whole list would wait for the other ranks, which may wait forever in an all-reduce with the
+    lost one."""
+    futures = [ref.future() for ref in refs]
+    concurrent.futures.wait(futures, return_when=concurrent.futures.FIRST_EXCEPTION)
+    for rank, f in enumerate(futures):
+        if f.done() and f.exception() is not None:  # whatever a rank raised, the group is out of step
+            raise _rank_failure(rank, f.exception()) from f.exception()
+    return [f.result() for f in futures]
+
+
+async def probe_ranks(workers: list, timeout_s: float = RANK_PROBE_TIMEOUT_S) -> None:
+    """Raise EngineDeadError if Ray reports a rank dead (or its answer failed); ranks still busy after `timeout_s`
+    are taken as alive (a step in progress: the step itself notices a death)."""
+    futures = [asyncio.wrap_future(w.node_id.remote().future()) for w in workers]
+    await asyncio.wait(futures, timeout=timeout_s)  # the unanswered are left to finish (not cancelled: Ray's callback
+    for rank, f in enumerate(futures):  # would then set a result on a cancelled future)
+        if f.done() and f.exception() is not None:
+            raise _rank_failure(rank, f.exception())
+
+
+def rank_actor_options(rank: int, device: str, group=None) -> dict:
+    """Ray options of rank `rank`'s actor: into bundle `rank` of `group` (a placement group of the ranks alone, as a
+    batch job's decoder actor makes), else into bundle rank + 1 of the current placement group (a Serve replica's:
+    bundle 0 is the replica), else plain."""
     import ray
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-    pg = ray.util.get_current_placement_group()
+    index = rank
+    if group is None:
+        group, index = ray.util.get_current_placement_group(), rank + 1
     plain = {"num_gpus": 1, "num_cpus": 0} if torch.device(device).type == "cuda" else {"num_cpus": 1}
-    if pg is None:
+    if group is None:
         return plain
-    bundle = pg.bundle_specs[rank + 1]
+    bundle = group.bundle_specs[index]
     res = {"num_cpus": bundle.get("CPU", 0), "num_gpus": bundle.get("GPU", 0)}
-    strategy = PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=rank + 1)
+    strategy = PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=index)
     return {**res, "scheduling_strategy": strategy}
 
 
@@ -64,9 +109,11 @@ class TensorParallelRunner:
         dtype: torch.dtype,
         accel: Acceleration,
         rank_accel: Callable[..., Acceleration] | None = None,
+        rank_group=None,
     ) -> None:
         """`accel`: the driver's (its LM head); `rank_accel(device=, dtype=)`: builds each rank's, in the rank's
-        process (picklable; None: the plain engine on every rank)."""
+        process (picklable; None: the plain engine on every rank); `rank_group`: a placement group holding one
+        bundle per rank (None: the current placement group's bundles 1.., if any: rank_actor_options)."""
         import ray
 
         if not ray.is_initialized():
@@ -82,9 +129,10 @@ class TensorParallelRunner:
         self.head = accel.make_head(self.embed_weight, text.final_logit_softcapping)
         self.sampler = Sampler(device=self.device)
         self.image_embeds: dict[str, list[torch.Tensor]] = {}
+        self.broken: str | None = None  # why the ranks can no longer run a step (a rank lost or failed)
         remote = ray.remote(TPWorker)
         self.workers = [
-            remote.options(**rank_actor_options(r, config.device)).remote(
+            remote.options(**rank_actor_options(r, config.device, rank_group)).remote(
                 r, size, config, cache.pool.num_pages, *([rank_accel] if rank_accel else [])
             )
             for r in range(size)
@@ -114,7 +162,7 @@ class TensorParallelRunner:
         lean = replace(batch, sample_seqs=[], image_embeds=None, image_mask=None)
         step = ray.put(RankStep(x, lean, rows))  # once, whatever the number of ranks
         t0 = time.perf_counter()
-        outs = ray.get([w.execute.remote(step) for w in self.workers])
+        outs = self._on_ranks(lambda: gather_ranks([w.execute.remote(step) for w in self.workers]))
         self.rank_s += time.perf_counter() - t0
         self.reduce_s += max(s for _, s in outs)
         self.steps += 1
@@ -126,6 +174,25 @@ class TensorParallelRunner:
         self.head_s += time.perf_counter() - t0
         return {seq.seq_id: t for seq, t in zip(batch.sample_seqs, tokens, strict=True)}
 
+    def _on_ranks(self, call):
+        if self.broken is not None:
+            raise EngineDeadError(self.broken)
+        try:
+            return call()
+        except EngineDeadError as e:
+            self.broken = str(e)
+            raise
+
+    async def probe(self) -> None:
+        """The replica's health check between steps: EngineDeadError if a rank is gone."""
+        if self.broken is not None:
+            raise EngineDeadError(self.broken)
+        try:
+            await probe_ranks(self.workers)
+        except EngineDeadError as e:
+            self.broken = str(e)
+            raise
+
     def forget(self, seq_id: str) -> None:
         self.image_embeds.pop(seq_id, None)
         self.sampler.forget(seq_id)
@@ -133,10 +200,11 @@ class TensorParallelRunner:
     def close(self) -> None:
         import ray
 
-        try:
-            ray.get([w.shutdown.remote() for w in self.workers], timeout=30)
-        except Exception:  # a rank already gone: kill anyway
-            log.warning("a tensor-parallel rank did not shut down cleanly", exc_info=True)
+        if self.broken is None:  # a broken group's ranks may be stuck in an all-reduce: no orderly exit to wait for
+            try:
+                ray.get([w.shutdown.remote() for w in self.workers], timeout=30)
+            except Exception:  # a rank already gone: kill anyway
+                log.warning("a tensor-parallel rank did not shut down cleanly", exc_info=True)
         for w in self.workers:
             ray.kill(w)
         self.workers = []
