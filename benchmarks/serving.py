@@ -45,7 +45,8 @@ from cluster.contracts.messages import GenerateRequest, SamplingParams  # noqa: 
 
 async def run_in_process(
     config: G3ServeConfig, texts: list[str], max_tokens: int, concurrency: int, warm: list[str] | None = None
-) -> Run:
+) -> tuple[Run, int | None]:
+    """The load against the engine in this process: (run, engine steps during it; None if the engine has no count)."""
     from model_workers.deployment import ENGINE_FACTORIES
     from model_workers.gemma3.checkpoints import resolve_checkpoint
     from model_workers.gemma3.tokenizer import Gemma3Tokenizer
@@ -70,17 +71,21 @@ async def run_in_process(
 
     warm_run = Run("warm-up")  # not reported: first steps pay one-off allocations
     await _bounded(concurrency, [job(-1 - i, t, warm_run) for i, t in enumerate(warm or texts[:2])])
+    steps_before = getattr(engine, "steps", None)
     run.wall = await _bounded(concurrency, [job(i, t, run) for i, t in enumerate(texts)])
+    steps = engine.steps - steps_before if steps_before is not None else None
     await engine.shutdown()
-    return run
+    return run, steps
 
 
 def run_through_serve(
     config: G3ServeConfig, texts: list[str], max_tokens: int, concurrency: int, tmp: str, warm: list[str] | None = None
-) -> Run:
+) -> tuple[Run, int]:
+    """The load through `g3serve serve`: (run, step-channel messages the decoder replicas sent during it)."""
     import ray
     from ray import serve
 
+    from cluster.app import APP_NAME, DECODER
     from cluster.app import run as run_app
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -90,8 +95,10 @@ def run_through_serve(
         run = Run("g3serve (HTTP + Serve)")
         model = config.model.served_model_name
         asyncio.run(_serve_load(url, model, warm or texts[:2], max_tokens, concurrency, Run("w")))
+        decoder = serve.get_deployment_handle(DECODER, APP_NAME)  # one replica by default: its count is the total
+        sent_before = decoder.channel_messages_sent.remote().result()
         run.wall = asyncio.run(_serve_load(url, config.model.served_model_name, texts, max_tokens, concurrency, run))
-        return run
+        return run, decoder.channel_messages_sent.remote().result() - sent_before
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -254,8 +261,8 @@ def run_overhead(load: Load, config: G3ServeConfig) -> None:
     )
     n, conc, max_tokens = load.requests, load.concurrency, load.max_tokens
     with tempfile.TemporaryDirectory(prefix="g3b-") as tmp:
-        inproc = asyncio.run(run_in_process(config, load.texts, max_tokens, conc, load.warm_texts))
-        served = run_through_serve(config, load.texts, max_tokens, conc, tmp, load.warm_texts)
+        inproc, steps = asyncio.run(run_in_process(config, load.texts, max_tokens, conc, load.warm_texts))
+        served, messages = run_through_serve(config, load.texts, max_tokens, conc, tmp, load.warm_texts)
 
     table = Table(title=f"{n} streamed completions, concurrency {conc}, {max_tokens} new tokens, greedy")
     for col in ("path", "tok/s", "TTFT p50 s", "TTFT p99 s", "ITL p50 ms", "ITL p99 ms", "tokens"):
@@ -264,12 +271,18 @@ def run_overhead(load: Load, config: G3ServeConfig) -> None:
         table.add_row(*r.row())
     Console(width=max(Console().width, 150)).print(table)
     overhead = 1 - served.tok_s / inproc.tok_s if inproc.tok_s else float("nan")
+    # In process every stream gets one token per engine step, so the in-process ITL p50 is the decode step; served,
+    # a per-token ITL p50 at or under it means the stream is not paced or merged on its way to the client.
+    step_ms = 1000 * pct(inproc.itl, 0.5)
     print(
         f"RESULT requests={n} concurrency={conc} max_tokens={max_tokens} "
         f"inproc_tok_s={inproc.tok_s:.2f} serve_tok_s={served.tok_s:.2f} throughput_overhead={overhead:.3f} "
+        f"served_vs_inproc={served.tok_s / inproc.tok_s if inproc.tok_s else float('nan'):.3f} "
         f"ttft_p50_inproc_s={pct(inproc.ttft, 0.5):.3f} ttft_p50_serve_s={pct(served.ttft, 0.5):.3f} "
         f"ttft_p99_serve_s={pct(served.ttft, 0.99):.3f} itl_p50_serve_ms={1000 * pct(served.itl, 0.5):.1f} "
+        f"itl_p50_inproc_ms={step_ms:.1f} "
         f"itl_mean_inproc_ms={1000 * statistics.fmean(inproc.itl or [float('nan')]):.1f} "
+        f"inproc_engine_steps={steps if steps is not None else 'n/a'} serve_channel_messages={messages} "
         f"load_avg={os.getloadavg()[0]:.1f}"
     )
 

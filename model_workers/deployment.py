@@ -8,6 +8,11 @@ The engine class comes from the config's `engine.kind` through `ENGINE_FACTORIES
 constructors; no lookup of classes by name strings). Everything upstream talks to this class only through
 `generate`, `model_info`, `load` and `drain_kv_events`, so swapping engines changes nothing in the ingress.
 
+Streaming: `generate` yields the first delta through its Serve call; with a `StepChannelRef` (the ingress always
+passes one) the deltas after it go through the replica's StepSender (step_sender.py: one message per engine step
+per ingress replica, carrying every stream's new tokens) and the call ends with a `StreamTail` (the finish delta and
+how many deltas the channel carried). Without one, every delta goes through the call.
+
 Errors: EngineRequestError / EngineOverloadedError raised by the engine before the first delta propagate through
 Ray as themselves (Ray re-raises a task's exception as a subclass of its class), and the ingress maps them to
 400 / 429; EngineDeadError (the engine lost a rank or its core) ends every request and fails `check_health`, so Serve
@@ -23,12 +28,12 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from pathlib import Path
 
 from cluster.contracts.kv_events import KvEventSink, KvEventSinkFactory
-from cluster.contracts.messages import GenerateRequest, KvEvent, ReplicaLoad, TokenDelta
+from cluster.contracts.messages import GenerateRequest, KvEvent, ReplicaLoad, StepChannelRef, StreamTail, TokenDelta
 from cluster.contracts.model_info import ModelInfo
 from model_workers.engine import DecoderEngine
 from model_workers.gemma3.checkpoints import resolve_checkpoint
 from model_workers.settings import EngineSettings, ModelSettings
-from model_workers.stream_pacing import StreamPacer, default_budget
+from model_workers.step_sender import OutboundStream, StepSender
 
 log = logging.getLogger(__name__)
 
@@ -60,12 +65,6 @@ def replica_id() -> str:
         return f"pid-{os.getpid()}"
 
 
-def _has_gpu() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
 class DecoderDeployment:
     """Wrapped by `serve.deployment` in cluster/app.py (resources and replicas come from the config there)."""
 
@@ -76,28 +75,45 @@ class DecoderDeployment:
         checkpoint = resolve_checkpoint(model.checkpoint)  # in the replica: the embedded default converts per node
         self._engine = ENGINE_FACTORIES[engine.kind](engine, model, checkpoint, self._replica_id)
         await self._engine.start()
-        self._pacer = StreamPacer(default_budget(engine.stream_messages_per_s, _has_gpu()))
+        self._sender = StepSender()
         self._publisher: KvEventSink | None = None
         if kv_events is not None:  # KV events + load to the deployment's hub, read by the KV-aware routers
             self._publisher = kv_events(self._engine)
             self._publisher.start()
         log.info("decoder replica %s ready: %s", self._replica_id, self._engine.info)
 
-    async def generate(self, request: GenerateRequest) -> AsyncIterator[TokenDelta]:
+    async def generate(
+        self, request: GenerateRequest, channel: StepChannelRef | None = None
+    ) -> AsyncIterator[TokenDelta | StreamTail]:
         stream = self._engine.generate(request)
-        paced = self._pacer.pace(stream)  # fewer, merged messages while the replica streams a lot (stream_pacing.py)
+        out: OutboundStream | None = None
         finished = False
         try:
-            async for delta in paced:
+            async for delta in stream:
                 finished = delta.finish_reason is not None
-                yield delta
+                if channel is None or (out is None and finished):
+                    yield delta
+                elif finished:
+                    yield StreamTail(delta, out.sent)
+                elif out is None:  # the first delta: through the call (the ingress picks the HTTP status on it)
+                    yield delta
+                    out = self._sender.open(channel)
+                else:
+                    self._sender.push(out, delta)
+                if finished:
+                    return
         finally:
-            await paced.aclose()  # leaves the pacer's count of active streams now, not at garbage collection
+            if out is not None:
+                self._sender.close(out)
             if not finished:  # cancelled by the caller (disconnect) or failed: free the KV now, not at GC time
                 aclose = getattr(stream, "aclose", None)
                 if aclose is not None:
                     await aclose()
                 await self._engine.abort(request.request_id)
+
+    def channel_messages_sent(self) -> int:
+        """Step-channel messages this replica has sent (one per engine step per ingress replica with streams)."""
+        return self._sender.messages_sent
 
     def model_info(self) -> ModelInfo:
         return self._engine.info
@@ -119,3 +135,4 @@ class DecoderDeployment:
         if self._publisher is not None:
             await self._publisher.stop()
         await self._engine.shutdown()
+        self._sender.shutdown()

@@ -178,11 +178,3 @@ class EngineSettings(ConfigSection):
     )
     native: NativeEngineConfig = Field(default_factory=NativeEngineConfig, description="Native engine settings.")
     vllm: VllmEngineConfig = Field(default_factory=VllmEngineConfig, description="vLLM engine settings.")
-    stream_messages_per_s: float | None = Field(
-        None,
-        ge=0,
-        description="Most streamed messages per second a decoder replica sends, over all its streams: above it a "
-        "stream's tokens are merged into fewer messages (first token never held); 0 = every token at once; "
-        "none = 100 where the replica has no GPU (the front shares the model's cores), 0 on GPUs "
-        "(model_workers/stream_pacing.py).",
-    )

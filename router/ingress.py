@@ -8,6 +8,8 @@ becomes a 400 / 429 instead of a broken 200 stream. A client that goes away canc
 aborts the request on its replica and frees its KV pages. A decoder replica lost (killed, node gone) before the
 client has received anything is retried on another or its restarted self: before the first delta always, and for
 the whole generation of a non-streamed answer; a stream already under way ends with an SSE error event instead.
+The deltas between a stream's first and last arrive through this replica's step channel (router/step_receiver.py:
+one message per engine step per decoder replica), merged in order with the Serve call by a `DecoderStream`.
 """
 
 # No `from __future__ import annotations` here: FastAPI must see real classes (Request) in the route methods'
@@ -18,6 +20,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Mapping
 
+import ray
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
@@ -34,6 +37,7 @@ from router.ingress_settings import IngressSettings
 from router.metrics import IngressMetrics
 from router.pools import DecoderPools, PoolPlan
 from router.request_prep import build_request, parse, render_prompt
+from router.step_receiver import DecoderStream, StepReceiver
 from vision_service.settings import VisionSettings
 
 api = FastAPI(title="g3serve", docs_url=None, redoc_url=None, openapi_url=None)
@@ -104,6 +108,8 @@ class G3ServeIngress:
             in_flight=self.metrics.vision_in_flight,
         )
         self.in_flight = 0
+        # On the node's IP, not loopback: decoder replicas on other nodes connect to it.
+        self.steps = StepReceiver(ray.util.get_node_ip_address())
         self._info: ModelInfo | None = None
         self._limits = oa.Limits(
             max_tokens_cap=self.settings.max_tokens,
@@ -218,10 +224,12 @@ class G3ServeIngress:
 
     async def _start(
         self, gen_request: GenerateRequest, arrival: float, decoder: DeploymentHandle
-    ) -> tuple[object, TokenDelta]:
+    ) -> tuple[DecoderStream, TokenDelta]:
         """The decoder stream and its first delta, retried on a lost replica while nothing has been streamed."""
         for attempt in range(1, DECODER_ATTEMPTS + 1):
-            stream = decoder.options(stream=True).generate.remote(gen_request)
+            ref, queue = self.steps.open()
+            call = decoder.options(stream=True).generate.remote(gen_request, ref)
+            stream = DecoderStream(call, self.steps, ref, queue)
             try:
                 return stream, await self._next(stream, arrival)
             except BaseException as e:
@@ -359,6 +367,9 @@ class G3ServeIngress:
             raise oa.ApiError(
                 401, "Invalid or missing API key (expected 'Authorization: Bearer <key>')", code="invalid_api_key"
             )
+
+    async def __del__(self) -> None:
+        await self.steps.close()
 
     def _error(self, err: oa.ApiError, endpoint: str) -> Response:
         self.metrics.requests.labels(endpoint=endpoint, status=str(err.status)).inc()

@@ -126,3 +126,43 @@ class ReplicaLoad:
     # KV bytes the replica holds, by kind: "global" / "sliding" in use by running sequences, "global_cached" /
     # "sliding_cached" kept as evictable prefix-cache entries (finished windows and window checkpoints). Optional.
     kv_bytes: tuple[tuple[str, int], ...] = ()
+
+
+@dataclass(frozen=True)
+class StepChannelRef:
+    """Where a decoder replica sends one stream's deltas after the first: an ingress replica's step channel.
+
+    `address` is a TCP endpoint on the ingress's node (tcp://ip:port, so it works across nodes); `key` authenticates
+    the frames (HMAC, router/step_receiver.py checks it before unpickling); `stream_id` names this one attempt of
+    the request (a retried request gets a new one, so late frames of a lost replica are not mixed in).
+    """
+
+    address: str
+    key: bytes
+    stream_id: str
+
+
+@dataclass(frozen=True)
+class ChannelDelta:
+    """One stream's delta inside a `StepDeltas` batch; `seq` counts that stream's channel deltas from 0."""
+
+    stream_id: str
+    seq: int
+    delta: TokenDelta
+
+
+@dataclass(frozen=True)
+class StepDeltas:
+    """One engine step's new tokens of every stream a decoder replica serves for one ingress replica: one message
+    per step per ingress replica, whatever the number of streams (model_workers/step_sender.py)."""
+
+    deltas: tuple[ChannelDelta, ...]
+
+
+@dataclass(frozen=True)
+class StreamTail:
+    """The last message of a decoder stream that used a step channel: its finish delta (usage, finish reason) and
+    how many deltas went through the channel before it, which the ingress waits for before ending the stream."""
+
+    delta: TokenDelta
+    channel_deltas: int

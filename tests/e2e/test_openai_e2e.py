@@ -341,3 +341,56 @@ def test_decoder_publishes_kv_pages_and_load_to_the_router_hub(client, served):
     assert len(loads) == 1 and load.total_pages > 0
     assert len(expected) >= 2
     assert matched == {replica: len(expected)}
+
+
+def test_concurrent_streams_get_each_steps_token_through_the_step_channel(client, served):
+    """8 streams at once through the decoder replica and the step channel: every delta carries one token (each
+    step's token as that step ends, no pacing), and each stream equals its non-streamed answer; the same 8 streamed
+    over HTTP at once equal it too."""
+    import asyncio
+    import uuid
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ray import serve
+
+    from cluster.app import APP_NAME, DECODER
+    from cluster.contracts.messages import GenerateRequest, SamplingParams
+    from model_workers.gemma3.tokenizer import Gemma3Tokenizer
+    from router.step_receiver import DecoderStream, StepReceiver
+
+    prompts = [f"Story number {i}: once upon a time, in a city by the sea," for i in range(8)]
+    max_tokens = 12
+    tok = Gemma3Tokenizer.from_checkpoint(served.checkpoint)
+    handle = serve.get_deployment_handle(DECODER, APP_NAME)
+
+    async def through_the_channel():
+        receiver = StepReceiver("127.0.0.1")
+
+        async def one(prompt: str):
+            ref, queue = receiver.open()
+            sp = SamplingParams(max_tokens=max_tokens, temperature=0.0, stop_token_ids=tok.eos_token_ids)
+            req = GenerateRequest(f"steps-{uuid.uuid4().hex}", tok.encode_completion(prompt).token_ids, sp)
+            call = handle.options(stream=True).generate.remote(req, ref)
+            return [d async for d in DecoderStream(call, receiver, ref, queue)]
+
+        try:
+            return await asyncio.gather(*(one(p) for p in prompts))
+        finally:
+            await receiver.close()
+
+    runs = asyncio.run(through_the_channel())
+
+    def streamed_http(prompt: str) -> str:
+        chunks = client.completions.create(
+            model=served.model, prompt=prompt, max_tokens=max_tokens, temperature=0, stream=True
+        )
+        return "".join(c.choices[0].text for c in chunks if c.choices)
+
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        http_streams = list(pool.map(streamed_http, prompts))
+    for prompt, deltas, http_text in zip(prompts, runs, http_streams, strict=True):
+        full = client.completions.create(model=served.model, prompt=prompt, max_tokens=max_tokens, temperature=0)
+        assert [len(d.token_ids) for d in deltas] == [1] * len(deltas)
+        assert deltas[-1].finish_reason is not None and all(d.finish_reason is None for d in deltas[:-1])
+        assert deltas[-1].completion_tokens == len(deltas) == full.usage.completion_tokens
+        assert "".join(d.text for d in deltas) == full.choices[0].text == http_text

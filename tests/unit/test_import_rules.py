@@ -66,7 +66,7 @@ def test_a_wrong_import_breaks_the_contract_that_forbids_it(tmp_path):
     shutil.copy(ROOT / "pyproject.toml", tmp_path / "pyproject.toml")
     wrong = {
         "router/policy.py": "import cluster.app  # noqa\nimport torch  # noqa\n",  # the composition; torch in routing
-        "model_workers/stream_pacing.py": "import router.kv_hub  # noqa\n",  # the decoder knowing the router
+        "model_workers/step_sender.py": "import router.kv_hub  # noqa\n",  # the decoder knowing the router
         "cluster/contracts/model_info.py": "import model_workers.settings  # noqa\n",  # a stage in the contracts
         "cluster/contracts/engine_errors.py": "import cluster.config  # noqa\n",  # the composition in the contracts
         "model_workers/native/kv_cache/page_pool.py": "import torch  # noqa\n",  # torch in the KV bookkeeping
@@ -83,7 +83,7 @@ def test_a_wrong_import_breaks_the_contract_that_forbids_it(tmp_path):
     for imp in (
         "router.policy -> cluster.app",
         "router.policy -> torch",
-        "model_workers.stream_pacing -> router.kv_hub",
+        "model_workers.step_sender -> router.kv_hub",
         "cluster.contracts.model_info -> model_workers.settings",
         "cluster.contracts.engine_errors -> cluster.config",
         "model_workers.native.kv_cache.page_pool -> torch",

@@ -243,24 +243,3 @@ async def test_a_slow_consumer_gets_merged_deltas_with_every_token(real_270m_ckp
     await eng.shutdown()
     assert [t for d in deltas for t in d.token_ids] == ref and "".join(d.text for d in deltas) == ref_text
     assert len(deltas) < 12 and deltas[-1].completion_tokens == 12
-
-
-async def test_paced_streams_merge_tokens_into_fewer_messages_with_the_same_output(real_270m_ckpt):
-    from model_workers.stream_pacing import StreamPacer
-
-    eng = await started(real_270m_ckpt)
-    prompts = [chat(eng.tokenizer, f"Count to {n}.") for n in range(4)]
-    refs = await asyncio.gather(*(collect(eng, f"ref{i}", p, 12) for i, p in enumerate(prompts)))
-    pacer = StreamPacer(4)  # 4 streams at 4 messages/s: ~1 s between one stream's messages, several steps each
-
-    async def paced(i: int, p):
-        req = GenerateRequest(f"paced{i}", p, SamplingParams(max_tokens=12, **GREEDY))
-        return [d async for d in pacer.pace(eng.generate(req))]
-
-    runs = await asyncio.gather(*(paced(i, p) for i, p in enumerate(prompts)))
-    await eng.shutdown()
-    for (ref_tokens, ref_text, _), deltas in zip(refs, runs, strict=True):
-        assert [t for d in deltas for t in d.token_ids] == ref_tokens and "".join(d.text for d in deltas) == ref_text
-        assert len(deltas[0].token_ids) == 1  # the first token is never held
-        assert len(deltas) < 12 and deltas[-1].completion_tokens == 12
-    assert pacer.active == 0
