@@ -30,6 +30,7 @@ from pathlib import Path
 from cluster.contracts.kv_events import KvEventSink, KvEventSinkFactory
 from cluster.contracts.messages import GenerateRequest, KvEvent, ReplicaLoad, StepChannelRef, StreamTail, TokenDelta
 from cluster.contracts.model_info import ModelInfo
+from model_workers.decoder_metrics import DecoderMetrics, LoadSampler
 from model_workers.engine import DecoderEngine
 from model_workers.gemma3.checkpoints import resolve_checkpoint
 from model_workers.settings import EngineSettings, ModelSettings
@@ -80,6 +81,9 @@ class DecoderDeployment:
         if kv_events is not None:  # KV events + load to the deployment's hub, read by the KV-aware routers
             self._publisher = kv_events(self._engine)
             self._publisher.start()
+        self.metrics = DecoderMetrics()
+        self._sampler = LoadSampler(self._engine.load, self.metrics)  # this replica's load, exported through Ray
+        self._sampler.start()
         log.info("decoder replica %s ready: %s", self._replica_id, self._engine.info)
 
     async def generate(
@@ -132,6 +136,7 @@ class DecoderDeployment:
         self._engine.load()
 
     async def __del__(self) -> None:
+        await self._sampler.stop()
         if self._publisher is not None:
             await self._publisher.stop()
         await self._engine.shutdown()

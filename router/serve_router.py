@@ -41,6 +41,7 @@ from router.kv_hub import HubUpdate, get_or_create_hub
 from router.kv_index import KvIndex
 from router.load_view import LoadView
 from router.policy import Candidate, Decision, PolicyConfig, RouteQuery, choose_replica
+from router.routing_metrics import RoutingMetrics
 
 logger = logging.getLogger("ray.serve")
 
@@ -78,6 +79,7 @@ class KvAwareRequestRouter(LocalityMixin, MultiplexMixin, RequestRouter):
         self._last_route = float("-inf")
         self._wake = asyncio.Event()
         self.decisions: dict[str, int] = {"kv": 0, "session": 0, "load": 0, "fallback": 0}
+        self.metrics = RoutingMetrics()
 
     # ---- the hub feed --------------------------------------------------------------------------------------
 
@@ -196,6 +198,7 @@ class KvAwareRequestRouter(LocalityMixin, MultiplexMixin, RequestRouter):
             self._recorded.popitem(last=False)
         rid = decision.replica_id
         self.decisions[decision.reason] += 1
+        self.metrics.observe(decision)
         if session:
             self._sessions[session] = rid
             self._sessions.move_to_end(session)
@@ -222,6 +225,7 @@ class KvAwareRequestRouter(LocalityMixin, MultiplexMixin, RequestRouter):
         decision = self.decide(pending_request, candidate_replicas)
         if decision is None:  # not a GenerateRequest call (other methods): two random, the shorter queue wins
             self.decisions["fallback"] += 1
+            self.metrics.observe_fallback()
             return [random.sample(candidate_replicas, min(2, len(candidate_replicas)))]
         by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
         # One replica per group, best first: Ray sends to the first that has a free slot.

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -95,6 +96,10 @@ class VisionService:
 
     async def embed(self, request: VisionRequest) -> list[ImageEmbedding]:
         """One ImageEmbedding per image block (each image, then its crops), in prompt order."""
+        with self.metrics.in_flight.track_inprogress():
+            return await self._embed(request)
+
+    async def _embed(self, request: VisionRequest) -> list[ImageEmbedding]:
         await self.start()
         if len(request.images) > self.settings.images.max_images_per_request:
             raise ImageInputError(
@@ -159,7 +164,9 @@ class VisionService:
         self.metrics.encode_batches.inc()
         self.metrics.encoded_blocks.inc(len(pixels))
         self.metrics.batch_size.observe(len(pixels))
+        started = time.monotonic()
         out = await asyncio.to_thread(self.tower.encode, torch.stack(pixels), self.out_dtype)
+        self.metrics.encode_seconds.observe(time.monotonic() - started)
         # clone: each block owns its storage (a view would keep the whole batch alive, and pickles it whole).
         return [t.clone() for t in out.cpu()]
 
