@@ -151,6 +151,17 @@ def _exported_g3_names(prom: str) -> list[str]:
     return sorted(n for n in names if "g3" in n)
 
 
+def _replica_ids(deployment: str, count: int) -> set[str]:
+    """The deployment's running replica ids, once Serve's controller lists `count` (a restarted controller lists none
+    until it has recovered its replicas)."""
+    deadline = time.monotonic() + EXPORT_DEADLINE_S
+    while True:
+        ids = {r.replica_id.unique_id for r in running_replicas(deployment)}
+        if len(ids) == count or time.monotonic() > deadline:
+            return ids
+        time.sleep(0.5)
+
+
 def _chat_image(url: str, color: tuple[int, int, int]) -> dict:
     part = {"type": "image_url", "image_url": {"url": png_data_url(40, 40, color)}}
     body = {
@@ -184,7 +195,7 @@ def test_prometheus_sees_every_replica_and_the_numbers_sent(app_url, prometheus)
     assert _wait_for(prometheus, total("ray_g3serve_completion_tokens_total"), completion) == completion
 
     # Each ingress series is one Serve replica of the ingress deployment (Serve's tags), never a mix.
-    ingress_ids = {r.replica_id.unique_id for r in running_replicas("ingress")}
+    ingress_ids = _replica_ids("ingress", 2)
     assert len(ingress_ids) == 2
     per_replica = _query(
         prometheus, "sum by (deployment, replica) (" + latest('ray_g3serve_requests_total{status="200"}') + ")"
