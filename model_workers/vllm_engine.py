@@ -13,7 +13,8 @@ the same `TokenDelta` stream, errors and KV events as `NativeEngine`'s. What map
   -> EngineOverloadedError (429). vLLM has no bounded queue of its own.
 - a dead engine core (vLLM raises its EngineDeadError, e.g. when a rank's worker process dies: its executor then
   shuts the core down) -> our EngineDeadError, from `generate` and from `check_health`, so Serve replaces the replica.
-- load: from vLLM's per-step SchedulerStats (a stat-logger sink); KV events from its ZMQ publisher
+- load: from vLLM's per-step SchedulerStats (a stat-logger sink), KV usage by layer type from its KV cache groups
+  (vllm_kv_usage.py); KV events from its ZMQ publisher
   (vllm_kv_events.py), bound on 127.0.0.1 only.
 - ranks (TP x PP > 1): on GPUs vLLM's Ray executor, whose workers take the GPU bundles of the replica's placement
   group (cluster/placement.py); on CPUs its multiprocessing executor (vLLM CPU refuses the Ray executor), one child
@@ -37,6 +38,7 @@ from cluster.contracts.messages import FinishReason, GenerateRequest, KvEvent, R
 from cluster.contracts.model_info import FULL_ATTENTION, SLIDING_ATTENTION, ModelInfo
 from model_workers.settings import ModelSettings, VllmEngineConfig
 from model_workers.vllm_kv_events import KvEventTranslator, ZmqKvEventSubscriber
+from model_workers.vllm_kv_usage import KvUsagePoller
 
 log = logging.getLogger(__name__)
 _FINISH = {"stop": FinishReason.STOP, "length": FinishReason.LENGTH, "abort": FinishReason.ABORT}
@@ -146,6 +148,7 @@ class VllmEngine:
         self._subscriber: ZmqKvEventSubscriber | None = None
         self._translator: KvEventTranslator | None = None
         self._closed = False
+        self._kv_usage: KvUsagePoller | None = None  # per layer type, from the engine core's KV cache groups
 
     # ---- lifecycle ------------------------------------------------------------------------------------------------
     def engine_args(self, kv_events_endpoint: str | None, on_cpu: bool | None = None):
@@ -282,6 +285,8 @@ class VllmEngine:
             mm_tokens_per_image=self._hf_config.get("mm_tokens_per_image", 256),
             supports_images="vision_config" in self._hf_config,
         )
+        self._kv_usage = KvUsagePoller(self._llm.engine_core, [g["kind"] for g in groups], self._num_blocks)
+        self._kv_usage.start()
         self._translator = KvEventTranslator(
             self.replica_id,
             block,
@@ -291,6 +296,8 @@ class VllmEngine:
 
     async def shutdown(self) -> None:
         self._closed = True
+        if self._kv_usage is not None:
+            await self._kv_usage.stop()
         if self._llm is not None:
             if self._inflight:
                 await self._llm.abort(list(self._inflight))
@@ -447,5 +454,6 @@ class VllmEngine:
             page_size=self._block_size,
             pending_prefill_tokens=sum(self._inflight.values()),
             max_model_len=self._info.max_model_len,
-            kv_usage=(("all", st.kv_usage),),
+            # By layer type once the engine core answered its first poll; the pool's overall usage until then.
+            kv_usage=(self._kv_usage.usage if self._kv_usage and self._kv_usage.usage else (("all", st.kv_usage),)),
         )

@@ -115,5 +115,8 @@ def register() -> None:
     """The `vllm.general_plugins` entry point: runs in every vLLM process (front end and engine core)."""
     from vllm import ModelRegistry
 
+    from model_workers.vllm_kv_usage import install_utility
+
+    install_utility()  # the engine core's KV usage by group, read by VllmEngine.load() (vllm_kv_usage.py)
     if ARCHITECTURE not in ModelRegistry.get_supported_archs():
         ModelRegistry.register_model(ARCHITECTURE, Gemma3EmbedsForConditionalGeneration)

@@ -25,6 +25,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from cluster.contracts.messages import ReplicaLoad
 
 RAY_EXPORT_PREFIX = "ray_"
+# The samples Ray's agent exports per instrument kind (prometheus_client's `_created` samples have no Ray twin).
+_SAMPLE_SUFFIXES = {"counter": ("_total",), "gauge": ("",), "histogram": ("_bucket", "_count", "_sum")}
 
 
 def cluster_series_name(local_sample_name: str) -> str:
@@ -133,9 +135,15 @@ class ReplicaMetricSet:
     def __init__(self, export_to_ray: bool = True):
         self.registry = CollectorRegistry()
         self._export = export_to_ray
+        self._cluster_series: set[str] = set()
 
     def _ray(self, kind: str, name: str, doc: str, labels: Sequence[str], buckets: Sequence[float] = ()):
+        self._cluster_series.update(cluster_series_name(name + suffix) for suffix in _SAMPLE_SUFFIXES[kind])
         return _ray_metric(kind, name, doc, labels, buckets) if self._export else None
+
+    def cluster_series(self) -> frozenset[str]:
+        """The sample names Ray's metrics agent exports for this set's instruments (what dashboards may query)."""
+        return frozenset(self._cluster_series)
 
     def counter(self, name: str, doc: str, labels: Sequence[str] = ()) -> _Instrument:
         local = Counter(name, doc, list(labels), registry=self.registry)

@@ -183,3 +183,31 @@ async def test_bad_requests_raise_engine_request_error(vllm_engine, tok):
         await run(vllm_engine, "top-p", (2, 100), top_p=0.0, temperature=1.0)
     # The engine still serves after the rejections.
     assert (await run(vllm_engine, "after-bad", chat(tok, "Hi"), max_tokens=2))[-1].finish_reason is not None
+
+
+async def test_kv_usage_by_layer_type_from_the_kv_cache_groups(vllm_engine, tok):
+    """ReplicaLoad.kv_usage splits vLLM's shared block pool by layer type, from the engine core's KV cache groups: the
+    full-attention groups hold every page of the sequence, each sliding-window group only the pages of its window."""
+    poller = vllm_engine._kv_usage
+    n_full, n_sliding = poller.group_kinds.count("full_attention"), poller.group_kinds.count("sliding_window")
+    assert n_full >= 1 and n_sliding >= 1
+    page, window, pool = vllm_engine.info.page_size, vllm_engine.info.sliding_window, vllm_engine._num_blocks
+    prompt = tok.encode_completion("A long prompt about tides, moons and sliding windows. " * 60).token_ids
+    max_tokens = MAX_LEN - len(prompt) - 1
+    assert len(prompt) > window + 2 * page and max_tokens > 0
+    stream = vllm_engine.generate(GenerateRequest("kv-usage", prompt, SamplingParams(max_tokens=max_tokens, **GREEDY)))
+    try:
+        await anext(stream)  # the first token: the whole prompt is prefilled and its blocks are held
+        usage = dict(await poller.poll_once())
+    finally:
+        await stream.aclose()
+    assert set(usage) == {"global", "sliding"}
+    held = {layer_type: round(u * pool) for layer_type, u in usage.items()}
+    assert -(-len(prompt) // page) * n_full <= held["global"] <= -(-(len(prompt) + max_tokens) // page) * n_full
+    per_sliding_group = held["sliding"] / n_sliding
+    assert 0 < per_sliding_group <= -(-window // page) + 1  # the window's pages (+1 straddling), not the prompt's
+    assert per_sliding_group < held["global"] / n_full
+    assert set(dict(vllm_engine.load().kv_usage)) == {"global", "sliding"}
+    # Finished and cancelled requests hold nothing (their blocks stay only as evictable prefix-cache entries).
+    await run(vllm_engine, "kv-usage-after", chat(tok, "Hi"), max_tokens=2)
+    assert dict(await poller.poll_once()) == {"global": 0.0, "sliding": 0.0}

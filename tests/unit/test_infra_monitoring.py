@@ -1,5 +1,6 @@
-"""infra/monitoring and infra/ray: the dashboard queries only metrics the API really exports, Prometheus scrapes
-the API and Ray, and the Ray cluster launcher file validates against Ray's own schema."""
+"""infra/monitoring and infra/ray: the dashboard queries only series the cluster really exports through Ray's metrics
+pipeline (tests/e2e/test_prometheus_cluster.py checks those names against a real Prometheus), Prometheus scrapes the
+API and Ray, and the Ray cluster launcher file validates against Ray's own schema."""
 
 from __future__ import annotations
 
@@ -10,57 +11,64 @@ from pathlib import Path
 import jsonschema
 import ray
 import yaml
-from prometheus_client.parser import text_string_to_metric_families
 
-from cluster.contracts.messages import ReplicaLoad
+from model_workers.decoder_metrics import DecoderMetrics
 from router.metrics import IngressMetrics
+from router.routing_metrics import RoutingMetrics
+from vision_service.metrics import VisionMetrics
 
 INFRA = Path(__file__).resolve().parents[2] / "infra"
-HISTOGRAM_SUFFIXES = ("_bucket", "_sum", "_count")
 
 
 def _exported_series() -> set[str]:
-    """Sample names the ingress really serves at /metrics, after one observation of every kind."""
-    m = IngressMetrics()
-    m.requests.labels(endpoint="/v1/chat/completions", status="200").inc()
-    m.ttft.observe(0.2)
-    m.itl.observe(0.02)
-    m.prompt_tokens.inc(10)
-    m.cached_prompt_tokens.inc(4)
-    m.completion_tokens.inc(5)
-    m.observe_images(cache_hits=1, misses=1)
-    m.in_flight.set(1)
-    m.observe_load(ReplicaLoad(replica_id="r0", running=1, waiting=0, free_pages=3, total_pages=4, page_size=16))
-    text = m.render().decode()
-    return {s.name for fam in text_string_to_metric_families(text) for s in fam.samples}
+    """Sample names Ray's metrics agent exports for every instrument the code registers (each owner's set)."""
+    owners = (IngressMetrics, RoutingMetrics, VisionMetrics, DecoderMetrics)
+    return set().union(*(owner(export_to_ray=False).metric_set.cluster_series() for owner in owners))
 
 
-def _dashboard_metrics() -> set[str]:
+def _dashboard_exprs() -> list[str]:
     dash = json.loads((INFRA / "monitoring" / "grafana-dashboard.json").read_text())
     exprs = [t["expr"] for p in dash["panels"] for t in p["targets"]]
     assert exprs
-    return {name for e in exprs for name in re.findall(r"\bg3serve_[a-z_]+", e)}
+    return exprs
+
+
+def _dashboard_metrics() -> set[str]:
+    return {name for e in _dashboard_exprs() for name in re.findall(r"\b(?:ray_)?g3(?:serve|_vision)_[a-z_]+", e)}
 
 
 def test_dashboard_queries_only_exported_metrics():
     used = _dashboard_metrics()
     missing = used - _exported_series()
-    assert not missing, f"dashboard queries metrics the API does not export: {sorted(missing)}"
+    assert not missing, f"dashboard queries metrics the cluster does not export: {sorted(missing)}"
 
 
 def test_dashboard_covers_the_required_signals():
     used = _dashboard_metrics()
     for needed in (
-        "g3serve_requests_total",
-        "g3serve_time_to_first_token_seconds_bucket",
-        "g3serve_inter_token_latency_seconds_bucket",
-        "g3serve_completion_tokens_total",
-        "g3serve_kv_cache_usage_ratio",
-        "g3serve_image_blocks_total",
+        "ray_g3serve_requests_total",
+        "ray_g3serve_time_to_first_token_seconds_bucket",
+        "ray_g3serve_stage_seconds_bucket",
+        "ray_g3serve_inter_token_latency_seconds_bucket",
+        "ray_g3serve_completion_tokens_total",
+        "ray_g3serve_decoder_replica_kv_usage_ratio",
+        "ray_g3serve_routing_decisions_total",
+        "ray_g3_vision_cache_hits_total",
+        "ray_g3_vision_cache_misses_total",
+        "ray_g3_vision_encode_seconds_bucket",
     ):
         assert needed in used
     dash = json.loads((INFRA / "monitoring" / "grafana-dashboard.json").read_text())
     assert len({p["id"] for p in dash["panels"]}) == len(dash["panels"])
+    by_stage = [p for p in dash["panels"] if "stage" in p["title"].lower()]
+    assert by_stage and all(
+        "by (stage)" in t["expr"] or "le, stage" in t["expr"] for p in by_stage for t in p["targets"]
+    )
+
+
+def test_local_only_views_are_not_queried():
+    """GET /metrics' sampled decoder view is one replica's, load-balanced: the dashboard reads the decoders' own."""
+    assert not any(re.search(r"(?<!ray_)\bg3serve_", e) for e in _dashboard_exprs())
 
 
 def test_prometheus_scrapes_the_api_and_ray():

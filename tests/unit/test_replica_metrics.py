@@ -80,3 +80,12 @@ def test_routing_and_vision_metrics():
 
 def test_cluster_series_names_are_rays():
     assert cluster_series_name("g3serve_requests_total") == "ray_g3serve_requests_total"
+
+
+def test_vllm_group_blocks_become_each_layer_types_share_of_the_pool():
+    from model_workers.vllm_kv_usage import usage_by_layer_type
+
+    kinds = ["full_attention"] + ["sliding_window"] * 5  # Gemma 3 270M's six KV cache groups under vLLM
+    usage = dict(usage_by_layer_type(kinds, [40, 8, 8, 8, 8, 8], num_blocks=400))
+    assert usage == {"global": 0.1, "sliding": 0.1}
+    assert dict(usage_by_layer_type(kinds, [0] * 6, num_blocks=400)) == {"global": 0.0, "sliding": 0.0}
