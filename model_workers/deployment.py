@@ -19,11 +19,15 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import replace
 from pathlib import Path
 
 from cluster.contracts.kv_events import KvEventSink, KvEventSinkFactory
 from cluster.contracts.messages import GenerateRequest, KvEvent, ReplicaLoad, TokenDelta
 from cluster.contracts.model_info import ModelInfo
+from cluster.contracts.stage_timing import DECODER, StageClock
+from cluster.contracts.tracing import Tracing, TracingSettings
+from model_workers.decoder_timing import DecoderTrace
 from model_workers.engine import DecoderEngine
 from model_workers.gemma3.checkpoints import resolve_checkpoint
 from model_workers.settings import EngineSettings, ModelSettings
@@ -68,10 +72,18 @@ def _has_gpu() -> bool:
 class DecoderDeployment:
     """Wrapped by `serve.deployment` in cluster/app.py (resources and replicas come from the config there)."""
 
-    async def __init__(self, engine: EngineSettings, model: ModelSettings, kv_events: KvEventSinkFactory | None = None):
+    async def __init__(
+        self,
+        engine: EngineSettings,
+        model: ModelSettings,
+        kv_events: KvEventSinkFactory | None = None,
+        tracing: TracingSettings | None = None,
+    ):
         """`engine` as the composition fitted it to this deployment (G3ServeConfig.decoder_engine); `kv_events`
-        builds where this replica publishes its KV events and load (None: no KV-aware routing)."""
+        builds where this replica publishes its KV events and load (None: no KV-aware routing); `tracing` the
+        `tracing:` section (spans of the requests the ingress traces)."""
         self._replica_id = replica_id()
+        self._tracing = Tracing(tracing, "decoder")
         checkpoint = resolve_checkpoint(model.checkpoint)  # in the replica: the embedded default converts per node
         self._engine = ENGINE_FACTORIES[engine.kind](engine, model, checkpoint, self._replica_id)
         await self._engine.start()
@@ -83,14 +95,24 @@ class DecoderDeployment:
         log.info("decoder replica %s ready: %s", self._replica_id, self._engine.info)
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[TokenDelta]:
+        clock = StageClock()
+        trace = DecoderTrace(self._tracing, request, clock, self._replica_id)
         stream = self._engine.generate(request)
         paced = self._pacer.pace(stream)  # fewer, merged messages while the replica streams a lot (stream_pacing.py)
-        finished = False
+        finished, first = False, True
         try:
             async for delta in paced:
                 finished = delta.finish_reason is not None
+                if first:  # this replica's stages up to the first token, and the router's it was handed
+                    first = False
+                    clock.lap(DECODER, inner=delta.timings)
+                    delta = replace(delta, timings=request.timings + clock.durations())
+                    trace.first_delta(delta)
+                elif delta.timings:
+                    trace.later_delta(delta)
                 yield delta
         finally:
+            trace.end(finished)
             await paced.aclose()  # leaves the pacer's count of active streams now, not at garbage collection
             if not finished:  # cancelled by the caller (disconnect) or failed: free the KV now, not at GC time
                 aclose = getattr(stream, "aclose", None)
@@ -112,6 +134,7 @@ class DecoderDeployment:
         self._engine.load()
 
     async def __del__(self) -> None:
+        self._tracing.shutdown()
         if self._publisher is not None:
             await self._publisher.stop()
         await self._engine.shutdown()

@@ -7,11 +7,15 @@ from the arrival of the HTTP request, inter-token latency between streamed delta
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from cluster.contracts.messages import ReplicaLoad
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+# Stages range from sub-millisecond (parse, route) to minutes (a long prefill behind a queue).
+_STAGE_BUCKETS = (0.0005, 0.001, 0.0025, *_LATENCY_BUCKETS)
 
 
 class IngressMetrics:
@@ -61,6 +65,13 @@ class IngressMetrics:
             ["replica", "layer_type"],
             registry=r,
         )
+        self.stage_seconds = Histogram(
+            "g3serve_stage_seconds",
+            "Time per request stage (cluster/contracts/stage_timing.py); inter_token is observed per generated token",
+            ["stage"],
+            buckets=_STAGE_BUCKETS,
+            registry=r,
+        )
         self.decoder_running = Gauge("g3serve_decoder_running", "Running sequences", ["replica"], registry=r)
         self.decoder_waiting = Gauge("g3serve_decoder_waiting", "Waiting sequences", ["replica"], registry=r)
 
@@ -69,6 +80,11 @@ class IngressMetrics:
             self.image_blocks.labels(cache="hit").inc(cache_hits)
         if misses:
             self.image_blocks.labels(cache="miss").inc(misses)
+
+    def observe_stages(self, stages: Iterable[tuple[str, float]]) -> None:
+        """One request's stage durations (seconds), by stage name."""
+        for stage, seconds in stages:
+            self.stage_seconds.labels(stage=stage).observe(seconds)
 
     def observe_load(self, load: ReplicaLoad) -> None:
         """A decoder replica's load, sampled when /metrics is scraped."""
