@@ -1,12 +1,12 @@
 """What request observability costs: the serving load with Server-Timing + OpenTelemetry tracing on vs off, one run.
 
-Two g3serve apps run side by side on one Ray instance (the embedded Gemma 3 270M, native engine, the same config
-but for `ingress.server_timing` and `tracing:`), behind one HTTP proxy at /on and /off; the "on" app exports every
-request's spans (sample ratio 1) over OTLP/HTTP to a receiver this script runs (it parses nothing, as a collector
-on another machine would cost this one nothing more than the export). Rounds alternate ABBA (on, off, off, on, ...)
-with fresh distinct prompts each round (no prefix-cache hits), so drift of the shared machine's load hits both
-sides alike. The stage timings themselves (contract fields, the stage histogram) are part of both sides: they have
-no switch. Only one app computes at a time: the idle one's engine waits on an event.
+One g3serve app (the embedded Gemma 3 270M, native engine) is deployed with both on (`ingress.server_timing`,
+`tracing:` at sample ratio 1, exporting over OTLP/HTTP to a receiver this script runs: it reads and drops the
+bytes, so the cost measured is the server's) and then redeployed with both off, in ABBA order (on, off, off, on, ...;
+a redeploy only where the side changes), each round with fresh distinct prompts (no prefix-cache hits), so drift of
+the shared machine's load hits both sides alike. One app at a time: two side by side would double the memory of a
+machine shared with other jobs. The stage timings themselves (contract fields, the stage histogram) are part of
+both sides: they have no switch.
 
     python benchmarks/observability_overhead.py           # 2 rounds per side of 32 streamed completions x 128 tokens
     python benchmarks/observability_overhead.py --quick   # 2 rounds per side of 8 x 16 tokens
@@ -97,7 +97,7 @@ def main() -> None:
     import ray
     from ray import serve
 
-    from cluster.app import build_app
+    from cluster.app import run as run_app
     from model_workers.gemma3.checkpoints import resolve_checkpoint
     from model_workers.gemma3.tokenizer import Gemma3Tokenizer
 
@@ -113,20 +113,16 @@ def main() -> None:
     runs = {ON: Run(ON), OFF: Run(OFF)}
     load_start = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="g3obs-") as tmp:
-        # Logical CPUs for both apps' reservations; the two cores are shared in fact, one app computing at a time.
-        ray.init(num_cpus=6, include_dashboard=False, _temp_dir=tmp, log_to_driver=False)
+        ray.init(num_cpus=2, include_dashboard=False, _temp_dir=tmp, log_to_driver=False)
         try:
-            serve.start(http_options={"host": "127.0.0.1", "port": port})
-            urls = {}
-            for side, prefix in ((ON, "/on"), (OFF, "/off")):
-                serve.run(build_app(configs[side]), name=prefix.strip("/"), route_prefix=prefix)
-                urls[side] = f"http://127.0.0.1:{port}{prefix}"
-            for side in (ON, OFF):  # warm-up (not measured): first steps pay one-off allocations
-                asyncio.run(_serve_load(urls[side], model, warm[:2], 8, 2, Run("warm-up")))
+            url, deployed, headers = None, None, {}
             for r in range(args.rounds * 2):
                 side = (ON, OFF, OFF, ON)[r % 4]
-                runs[side].wall += asyncio.run(_serve_load(urls[side], model, rounds[r], max_tokens, n, runs[side]))
-            headers = {side: sample_headers(urls[side], model, warm[0]) for side in (ON, OFF)}
+                if side != deployed:  # redeploy in place (same app, same port) with the other side's config
+                    url, deployed = run_app(configs[side]), side
+                    asyncio.run(_serve_load(url, model, warm[:2], 8, 2, Run("warm-up")))  # not measured
+                    headers[side] = sample_headers(url, model, warm[0])
+                runs[side].wall += asyncio.run(_serve_load(url, model, rounds[r], max_tokens, n, runs[side]))
         finally:
             serve.shutdown()
             ray.shutdown()

@@ -160,7 +160,7 @@ class G3ServeIngress:
     async def _handle(self, request: Request, endpoint: str) -> Response:
         arrival = time.monotonic()
         slot: _Slot | None = None
-        timing = RequestTiming(self.tracing, arrival, endpoint)
+        timing = timing_owner = RequestTiming(self.tracing, arrival, endpoint)
         try:
             self._authorize(request)
             body = await read_body(request, self.settings.max_body_bytes)
@@ -196,7 +196,7 @@ class G3ServeIngress:
             if req.stream:
                 include_usage = bool(req.stream_options and req.stream_options.include_usage)
                 frames = self._sse(endpoint, gen_request, stream, first, include_usage, slot, timing)
-                slot = None  # the stream owns it now
+                slot = timing_owner = None  # the stream owns them now
                 headers = {"Cache-Control": "no-cache", **self._server_timing(timing)}
                 return StreamingResponse(frames, media_type="text/event-stream", headers=headers)
             response = await self._collect_retrying(endpoint, gen_request, stream, first, timing, admitted.handle)
@@ -210,6 +210,8 @@ class G3ServeIngress:
         finally:
             if slot is not None:
                 slot.release()
+            if timing_owner is not None:  # cancelled (client gone): close its spans; a no-op once finished
+                timing_owner.end(499)
 
     async def _build_request(
         self, req: oa._Request, sampling: SamplingParams, http: Request, timing: RequestTiming

@@ -67,7 +67,7 @@ class IngressMetrics:
         )
         self.stage_seconds = Histogram(
             "g3serve_stage_seconds",
-            "Time per request stage (cluster/contracts/stage_timing.py); inter_token is observed per generated token",
+            "Time per request stage (cluster/contracts/stage_timing.py); inter_token: each streamed delta's gap per token",
             ["stage"],
             buckets=_STAGE_BUCKETS,
             registry=r,

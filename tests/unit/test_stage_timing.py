@@ -177,3 +177,20 @@ def test_server_timing_header_is_off_by_config():
     on = G3ServeIngress._server_timing(SimpleNamespace(settings=IngressSettings()), timing)
     assert set(parse_server_timing(on["Server-Timing"])) == {PARSE}
     assert G3ServeIngress._server_timing(SimpleNamespace(settings=IngressSettings(server_timing=False)), timing) == {}
+
+
+def test_vllm_stage_timings_from_its_request_stats():
+    from types import SimpleNamespace
+
+    from model_workers.vllm_timings import first_decode_timing, first_token_timings
+
+    stats = SimpleNamespace(queued_ts=10.0, scheduled_ts=10.25, first_token_ts=11.0, last_token_ts=11.0)
+    assert first_token_timings(stats) == ((ENGINE_QUEUE, 0.25), (PREFILL, 0.75))
+    assert (
+        first_token_timings(None) == ()
+        and first_token_timings(SimpleNamespace(**{**stats.__dict__, "scheduled_ts": 0.0})) == ()
+    )
+    second = SimpleNamespace(**{**stats.__dict__, "num_generation_tokens": 2, "last_token_ts": 11.1})
+    assert first_decode_timing(second) == ((FIRST_DECODE, pytest.approx(0.1)),)
+    merged = SimpleNamespace(**{**second.__dict__, "num_generation_tokens": 3})  # a merged output hides the step
+    assert first_decode_timing(merged) == ()
