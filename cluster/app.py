@@ -76,9 +76,11 @@ def _decoder(name: str, config: G3ServeConfig) -> Application:
     kv_events = None
     if config.router.enabled:
         kv_events = HubPublisherFactory(period_s=config.router.publish_interval_s)
+        router_kwargs = config.router.request_router_kwargs(engine_page_size(config))
+        if config.tracing.enabled:
+            router_kwargs["tracing"] = config.tracing.model_dump()
         decoder_opts["request_router_config"] = RequestRouterConfig(
-            request_router_class=KvAwareRequestRouter,
-            request_router_kwargs=config.router.request_router_kwargs(engine_page_size(config)),
+            request_router_class=KvAwareRequestRouter, request_router_kwargs=router_kwargs
         )
     elif config.router.fallback == "round_robin":
         from router.baseline_routers import RoundRobinRequestRouter
@@ -87,7 +89,7 @@ def _decoder(name: str, config: G3ServeConfig) -> Application:
     return (
         serve.deployment(DecoderDeployment)
         .options(**decoder_opts)
-        .bind(config.decoder_engine(), config.model, kv_events)
+        .bind(config.decoder_engine(), config.model, kv_events, tracing=config.tracing)
     )
 
 
@@ -115,7 +117,12 @@ def build_app(config: G3ServeConfig) -> Application:
         vision = (
             serve.deployment(VisionService)
             .options(**vision_opts)
-            .bind(str(checkpoint), config.vision.service, model_id=config.model.served_model_name)
+            .bind(
+                str(checkpoint),
+                config.vision.service,
+                model_id=config.model.served_model_name,
+                tracing=config.tracing,
+            )
         )
     ingress_opts = deployment_options(INGRESS, config.ingress.deployment)
     return (
@@ -130,6 +137,7 @@ def build_app(config: G3ServeConfig) -> Application:
             pool_plan(config, checkpoint),
             vision,
             decoders,
+            tracing=config.tracing,
         )
     )
 

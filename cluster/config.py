@@ -19,6 +19,7 @@ import yaml
 from pydantic import Field, model_validator
 
 from cluster.contracts.settings_base import ConfigSection
+from cluster.contracts.tracing import TracingSettings
 from cluster.placement import validate_placement
 from model_workers.settings import EngineSettings, ModelSettings, NativeEngineConfig
 from router.ingress_settings import IngressSettings
@@ -142,6 +143,9 @@ class G3ServeConfig(ConfigSection):
     router: RouterSettings = Field(default_factory=RouterSettings, description="KV-aware routing to decoders.")
     ray: RaySettings = Field(default_factory=RaySettings, description="Where Ray runs.")
     batch: BatchSettings = Field(default_factory=BatchSettings, description="Offline batch inference (g3serve batch).")
+    tracing: TracingSettings = Field(
+        default_factory=TracingSettings, description="OpenTelemetry traces of requests (OTLP export; off by default)."
+    )
 
     @model_validator(mode="after")
     def _pools_have_a_kv_budget(self) -> G3ServeConfig:

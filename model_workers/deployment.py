@@ -25,12 +25,16 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import replace
 from pathlib import Path
 
 from cluster.contracts.kv_events import KvEventSink, KvEventSinkFactory
 from cluster.contracts.messages import GenerateRequest, KvEvent, ReplicaLoad, StepChannelRef, StreamTail, TokenDelta
 from cluster.contracts.model_info import ModelInfo
+from cluster.contracts.stage_timing import DECODER, StageClock
+from cluster.contracts.tracing import Tracing, TracingSettings
 from model_workers.decoder_metrics import DecoderMetrics, LoadSampler
+from model_workers.decoder_timing import DecoderTrace
 from model_workers.engine import DecoderEngine
 from model_workers.gemma3.checkpoints import resolve_checkpoint
 from model_workers.settings import EngineSettings, ModelSettings
@@ -69,10 +73,18 @@ def replica_id() -> str:
 class DecoderDeployment:
     """Wrapped by `serve.deployment` in cluster/app.py (resources and replicas come from the config there)."""
 
-    async def __init__(self, engine: EngineSettings, model: ModelSettings, kv_events: KvEventSinkFactory | None = None):
+    async def __init__(
+        self,
+        engine: EngineSettings,
+        model: ModelSettings,
+        kv_events: KvEventSinkFactory | None = None,
+        tracing: TracingSettings | None = None,
+    ):
         """`engine` as the composition fitted it to this deployment (G3ServeConfig.decoder_engine); `kv_events`
-        builds where this replica publishes its KV events and load (None: no KV-aware routing)."""
+        builds where this replica publishes its KV events and load (None: no KV-aware routing); `tracing` the
+        `tracing:` section (spans of the requests the ingress traces)."""
         self._replica_id = replica_id()
+        self._tracing = Tracing(tracing, "decoder")
         checkpoint = resolve_checkpoint(model.checkpoint)  # in the replica: the embedded default converts per node
         self._engine = ENGINE_FACTORIES[engine.kind](engine, model, checkpoint, self._replica_id)
         await self._engine.start()
@@ -89,12 +101,21 @@ class DecoderDeployment:
     async def generate(
         self, request: GenerateRequest, channel: StepChannelRef | None = None
     ) -> AsyncIterator[TokenDelta | StreamTail]:
+        clock = StageClock()
+        trace = DecoderTrace(self._tracing, request, clock, self._replica_id)
         stream = self._engine.generate(request)
         out: OutboundStream | None = None
-        finished = False
+        finished, first = False, True
         try:
             async for delta in stream:
                 finished = delta.finish_reason is not None
+                if first:  # this replica's stages up to the first token, and the router's it was handed
+                    first = False
+                    clock.lap(DECODER, inner=delta.timings)
+                    delta = replace(delta, timings=request.timings + clock.durations())
+                    trace.first_delta(delta)
+                elif delta.timings:
+                    trace.later_delta(delta)
                 if channel is None or (out is None and finished):
                     yield delta
                 elif finished:
@@ -107,6 +128,7 @@ class DecoderDeployment:
                 if finished:
                     return
         finally:
+            trace.end(finished)
             if out is not None:
                 self._sender.close(out)
             if not finished:  # cancelled by the caller (disconnect) or failed: free the KV now, not at GC time
@@ -137,6 +159,7 @@ class DecoderDeployment:
 
     async def __del__(self) -> None:
         await self._sampler.stop()
+        self._tracing.shutdown()
         if self._publisher is not None:
             await self._publisher.stop()
         await self._engine.shutdown()

@@ -39,6 +39,7 @@ from cluster.contracts.model_info import FULL_ATTENTION, SLIDING_ATTENTION, Mode
 from model_workers.settings import ModelSettings, VllmEngineConfig
 from model_workers.vllm_kv_events import KvEventTranslator, ZmqKvEventSubscriber
 from model_workers.vllm_kv_usage import KvUsagePoller
+from model_workers.vllm_timings import first_decode_timing, first_token_timings
 
 log = logging.getLogger(__name__)
 _FINISH = {"stop": FinishReason.STOP, "length": FinishReason.LENGTH, "abort": FinishReason.ABORT}
@@ -400,6 +401,7 @@ class VllmEngine:
             except (ValueError, VLLMClientError) as e:  # vLLM's input processing refused the prompt
                 raise EngineRequestError(str(e)) from e
             ro = first
+            sent_first = sent_decode = False
             while True:
                 out = ro.outputs[0]
                 self._inflight[rid] = 0
@@ -407,6 +409,11 @@ class VllmEngine:
                 reason = _FINISH.get(out.finish_reason, FinishReason.ERROR) if ro.finished else None
                 if out.token_ids or reason is not None:
                     finished = reason is not None
+                    timings: tuple[tuple[str, float], ...] = ()
+                    if not sent_first:
+                        sent_first, timings = True, first_token_timings(ro.metrics)
+                    elif not sent_decode:
+                        sent_decode, timings = True, first_decode_timing(ro.metrics)
                     yield TokenDelta(
                         rid,
                         tuple(out.token_ids),
@@ -416,6 +423,7 @@ class VllmEngine:
                         completion_tokens=completion,
                         cached_tokens=ro.num_cached_tokens or 0,
                         error=None if reason is not FinishReason.ERROR else f"vLLM finished with {out.finish_reason}",
+                        timings=timings,
                     )
                 if finished:
                     return

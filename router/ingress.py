@@ -19,6 +19,7 @@ import hmac
 import time
 import uuid
 from collections.abc import AsyncIterator, Mapping
+from dataclasses import replace
 
 import ray
 from fastapi import FastAPI, Request
@@ -28,6 +29,8 @@ from ray.serve.handle import DeploymentHandle
 
 from cluster.contracts.messages import FinishReason, GenerateRequest, SamplingParams, TokenDelta
 from cluster.contracts.model_info import ModelInfo
+from cluster.contracts.stage_timing import ADMISSION, PARSE, TOKENIZE
+from cluster.contracts.tracing import Tracing, TracingSettings
 from model_workers.gemma3.checkpoints import resolve_checkpoint
 from model_workers.gemma3.tokenizer import Gemma3Tokenizer
 from router import openai_api as oa
@@ -37,6 +40,7 @@ from router.ingress_settings import IngressSettings
 from router.metrics import IngressMetrics
 from router.pools import DecoderPools, PoolPlan
 from router.request_prep import build_request, parse, render_prompt
+from router.request_timing import RequestTiming
 from router.step_receiver import DecoderStream, StepReceiver
 from vision_service.settings import VisionSettings
 
@@ -89,10 +93,13 @@ class G3ServeIngress:
         pool_plan: PoolPlan | None,
         vision: DeploymentHandle | None,
         decoders: Mapping[str, DeploymentHandle],
+        tracing: TracingSettings | Tracing | None = None,
     ):
         """`model_id` is the served model name; `checkpoint` the `model.checkpoint` spec, resolved here (the
-        embedded default converts once per node); `pool_plan` None = one decoder pool, no admission step."""
+        embedded default converts once per node); `pool_plan` None = one decoder pool, no admission step;
+        `tracing` the `tracing:` section (or a ready Tracing, in tests)."""
         self.settings, self.model_id = settings, model_id
+        self.tracing = tracing if isinstance(tracing, Tracing) else Tracing(tracing, "ingress")
         self._keys = tuple(k.encode() for k in api_keys)
         self._checkpoint = resolve_checkpoint(checkpoint)
         self.pools = DecoderPools(pool_plan, decoders)  # one pool unless router.pools is set
@@ -159,6 +166,7 @@ class G3ServeIngress:
     async def _handle(self, request: Request, endpoint: str) -> Response:
         arrival = time.monotonic()
         slot: _Slot | None = None
+        timing = timing_owner = RequestTiming(self.tracing, arrival, endpoint)
         try:
             self._authorize(request)
             body = await read_body(request, self.settings.max_body_bytes)
@@ -180,34 +188,46 @@ class G3ServeIngress:
                     headers={"Retry-After": str(self.settings.retry_after_s)},
                 )
             slot = _Slot(self)
-            gen_request = await self._build_request(req, sampling, request, arrival)
+            timing.lap(PARSE)
+            gen_request = await self._build_request(req, sampling, request, timing)
+            timing.lap(TOKENIZE)
             admitted = await self.pools.admit(len(gen_request.prompt_token_ids), gen_request.sampling.max_tokens)
+            timing.lap(ADMISSION)
             try:
-                stream, first = await self._start(gen_request, arrival, admitted.handle)
+                stream, first = await self._start(gen_request, arrival, admitted.handle, timing)
             finally:  # from the first delta on, the request's pages show in its replica's load
                 self.pools.release(admitted)
             self.metrics.ttft.observe(time.monotonic() - arrival)
+            timing.first_delta(first)
             if req.stream:
                 include_usage = bool(req.stream_options and req.stream_options.include_usage)
-                frames = self._sse(endpoint, gen_request, stream, first, include_usage, slot, arrival)
-                slot = None  # the stream owns it now
-                return StreamingResponse(frames, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-            return await self._collect_retrying(endpoint, gen_request, stream, first, arrival, admitted.handle)
+                frames = self._sse(endpoint, gen_request, stream, first, include_usage, slot, timing)
+                slot = timing_owner = None  # the stream owns them now
+                headers = {"Cache-Control": "no-cache", **self._server_timing(timing)}
+                return StreamingResponse(frames, media_type="text/event-stream", headers=headers)
+            response = await self._collect_retrying(endpoint, gen_request, stream, first, timing, admitted.handle)
+            response.headers.update(self._server_timing(timing, total=True))
+            self._finish(timing, 200)
+            return response
         except Exception as e:  # noqa: BLE001
-            return self._error(api_error_from_exception(e), endpoint)
+            err = api_error_from_exception(e)
+            self._finish(timing, err.status)
+            return self._error(err, endpoint)
         finally:
             if slot is not None:
                 slot.release()
+            if timing_owner is not None:  # cancelled (client gone): close its spans; a no-op once finished
+                timing_owner.end(499)
 
     async def _build_request(
-        self, req: oa._Request, sampling: SamplingParams, http: Request, arrival: float
+        self, req: oa._Request, sampling: SamplingParams, http: Request, timing: RequestTiming
     ) -> GenerateRequest:
         info = await self._model_info()
         tokenizer = self._get_tokenizer(info)
         turns, embeds, chat = None, (), isinstance(req, oa.ChatCompletionRequest)
         if chat:
             drafts = oa.turn_drafts(req.messages, self.settings.max_images_per_request)
-            turns, embeds = await self.images.resolve(drafts)
+            turns, embeds = await self.images.resolve(drafts, timing)
             hits = sum(e.cache_hit for e in embeds)
             self.metrics.observe_images(cache_hits=hits, misses=len(embeds) - hits)
         return build_request(
@@ -223,9 +243,10 @@ class G3ServeIngress:
         )
 
     async def _start(
-        self, gen_request: GenerateRequest, arrival: float, decoder: DeploymentHandle
+        self, gen_request: GenerateRequest, arrival: float, decoder: DeploymentHandle, timing: RequestTiming
     ) -> tuple[DecoderStream, TokenDelta]:
         """The decoder stream and its first delta, retried on a lost replica while nothing has been streamed."""
+        gen_request = replace(gen_request, trace_context=timing.decode_context())
         for attempt in range(1, DECODER_ATTEMPTS + 1):
             ref, queue = self.steps.open()
             call = decoder.options(stream=True).generate.remote(gen_request, ref)
@@ -249,19 +270,21 @@ class G3ServeIngress:
             raise oa.ApiError(500, f"generation failed: {delta.error or 'engine error'}")
         return delta
 
-    async def _deltas(self, stream, first: TokenDelta, arrival: float) -> AsyncIterator[TokenDelta]:
+    async def _deltas(self, stream, first: TokenDelta, timing: RequestTiming) -> AsyncIterator[TokenDelta]:
         """The first delta, then the rest, recording inter-token latency; the last one has finish_reason."""
         yield first
-        last, delta = time.monotonic(), first
+        last, delta, arrival = time.monotonic(), first, timing.clock.start
         while delta.finish_reason is None:
             try:
                 delta = await self._next(stream, arrival)
             except StopAsyncIteration:
                 raise oa.ApiError(500, "the decoder stream ended without a finish reason") from None
-            now = time.monotonic()
+            now, gap = time.monotonic(), None
             if delta.token_ids:
-                self.metrics.itl.observe((now - last) / len(delta.token_ids))
+                gap = (now - last) / len(delta.token_ids)
+                self.metrics.itl.observe(gap)
                 last = now
+            timing.later_delta(delta, gap)
             yield delta
 
     def _account(self, last: TokenDelta, endpoint: str) -> oa.Usage:
@@ -271,23 +294,23 @@ class G3ServeIngress:
         self.metrics.requests.labels(endpoint=endpoint, status="200").inc()
         return oa.usage(last.prompt_tokens, last.completion_tokens, last.cached_tokens)
 
-    async def _collect_retrying(self, endpoint, gen: GenerateRequest, stream, first, arrival: float, decoder):
+    async def _collect_retrying(self, endpoint, gen: GenerateRequest, stream, first, timing: RequestTiming, decoder):
         """A non-streamed answer has sent the client nothing until it is complete, so a replica lost in the middle
         of the generation costs a fresh start on a live (or restarted) replica, not an error; bounded attempts."""
         for attempt in range(1, DECODER_ATTEMPTS + 1):
             try:
-                return await self._collect(endpoint, gen, stream, first, arrival)
+                return await self._collect(endpoint, gen, stream, first, timing)
             except Exception as e:
                 if attempt == DECODER_ATTEMPTS or not replica_lost(e):
                     raise
                 self.metrics.decoder_retries.inc()
-                stream, first = await self._start(gen, arrival, decoder)
+                stream, first = await self._start(gen, timing.clock.start, decoder, timing)
         raise AssertionError("unreachable")
 
-    async def _collect(self, endpoint: str, gen: GenerateRequest, stream, first: TokenDelta, arrival: float):
+    async def _collect(self, endpoint: str, gen: GenerateRequest, stream, first: TokenDelta, timing: RequestTiming):
         text: list[str] = []
         try:
-            async for delta in self._deltas(stream, first, arrival):
+            async for delta in self._deltas(stream, first, timing):
                 text.append(delta.text)
                 last = delta
         except BaseException:
@@ -302,13 +325,14 @@ class G3ServeIngress:
         choice = oa.CompletionChoice(text="".join(text), finish_reason=reason)
         return JSONResponse(oa.Completion(id=gen.request_id, model=model, choices=[choice], usage=usage).model_dump())
 
-    async def _sse(self, endpoint, gen, stream, first, include_usage: bool, slot: _Slot, arrival: float):
+    async def _sse(self, endpoint, gen, stream, first, include_usage: bool, slot: _Slot, timing: RequestTiming):
         rid, model, chat = gen.request_id, self._model_name, endpoint == "chat"
+        status = 200
         try:
             if chat:  # OpenAI's first chunk announces the role
                 delta = oa.ChunkDelta(role="assistant", content="")
                 yield oa.sse(oa.ChatCompletionChunk(id=rid, model=model, choices=[oa.ChunkChoice(delta=delta)]))
-            async for d in self._deltas(stream, first, arrival):
+            async for d in self._deltas(stream, first, timing):
                 reason = oa.finish_reason(d.finish_reason)
                 if d.text or reason:
                     if chat:
@@ -326,6 +350,7 @@ class G3ServeIngress:
         except Exception as exc:  # mid-stream failure (e.g. the replica died): the status line is gone, so
             # report it in the stream as OpenAI's error event, which the openai client raises as an APIError.
             e = api_error_from_exception(exc)
+            status = e.status
             self.metrics.requests.labels(endpoint=endpoint, status=str(e.status)).inc()
             stream.cancel()
             yield oa.sse(e.body())
@@ -333,11 +358,22 @@ class G3ServeIngress:
         except BaseException:  # client disconnect (cancellation) or anything else: abort the generation
             stream.cancel()
             self.metrics.requests.labels(endpoint=endpoint, status="499").inc()
+            status = 499
             raise
         finally:
             slot.release()
+            self._finish(timing, status)
 
     # ------------------------------------------------------------------------------------------------ helpers
+
+    def _server_timing(self, timing: RequestTiming, total: bool = False) -> dict[str, str]:
+        return {"Server-Timing": timing.server_timing(total)} if self.settings.server_timing else {}
+
+    def _finish(self, timing: RequestTiming, status: int) -> None:
+        """The request's stages into the stage histogram (answered requests only) and its spans closed."""
+        if status == 200:
+            self.metrics.observe_stages(timing.observations())
+        timing.end(status)
 
     @property
     def _model_name(self) -> str:

@@ -18,10 +18,12 @@ from pathlib import Path
 from prometheus_client import Gauge
 
 from cluster.contracts.messages import ImageEmbedding
+from cluster.contracts.stage_timing import VISION_LOAD
 from model_workers.gemma3.tokenizer import ChatTurn, ImageRef
 from router.ingress_errors import replica_lost
 from router.openai_api import ApiError, ImageInput, TurnDraft
 from router.request_prep import chat_turns, image_where, plan_images
+from router.request_timing import RequestTiming
 from vision_service.content_hash import HashSettings, checkpoint_revision
 from vision_service.images import load_image_bytes
 from vision_service.preprocess import PreprocessConfig
@@ -57,15 +59,20 @@ class ImagePipeline:
                 self._settings.pan_and_scan,
             )
 
-    async def resolve(self, drafts: Sequence[TurnDraft]) -> tuple[list[ChatTurn], tuple[ImageEmbedding, ...]]:
-        """Chat turns for the tokenizer, and one embedding per image block in prompt order."""
+    async def resolve(
+        self, drafts: Sequence[TurnDraft], timing: RequestTiming | None = None
+    ) -> tuple[list[ChatTurn], tuple[ImageEmbedding, ...]]:
+        """Chat turns for the tokenizer, and one embedding per image block in prompt order; `timing` gets the
+        vision stages (loading, the service's cache lookup and encode, the call's remainder)."""
         images = [img for d in drafts for img in d.images]
         if not images:
             return chat_turns(drafts, {}), ()
-        refs, embeds = await self._embed(images)
+        refs, embeds = await self._embed(images, timing)
         return chat_turns(drafts, dict(zip(images, refs, strict=True))), embeds
 
-    async def _embed(self, images: Sequence[ImageInput]) -> tuple[list[ImageRef], tuple[ImageEmbedding, ...]]:
+    async def _embed(
+        self, images: Sequence[ImageInput], timing: RequestTiming | None
+    ) -> tuple[list[ImageRef], tuple[ImageEmbedding, ...]]:
         if self._vision is None or self._hash_settings is None:
             raise ApiError(400, "this model does not accept images (text-only checkpoint)", param="messages")
         limits = self._settings.images
@@ -73,8 +80,14 @@ class ImagePipeline:
         inputs, refs = plan_images(
             images, data, self._model_id, self._hash_settings, self._settings.pan_and_scan.enabled, limits
         )
-        request = VisionRequest(request_id=f"img-{uuid.uuid4().hex}", images=tuple(inputs))
+        trace_context = ()
+        if timing is not None:
+            timing.lap(VISION_LOAD)
+            trace_context = timing.vision_context()
+        request = VisionRequest(f"img-{uuid.uuid4().hex}", tuple(inputs), trace_context)
         embeds = await self._embed_with_retry(request)
+        if timing is not None:
+            timing.vision_done(embeds[0].timings if embeds else ())
         expected = [h for ref in refs for h in ref.block_hashes]
         if [e.content_hash for e in embeds] != expected:
             # The two sides planned differently (version skew between ingress and vision replicas): refuse

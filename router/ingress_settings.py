@@ -31,6 +31,11 @@ class IngressSettings(ConfigSection):
         256, ge=1, description="In-flight requests per ingress replica; beyond it 429 with Retry-After."
     )
     retry_after_s: int = Field(1, ge=1, description="Retry-After seconds sent with 429.")
+    server_timing: bool = Field(
+        True,
+        description="Send a W3C Server-Timing header with each answer: the request's time per stage (ms) and its TTFT "
+        "(a streamed answer's header has the stages up to the first token).",
+    )
 
     def resolved_api_keys(self) -> tuple[str, ...]:
         """Config keys plus the environment's, read where the app is built (the driver), not in replicas."""

@@ -19,6 +19,8 @@ from cluster.contracts.replica_metrics import ReplicaMetricSet, kv_usage_by_laye
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 _THIS_REPLICA = " (GET /metrics: the ingress replica that answered the scrape only)"
+# Stages range from sub-millisecond (parse, route) to minutes (a long prefill behind a queue).
+_STAGE_BUCKETS = (0.0005, 0.001, 0.0025, *_LATENCY_BUCKETS)
 
 
 class IngressMetrics:
@@ -40,7 +42,7 @@ class IngressMetrics:
         self.stage = m.histogram(
             "g3serve_stage_seconds",
             "Time spent in each stage before the first token, by stage" + _THIS_REPLICA,
-            _LATENCY_BUCKETS,
+            _STAGE_BUCKETS,
             ["stage"],
         )
         self.prompt_tokens = m.counter("g3serve_prompt_tokens", "Prompt tokens of served requests" + _THIS_REPLICA)

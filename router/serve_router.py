@@ -24,6 +24,7 @@ import logging
 import random
 import time
 from collections import OrderedDict
+from dataclasses import replace
 from typing import Any
 
 from ray.serve._private.common import ReplicaID
@@ -37,6 +38,8 @@ from ray.serve.request_router import (
 
 from cluster.contracts.messages import GenerateRequest
 from cluster.contracts.prefix_hash import page_hashes
+from cluster.contracts.stage_timing import ROUTE
+from cluster.contracts.tracing import Tracing, TracingSettings
 from router.kv_hub import HubUpdate, get_or_create_hub
 from router.kv_index import KvIndex
 from router.load_view import LoadView
@@ -56,6 +59,7 @@ class KvAwareRequestRouter(LocalityMixin, MultiplexMixin, RequestRouter):
         poll_interval_s: float = 0.1,
         inflight_ttl_s: float = 2.0,
         hub_log_size: int = 100_000,
+        tracing: dict[str, Any] | None = None,
         **_: Any,
     ) -> None:
         self.policy = PolicyConfig(**(policy or {}))
@@ -80,6 +84,7 @@ class KvAwareRequestRouter(LocalityMixin, MultiplexMixin, RequestRouter):
         self._wake = asyncio.Event()
         self.decisions: dict[str, int] = {"kv": 0, "session": 0, "load": 0, "fallback": 0}
         self.metrics = RoutingMetrics()
+        self.tracing = Tracing(TracingSettings(**tracing) if tracing else None, "router")
 
     # ---- the hub feed --------------------------------------------------------------------------------------
 
@@ -210,6 +215,21 @@ class KvAwareRequestRouter(LocalityMixin, MultiplexMixin, RequestRouter):
         new_pages = -(-(len(req.prompt_token_ids) + req.sampling.max_tokens) // page) - matched.get(rid, 0)
         self.loads.on_send(rid, len(req.prompt_token_ids) - decision.cached_tokens, new_pages, now)
 
+    def _stamp(self, pr: PendingRequest, decision: Decision, start: float, wall_start: int) -> None:
+        """Hand the decision's duration (and its span) to the decoder, which returns it on the first delta: the
+        router runs in the ingress's process but outside the ingress's code, so the request is the way back."""
+        req: GenerateRequest = pr.args[0]
+        seconds = time.monotonic() - start
+        if isinstance(pr.args, list):  # Serve's PendingRequest holds a list; anything else is left as it is
+            pr.args[0] = replace(req, timings=req.timings + ((ROUTE, seconds),))
+        self.tracing.record(
+            "route",
+            req.trace_context,
+            wall_start,
+            time.time_ns(),
+            {"g3serve.route_reason": decision.reason, "g3serve.cached_tokens": decision.cached_tokens},
+        )
+
     async def choose_replicas(
         self, candidate_replicas: list[RunningReplica], pending_request: PendingRequest | None = None
     ) -> list[list[RunningReplica]]:
@@ -222,7 +242,10 @@ class KvAwareRequestRouter(LocalityMixin, MultiplexMixin, RequestRouter):
             return [candidate_replicas]
         # When every ranked replica is at max_ongoing_requests, Ray retries this call: back off between tries.
         pending_request.routing_context.should_backoff = True
+        wall_start = time.time_ns()
         decision = self.decide(pending_request, candidate_replicas)
+        if decision is not None:
+            self._stamp(pending_request, decision, now, wall_start)
         if decision is None:  # not a GenerateRequest call (other methods): two random, the shorter queue wins
             self.decisions["fallback"] += 1
             self.metrics.observe_fallback()

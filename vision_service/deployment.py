@@ -23,6 +23,8 @@ import torch
 from PIL import Image
 
 from cluster.contracts.messages import ImageEmbedding
+from cluster.contracts.stage_timing import VISION_CACHE, VISION_ENCODE
+from cluster.contracts.tracing import Tracing, TracingSettings
 from model_workers.gemma3.siglip import VisionTower
 from vision_service.batcher import DynamicBatcher
 from vision_service.cache import EmbeddingCache
@@ -47,6 +49,7 @@ class VisionService:
         model_id: str | None = None,
         revision: str | None = None,
         tower: VisionTower | None = None,
+        tracing: TracingSettings | Tracing | None = None,
     ):
         self.settings = (
             settings if isinstance(settings, VisionSettings) else VisionSettings.model_validate(settings or {})
@@ -64,6 +67,7 @@ class VisionService:
         self.out_dtype = _DTYPES[enc.output_dtype]
         self.block_shape = (self.tower.cfg.mm_tokens_per_image, self.tower.cfg.text_hidden_size)
         self.metrics = VisionMetrics()
+        self.tracing = tracing if isinstance(tracing, Tracing) else Tracing(tracing, "vision")
         self.cache = EmbeddingCache(self.settings.cache, self.metrics)
         self._flight: SingleFlight[torch.Tensor] = SingleFlight()
         self._start_lock: asyncio.Lock | None = None
@@ -82,6 +86,7 @@ class VisionService:
                 self._started = True
 
     async def close(self) -> None:
+        self.tracing.shutdown()
         await self.cache.close()
         self._started = False
 
@@ -107,9 +112,21 @@ class VisionService:
                 f"{len(request.images)} images, more than the limit of "
                 f"{self.settings.images.max_images_per_request} per request",
             )
+        span = self.tracing.start(
+            "vision.embed", request.trace_context, attributes={"g3serve.images": len(request.images)}
+        )
+        try:
+            return await self._embed(request, span)
+        finally:
+            span.end()
+
+    async def _embed(self, request: VisionRequest, span) -> list[ImageEmbedding]:
         plans = [self.plan(im) for im in request.images]
         hashes = [h for p in plans for h in p.content_hashes]
+        t_lookup, wall_lookup = time.monotonic(), time.time_ns()
         cached = await self.cache.get_many(hashes, self.block_shape, self.out_dtype)
+        t_encode, wall_encode = time.monotonic(), time.time_ns()
+        self.tracing.record("vision.cache_lookup", span, wall_lookup, wall_encode, {"g3serve.blocks": len(hashes)})
         hits = sum(t is not None for t in cached)
         self.metrics.cache_hits.inc(hits)
         self.metrics.cache_misses.inc(len(hashes) - hits)
@@ -136,8 +153,12 @@ class VisionService:
                 if shared:
                     self.metrics.shared_encodes.inc()
         miss = set(slots)
+        if jobs:
+            self.tracing.record("vision.encode", span, wall_encode, time.time_ns(), {"g3serve.blocks": len(jobs)})
+        timings = ((VISION_CACHE, t_encode - t_lookup), (VISION_ENCODE, time.monotonic() - t_encode if jobs else 0.0))
+        span.set_attribute("g3serve.cache_hits", len(hashes) - len(jobs))
         return [
-            ImageEmbedding(content_hash=h, embeds=t, cache_hit=i not in miss)
+            ImageEmbedding(content_hash=h, embeds=t, cache_hit=i not in miss, timings=timings)
             for i, (h, t) in enumerate(zip(hashes, cached, strict=True))
         ]
 

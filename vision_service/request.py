@@ -28,6 +28,7 @@ class VisionImage:
 class VisionRequest:
     request_id: str
     images: tuple[VisionImage, ...]
+    trace_context: tuple[tuple[str, str], ...] = ()  # W3C trace context of the ingress's span (empty: untraced)
 
 
 @dataclass(frozen=True)

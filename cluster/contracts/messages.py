@@ -66,6 +66,8 @@ class ImageEmbedding:
     content_hash: str
     embeds: torch.Tensor
     cache_hit: bool = False
+    # The vision request's stage durations in seconds (cache lookup, encode), the same on every block of one request.
+    timings: tuple[tuple[str, float], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -79,6 +81,12 @@ class GenerateRequest:
     image_embeds: tuple[ImageEmbedding, ...] = ()  # same order as `images`
     session_id: str | None = None  # conversation affinity (OpenAI `user` or the x-session-id header)
     arrival_time: float = 0.0
+    # W3C trace context (("traceparent", ...), ("tracestate", ...)) of the span this request is a child of; empty
+    # when tracing is off. Carried here because Serve's process boundaries drop any ambient context.
+    trace_context: tuple[tuple[str, str], ...] = ()
+    # Stage durations in seconds measured on the way to the decoder by code the ingress cannot see (the request
+    # router's decision); the decoder hands them back on its first delta.
+    timings: tuple[tuple[str, float], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -93,6 +101,10 @@ class TokenDelta:
     completion_tokens: int = 0
     cached_tokens: int = 0  # prompt tokens served from the prefix cache
     error: str | None = None
+    # Stage durations in seconds measured by the decoder side (cluster/contracts/stage_timing.py names them): the
+    # first delta carries the stages up to the first token, a later one the first decode step; merged deltas keep
+    # both.
+    timings: tuple[tuple[str, float], ...] = ()
 
 
 @dataclass(frozen=True)

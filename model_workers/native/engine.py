@@ -18,14 +18,17 @@ import asyncio
 import functools
 import logging
 import os
+import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 
 import torch
 
 from cluster.contracts.engine_errors import EngineDeadError, EngineOverloadedError, EngineRequestError
 from cluster.contracts.messages import FinishReason, GenerateRequest, KvEvent, ReplicaLoad, TokenDelta
 from cluster.contracts.model_info import ModelInfo
+from cluster.contracts.stage_timing import ENGINE_QUEUE, FIRST_DECODE, PREFILL
 from model_workers.gemma3.config import Gemma3Config
 from model_workers.gemma3.decoder import Gemma3Decoder
 from model_workers.gemma3.tokenizer import Gemma3Tokenizer
@@ -61,6 +64,18 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
+class _StageMarks:
+    """When one request reached the engine, was first scheduled, and got its first and second token (monotonic)."""
+
+    __slots__ = ("arrival", "scheduled", "first_token", "second_token")
+
+    def __init__(self) -> None:
+        self.arrival = time.monotonic()
+        self.scheduled: float | None = None
+        self.first_token: float | None = None
+        self.second_token: float | None = None
+
+
 class NativeEngine:
     def __init__(self, config: NativeEngineConfig, replica_id: str | None = None, rank_group=None):
         """`rank_group`: with tensor_parallel_size > 1, a Ray placement group of one bundle per rank to start the
@@ -71,6 +86,7 @@ class NativeEngine:
         self._streams = OutputStreams()
         self._pending_aborts: list[str] = []
         self._events: list[KvEvent] = []
+        self._marks: dict[str, _StageMarks] = {}  # stage timings of the open requests (TokenDelta.timings)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="g3serve-step")
         self._task: asyncio.Task | None = None
         self._wake: asyncio.Event | None = None
@@ -223,6 +239,7 @@ class NativeEngine:
         if request.request_id in self._streams:
             raise EngineRequestError(f"request id {request.request_id!r} is already running")
         seq = self._make_sequence(request)
+        marks = _StageMarks()
         try:
             self.scheduler.add(seq)
         except RequestTooLarge as e:
@@ -232,16 +249,31 @@ class NativeEngine:
         if request.image_embeds:
             self.runner.image_embeds[seq.seq_id] = [e.embeds for e in request.image_embeds]
         stream = self._streams.open(seq.seq_id, self.tokenizer.detokenizer(), request.sampling.stop)
+        self._marks[seq.seq_id] = marks
         self._wake.set()
+        sent_first = sent_decode = False
         try:
             while True:
                 delta = await stream.next_delta()
                 if delta.finish_reason is FinishReason.ERROR and self._dead is not None:
                     raise EngineDeadError(self._dead)
+                if not sent_first and marks.first_token is not None and marks.scheduled is not None:
+                    sent_first = True
+                    timings = (
+                        (ENGINE_QUEUE, marks.scheduled - marks.arrival),
+                        (PREFILL, marks.first_token - marks.scheduled),
+                    )
+                    delta = replace(delta, timings=delta.timings + timings)
+                if sent_first and not sent_decode and marks.second_token is not None:
+                    sent_decode = True
+                    delta = replace(
+                        delta, timings=delta.timings + ((FIRST_DECODE, marks.second_token - marks.first_token),)
+                    )
                 yield delta
                 if delta.finish_reason is not None:
                     return
         finally:
+            self._marks.pop(seq.seq_id, None)
             if not stream.done:  # the client went away (or closed the iterator): free its pages at once
                 self._pending_aborts.append(seq.seq_id)
                 self._wake.set()
@@ -267,6 +299,11 @@ class NativeEngine:
         if plan.is_empty:  # everything waits for pages that a running abort will free
             await asyncio.sleep(0.005)
             return
+        now = time.monotonic()
+        for chunk in plan.chunks:
+            marks = self._marks.get(chunk.seq.seq_id)
+            if marks is not None and marks.scheduled is None:
+                marks.scheduled = now
         sampled = await self._run(plan)
         if sampled is not None:
             self._postprocess(plan, sampled)
@@ -300,7 +337,17 @@ class NativeEngine:
 
     def _postprocess(self, plan: StepPlan, sampled: dict[str, int]) -> None:
         """Record the step in the scheduler, stream its tokens, finish what a stop string ended, publish KV events."""
-        for end in self._streams.publish(self.scheduler.postprocess(plan, sampled)):
+        outputs = self.scheduler.postprocess(plan, sampled)
+        now = time.monotonic()
+        for out in outputs:
+            marks = self._marks.get(out.seq_id)
+            if marks is None:
+                continue
+            if marks.first_token is None:
+                marks.first_token = now
+            elif marks.second_token is None:
+                marks.second_token = now
+        for end in self._streams.publish(outputs):
             if end.by_stop_string:
                 self.scheduler.finish(end.seq_id, FinishReason.STOP)
             self.runner.forget(end.seq_id)

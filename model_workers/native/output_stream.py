@@ -23,7 +23,7 @@ if TYPE_CHECKING:  # the tokenizer module loads the tokenizer library: only its 
 
 def merge_deltas(a: TokenDelta, b: TokenDelta) -> TokenDelta:
     """Two consecutive deltas of one request as one (b is the later: its finish state and counts win)."""
-    return replace(b, token_ids=a.token_ids + b.token_ids, text=a.text + b.text)
+    return replace(b, token_ids=a.token_ids + b.token_ids, text=a.text + b.text, timings=a.timings + b.timings)
 
 
 @dataclass
