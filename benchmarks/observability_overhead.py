@@ -2,8 +2,8 @@
 
 One g3serve app (the embedded Gemma 3 270M, native engine) is deployed with both on (`ingress.server_timing`,
 `tracing:` at sample ratio 1, exporting over OTLP/HTTP to a receiver this script runs: it reads and drops the
-bytes, so the cost measured is the server's) and then redeployed with both off, in ABBA order (on, off, off, on, ...;
-a redeploy only where the side changes), each round with fresh distinct prompts (no prefix-cache hits), so drift of
+bytes, so the cost measured is the server's) and then with both off, in ABBA order (on, off, off, on, ...; the
+app is replaced only where the side changes), each round with fresh distinct prompts (no prefix-cache hits), so drift of
 the shared machine's load hits both sides alike. One app at a time: two side by side would double the memory of a
 machine shared with other jobs. The stage timings themselves (contract fields, the stage histogram) are part of
 both sides: they have no switch.
@@ -66,7 +66,7 @@ class OtlpSink:
 def app_config(port: int, on: bool, sink_url: str) -> G3ServeConfig:
     return G3ServeConfig.model_validate(
         {
-            "engine": {"native": {"kv_cache_bytes": 2**30}},
+            "engine": {"native": {"kv_cache_bytes": 512 * 2**20}},  # 32 x 384 tokens fit
             "ingress": {"port": port, "server_timing": on},
             "tracing": {"enabled": on, "endpoint": sink_url, "sample_ratio": 1.0},
         }
@@ -97,6 +97,7 @@ def main() -> None:
     import ray
     from ray import serve
 
+    from cluster.app import APP_NAME
     from cluster.app import run as run_app
     from model_workers.gemma3.checkpoints import resolve_checkpoint
     from model_workers.gemma3.tokenizer import Gemma3Tokenizer
@@ -118,7 +119,9 @@ def main() -> None:
             url, deployed, headers = None, None, {}
             for r in range(args.rounds * 2):
                 side = (ON, OFF, OFF, ON)[r % 4]
-                if side != deployed:  # redeploy in place (same app, same port) with the other side's config
+                if side != deployed:  # the other side's app, on the same port; the old one goes first (memory)
+                    if deployed is not None:
+                        serve.delete(APP_NAME)
                     url, deployed = run_app(configs[side]), side
                     asyncio.run(_serve_load(url, model, warm[:2], 8, 2, Run("warm-up")))  # not measured
                     headers[side] = sample_headers(url, model, warm[0])

@@ -94,14 +94,6 @@ class StageClock:
         self._mark = end
         return own
 
-    def skip(self, end: float | None = None) -> None:
-        """Move the mark without booking (time already booked under other stages)."""
-        self._mark = self.now() if end is None else end
-
-    def add(self, name: str, seconds: float) -> None:
-        """A duration measured elsewhere, booked without a place on this clock's time line."""
-        self.reported.append((name, max(0.0, seconds)))
-
     def durations(self) -> Timings:
         """Seconds per stage (repeated names summed), local laps first, in first-seen order."""
         return merge_timings([(s.name, s.seconds) for s in self.spans], self.reported)
