@@ -116,7 +116,9 @@ class DecoderDeployment:
         self._engine.load()
 
     async def __del__(self) -> None:
-        await self._sampler.stop()
+        sampler = getattr(self, "_sampler", None)  # absent when __init__ failed before starting it
+        if sampler is not None:
+            await sampler.stop()
         if self._publisher is not None:
             await self._publisher.stop()
         await self._engine.shutdown()
