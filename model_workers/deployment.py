@@ -158,8 +158,12 @@ class DecoderDeployment:
         self._engine.load()
 
     async def __del__(self) -> None:
-        await self._sampler.stop()
-        self._tracing.shutdown()
+        sampler = getattr(self, "_sampler", None)  # absent when __init__ failed before starting it
+        if sampler is not None:
+            await sampler.stop()
+        tracing = getattr(self, "_tracing", None)
+        if tracing is not None:
+            tracing.shutdown()
         if self._publisher is not None:
             await self._publisher.stop()
         await self._engine.shutdown()
