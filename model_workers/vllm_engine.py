@@ -31,7 +31,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 from cluster.contracts.engine_errors import EngineOverloadedError, EngineRequestError
-from cluster.contracts.messages import FinishReason, GenerateRequest, KvEvent, ReplicaLoad, TokenDelta
+from cluster.contracts.messages import FinishReason, GenerateRequest, KvEvent, ReplicaLoad, TokenDelta, TokenLogprobs
 from cluster.contracts.model_info import FULL_ATTENTION, SLIDING_ATTENTION, ModelInfo
 from model_workers.settings import ModelSettings, VllmEngineConfig
 from model_workers.vllm_kv_events import KvEventTranslator, ZmqKvEventSubscriber
@@ -119,6 +119,17 @@ def use_replica_placement_group(vllm_config) -> None:
             "through the app (cluster/app.py declares the group when TP x PP > 1)"
         )
     vllm_config.parallel_config.placement_group = group
+
+
+def _logprobs(out, k: int | None) -> tuple[TokenLogprobs, ...]:
+    """vLLM's per-token logprob dicts (the sampled token plus its top k, each with a rank) -> TokenLogprobs."""
+    if k is None or not out.logprobs:
+        return ()
+    result = []
+    for tok, step in zip(out.token_ids, out.logprobs, strict=True):
+        top = sorted((lp.rank, t, lp.logprob) for t, lp in step.items() if lp.rank is not None and lp.rank <= k)
+        result.append(TokenLogprobs(tok, step[tok].logprob, tuple((t, v) for _, t, v in top[:k])))
+    return tuple(result)
 
 
 class VllmEngine:
@@ -307,6 +318,8 @@ class VllmEngine:
                 )
         if any(t < 0 or t >= info.vocab_size for t in req.prompt_token_ids):
             raise EngineRequestError(f"prompt token ids must be in [0, {info.vocab_size})")
+        if any(not 0 <= t < info.vocab_size for t, _ in sp.logit_bias + tuple((t, 0) for t in sp.stop_token_ids)):
+            raise EngineRequestError(f"logit_bias and stop_token_ids take token ids in [0, {info.vocab_size})")
         total = len(req.prompt_token_ids) + sp.max_tokens
         if total > info.max_model_len:
             raise EngineRequestError(
@@ -331,6 +344,13 @@ class VllmEngine:
                 stop=[s for s in sp.stop if s],
                 stop_token_ids=list(sp.stop_token_ids),
                 ignore_eos=sp.ignore_eos,
+                presence_penalty=sp.presence_penalty,
+                frequency_penalty=sp.frequency_penalty,
+                repetition_penalty=sp.repetition_penalty,
+                logit_bias=dict(sp.logit_bias) or None,
+                min_p=sp.min_p,
+                min_tokens=sp.min_tokens,
+                logprobs=sp.logprobs,
                 skip_special_tokens=True,
                 output_kind=RequestOutputKind.DELTA,
             )
@@ -385,6 +405,7 @@ class VllmEngine:
                         completion_tokens=completion,
                         cached_tokens=ro.num_cached_tokens or 0,
                         error=None if reason is not FinishReason.ERROR else f"vLLM finished with {out.finish_reason}",
+                        logprobs=_logprobs(out, request.sampling.logprobs),
                     )
                 if finished:
                     return

@@ -28,10 +28,12 @@ from cluster.contracts.model_info import ModelInfo
 from model_workers.gemma3.checkpoints import resolve_checkpoint
 from model_workers.gemma3.tokenizer import Gemma3Tokenizer
 from router import openai_api as oa
+from router.ingress_choices import fork_requests, gather_or_cancel, merge_streams, start_all
 from router.ingress_errors import api_error_from_exception, replica_lost
 from router.ingress_images import ImagePipeline
 from router.ingress_settings import IngressSettings
 from router.metrics import IngressMetrics
+from router.openai_logprobs import chat_logprobs, completion_logprobs, end_offset
 from router.pools import DecoderPools, PoolPlan
 from router.request_prep import build_request, parse, render_prompt
 from vision_service.settings import VisionSettings
@@ -178,14 +180,24 @@ class G3ServeIngress:
             admitted = await self.pools.admit(len(gen_request.prompt_token_ids), gen_request.sampling.max_tokens)
             try:
                 stream, first = await self._start(gen_request, arrival, admitted.handle)
+                started = [(stream, first)]
+                if (req.n or 1) > 1:  # after choice 0's prefill: the others find its prompt in the prefix cache
+                    try:
+                        forks = fork_requests(gen_request, req.n)
+                        started += await start_all([self._start(f, arrival, admitted.handle) for f in forks])
+                    except BaseException:
+                        stream.cancel()
+                        raise
             finally:  # from the first delta on, the request's pages show in its replica's load
                 self.pools.release(admitted)
             self.metrics.ttft.observe(time.monotonic() - arrival)
             if req.stream:
                 include_usage = bool(req.stream_options and req.stream_options.include_usage)
-                frames = self._sse(endpoint, gen_request, stream, first, include_usage, slot, arrival)
+                frames = self._sse(endpoint, gen_request, started, include_usage, slot, arrival)
                 slot = None  # the stream owns it now
                 return StreamingResponse(frames, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+            if len(started) > 1:
+                return await self._collect(endpoint, gen_request, started, arrival)
             return await self._collect_retrying(endpoint, gen_request, stream, first, arrival, admitted.handle)
         except Exception as e:  # noqa: BLE001
             return self._error(api_error_from_exception(e), endpoint)
@@ -214,6 +226,7 @@ class G3ServeIngress:
             image_embeds=embeds,
             session_id=req.user or http.headers.get("x-session-id"),
             arrival_time=time.time(),
+            vocab_size=info.vocab_size,
         )
 
     async def _start(
@@ -256,19 +269,22 @@ class G3ServeIngress:
                 last = now
             yield delta
 
-    def _account(self, last: TokenDelta, endpoint: str) -> oa.Usage:
-        self.metrics.prompt_tokens.inc(last.prompt_tokens)
-        self.metrics.cached_prompt_tokens.inc(last.cached_tokens)
-        self.metrics.completion_tokens.inc(last.completion_tokens)
+    def _account(self, lasts: list[TokenDelta], endpoint: str) -> oa.Usage:
+        """Usage of a request's choices (their last deltas): the prompt once (choice 0's), every completion."""
+        prompt, cached = lasts[0].prompt_tokens, lasts[0].cached_tokens
+        completion = sum(d.completion_tokens for d in lasts)
+        self.metrics.prompt_tokens.inc(prompt)
+        self.metrics.cached_prompt_tokens.inc(cached)
+        self.metrics.completion_tokens.inc(completion)
         self.metrics.requests.labels(endpoint=endpoint, status="200").inc()
-        return oa.usage(last.prompt_tokens, last.completion_tokens, last.cached_tokens)
+        return oa.usage(prompt, completion, cached)
 
     async def _collect_retrying(self, endpoint, gen: GenerateRequest, stream, first, arrival: float, decoder):
         """A non-streamed answer has sent the client nothing until it is complete, so a replica lost in the middle
         of the generation costs a fresh start on a live (or restarted) replica, not an error; bounded attempts."""
         for attempt in range(1, DECODER_ATTEMPTS + 1):
             try:
-                return await self._collect(endpoint, gen, stream, first, arrival)
+                return await self._collect(endpoint, gen, [(stream, first)], arrival)
             except Exception as e:
                 if attempt == DECODER_ATTEMPTS or not replica_lost(e):
                     raise
@@ -276,54 +292,93 @@ class G3ServeIngress:
                 stream, first = await self._start(gen, arrival, decoder)
         raise AssertionError("unreachable")
 
-    async def _collect(self, endpoint: str, gen: GenerateRequest, stream, first: TokenDelta, arrival: float):
-        text: list[str] = []
+    async def _collect_one(self, stream, first: TokenDelta, arrival: float) -> tuple[str, list, TokenDelta]:
+        text, logprobs = [], []
         try:
             async for delta in self._deltas(stream, first, arrival):
                 text.append(delta.text)
+                logprobs.extend(delta.logprobs)
                 last = delta
         except BaseException:
             stream.cancel()  # the client went away (cancellation) or the stream failed: free the decoder's KV
             raise
-        usage, reason, model = self._account(last, endpoint), oa.finish_reason(last.finish_reason), self._model_name
-        if endpoint == "chat":
-            choice = oa.ChatChoice(message=oa.AssistantMessage(content="".join(text)), finish_reason=reason)
-            return JSONResponse(
-                oa.ChatCompletion(id=gen.request_id, model=model, choices=[choice], usage=usage).model_dump()
-            )
-        choice = oa.CompletionChoice(text="".join(text), finish_reason=reason)
-        return JSONResponse(oa.Completion(id=gen.request_id, model=model, choices=[choice], usage=usage).model_dump())
+        return "".join(text), logprobs, last
 
-    async def _sse(self, endpoint, gen, stream, first, include_usage: bool, slot: _Slot, arrival: float):
+    async def _collect(self, endpoint: str, gen: GenerateRequest, started: list, arrival: float):
+        results = await gather_or_cancel(
+            [self._collect_one(s, f, arrival) for s, f in started], lambda: [s.cancel() for s, _ in started]
+        )
+        usage, model = self._account([last for _, _, last in results], endpoint), self._model_name
+        want_lp, spell = gen.sampling.logprobs is not None, self._spell
+        if endpoint == "chat":
+            choices = [
+                oa.ChatChoice(
+                    index=i,
+                    message=oa.AssistantMessage(content=text),
+                    finish_reason=oa.finish_reason(last.finish_reason),
+                    logprobs=chat_logprobs(lps, spell) if want_lp else None,
+                )
+                for i, (text, lps, last) in enumerate(results)
+            ]
+            return JSONResponse(
+                oa.ChatCompletion(id=gen.request_id, model=model, choices=choices, usage=usage).model_dump()
+            )
+        choices = [
+            oa.CompletionChoice(
+                index=i,
+                text=text,
+                finish_reason=oa.finish_reason(last.finish_reason),
+                logprobs=completion_logprobs(lps, spell) if want_lp else None,
+            )
+            for i, (text, lps, last) in enumerate(results)
+        ]
+        return JSONResponse(oa.Completion(id=gen.request_id, model=model, choices=choices, usage=usage).model_dump())
+
+    async def _sse(self, endpoint, gen, started: list, include_usage: bool, slot: _Slot, arrival: float):
         rid, model, chat = gen.request_id, self._model_name, endpoint == "chat"
+        want_lp, spell = gen.sampling.logprobs is not None, self._spell
+        lasts: list[TokenDelta | None] = [None] * len(started)
+        offsets = [0] * len(started)  # completions: each choice's text offset for its logprobs
         try:
-            if chat:  # OpenAI's first chunk announces the role
-                delta = oa.ChunkDelta(role="assistant", content="")
-                yield oa.sse(oa.ChatCompletionChunk(id=rid, model=model, choices=[oa.ChunkChoice(delta=delta)]))
-            async for d in self._deltas(stream, first, arrival):
+            if chat:  # OpenAI's first chunk announces the role, per choice
+                for i in range(len(started)):
+                    choice = oa.ChunkChoice(index=i, delta=oa.ChunkDelta(role="assistant", content=""))
+                    yield oa.sse(oa.ChatCompletionChunk(id=rid, model=model, choices=[choice]))
+            sources = [self._deltas(s, f, arrival) for s, f in started]
+            async for i, d in merge_streams(sources):
                 reason = oa.finish_reason(d.finish_reason)
-                if d.text or reason:
+                if d.text or reason or (want_lp and d.logprobs):
                     if chat:
-                        choice = oa.ChunkChoice(delta=oa.ChunkDelta(content=d.text or None), finish_reason=reason)
+                        choice = oa.ChunkChoice(
+                            index=i,
+                            delta=oa.ChunkDelta(content=d.text or None),
+                            finish_reason=reason,
+                            logprobs=chat_logprobs(d.logprobs, spell) if want_lp else None,
+                        )
                         yield oa.sse(oa.ChatCompletionChunk(id=rid, model=model, choices=[choice]))
                     else:
-                        choice = oa.CompletionChoice(text=d.text, finish_reason=reason)
+                        lp = completion_logprobs(d.logprobs, spell, offsets[i]) if want_lp else None
+                        offsets[i] = end_offset(lp) if lp and lp.tokens else offsets[i]
+                        choice = oa.CompletionChoice(index=i, text=d.text, finish_reason=reason, logprobs=lp)
                         yield oa.sse(oa.Completion(id=rid, model=model, choices=[choice]))
                 if d.finish_reason is not None:
-                    usage = self._account(d, endpoint)
-                    if include_usage:
-                        cls = oa.ChatCompletionChunk if chat else oa.Completion
-                        yield oa.sse(cls(id=rid, model=model, choices=[], usage=usage))
+                    lasts[i] = d
+            usage = self._account(lasts, endpoint)
+            if include_usage:
+                cls = oa.ChatCompletionChunk if chat else oa.Completion
+                yield oa.sse(cls(id=rid, model=model, choices=[], usage=usage))
             yield oa.SSE_DONE
         except Exception as exc:  # mid-stream failure (e.g. the replica died): the status line is gone, so
             # report it in the stream as OpenAI's error event, which the openai client raises as an APIError.
             e = api_error_from_exception(exc)
             self.metrics.requests.labels(endpoint=endpoint, status=str(e.status)).inc()
-            stream.cancel()
+            for stream, _ in started:
+                stream.cancel()
             yield oa.sse(e.body())
             yield oa.SSE_DONE
         except BaseException:  # client disconnect (cancellation) or anything else: abort the generation
-            stream.cancel()
+            for stream, _ in started:
+                stream.cancel()
             self.metrics.requests.labels(endpoint=endpoint, status="499").inc()
             raise
         finally:
@@ -334,6 +389,10 @@ class G3ServeIngress:
     @property
     def _model_name(self) -> str:
         return self.model_id
+
+    def _spell(self, token_id: int) -> str:
+        """A token as logprobs show it: decoded alone, special tokens included (vLLM's spelling)."""
+        return self._tokenizer.decode([token_id], skip_special_tokens=False)
 
     def _get_tokenizer(self, info: ModelInfo) -> Gemma3Tokenizer:
         # Built on first use: the soft-token count per image comes from the engine's view of the checkpoint.

@@ -183,6 +183,8 @@ class NativeEngine:
         vocab = self._info.vocab_size
         if any(t < 0 or t >= vocab for t in req.prompt_token_ids):
             raise EngineRequestError(f"prompt token ids must be in [0, {vocab})")
+        if any(not 0 <= t < vocab for t, _ in sp.logit_bias) or any(not 0 <= t < vocab for t in sp.stop_token_ids):
+            raise EngineRequestError(f"logit_bias and stop_token_ids take token ids in [0, {vocab})")
         return Sequence(
             req.request_id,
             list(req.prompt_token_ids),
@@ -259,7 +261,8 @@ class NativeEngine:
 
     def _postprocess(self, plan: StepPlan, sampled: dict[str, int]) -> None:
         """Record the step in the scheduler, stream its tokens, finish what a stop string ended, publish KV events."""
-        for end in self._streams.publish(self.scheduler.postprocess(plan, sampled)):
+        logprobs = self.runner.take_logprobs()
+        for end in self._streams.publish(self.scheduler.postprocess(plan, sampled), logprobs):
             if end.by_stop_string:
                 self.scheduler.finish(end.seq_id, FinishReason.STOP)
             self.runner.forget(end.seq_id)
