@@ -142,6 +142,7 @@ class VllmEngine:
         self._stats = _StatsSink()
         self._inflight: dict[str, int] = {}  # request id -> prompt tokens not yet answered (0 once prefilled)
         self._image_lengths: dict[str, int] = {}
+        self._prefilled_tokens = 0  # prompt tokens vLLM computed (its prefix hits excluded), for the load report
         self._subscriber: ZmqKvEventSubscriber | None = None
         self._translator: KvEventTranslator | None = None
         self._closed = False
@@ -388,6 +389,7 @@ class VllmEngine:
                 first = await anext(stream)
             except (ValueError, VLLMClientError) as e:  # vLLM's input processing refused the prompt
                 raise EngineRequestError(str(e)) from e
+            self._prefilled_tokens += n_prompt - (first.num_cached_tokens or 0)
             ro = first
             while True:
                 out = ro.outputs[0]
@@ -441,4 +443,5 @@ class VllmEngine:
             pending_prefill_tokens=sum(self._inflight.values()),
             max_model_len=self._info.max_model_len,
             kv_usage=(("all", st.kv_usage),),
+            prefilled_tokens=self._prefilled_tokens,
         )

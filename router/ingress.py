@@ -28,12 +28,18 @@ from cluster.contracts.model_info import ModelInfo
 from model_workers.gemma3.checkpoints import resolve_checkpoint
 from model_workers.gemma3.tokenizer import Gemma3Tokenizer
 from router import openai_api as oa
-from router.ingress_choices import fork_requests, gather_or_cancel, merge_streams, start_all
+from router.ingress_choices import (
+    chunk_choice,
+    final_choices,
+    fork_requests,
+    gather_or_cancel,
+    merge_streams,
+    start_all,
+)
 from router.ingress_errors import api_error_from_exception, replica_lost
 from router.ingress_images import ImagePipeline
 from router.ingress_settings import IngressSettings
 from router.metrics import IngressMetrics
-from router.openai_logprobs import chat_logprobs, completion_logprobs, end_offset
 from router.pools import DecoderPools, PoolPlan
 from router.request_prep import build_request, parse, render_prompt
 from vision_service.settings import VisionSettings
@@ -309,34 +315,14 @@ class G3ServeIngress:
             [self._collect_one(s, f, arrival) for s, f in started], lambda: [s.cancel() for s, _ in started]
         )
         usage, model = self._account([last for _, _, last in results], endpoint), self._model_name
-        want_lp, spell = gen.sampling.logprobs is not None, self._spell
-        if endpoint == "chat":
-            choices = [
-                oa.ChatChoice(
-                    index=i,
-                    message=oa.AssistantMessage(content=text),
-                    finish_reason=oa.finish_reason(last.finish_reason),
-                    logprobs=chat_logprobs(lps, spell) if want_lp else None,
-                )
-                for i, (text, lps, last) in enumerate(results)
-            ]
-            return JSONResponse(
-                oa.ChatCompletion(id=gen.request_id, model=model, choices=choices, usage=usage).model_dump()
-            )
-        choices = [
-            oa.CompletionChoice(
-                index=i,
-                text=text,
-                finish_reason=oa.finish_reason(last.finish_reason),
-                logprobs=completion_logprobs(lps, spell) if want_lp else None,
-            )
-            for i, (text, lps, last) in enumerate(results)
-        ]
-        return JSONResponse(oa.Completion(id=gen.request_id, model=model, choices=choices, usage=usage).model_dump())
+        spell = self._spell if gen.sampling.logprobs is not None else None
+        cls = oa.ChatCompletion if endpoint == "chat" else oa.Completion
+        body = cls(id=gen.request_id, model=model, choices=final_choices(endpoint, results, spell), usage=usage)
+        return JSONResponse(body.model_dump())
 
     async def _sse(self, endpoint, gen, started: list, include_usage: bool, slot: _Slot, arrival: float):
         rid, model, chat = gen.request_id, self._model_name, endpoint == "chat"
-        want_lp, spell = gen.sampling.logprobs is not None, self._spell
+        spell = self._spell if gen.sampling.logprobs is not None else None
         lasts: list[TokenDelta | None] = [None] * len(started)
         offsets = [0] * len(started)  # completions: each choice's text offset for its logprobs
         try:
@@ -346,21 +332,10 @@ class G3ServeIngress:
                     yield oa.sse(oa.ChatCompletionChunk(id=rid, model=model, choices=[choice]))
             sources = [self._deltas(s, f, arrival) for s, f in started]
             async for i, d in merge_streams(sources):
-                reason = oa.finish_reason(d.finish_reason)
-                if d.text or reason or (want_lp and d.logprobs):
-                    if chat:
-                        choice = oa.ChunkChoice(
-                            index=i,
-                            delta=oa.ChunkDelta(content=d.text or None),
-                            finish_reason=reason,
-                            logprobs=chat_logprobs(d.logprobs, spell) if want_lp else None,
-                        )
-                        yield oa.sse(oa.ChatCompletionChunk(id=rid, model=model, choices=[choice]))
-                    else:
-                        lp = completion_logprobs(d.logprobs, spell, offsets[i]) if want_lp else None
-                        offsets[i] = end_offset(lp) if lp and lp.tokens else offsets[i]
-                        choice = oa.CompletionChoice(index=i, text=d.text, finish_reason=reason, logprobs=lp)
-                        yield oa.sse(oa.Completion(id=rid, model=model, choices=[choice]))
+                if d.text or d.finish_reason is not None or (spell and d.logprobs):
+                    choice, offsets[i] = chunk_choice(endpoint, i, d, spell, offsets[i])
+                    cls = oa.ChatCompletionChunk if chat else oa.Completion
+                    yield oa.sse(cls(id=rid, model=model, choices=[choice]))
                 if d.finish_reason is not None:
                     lasts[i] = d
             usage = self._account(lasts, endpoint)

@@ -1,4 +1,5 @@
-"""n > 1 at the ingress: one request's n choices as n decoder requests, their streams started and merged.
+"""n > 1 at the ingress: one request's n choices as n decoder requests, their streams started and merged, and the
+response's choices (with logprobs) built from them.
 
 Choice 0 is sent first and its first delta awaited: by then its prompt is prefilled and the prompt's full KV pages
 are in its replica's prefix cache, so choices 1..n-1, sent next to the same pool, find the prompt there instead of
@@ -9,11 +10,13 @@ does, so a seeded request gives the same n texts on a repeat and the choices dif
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import replace
 from typing import Protocol, TypeVar
 
-from cluster.contracts.messages import GenerateRequest, TokenDelta
+from cluster.contracts.messages import GenerateRequest, TokenDelta, TokenLogprobs
+from router import openai_api as oa
+from router.openai_logprobs import chat_logprobs, completion_logprobs, end_offset
 
 T = TypeVar("T")
 
@@ -92,3 +95,45 @@ async def merge_streams(sources: list[AsyncIterator[TokenDelta]]) -> AsyncIterat
     finally:
         for t in tasks:
             t.cancel()
+
+
+def final_choices(
+    endpoint: str,
+    results: Sequence[tuple[str, Sequence[TokenLogprobs], TokenDelta]],
+    spell: Callable[[int], str] | None,
+) -> list[oa.ChatChoice] | list[oa.CompletionChoice]:
+    """A non-streamed answer's choices from each choice's (text, logprobs, last delta); logprobs when `spell`."""
+    if endpoint == "chat":
+        return [
+            oa.ChatChoice(
+                index=i,
+                message=oa.AssistantMessage(content=text),
+                finish_reason=oa.finish_reason(last.finish_reason),
+                logprobs=chat_logprobs(lps, spell) if spell else None,
+            )
+            for i, (text, lps, last) in enumerate(results)
+        ]
+    return [
+        oa.CompletionChoice(
+            index=i,
+            text=text,
+            finish_reason=oa.finish_reason(last.finish_reason),
+            logprobs=completion_logprobs(lps, spell) if spell else None,
+        )
+        for i, (text, lps, last) in enumerate(results)
+    ]
+
+
+def chunk_choice(
+    endpoint: str, index: int, delta: TokenDelta, spell: Callable[[int], str] | None, offset: int
+) -> tuple[oa.ChunkChoice | oa.CompletionChoice, int]:
+    """A streamed chunk's choice for one delta, and the choice's text offset after it (completions logprobs)."""
+    reason = oa.finish_reason(delta.finish_reason)
+    if endpoint == "chat":
+        lp = chat_logprobs(delta.logprobs, spell) if spell else None
+        return oa.ChunkChoice(
+            index=index, delta=oa.ChunkDelta(content=delta.text or None), finish_reason=reason, logprobs=lp
+        ), offset
+    clp = completion_logprobs(delta.logprobs, spell, offset) if spell else None
+    offset = end_offset(clp) if clp and clp.tokens else offset
+    return oa.CompletionChoice(index=index, text=delta.text, finish_reason=reason, logprobs=clp), offset
