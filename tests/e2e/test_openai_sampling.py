@@ -26,7 +26,7 @@ LP_TOKENS = 6
 PENALTY_PROMPT = "one two three one two three one two three one two"
 PENALTIES = {
     "presence": {"presence_penalty": 1.5},
-    "frequency": {"frequency_penalty": 0.8},
+    "frequency": {"frequency_penalty": 2.0},
     "repetition": {"repetition_penalty": 1.6},
 }
 
