@@ -8,6 +8,7 @@ engines serve fp32, so greedy tokens equal the reference's.
 
 from __future__ import annotations
 
+import gc
 import socket
 from dataclasses import dataclass
 
@@ -51,7 +52,8 @@ def _engine_settings(kind: str) -> dict:
 
 
 @pytest.fixture(scope="module", params=ENGINES)
-def served(request, ray_cluster, real_270m_ckpt) -> Served:
+def served(request, ray_cluster, real_270m_ckpt, reference) -> Served:
+    """(`reference` first: transformers' copy of the model is computed with and freed before the app starts.)"""
     from ray import serve
 
     from cluster.app import APP_NAME, run
@@ -115,7 +117,7 @@ def reference(real_270m_ckpt, real_270m_tokenizer) -> Reference:
     stops = set(tok.eos_token_ids)
 
     @torch.inference_mode()
-    def greedy(prompt: list[int], steps: int, params: dict | None = None):
+    def greedy(model, prompt: list[int], steps: int, params: dict | None = None):
         ids, out, lps = list(prompt), [], []
         for _ in range(steps):
             logits = model(torch.tensor([ids])).logits[0, -1].float()
@@ -131,9 +133,11 @@ def reference(real_270m_ckpt, real_270m_tokenizer) -> Reference:
 
     chat_ids, chat_lps = {}, {}
     for p in PROMPTS:
-        chat_ids[p], chat_lps[p] = greedy(list(tok.render_chat([ChatTurn("user", (p,))]).token_ids), LP_TOKENS)
+        chat_ids[p], chat_lps[p] = greedy(model, list(tok.render_chat([ChatTurn("user", (p,))]).token_ids), LP_TOKENS)
     base = list(tok.encode_completion(PENALTY_PROMPT).token_ids)
-    penalised = {name: greedy(base, 8, params)[0] for name, params in PENALTIES.items()}
+    penalised = {name: greedy(model, base, 8, params)[0] for name, params in PENALTIES.items()}
+    del greedy, model
+    gc.collect()
     return Reference(chat_ids, chat_lps, penalised, lambda i: tok.decode([i], skip_special_tokens=False))
 
 
@@ -246,10 +250,9 @@ def test_out_of_vocabulary_token_ids_are_400(client, served):
 def _decoder_call(method: str):
     from ray import serve
 
-    from cluster.app import APP_NAME
-    from router.pools import DEFAULT_POOL, pool_deployment_name
+    from cluster.app import APP_NAME, DECODER
 
-    handle = serve.get_deployment_handle(pool_deployment_name(DEFAULT_POOL), APP_NAME)
+    handle = serve.get_deployment_handle(DECODER, APP_NAME)
     return getattr(handle, method).remote().result()
 
 
