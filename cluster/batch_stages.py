@@ -132,6 +132,10 @@ class Preprocess:
         body["stream"] = False
         req = prep.parse(oa.ChatCompletionRequest, json.dumps(body).encode())
         sampling = oa.to_sampling(req, self.limits)
+        if (req.n or 1) > 1:  # a batch row's output holds one choice's text, without logprobs
+            raise oa.ApiError(400, f"n={req.n} is not supported by g3serve batch (one choice per row)", param="n")
+        if req.logprobs:
+            raise oa.ApiError(400, "logprobs are not supported by g3serve batch", param="logprobs")
         drafts = oa.turn_drafts(req.messages, self.limits.max_images)
         inputs = [img for d in drafts for img in d.images]
         data = [self._loop.run(self._image_bytes(img.url, prep.image_where(img))) for img in inputs]

@@ -34,7 +34,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 from cluster.contracts.engine_errors import EngineDeadError, EngineOverloadedError, EngineRequestError
-from cluster.contracts.messages import FinishReason, GenerateRequest, KvEvent, ReplicaLoad, TokenDelta
+from cluster.contracts.messages import FinishReason, GenerateRequest, KvEvent, ReplicaLoad, TokenDelta, TokenLogprobs
 from cluster.contracts.model_info import FULL_ATTENTION, SLIDING_ATTENTION, ModelInfo
 from model_workers.settings import ModelSettings, VllmEngineConfig
 from model_workers.vllm_kv_events import KvEventTranslator, ZmqKvEventSubscriber
@@ -136,6 +136,17 @@ def engine_death(exc: Exception) -> EngineDeadError | None:
     return None
 
 
+def _logprobs(out, k: int | None) -> tuple[TokenLogprobs, ...]:
+    """vLLM's per-token logprob dicts (the sampled token plus its top k, each with a rank) -> TokenLogprobs."""
+    if k is None or not out.logprobs:
+        return ()
+    result = []
+    for tok, step in zip(out.token_ids, out.logprobs, strict=True):
+        top = sorted((lp.rank, t, lp.logprob) for t, lp in step.items() if lp.rank is not None and lp.rank <= k)
+        result.append(TokenLogprobs(tok, step[tok].logprob, tuple((t, v) for _, t, v in top[:k])))
+    return tuple(result)
+
+
 class VllmEngine:
     def __init__(self, config: VllmEngineConfig, model: ModelSettings, checkpoint: str | Path, replica_id: str):
         self.config = config
@@ -146,6 +157,7 @@ class VllmEngine:
         self._stats = _StatsSink()
         self._inflight: dict[str, int] = {}  # request id -> prompt tokens not yet answered (0 once prefilled)
         self._image_lengths: dict[str, int] = {}
+        self._prefilled_tokens = 0  # prompt tokens vLLM computed (its prefix hits excluded), for the load report
         self._subscriber: ZmqKvEventSubscriber | None = None
         self._translator: KvEventTranslator | None = None
         self._closed = False
@@ -337,6 +349,8 @@ class VllmEngine:
                 )
         if any(t < 0 or t >= info.vocab_size for t in req.prompt_token_ids):
             raise EngineRequestError(f"prompt token ids must be in [0, {info.vocab_size})")
+        if any(not 0 <= t < info.vocab_size for t, _ in sp.logit_bias + tuple((t, 0) for t in sp.stop_token_ids)):
+            raise EngineRequestError(f"logit_bias and stop_token_ids take token ids in [0, {info.vocab_size})")
         total = len(req.prompt_token_ids) + sp.max_tokens
         if total > info.max_model_len:
             raise EngineRequestError(
@@ -361,6 +375,13 @@ class VllmEngine:
                 stop=[s for s in sp.stop if s],
                 stop_token_ids=list(sp.stop_token_ids),
                 ignore_eos=sp.ignore_eos,
+                presence_penalty=sp.presence_penalty,
+                frequency_penalty=sp.frequency_penalty,
+                repetition_penalty=sp.repetition_penalty,
+                logit_bias=dict(sp.logit_bias) or None,
+                min_p=sp.min_p,
+                min_tokens=sp.min_tokens,
+                logprobs=sp.logprobs,
                 skip_special_tokens=True,
                 output_kind=RequestOutputKind.DELTA,
             )
@@ -400,6 +421,7 @@ class VllmEngine:
                 first = await anext(stream)
             except (ValueError, VLLMClientError) as e:  # vLLM's input processing refused the prompt
                 raise EngineRequestError(str(e)) from e
+            self._prefilled_tokens += n_prompt - (first.num_cached_tokens or 0)
             ro = first
             sent_first = sent_decode = False
             while True:
@@ -424,6 +446,7 @@ class VllmEngine:
                         cached_tokens=ro.num_cached_tokens or 0,
                         error=None if reason is not FinishReason.ERROR else f"vLLM finished with {out.finish_reason}",
                         timings=timings,
+                        logprobs=_logprobs(out, request.sampling.logprobs),
                     )
                 if finished:
                     return
@@ -464,4 +487,5 @@ class VllmEngine:
             max_model_len=self._info.max_model_len,
             # By layer type once the engine core answered its first poll; the pool's overall usage until then.
             kv_usage=(self._kv_usage.usage if self._kv_usage and self._kv_usage.usage else (("all", st.kv_usage),)),
+            prefilled_tokens=self._prefilled_tokens,
         )

@@ -18,7 +18,7 @@ import asyncio
 import hmac
 import time
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import Mapping
 from dataclasses import replace
 
 import ray
@@ -34,6 +34,14 @@ from cluster.contracts.tracing import Tracing, TracingSettings
 from model_workers.gemma3.checkpoints import resolve_checkpoint
 from model_workers.gemma3.tokenizer import Gemma3Tokenizer
 from router import openai_api as oa
+from router.ingress_choices import (
+    chunk_choice,
+    final_choices,
+    fork_requests,
+    gather_or_cancel,
+    merge_streams,
+    start_all,
+)
 from router.ingress_errors import api_error_from_exception, replica_lost
 from router.ingress_images import ImagePipeline
 from router.ingress_settings import IngressSettings
@@ -195,17 +203,28 @@ class G3ServeIngress:
             timing.lap(ADMISSION)
             try:
                 stream, first = await self._start(gen_request, arrival, admitted.handle, timing)
+                started = [(stream, first)]
+                if (req.n or 1) > 1:  # after choice 0's prefill: the others find its prompt in the prefix cache
+                    try:
+                        forks = fork_requests(gen_request, req.n)
+                        started += await start_all([self._start(f, arrival, admitted.handle, None) for f in forks])
+                    except BaseException:
+                        stream.cancel()
+                        raise
             finally:  # from the first delta on, the request's pages show in its replica's load
                 self.pools.release(admitted)
             self.metrics.ttft.observe(time.monotonic() - arrival)
             timing.first_delta(first)
             if req.stream:
                 include_usage = bool(req.stream_options and req.stream_options.include_usage)
-                frames = self._sse(endpoint, gen_request, stream, first, include_usage, slot, timing)
+                frames = self._sse(endpoint, gen_request, started, include_usage, slot, timing)
                 slot = timing_owner = None  # the stream owns them now
                 headers = {"Cache-Control": "no-cache", **self._server_timing(timing)}
                 return StreamingResponse(frames, media_type="text/event-stream", headers=headers)
-            response = await self._collect_retrying(endpoint, gen_request, stream, first, timing, admitted.handle)
+            if len(started) > 1:
+                response = await self._collect(endpoint, gen_request, started, timing)
+            else:
+                response = await self._collect_retrying(endpoint, gen_request, stream, first, timing, admitted.handle)
             response.headers.update(self._server_timing(timing, total=True))
             self._finish(timing, 200)
             return response
@@ -240,13 +259,16 @@ class G3ServeIngress:
             image_embeds=embeds,
             session_id=req.user or http.headers.get("x-session-id"),
             arrival_time=time.time(),
+            vocab_size=info.vocab_size,
         )
 
     async def _start(
-        self, gen_request: GenerateRequest, arrival: float, decoder: DeploymentHandle, timing: RequestTiming
+        self, gen_request: GenerateRequest, arrival: float, decoder: DeploymentHandle, timing: RequestTiming | None
     ) -> tuple[DecoderStream, TokenDelta]:
-        """The decoder stream and its first delta, retried on a lost replica while nothing has been streamed."""
-        gen_request = replace(gen_request, trace_context=timing.decode_context())
+        """The decoder stream and its first delta, retried on a lost replica while nothing has been streamed.
+        `timing`: the request's, for its first choice (the other choices of `n` > 1 are not timed apart)."""
+        if timing is not None:
+            gen_request = replace(gen_request, trace_context=timing.decode_context())
         for attempt in range(1, DECODER_ATTEMPTS + 1):
             ref, queue = self.steps.open()
             call = decoder.options(stream=True).generate.remote(gen_request, ref)
@@ -270,10 +292,11 @@ class G3ServeIngress:
             raise oa.ApiError(500, f"generation failed: {delta.error or 'engine error'}")
         return delta
 
-    async def _deltas(self, stream, first: TokenDelta, timing: RequestTiming) -> AsyncIterator[TokenDelta]:
-        """The first delta, then the rest, recording inter-token latency; the last one has finish_reason."""
+    async def _deltas(self, stream, first: TokenDelta, timing: RequestTiming | None, arrival: float):
+        """The first delta, then the rest, recording inter-token latency; the last one has finish_reason.
+        `timing` None: a further choice of `n` > 1, whose gaps are not the request's stages."""
         yield first
-        last, delta, arrival = time.monotonic(), first, timing.clock.start
+        last, delta = time.monotonic(), first
         while delta.finish_reason is None:
             try:
                 delta = await self._next(stream, arrival)
@@ -284,22 +307,26 @@ class G3ServeIngress:
                 gap = (now - last) / len(delta.token_ids)
                 self.metrics.itl.observe(gap)
                 last = now
-            timing.later_delta(delta, gap)
+            if timing is not None:
+                timing.later_delta(delta, gap)
             yield delta
 
-    def _account(self, last: TokenDelta, endpoint: str) -> oa.Usage:
-        self.metrics.prompt_tokens.inc(last.prompt_tokens)
-        self.metrics.cached_prompt_tokens.inc(last.cached_tokens)
-        self.metrics.completion_tokens.inc(last.completion_tokens)
+    def _account(self, lasts: list[TokenDelta], endpoint: str) -> oa.Usage:
+        """Usage of a request's choices (their last deltas): the prompt once (choice 0's), every completion."""
+        prompt, cached = lasts[0].prompt_tokens, lasts[0].cached_tokens
+        completion = sum(d.completion_tokens for d in lasts)
+        self.metrics.prompt_tokens.inc(prompt)
+        self.metrics.cached_prompt_tokens.inc(cached)
+        self.metrics.completion_tokens.inc(completion)
         self.metrics.requests.labels(endpoint=endpoint, status="200").inc()
-        return oa.usage(last.prompt_tokens, last.completion_tokens, last.cached_tokens)
+        return oa.usage(prompt, completion, cached)
 
     async def _collect_retrying(self, endpoint, gen: GenerateRequest, stream, first, timing: RequestTiming, decoder):
         """A non-streamed answer has sent the client nothing until it is complete, so a replica lost in the middle
         of the generation costs a fresh start on a live (or restarted) replica, not an error; bounded attempts."""
         for attempt in range(1, DECODER_ATTEMPTS + 1):
             try:
-                return await self._collect(endpoint, gen, stream, first, timing)
+                return await self._collect(endpoint, gen, [(stream, first)], timing)
             except Exception as e:
                 if attempt == DECODER_ATTEMPTS or not replica_lost(e):
                     raise
@@ -307,56 +334,67 @@ class G3ServeIngress:
                 stream, first = await self._start(gen, timing.clock.start, decoder, timing)
         raise AssertionError("unreachable")
 
-    async def _collect(self, endpoint: str, gen: GenerateRequest, stream, first: TokenDelta, timing: RequestTiming):
-        text: list[str] = []
+    async def _collect_one(self, stream, first: TokenDelta, timing: RequestTiming | None, arrival: float):
+        """(text, logprobs, last delta) of one choice."""
+        text, logprobs = [], []
         try:
-            async for delta in self._deltas(stream, first, timing):
+            async for delta in self._deltas(stream, first, timing, arrival):
                 text.append(delta.text)
+                logprobs.extend(delta.logprobs)
                 last = delta
         except BaseException:
             stream.cancel()  # the client went away (cancellation) or the stream failed: free the decoder's KV
             raise
-        usage, reason, model = self._account(last, endpoint), oa.finish_reason(last.finish_reason), self._model_name
-        if endpoint == "chat":
-            choice = oa.ChatChoice(message=oa.AssistantMessage(content="".join(text)), finish_reason=reason)
-            return JSONResponse(
-                oa.ChatCompletion(id=gen.request_id, model=model, choices=[choice], usage=usage).model_dump()
-            )
-        choice = oa.CompletionChoice(text="".join(text), finish_reason=reason)
-        return JSONResponse(oa.Completion(id=gen.request_id, model=model, choices=[choice], usage=usage).model_dump())
+        return "".join(text), logprobs, last
 
-    async def _sse(self, endpoint, gen, stream, first, include_usage: bool, slot: _Slot, timing: RequestTiming):
+    async def _collect(self, endpoint: str, gen: GenerateRequest, started: list, timing: RequestTiming):
+        arrival = timing.clock.start
+        results = await gather_or_cancel(
+            [self._collect_one(s, f, timing if i == 0 else None, arrival) for i, (s, f) in enumerate(started)],
+            lambda: [s.cancel() for s, _ in started],
+        )
+        usage, model = self._account([last for _, _, last in results], endpoint), self._model_name
+        spell = self._spell if gen.sampling.logprobs is not None else None
+        cls = oa.ChatCompletion if endpoint == "chat" else oa.Completion
+        body = cls(id=gen.request_id, model=model, choices=final_choices(endpoint, results, spell), usage=usage)
+        return JSONResponse(body.model_dump())
+
+    async def _sse(self, endpoint, gen, started: list, include_usage: bool, slot: _Slot, timing: RequestTiming):
         rid, model, chat = gen.request_id, self._model_name, endpoint == "chat"
-        status = 200
+        spell = self._spell if gen.sampling.logprobs is not None else None
+        lasts: list[TokenDelta | None] = [None] * len(started)
+        offsets = [0] * len(started)  # completions: each choice's text offset for its logprobs
+        status, arrival = 200, timing.clock.start
         try:
-            if chat:  # OpenAI's first chunk announces the role
-                delta = oa.ChunkDelta(role="assistant", content="")
-                yield oa.sse(oa.ChatCompletionChunk(id=rid, model=model, choices=[oa.ChunkChoice(delta=delta)]))
-            async for d in self._deltas(stream, first, timing):
-                reason = oa.finish_reason(d.finish_reason)
-                if d.text or reason:
-                    if chat:
-                        choice = oa.ChunkChoice(delta=oa.ChunkDelta(content=d.text or None), finish_reason=reason)
-                        yield oa.sse(oa.ChatCompletionChunk(id=rid, model=model, choices=[choice]))
-                    else:
-                        choice = oa.CompletionChoice(text=d.text, finish_reason=reason)
-                        yield oa.sse(oa.Completion(id=rid, model=model, choices=[choice]))
+            if chat:  # OpenAI's first chunk announces the role, per choice
+                for i in range(len(started)):
+                    choice = oa.ChunkChoice(index=i, delta=oa.ChunkDelta(role="assistant", content=""))
+                    yield oa.sse(oa.ChatCompletionChunk(id=rid, model=model, choices=[choice]))
+            sources = [self._deltas(s, f, timing if i == 0 else None, arrival) for i, (s, f) in enumerate(started)]
+            async for i, d in merge_streams(sources):
+                if d.text or d.finish_reason is not None or (spell and d.logprobs):
+                    choice, offsets[i] = chunk_choice(endpoint, i, d, spell, offsets[i])
+                    cls = oa.ChatCompletionChunk if chat else oa.Completion
+                    yield oa.sse(cls(id=rid, model=model, choices=[choice]))
                 if d.finish_reason is not None:
-                    usage = self._account(d, endpoint)
-                    if include_usage:
-                        cls = oa.ChatCompletionChunk if chat else oa.Completion
-                        yield oa.sse(cls(id=rid, model=model, choices=[], usage=usage))
+                    lasts[i] = d
+            usage = self._account(lasts, endpoint)
+            if include_usage:
+                cls = oa.ChatCompletionChunk if chat else oa.Completion
+                yield oa.sse(cls(id=rid, model=model, choices=[], usage=usage))
             yield oa.SSE_DONE
         except Exception as exc:  # mid-stream failure (e.g. the replica died): the status line is gone, so
             # report it in the stream as OpenAI's error event, which the openai client raises as an APIError.
             e = api_error_from_exception(exc)
             status = e.status
             self.metrics.requests.labels(endpoint=endpoint, status=str(e.status)).inc()
-            stream.cancel()
+            for stream, _ in started:
+                stream.cancel()
             yield oa.sse(e.body())
             yield oa.SSE_DONE
         except BaseException:  # client disconnect (cancellation) or anything else: abort the generation
-            stream.cancel()
+            for stream, _ in started:
+                stream.cancel()
             self.metrics.requests.labels(endpoint=endpoint, status="499").inc()
             status = 499
             raise
@@ -378,6 +416,10 @@ class G3ServeIngress:
     @property
     def _model_name(self) -> str:
         return self.model_id
+
+    def _spell(self, token_id: int) -> str:
+        """A token as logprobs show it: decoded alone, special tokens included (vLLM's spelling)."""
+        return self._tokenizer.decode([token_id], skip_special_tokens=False)
 
     def _get_tokenizer(self, info: ModelInfo) -> Gemma3Tokenizer:
         # Built on first use: the soft-token count per image comes from the engine's view of the checkpoint.

@@ -3,7 +3,7 @@ stage messages, SSE framing and OpenAI's error JSON.
 
 Pure functions and pydantic models only (no FastAPI, no Ray): the ingress wires them to HTTP, unit tests call
 them directly. Unknown request fields are ignored, as OpenAI-compatible servers do, but the ones that would change
-the answer and that we do not implement (n > 1, logprobs, tools, echo, ...) are refused with a 400 naming the
+the answer and that we do not implement (tools, echo, ...) are refused with a 400 naming the
 parameter, rather than silently answering something else.
 """
 
@@ -60,6 +60,10 @@ class ApiError(Exception):
 
 # ---------------------------------------------------------------------------------------------------- requests
 
+MAX_CHOICES = (
+    16  # n per request: each choice is a sequence of its own in the decoder, so one request's share is bounded
+)
+
 
 class _Request(BaseModel):
     model_config = ConfigDict(extra="ignore", protected_namespaces=())
@@ -105,19 +109,25 @@ class _Sampling(_Request):
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=0)  # an extension (vLLM has it too); OpenAI has no top_k
     max_tokens: int | None = Field(None, ge=1)
-    n: int | None = None
+    n: int | None = Field(None, ge=1, le=MAX_CHOICES)
     user: str | None = None
-    # Accepted only at their neutral value (the openai client may send them explicitly).
-    frequency_penalty: float | None = None
-    presence_penalty: float | None = None
-    logprobs: bool | int | None = None
+    # Sampling parameters and n (issue 25), with vLLM's ranges; repetition_penalty, min_p, min_tokens,
+    # stop_token_ids and ignore_eos are vLLM's extensions.
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    repetition_penalty: float | None = Field(None, gt=0, le=2)
     logit_bias: dict[str, float] | None = None
+    min_p: float | None = Field(None, ge=0, le=1)
+    min_tokens: int | None = Field(None, ge=0)
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool | None = None
 
 
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
-    top_logprobs: int | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
     tools: list[dict] | None = None
     response_format: dict | None = None
 
@@ -126,27 +136,22 @@ class CompletionRequest(_Sampling):
     prompt: str | list[str]
     echo: bool | None = None
     suffix: str | None = None
-    best_of: int | None = None
+    best_of: int | None = Field(None, ge=1)
+    logprobs: int | None = Field(None, ge=0, le=5)
 
 
 def _refuse_unsupported(req: _Sampling) -> None:
-    if req.n not in (None, 1):
-        raise ApiError(400, f"n={req.n} is not supported: g3serve returns one choice (n=1)", param="n")
-    for name in ("frequency_penalty", "presence_penalty"):
-        if getattr(req, name) not in (None, 0, 0.0):
-            raise ApiError(400, f"{name} is not supported (only 0)", param=name)
-    if req.logprobs or req.logit_bias:
-        name = "logprobs" if req.logprobs else "logit_bias"
-        raise ApiError(400, f"{name} is not supported", param=name)
     if isinstance(req, ChatCompletionRequest):
         if req.tools:
             raise ApiError(400, "tools are not supported", param="tools")
         if req.response_format and req.response_format.get("type", "text") != "text":
             raise ApiError(400, "only response_format type 'text' is supported", param="response_format")
     if isinstance(req, CompletionRequest):
-        if req.echo or req.suffix or (req.best_of not in (None, 1)):
-            name = "echo" if req.echo else "suffix" if req.suffix else "best_of"
+        if req.echo or req.suffix:
+            name = "echo" if req.echo else "suffix"
             raise ApiError(400, f"{name} is not supported", param=name)
+        if req.best_of is not None and req.best_of != (req.n or 1):
+            raise ApiError(400, "best_of is not supported (only best_of equal to n)", param="best_of")
 
 
 @dataclass(frozen=True)
@@ -168,14 +173,58 @@ def to_sampling(req: _Sampling, limits: Limits) -> SamplingParams:
     stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
     if len(stop) > 4:
         raise ApiError(400, f"at most 4 stop sequences, got {len(stop)}", param="stop")
+    max_tokens = asked or min(limits.default_max_tokens, limits.max_tokens_cap)
+    if (req.min_tokens or 0) > max_tokens:
+        raise ApiError(400, f"min_tokens={req.min_tokens} exceeds max_tokens={max_tokens}", param="min_tokens")
     return SamplingParams(
-        max_tokens=asked or min(limits.default_max_tokens, limits.max_tokens_cap),
+        max_tokens=max_tokens,
         temperature=1.0 if req.temperature is None else req.temperature,
         top_p=1.0 if req.top_p is None else req.top_p,
         top_k=req.top_k or 0,
         seed=req.seed,
         stop=tuple(s for s in stop if s),
+        stop_token_ids=tuple(req.stop_token_ids or ()),
+        ignore_eos=bool(req.ignore_eos),
+        presence_penalty=req.presence_penalty or 0.0,
+        frequency_penalty=req.frequency_penalty or 0.0,
+        repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
+        logit_bias=_logit_bias(req.logit_bias),
+        min_p=req.min_p or 0.0,
+        min_tokens=req.min_tokens or 0,
+        logprobs=_logprobs(req),
     )
+
+
+def _logit_bias(bias: dict[str, float] | None) -> tuple[tuple[int, float], ...]:
+    """OpenAI's {"token id": bias} -> sorted (id, bias) pairs, biases in [-100, 100] (ids against the vocabulary:
+    `validate_token_ids`, once the model is known)."""
+    pairs = []
+    for key, value in (bias or {}).items():
+        try:
+            tok = int(key)
+        except ValueError:
+            raise ApiError(400, f"logit_bias keys are token ids, got {key!r}", param="logit_bias") from None
+        if not -100 <= value <= 100:
+            raise ApiError(400, f"logit_bias values must be in [-100, 100], got {value}", param="logit_bias")
+        pairs.append((tok, float(value)))
+    return tuple(sorted(pairs))
+
+
+def _logprobs(req: _Sampling) -> int | None:
+    """The number of top logprobs per token (0 = the chosen token's only), or None for no logprobs."""
+    if isinstance(req, ChatCompletionRequest):
+        if req.top_logprobs is not None and not req.logprobs:
+            raise ApiError(400, "top_logprobs requires logprobs to be true", param="top_logprobs")
+        return (req.top_logprobs or 0) if req.logprobs else None
+    return getattr(req, "logprobs", None)
+
+
+def validate_token_ids(sampling: SamplingParams, vocab_size: int) -> None:
+    """stop_token_ids and logit_bias ids inside the model's vocabulary (400 naming the field)."""
+    for name, ids in (("stop_token_ids", sampling.stop_token_ids), ("logit_bias", [t for t, _ in sampling.logit_bias])):
+        bad = [t for t in ids if not 0 <= t < vocab_size]
+        if bad:
+            raise ApiError(400, f"{name}: token id {bad[0]} is outside the vocabulary [0, {vocab_size})", param=name)
 
 
 # ---------------------------------------------------------------------------------------------------- chat turns
@@ -280,11 +329,32 @@ class AssistantMessage(BaseModel):
     content: str
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class ChatTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob] = Field(default_factory=list)
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatTokenLogprob] | None = None
+
+
+class CompletionLogprobs(BaseModel):
+    text_offset: list[int] = Field(default_factory=list)
+    token_logprobs: list[float | None] = Field(default_factory=list)
+    tokens: list[str] = Field(default_factory=list)
+    top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
+
+
 class ChatChoice(BaseModel):
     index: int = 0
     message: AssistantMessage
     finish_reason: FinishReasonStr | None
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
 
 
 class ChatCompletion(BaseModel):
@@ -305,7 +375,7 @@ class ChunkChoice(BaseModel):
     index: int = 0
     delta: ChunkDelta
     finish_reason: FinishReasonStr | None = None
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
 
 
 class ChatCompletionChunk(BaseModel):
@@ -321,7 +391,7 @@ class CompletionChoice(BaseModel):
     index: int = 0
     text: str
     finish_reason: FinishReasonStr | None = None
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
 
 
 class Completion(BaseModel):

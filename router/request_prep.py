@@ -108,8 +108,9 @@ def fit_context(prompt_len: int, sampling: SamplingParams, max_model_len: int, e
 
 
 def stop_token_ids(sampling: SamplingParams, eos_token_ids: Sequence[int]) -> tuple[int, ...]:
-    """The request's stop ids, then the tokenizer's end-of-sequence / end-of-turn ids, each once, in order."""
-    return tuple(dict.fromkeys((*sampling.stop_token_ids, *eos_token_ids)))
+    """The request's stop ids, then the tokenizer's end-of-sequence / end-of-turn ids (unless ignore_eos), each once,
+    in order."""
+    return tuple(dict.fromkeys((*sampling.stop_token_ids, *(() if sampling.ignore_eos else eos_token_ids))))
 
 
 def build_request(
@@ -122,8 +123,12 @@ def build_request(
     image_embeds: Sequence[ImageEmbedding] = (),
     session_id: str | None = None,
     arrival_time: float = 0.0,
+    vocab_size: int | None = None,
 ) -> GenerateRequest:
-    """The GenerateRequest for a tokenized prompt: max_tokens fitted to the context, stop ids completed."""
+    """The GenerateRequest for a tokenized prompt: max_tokens fitted to the context, stop ids completed, token ids in
+    the sampling parameters checked against `vocab_size` when given."""
+    if vocab_size is not None:
+        oa.validate_token_ids(sampling, vocab_size)
     fitted = fit_context(len(prompt.token_ids), sampling, max_model_len, explicit=explicit_max_tokens(req))
     return GenerateRequest(
         request_id=request_id,

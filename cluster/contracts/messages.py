@@ -36,12 +36,38 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    # Logits processing, with vLLM's definitions: presence/frequency penalties subtract from the logits of tokens in
+    # the output (once / per occurrence); repetition divides positive and multiplies negative logits of tokens in
+    # prompt + output; logit_bias adds (token id, bias); min_p drops tokens below min_p x the top probability;
+    # until min_tokens are generated the stop and EOS ids cannot be sampled.
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    min_p: float = 0.0
+    min_tokens: int = 0
+    # Log-probabilities of the raw model (before any processing, as vLLM's default) for each generated token: None =
+    # none, k >= 0 = the chosen token's and the k most likely tokens'.
+    logprobs: int | None = None
 
     @property
     def greedy(self) -> bool:
         # Below SAMPLING_EPS dividing the logits by the temperature overflows fp32 (1e-320 -> inf -> NaN
         # probabilities, found by the fuzz test); such a temperature means greedy anyway (vLLM draws the same line).
         return self.temperature < SAMPLING_EPS
+
+    @property
+    def processes_logits(self) -> bool:
+        """Whether the logits change before sampling (penalties, bias, min_p, min_tokens): such rows need every
+        logit, exact."""
+        return bool(
+            self.presence_penalty
+            or self.frequency_penalty
+            or self.repetition_penalty != 1.0
+            or self.logit_bias
+            or self.min_p
+            or self.min_tokens
+        )
 
 
 @dataclass(frozen=True)
@@ -90,6 +116,15 @@ class GenerateRequest:
 
 
 @dataclass(frozen=True)
+class TokenLogprobs:
+    """One generated token's log-probability and the `top` most likely tokens' (id, logprob), most likely first."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+@dataclass(frozen=True)
 class TokenDelta:
     """One streamed step of a generation. The last delta carries finish_reason and the usage counts."""
 
@@ -105,6 +140,7 @@ class TokenDelta:
     # first delta carries the stages up to the first token, a later one the first decode step; merged deltas keep
     # both.
     timings: tuple[tuple[str, float], ...] = ()
+    logprobs: tuple[TokenLogprobs, ...] = ()  # one per token id when the request asked for logprobs
 
 
 @dataclass(frozen=True)

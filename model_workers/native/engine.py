@@ -219,6 +219,8 @@ class NativeEngine:
         vocab = self._info.vocab_size
         if any(t < 0 or t >= vocab for t in req.prompt_token_ids):
             raise EngineRequestError(f"prompt token ids must be in [0, {vocab})")
+        if any(not 0 <= t < vocab for t, _ in sp.logit_bias) or any(not 0 <= t < vocab for t in sp.stop_token_ids):
+            raise EngineRequestError(f"logit_bias and stop_token_ids take token ids in [0, {vocab})")
         return Sequence(
             req.request_id,
             list(req.prompt_token_ids),
@@ -338,6 +340,7 @@ class NativeEngine:
     def _postprocess(self, plan: StepPlan, sampled: dict[str, int]) -> None:
         """Record the step in the scheduler, stream its tokens, finish what a stop string ended, publish KV events."""
         outputs = self.scheduler.postprocess(plan, sampled)
+        logprobs = self.runner.take_logprobs()
         now = time.monotonic()
         for out in outputs:
             marks = self._marks.get(out.seq_id)
@@ -347,7 +350,7 @@ class NativeEngine:
                 marks.first_token = now
             elif marks.second_token is None:
                 marks.second_token = now
-        for end in self._streams.publish(outputs):
+        for end in self._streams.publish(outputs, logprobs):
             if end.by_stop_string:
                 self.scheduler.finish(end.seq_id, FinishReason.STOP)
             self.runner.forget(end.seq_id)

@@ -10,10 +10,11 @@ finishes the sequence in the scheduler. Everything here runs on the engine's eve
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
-from cluster.contracts.messages import FinishReason, TokenDelta
+from cluster.contracts.messages import FinishReason, TokenDelta, TokenLogprobs
 
 if TYPE_CHECKING:  # the tokenizer module loads the tokenizer library: only its type is needed here
     from model_workers.gemma3.tokenizer import IncrementalDetokenizer
@@ -23,7 +24,13 @@ if TYPE_CHECKING:  # the tokenizer module loads the tokenizer library: only its 
 
 def merge_deltas(a: TokenDelta, b: TokenDelta) -> TokenDelta:
     """Two consecutive deltas of one request as one (b is the later: its finish state and counts win)."""
-    return replace(b, token_ids=a.token_ids + b.token_ids, text=a.text + b.text, timings=a.timings + b.timings)
+    return replace(
+        b,
+        token_ids=a.token_ids + b.token_ids,
+        text=a.text + b.text,
+        timings=a.timings + b.timings,
+        logprobs=a.logprobs + b.logprobs,
+    )
 
 
 @dataclass
@@ -92,8 +99,10 @@ class OutputStreams:
             stream.done = True
             stream.queue.put_nowait(TokenDelta(seq_id, (), "", reason, error=error))
 
-    def publish(self, outputs: list[SeqOutput]) -> list[StreamEnd]:
-        """Queue one delta per output (outputs of closed streams are dropped); returns the streams that ended."""
+    def publish(self, outputs: list[SeqOutput], logprobs: Mapping[str, TokenLogprobs] | None = None) -> list[StreamEnd]:
+        """Queue one delta per output (outputs of closed streams are dropped), with its token's logprobs when the
+        request asked for them; returns the streams that ended."""
+        logprobs = logprobs or {}
         ended = []
         for out in outputs:
             stream = self._streams.get(out.seq_id)
@@ -121,6 +130,7 @@ class OutputStreams:
                     prompt_tokens=out.num_prompt_tokens,
                     completion_tokens=out.num_output_tokens,
                     cached_tokens=out.num_cached_tokens,
+                    logprobs=(logprobs[out.seq_id],) if out.seq_id in logprobs else (),
                 )
             )
         return ended

@@ -21,11 +21,12 @@ from typing import Protocol
 import torch
 from torch import nn
 
+from cluster.contracts.messages import TokenLogprobs
 from model_workers.gemma3.attention import sdpa
 from model_workers.gemma3.decoder import TORCH_OPS, Gemma3Decoder, LayerOps
 from model_workers.gemma3.lm_head import ExactHead, HeadOutput
 from model_workers.native.kv_cache.hybrid import HybridKVCache
-from model_workers.native.sampler import Sampler
+from model_workers.native.sampler import Sampler, with_exact_rows
 from model_workers.native.scheduler import ScheduledChunk, StepPlan
 from model_workers.native.step_batch import DecodeBatch, StepBatch, prepare_step
 
@@ -145,6 +146,8 @@ class ModelRunner:
         model.ops = accel.layer_ops
         accel.pack_projections(model.layers)
         self.head = accel.make_head(model.embed_tokens.weight, model.cfg.final_logit_softcapping)
+        exact = ExactHead(model.embed_tokens.weight, model.cfg.final_logit_softcapping)
+        self.exact_head = lambda hidden: exact(hidden.to(exact.weight.dtype), [True] * hidden.shape[0]).logits
         self.image_embeds: dict[str, list[torch.Tensor]] = {}  # seq_id -> one tensor per image span
 
     @torch.inference_mode()
@@ -159,6 +162,8 @@ class ModelRunner:
         if not batch.sample_rows:
             return {}
         head = self.head(rows, self.sampler.needs_logits(batch.sample_seqs))
+        if self.head.mode != "exact":  # processed and logprob rows take every logit exact, not the head's ranking
+            head = with_exact_rows(head, rows, batch.sample_seqs, self.exact_head)
         tokens = self.sampler.sample(head, batch.sample_seqs)
         return {seq.seq_id: t for seq, t in zip(batch.sample_seqs, tokens, strict=True)}
 
@@ -168,6 +173,10 @@ class ModelRunner:
 
     async def probe(self) -> None:
         """Health check: nothing here can be lost apart from this process (tp_executor's runner probes its ranks)."""
+
+    def take_logprobs(self) -> dict[str, TokenLogprobs]:
+        """The last step's logprobs by sequence id (read on the loop thread after `run`)."""
+        return self.sampler.take_logprobs()
 
     def close(self) -> None:
         """Nothing to stop in-process (tp_executor.TensorParallelRunner stops its rank actors here)."""

@@ -1,7 +1,9 @@
-"""Sampler: the next token of each sequence from the LM head's output (greedy, temperature, top-k, top-p, seeded).
+"""Sampler: the next token of each sequence from the LM head's output (greedy, temperature, top-k, top-p, min_p,
+seeded; penalties, logit_bias and min_tokens in logits_processing.py) and the raw logprobs rows asked for.
 
-Greedy rows (the common case for evaluation and our parity tests) take the head's exact argmax, so only sampled
-rows need full logits (`needs_logits`). Sampled rows are drawn one by one with a per-request torch.Generator when
+Greedy rows (the common case for evaluation and our parity tests) take the head's exact argmax, so only sampled,
+processed and logprob rows need full logits (`needs_logits`); processed and logprob rows need them exact
+(`needs_exact`, `with_exact_rows`). Sampled rows are drawn one by one with a per-request torch.Generator when
 the request gave a seed, so a seeded request reproduces whatever else is in the batch. The logits' precision is the
 head's: all exact with the plain head (gemma3/lm_head.ExactHead); with the accel's candidates head, exact for its 32
 best-ranked tokens and within bf16 rounding elsewhere (`engine.native.lm_head`).
@@ -9,10 +11,18 @@ best-ranked tokens and within bf16 rounding elsewhere (`engine.native.lm_head`).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
-from cluster.contracts.messages import SamplingParams
+from cluster.contracts.messages import SamplingParams, TokenLogprobs
 from model_workers.gemma3.lm_head import HeadOutput
+from model_workers.native.logits_processing import (
+    apply_bias_and_min_tokens,
+    apply_min_p,
+    apply_penalties,
+    token_logprobs,
+)
 from model_workers.native.sequence import Sequence
 
 _GREEDY = SamplingParams(temperature=0.0)
@@ -26,24 +36,56 @@ class Sampler:
     def __init__(self, device="cpu"):
         self.device = torch.device(device)
         self.generators: dict[str, torch.Generator] = {}
+        self._logprobs: dict[str, TokenLogprobs] = {}  # the last sample()'s, until take_logprobs()
 
     def forget(self, seq_id: str) -> None:
         self.generators.pop(seq_id, None)
 
     @staticmethod
     def needs_logits(seqs: list[Sequence]) -> list[bool]:
-        return [not _params(s).greedy for s in seqs]
+        return [not p.greedy or p.processes_logits or p.logprobs is not None for p in map(_params, seqs)]
+
+    @staticmethod
+    def needs_exact(seqs: list[Sequence]) -> list[bool]:
+        """Rows whose every logit must be exact fp32: processed logits and returned logprobs."""
+        return [p.processes_logits or p.logprobs is not None for p in map(_params, seqs)]
+
+    def take_logprobs(self) -> dict[str, TokenLogprobs]:
+        """The logprobs of the last sample(), by sequence id (rows that asked for them)."""
+        out, self._logprobs = self._logprobs, {}
+        return out
 
     def sample(self, head: HeadOutput, seqs: list[Sequence]) -> list[int]:
         """`head.logits` holds the rows of `needs_logits(seqs)`, in order."""
         out = head.tokens.tolist()
-        j = 0
-        for i, seq in enumerate(seqs):
-            p = _params(seq)
+        rows = [i for i, need in enumerate(self.needs_logits(seqs)) if need]
+        if not rows:
+            return out
+        params = [_params(seqs[i]) for i in rows]
+        raw = logits = head.logits.float()
+        processed = [j for j, p in enumerate(params) if p.processes_logits]
+        if processed:
+            logits = raw.clone()
+            logits[processed] = self._process(
+                raw[processed], [params[j] for j in processed], [seqs[rows[j]] for j in processed]
+            )
+        for j, (i, p) in enumerate(zip(rows, params, strict=True)):
             if not p.greedy:
-                out[i] = self._draw(head.logits[j].float(), p, self._generator(seq.seq_id, p.seed))
-                j += 1
+                out[i] = self._draw(logits[j], p, self._generator(seqs[i].seq_id, p.seed))
+            elif p.processes_logits:
+                out[i] = int(logits[j].argmax())
+        asked = [j for j, p in enumerate(params) if p.logprobs is not None]
+        if asked:
+            lps = token_logprobs(raw[asked], [out[rows[j]] for j in asked], [params[j].logprobs for j in asked])
+            for j, lp in zip(asked, lps, strict=True):
+                self._logprobs[seqs[rows[j]].seq_id] = lp
         return out
+
+    @staticmethod
+    def _process(logits: torch.Tensor, params: list[SamplingParams], seqs: list[Sequence]) -> torch.Tensor:
+        stops = [sorted(s.stop_token_ids | (frozenset() if s.ignore_eos else s.eos_token_ids)) for s in seqs]
+        logits = apply_bias_and_min_tokens(logits, params, [len(s.output_token_ids) for s in seqs], stops)
+        return apply_penalties(logits, params, [s.prompt_token_ids for s in seqs], [s.output_token_ids for s in seqs])
 
     def _generator(self, seq_id: str, seed: int | None) -> torch.Generator | None:
         if seed is None:
@@ -55,6 +97,8 @@ class Sampler:
     @staticmethod
     def _draw(row: torch.Tensor, p: SamplingParams, gen: torch.Generator | None) -> int:
         row = row / p.temperature
+        if p.min_p:
+            row = apply_min_p(row[None], torch.tensor([p.min_p], device=row.device))[0]
         if p.top_k and p.top_k < row.shape[-1]:
             kth = torch.topk(row, p.top_k).values[-1]
             row = row.masked_fill(row < kth, float("-inf"))
@@ -67,3 +111,19 @@ class Sampler:
             row = row.scatter(0, order, sorted_logits.masked_fill(drop, float("-inf")))
         probs = row.softmax(-1)
         return int(torch.multinomial(probs, 1, generator=gen).item())
+
+
+def with_exact_rows(head: HeadOutput, hidden: torch.Tensor, seqs: list[Sequence], exact: Callable) -> HeadOutput:
+    """`head` with the rows of `Sampler.needs_exact(seqs)` replaced by every logit exact (`exact(hidden_rows)` ->
+    [R, V]): an approximate head (the accel's candidates head) keeps its speed for the other rows."""
+    need = Sampler.needs_logits(seqs)
+    want = [i for i, e in enumerate(Sampler.needs_exact(seqs)) if e]
+    if not want:
+        return head
+    pos = {i: j for j, i in enumerate(i for i, n in enumerate(need) if n)}
+    fresh = exact(hidden[want]).float()
+    logits = head.logits.float().clone()
+    logits[[pos[i] for i in want]] = fresh
+    tokens = head.tokens.clone()
+    tokens[want] = fresh.argmax(dim=-1).to(tokens.dtype)
+    return HeadOutput(tokens, logits, head.fallback_rows)

@@ -36,12 +36,14 @@ from dataclasses import replace
 import torch
 
 from cluster.contracts.engine_errors import EngineDeadError
+from cluster.contracts.messages import TokenLogprobs
 from model_workers.gemma3.config import Gemma3Config
 from model_workers.gemma3.decoder import embed_tokens
+from model_workers.gemma3.lm_head import ExactHead
 from model_workers.gemma3.weights import CheckpointReader
 from model_workers.native.kv_cache.hybrid import HybridKVCache
 from model_workers.native.runner import Acceleration
-from model_workers.native.sampler import Sampler
+from model_workers.native.sampler import Sampler, with_exact_rows
 from model_workers.native.scheduler import StepPlan
 from model_workers.native.step_batch import prepare_step
 from model_workers.native.tp_worker import RankStep, TPWorker
@@ -127,6 +129,8 @@ class TensorParallelRunner:
         )
         self.embed_scale = text.hidden_size**0.5
         self.head = accel.make_head(self.embed_weight, text.final_logit_softcapping)
+        exact = ExactHead(self.embed_weight, text.final_logit_softcapping)
+        self.exact_head = lambda hidden: exact(hidden.to(exact.weight.dtype), [True] * hidden.shape[0]).logits
         self.sampler = Sampler(device=self.device)
         self.image_embeds: dict[str, list[torch.Tensor]] = {}
         self.broken: str | None = None  # why the ranks can no longer run a step (a rank lost or failed)
@@ -170,6 +174,8 @@ class TensorParallelRunner:
             return {}
         t0 = time.perf_counter()
         head = self.head(outs[0][0], self.sampler.needs_logits(batch.sample_seqs))
+        if self.head.mode != "exact":  # processed and logprob rows take every logit exact, not the head's ranking
+            head = with_exact_rows(head, outs[0][0], batch.sample_seqs, self.exact_head)
         tokens = self.sampler.sample(head, batch.sample_seqs)
         self.head_s += time.perf_counter() - t0
         return {seq.seq_id: t for seq, t in zip(batch.sample_seqs, tokens, strict=True)}
@@ -196,6 +202,9 @@ class TensorParallelRunner:
     def forget(self, seq_id: str) -> None:
         self.image_embeds.pop(seq_id, None)
         self.sampler.forget(seq_id)
+
+    def take_logprobs(self) -> dict[str, TokenLogprobs]:
+        return self.sampler.take_logprobs()
 
     def close(self) -> None:
         import ray

@@ -225,7 +225,7 @@ def test_non_square_image_with_pan_and_scan(client, served):
 @pytest.mark.parametrize(
     "kwargs,pattern",
     [
-        ({"n": 2}, "n=2"),
+        ({"n": 17}, "n: Input should be less than or equal to 16"),
         ({"max_tokens": MAX_TOKENS_CAP + 1}, f"limit of {MAX_TOKENS_CAP}"),
         ({"temperature": 5}, "temperature"),
         ({"messages": [{"role": "tool", "content": "x", "tool_call_id": "1"}]}, "tool"),

@@ -117,9 +117,10 @@ def test_max_tokens_over_cap_names_the_cap():
 @pytest.mark.parametrize(
     "field,value",
     [
-        ("n", 2),
-        ("logprobs", True),
-        ("presence_penalty", 0.5),
+        ("top_logprobs", 3),  # without logprobs=true
+        ("logit_bias", {"12": 101}),
+        ("logit_bias", {"x": 1}),
+        ("min_tokens", 50),  # over the default max_tokens (16)
         ("tools", [{"type": "function"}]),
         ("stop", list("abcde")),
     ],
@@ -130,8 +131,63 @@ def test_unsupported_parameters_are_400_naming_them(field, value):
     assert e.value.status == 400 and e.value.param == field
 
 
-def test_neutral_values_of_unsupported_parameters_pass():
-    to_sampling(chat(n=1, presence_penalty=0, frequency_penalty=0.0, logprobs=False), LIMITS)
+def test_neutral_values_pass():
+    s = to_sampling(chat(n=1, presence_penalty=0, frequency_penalty=0.0, logprobs=False), LIMITS)
+    assert not s.processes_logits and s.logprobs is None
+
+
+def test_sampling_parameters_reach_sampling_params():
+    s = to_sampling(
+        chat(
+            presence_penalty=0.5,
+            frequency_penalty=-0.25,
+            repetition_penalty=1.3,
+            logit_bias={"7": -100, "3": 2.5},
+            min_p=0.1,
+            min_tokens=4,
+            stop_token_ids=[9],
+            ignore_eos=True,
+            logprobs=True,
+            top_logprobs=5,
+        ),
+        LIMITS,
+    )
+    assert (s.presence_penalty, s.frequency_penalty, s.repetition_penalty) == (0.5, -0.25, 1.3)
+    assert s.logit_bias == ((3, 2.5), (7, -100.0))
+    assert (s.min_p, s.min_tokens, s.stop_token_ids, s.ignore_eos, s.logprobs) == (0.1, 4, (9,), True, 5)
+    assert s.processes_logits
+    assert to_sampling(chat(logprobs=True), LIMITS).logprobs == 0
+    assert to_sampling(CompletionRequest(model="m", prompt="x", logprobs=3), LIMITS).logprobs == 3
+
+
+def test_n_and_best_of():
+    assert chat(n=4).n == 4
+    with pytest.raises(ValidationError):
+        chat(n=17)
+    to_sampling(CompletionRequest(model="m", prompt="x", n=3, best_of=3), LIMITS)
+    with pytest.raises(ApiError) as e:
+        to_sampling(CompletionRequest(model="m", prompt="x", n=1, best_of=3), LIMITS)
+    assert e.value.param == "best_of"
+
+
+def test_token_ids_outside_the_vocabulary_are_400():
+    from router.openai_api import validate_token_ids
+
+    validate_token_ids(to_sampling(chat(logit_bias={"99": 1}, stop_token_ids=[5]), LIMITS), 100)
+    for kw, param in (({"logit_bias": {"100": 1}}, "logit_bias"), ({"stop_token_ids": [100]}, "stop_token_ids")):
+        with pytest.raises(ApiError) as e:
+            validate_token_ids(to_sampling(chat(**kw), LIMITS), 100)
+        assert e.value.param == param
+
+
+@pytest.mark.parametrize(
+    "field,value",
+    [("top_logprobs", 21), ("presence_penalty", 2.5), ("repetition_penalty", 0), ("min_p", 1.5), ("logprobs", 6)],
+)
+def test_out_of_range_sampling_values_are_schema_errors(field, value):
+    make = (lambda **k: CompletionRequest(model="m", prompt="x", **k)) if field == "logprobs" else chat
+    with pytest.raises(ValidationError):
+        make(**{field: value})
 
 
 def test_schema_errors_are_validation_errors():
