@@ -132,7 +132,7 @@ class Preprocess:
         body["stream"] = False
         req = prep.parse(oa.ChatCompletionRequest, json.dumps(body).encode())
         sampling = oa.to_sampling(req, self.limits)
-        drafts = oa.turn_drafts(req.messages, self.limits.max_images)
+        drafts = prep.chat_drafts(req, self.limits.max_images)
         inputs = [img for d in drafts for img in d.images]
         data = [self._loop.run(self._image_bytes(img.url, prep.image_where(img))) for img in inputs]
         images, refs = prep.plan_images(

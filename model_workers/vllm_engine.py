@@ -138,7 +138,7 @@ class VllmEngine:
     # ---- lifecycle ------------------------------------------------------------------------------------------------
     def engine_args(self, kv_events_endpoint: str | None, on_cpu: bool | None = None):
         """vLLM's engine arguments; `on_cpu` defaults to vLLM's current platform (tests pass it to check both)."""
-        from vllm.config import KVEventsConfig
+        from vllm.config import KVEventsConfig, StructuredOutputsConfig
         from vllm.engine.arg_utils import AsyncEngineArgs
 
         if on_cpu is None:
@@ -195,6 +195,8 @@ class VllmEngine:
             if kv_events_endpoint
             else None,
             disable_log_stats=False,
+            # Structured output with xgrammar and compact JSON (no free whitespace a weak model can loop on).
+            structured_outputs_config=StructuredOutputsConfig(backend="xgrammar", disable_any_whitespace=True),
             **mm,
         )
 
@@ -319,6 +321,8 @@ class VllmEngine:
         from vllm.exceptions import VLLMClientError
         from vllm.sampling_params import RequestOutputKind
 
+        from model_workers.structured_grammar import vllm_structured_outputs
+
         sp = req.sampling
         try:
             return SamplingParams(
@@ -333,6 +337,7 @@ class VllmEngine:
                 ignore_eos=sp.ignore_eos,
                 skip_special_tokens=True,
                 output_kind=RequestOutputKind.DELTA,
+                structured_outputs=vllm_structured_outputs(sp.structured),
             )
         except (ValueError, VLLMClientError) as e:  # vLLM's own parameter checks (4xx in its server too)
             raise EngineRequestError(f"bad sampling parameters: {e}") from e

@@ -33,7 +33,8 @@ from router.ingress_images import ImagePipeline
 from router.ingress_settings import IngressSettings
 from router.metrics import IngressMetrics
 from router.pools import DecoderPools, PoolPlan
-from router.request_prep import build_request, parse, render_prompt
+from router.request_prep import build_request, chat_drafts, parse, render_prompt
+from router.structured_output import chat_message, stream_end, tool_stream
 from vision_service.settings import VisionSettings
 
 api = FastAPI(title="g3serve", docs_url=None, redoc_url=None, openapi_url=None)
@@ -183,10 +184,12 @@ class G3ServeIngress:
             self.metrics.ttft.observe(time.monotonic() - arrival)
             if req.stream:
                 include_usage = bool(req.stream_options and req.stream_options.include_usage)
-                frames = self._sse(endpoint, gen_request, stream, first, include_usage, slot, arrival)
+                frames = self._sse(endpoint, gen_request, stream, first, include_usage, slot, arrival, tool_stream(req))
                 slot = None  # the stream owns it now
                 return StreamingResponse(frames, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-            return await self._collect_retrying(endpoint, gen_request, stream, first, arrival, admitted.handle)
+            return await self._collect_retrying(
+                endpoint, gen_request, stream, first, arrival, admitted.handle, tool_stream(req)
+            )
         except Exception as e:  # noqa: BLE001
             return self._error(api_error_from_exception(e), endpoint)
         finally:
@@ -200,7 +203,7 @@ class G3ServeIngress:
         tokenizer = self._get_tokenizer(info)
         turns, embeds, chat = None, (), isinstance(req, oa.ChatCompletionRequest)
         if chat:
-            drafts = oa.turn_drafts(req.messages, self.settings.max_images_per_request)
+            drafts = chat_drafts(req, self.settings.max_images_per_request)
             turns, embeds = await self.images.resolve(drafts)
             hits = sum(e.cache_hit for e in embeds)
             self.metrics.observe_images(cache_hits=hits, misses=len(embeds) - hits)
@@ -263,12 +266,12 @@ class G3ServeIngress:
         self.metrics.requests.labels(endpoint=endpoint, status="200").inc()
         return oa.usage(last.prompt_tokens, last.completion_tokens, last.cached_tokens)
 
-    async def _collect_retrying(self, endpoint, gen: GenerateRequest, stream, first, arrival: float, decoder):
+    async def _collect_retrying(self, endpoint, gen: GenerateRequest, stream, first, arrival: float, decoder, tools):
         """A non-streamed answer has sent the client nothing until it is complete, so a replica lost in the middle
         of the generation costs a fresh start on a live (or restarted) replica, not an error; bounded attempts."""
         for attempt in range(1, DECODER_ATTEMPTS + 1):
             try:
-                return await self._collect(endpoint, gen, stream, first, arrival)
+                return await self._collect(endpoint, gen, stream, first, arrival, tools)
             except Exception as e:
                 if attempt == DECODER_ATTEMPTS or not replica_lost(e):
                     raise
@@ -276,7 +279,9 @@ class G3ServeIngress:
                 stream, first = await self._start(gen, arrival, decoder)
         raise AssertionError("unreachable")
 
-    async def _collect(self, endpoint: str, gen: GenerateRequest, stream, first: TokenDelta, arrival: float):
+    async def _collect(
+        self, endpoint: str, gen: GenerateRequest, stream, first: TokenDelta, arrival: float, tools=None
+    ):
         text: list[str] = []
         try:
             async for delta in self._deltas(stream, first, arrival):
@@ -287,24 +292,31 @@ class G3ServeIngress:
             raise
         usage, reason, model = self._account(last, endpoint), oa.finish_reason(last.finish_reason), self._model_name
         if endpoint == "chat":
-            choice = oa.ChatChoice(message=oa.AssistantMessage(content="".join(text)), finish_reason=reason)
+            message, reason = chat_message("".join(text), reason, tools)
+            choice = oa.ChatChoice(message=message, finish_reason=reason)
             return JSONResponse(
                 oa.ChatCompletion(id=gen.request_id, model=model, choices=[choice], usage=usage).model_dump()
             )
         choice = oa.CompletionChoice(text="".join(text), finish_reason=reason)
         return JSONResponse(oa.Completion(id=gen.request_id, model=model, choices=[choice], usage=usage).model_dump())
 
-    async def _sse(self, endpoint, gen, stream, first, include_usage: bool, slot: _Slot, arrival: float):
+    async def _sse(self, endpoint, gen, stream, first, include_usage: bool, slot: _Slot, arrival: float, tools=None):
         rid, model, chat = gen.request_id, self._model_name, endpoint == "chat"
         try:
             if chat:  # OpenAI's first chunk announces the role
                 delta = oa.ChunkDelta(role="assistant", content="")
                 yield oa.sse(oa.ChatCompletionChunk(id=rid, model=model, choices=[oa.ChunkChoice(delta=delta)]))
             async for d in self._deltas(stream, first, arrival):
-                reason = oa.finish_reason(d.finish_reason)
-                if d.text or reason:
+                reason, text, calls = oa.finish_reason(d.finish_reason), d.text, None
+                if tools is not None:  # text that may be a call list is held back to the end, then parsed
+                    text = tools.push(text)
+                    if reason:
+                        held, calls = stream_end(tools)
+                        text, reason = text + held, "tool_calls" if calls else reason
+                if text or reason:
                     if chat:
-                        choice = oa.ChunkChoice(delta=oa.ChunkDelta(content=d.text or None), finish_reason=reason)
+                        delta = oa.ChunkDelta(content=text or None, tool_calls=calls)
+                        choice = oa.ChunkChoice(delta=delta, finish_reason=reason)
                         yield oa.sse(oa.ChatCompletionChunk(id=rid, model=model, choices=[choice]))
                     else:
                         choice = oa.CompletionChoice(text=d.text, finish_reason=reason)

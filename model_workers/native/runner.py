@@ -139,12 +139,13 @@ class ModelRunner:
             dtype=dtype,
             device=self.device,
         )
-        self.sampler = Sampler(device=self.device)
         # The one place the acceleration enters the model and the step.
         self.accel = accel
         model.ops = accel.layer_ops
         accel.pack_projections(model.layers)
         self.head = accel.make_head(model.embed_tokens.weight, model.cfg.final_logit_softcapping)
+        exact = ExactHead(model.embed_tokens.weight, model.cfg.final_logit_softcapping)  # grammar rows' logits
+        self.sampler = Sampler(device=self.device, exact_head=exact)
         self.image_embeds: dict[str, list[torch.Tensor]] = {}  # seq_id -> one tensor per image span
 
     @torch.inference_mode()
@@ -159,7 +160,7 @@ class ModelRunner:
         if not batch.sample_rows:
             return {}
         head = self.head(rows, self.sampler.needs_logits(batch.sample_seqs))
-        tokens = self.sampler.sample(head, batch.sample_seqs)
+        tokens = self.sampler.sample(head, batch.sample_seqs, rows)
         return {seq.seq_id: t for seq, t in zip(batch.sample_seqs, tokens, strict=True)}
 
     def forget(self, seq_id: str) -> None:
