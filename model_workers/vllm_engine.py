@@ -339,6 +339,8 @@ class VllmEngine:
                 output_kind=RequestOutputKind.DELTA,
                 structured_outputs=vllm_structured_outputs(sp.structured),
             )
+        except EngineRequestError:  # our own refusal (an unsupported grammar), already naming its field
+            raise
         except (ValueError, VLLMClientError) as e:  # vLLM's own parameter checks (4xx in its server too)
             raise EngineRequestError(f"bad sampling parameters: {e}") from e
 

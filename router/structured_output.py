@@ -42,6 +42,7 @@ UNSUPPORTED_KEYWORDS = frozenset(
         "propertyNames",
     }
 )
+MAX_SCHEMA_DEPTH = 64  # a bound on the checker's recursion (a body of nested objects must be a 400, not a crash)
 _SUBSCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions")
 _SUBSCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
 _SUBSCHEMA_ONE = ("items", "additionalProperties", "additionalItems")
@@ -51,6 +52,8 @@ def check_schema(schema: object, param: str, where: str = "#") -> None:
     """400 naming the first construct of `schema` the grammar backend cannot enforce."""
     if isinstance(schema, bool):
         return
+    if where.count("/") > MAX_SCHEMA_DEPTH:
+        raise oa.ApiError(400, f"{param}: the JSON schema nests deeper than {MAX_SCHEMA_DEPTH} levels", param=param)
     if not isinstance(schema, Mapping):
         raise oa.ApiError(400, f"{param}: the JSON schema at {where} must be an object", param=param)
     for key in schema:

@@ -224,3 +224,12 @@ def test_sampler_masks_grammar_rows_and_advances_them(compilers, real_270m_token
         ids = outs[i][: outs[i].index(1) if 1 in outs[i] else outs[i].index(106)]
         value = json.loads(real_270m_tokenizer.decode(ids))
         assert set(value) == {"name", "n"} and isinstance(value["n"], int)
+
+
+def test_deeply_nested_schema_is_a_400_not_a_crash():
+    schema: dict = {"type": "string"}
+    for _ in range(2000):
+        schema = {"type": "array", "items": schema}
+    with pytest.raises(oa.ApiError) as e:
+        structured_for(_chat(guided_json=schema))
+    assert e.value.param == "guided_json" and "deeper" in e.value.message
