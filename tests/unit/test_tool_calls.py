@@ -146,3 +146,34 @@ def test_bad_tool_call_arguments_in_history_are_a_400_naming_them():
     with pytest.raises(oa.ApiError) as e:
         oa.turn_drafts(req.messages, max_images=0)
     assert e.value.status == 400 and e.value.param == "messages[2].tool_calls[0].function.arguments"
+
+
+def test_answers_parse_into_the_openai_clients_typed_objects():
+    """A call list becomes `tool_calls` (finish_reason tool_calls) that openai's ChatCompletion / chunk types parse;
+    other text stays content."""
+    from openai.types.chat import ChatCompletion, ChatCompletionChunk
+
+    from router.structured_output import chat_message, stream_end
+
+    req = _request()
+    reader = tc.ToolCallStream(["get_weather"], forced=False)
+    message, reason = chat_message('[get_weather(city="Oslo")]', "stop", reader)
+    usage = oa.usage(3, 4)
+    body = oa.ChatCompletion(
+        id="x", model="m", choices=[oa.ChatChoice(message=message, finish_reason=reason)], usage=usage
+    )
+    parsed = ChatCompletion.model_validate(body.model_dump())
+    call = parsed.choices[0].message.tool_calls[0]
+    assert parsed.choices[0].finish_reason == "tool_calls" and parsed.choices[0].message.content is None
+    assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {"city": "Oslo"}
+    assert chat_message("It is sunny.", "stop", reader) == (oa.AssistantMessage(content="It is sunny."), "stop")
+
+    reader = tc.ToolCallStream([t.function.name for t in req.tools], forced=False)
+    assert reader.push('[get_weather(city="Lima")]') == ""
+    held, deltas = stream_end(reader)
+    chunk = oa.ChatCompletionChunk(
+        id="x", model="m", choices=[oa.ChunkChoice(delta=oa.ChunkDelta(tool_calls=deltas), finish_reason="tool_calls")]
+    )
+    parsed_chunk = ChatCompletionChunk.model_validate(chunk.model_dump())
+    delta = parsed_chunk.choices[0].delta.tool_calls[0]
+    assert held == "" and delta.index == 0 and delta.id.startswith("call_") and delta.function.name == "get_weather"
