@@ -136,7 +136,7 @@ class Preprocess:
             raise oa.ApiError(400, f"n={req.n} is not supported by g3serve batch (one choice per row)", param="n")
         if req.logprobs:
             raise oa.ApiError(400, "logprobs are not supported by g3serve batch", param="logprobs")
-        drafts = oa.turn_drafts(req.messages, self.limits.max_images)
+        drafts = prep.chat_drafts(req, self.limits.max_images)
         inputs = [img for d in drafts for img in d.images]
         data = [self._loop.run(self._image_bytes(img.url, prep.image_where(img))) for img in inputs]
         images, refs = prep.plan_images(

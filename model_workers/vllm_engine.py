@@ -166,7 +166,7 @@ class VllmEngine:
     # ---- lifecycle ------------------------------------------------------------------------------------------------
     def engine_args(self, kv_events_endpoint: str | None, on_cpu: bool | None = None):
         """vLLM's engine arguments; `on_cpu` defaults to vLLM's current platform (tests pass it to check both)."""
-        from vllm.config import KVEventsConfig
+        from vllm.config import KVEventsConfig, StructuredOutputsConfig
         from vllm.engine.arg_utils import AsyncEngineArgs
 
         if on_cpu is None:
@@ -223,6 +223,8 @@ class VllmEngine:
             if kv_events_endpoint
             else None,
             disable_log_stats=False,
+            # Structured output with xgrammar and compact JSON (no free whitespace a weak model can loop on).
+            structured_outputs_config=StructuredOutputsConfig(backend="xgrammar", disable_any_whitespace=True),
             **mm,
         )
 
@@ -363,6 +365,8 @@ class VllmEngine:
         from vllm.exceptions import VLLMClientError
         from vllm.sampling_params import RequestOutputKind
 
+        from model_workers.structured_grammar import vllm_structured_outputs
+
         sp = req.sampling
         try:
             return SamplingParams(
@@ -384,7 +388,10 @@ class VllmEngine:
                 logprobs=sp.logprobs,
                 skip_special_tokens=True,
                 output_kind=RequestOutputKind.DELTA,
+                structured_outputs=vllm_structured_outputs(sp.structured),
             )
+        except EngineRequestError:  # our own refusal (an unsupported grammar), already naming its field
+            raise
         except (ValueError, VLLMClientError) as e:  # vLLM's own parameter checks (4xx in its server too)
             raise EngineRequestError(f"bad sampling parameters: {e}") from e
 

@@ -41,15 +41,18 @@ from router.ingress_choices import (
     gather_or_cancel,
     merge_streams,
     start_all,
+    tool_delta,
+    with_tool_calls,
 )
 from router.ingress_errors import api_error_from_exception, replica_lost
 from router.ingress_images import ImagePipeline
 from router.ingress_settings import IngressSettings
 from router.metrics import IngressMetrics
 from router.pools import DecoderPools, PoolPlan
-from router.request_prep import build_request, parse, render_prompt
+from router.request_prep import build_request, chat_drafts, parse, render_prompt
 from router.request_timing import RequestTiming
 from router.step_receiver import DecoderStream, StepReceiver
+from router.structured_output import tool_stream
 from vision_service.settings import VisionSettings
 
 api = FastAPI(title="g3serve", docs_url=None, redoc_url=None, openapi_url=None)
@@ -217,14 +220,17 @@ class G3ServeIngress:
             timing.first_delta(first)
             if req.stream:
                 include_usage = bool(req.stream_options and req.stream_options.include_usage)
-                frames = self._sse(endpoint, gen_request, started, include_usage, slot, timing)
+                tools = [tool_stream(req) for _ in started]  # chat with tools: each choice's calls parsed apart
+                frames = self._sse(endpoint, gen_request, started, include_usage, slot, timing, tools)
                 slot = timing_owner = None  # the stream owns them now
                 headers = {"Cache-Control": "no-cache", **self._server_timing(timing)}
                 return StreamingResponse(frames, media_type="text/event-stream", headers=headers)
             if len(started) > 1:
-                response = await self._collect(endpoint, gen_request, started, timing)
+                response = await self._collect(endpoint, gen_request, started, timing, tool_stream(req))
             else:
-                response = await self._collect_retrying(endpoint, gen_request, stream, first, timing, admitted.handle)
+                response = await self._collect_retrying(
+                    endpoint, gen_request, stream, first, timing, admitted.handle, tool_stream(req)
+                )
             response.headers.update(self._server_timing(timing, total=True))
             self._finish(timing, 200)
             return response
@@ -245,7 +251,7 @@ class G3ServeIngress:
         tokenizer = self._get_tokenizer(info)
         turns, embeds, chat = None, (), isinstance(req, oa.ChatCompletionRequest)
         if chat:
-            drafts = oa.turn_drafts(req.messages, self.settings.max_images_per_request)
+            drafts = chat_drafts(req, self.settings.max_images_per_request)
             turns, embeds = await self.images.resolve(drafts, timing)
             hits = sum(e.cache_hit for e in embeds)
             self.metrics.observe_images(cache_hits=hits, misses=len(embeds) - hits)
@@ -321,12 +327,14 @@ class G3ServeIngress:
         self.metrics.requests.labels(endpoint=endpoint, status="200").inc()
         return oa.usage(prompt, completion, cached)
 
-    async def _collect_retrying(self, endpoint, gen: GenerateRequest, stream, first, timing: RequestTiming, decoder):
+    async def _collect_retrying(
+        self, endpoint, gen: GenerateRequest, stream, first, timing: RequestTiming, decoder, tools=None
+    ):
         """A non-streamed answer has sent the client nothing until it is complete, so a replica lost in the middle
         of the generation costs a fresh start on a live (or restarted) replica, not an error; bounded attempts."""
         for attempt in range(1, DECODER_ATTEMPTS + 1):
             try:
-                return await self._collect(endpoint, gen, [(stream, first)], timing)
+                return await self._collect(endpoint, gen, [(stream, first)], timing, tools)
             except Exception as e:
                 if attempt == DECODER_ATTEMPTS or not replica_lost(e):
                     raise
@@ -347,7 +355,7 @@ class G3ServeIngress:
             raise
         return "".join(text), logprobs, last
 
-    async def _collect(self, endpoint: str, gen: GenerateRequest, started: list, timing: RequestTiming):
+    async def _collect(self, endpoint: str, gen: GenerateRequest, started: list, timing: RequestTiming, tools=None):
         arrival = timing.clock.start
         results = await gather_or_cancel(
             [self._collect_one(s, f, timing if i == 0 else None, arrival) for i, (s, f) in enumerate(started)],
@@ -356,10 +364,12 @@ class G3ServeIngress:
         usage, model = self._account([last for _, _, last in results], endpoint), self._model_name
         spell = self._spell if gen.sampling.logprobs is not None else None
         cls = oa.ChatCompletion if endpoint == "chat" else oa.Completion
-        body = cls(id=gen.request_id, model=model, choices=final_choices(endpoint, results, spell), usage=usage)
+        body = cls(id=gen.request_id, model=model, choices=final_choices(endpoint, results, spell, tools), usage=usage)
         return JSONResponse(body.model_dump())
 
-    async def _sse(self, endpoint, gen, started: list, include_usage: bool, slot: _Slot, timing: RequestTiming):
+    async def _sse(
+        self, endpoint, gen, started: list, include_usage: bool, slot: _Slot, timing: RequestTiming, tools: list
+    ):
         rid, model, chat = gen.request_id, self._model_name, endpoint == "chat"
         spell = self._spell if gen.sampling.logprobs is not None else None
         lasts: list[TokenDelta | None] = [None] * len(started)
@@ -372,10 +382,13 @@ class G3ServeIngress:
                     yield oa.sse(oa.ChatCompletionChunk(id=rid, model=model, choices=[choice]))
             sources = [self._deltas(s, f, timing if i == 0 else None, arrival) for i, (s, f) in enumerate(started)]
             async for i, d in merge_streams(sources):
+                calls = None
+                if chat and tools[i] is not None:  # text that may be a call list is held back to the end, then parsed
+                    d, calls = tool_delta(d, tools[i])
                 if d.text or d.finish_reason is not None or (spell and d.logprobs):
                     choice, offsets[i] = chunk_choice(endpoint, i, d, spell, offsets[i])
                     cls = oa.ChatCompletionChunk if chat else oa.Completion
-                    yield oa.sse(cls(id=rid, model=model, choices=[choice]))
+                    yield oa.sse(cls(id=rid, model=model, choices=[with_tool_calls(choice, calls) if chat else choice]))
                 if d.finish_reason is not None:
                     lasts[i] = d
             usage = self._account(lasts, endpoint)

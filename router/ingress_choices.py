@@ -17,6 +17,7 @@ from typing import Protocol, TypeVar
 from cluster.contracts.messages import GenerateRequest, TokenDelta, TokenLogprobs
 from router import openai_api as oa
 from router.openai_logprobs import chat_logprobs, completion_logprobs, end_offset
+from router.structured_output import chat_message, stream_end
 
 T = TypeVar("T")
 
@@ -101,18 +102,17 @@ def final_choices(
     endpoint: str,
     results: Sequence[tuple[str, Sequence[TokenLogprobs], TokenDelta]],
     spell: Callable[[int], str] | None,
+    tools=None,
 ) -> list[oa.ChatChoice] | list[oa.CompletionChoice]:
-    """A non-streamed answer's choices from each choice's (text, logprobs, last delta); logprobs when `spell`."""
+    """A non-streamed answer's choices from each choice's (text, logprobs, last delta); logprobs when `spell`; a
+    chat answer that is a call list of `tools` (structured_output.tool_stream) becomes tool calls."""
     if endpoint == "chat":
-        return [
-            oa.ChatChoice(
-                index=i,
-                message=oa.AssistantMessage(content=text),
-                finish_reason=oa.finish_reason(last.finish_reason),
-                logprobs=chat_logprobs(lps, spell) if spell else None,
-            )
-            for i, (text, lps, last) in enumerate(results)
-        ]
+        choices = []
+        for i, (text, lps, last) in enumerate(results):
+            message, reason = chat_message(text, oa.finish_reason(last.finish_reason), tools)
+            lp = chat_logprobs(lps, spell) if spell else None
+            choices.append(oa.ChatChoice(index=i, message=message, finish_reason=reason, logprobs=lp))
+        return choices
     return [
         oa.CompletionChoice(
             index=i,
@@ -137,3 +137,22 @@ def chunk_choice(
     clp = completion_logprobs(delta.logprobs, spell, offset) if spell else None
     offset = end_offset(clp) if clp and clp.tokens else offset
     return oa.CompletionChoice(index=index, text=delta.text, finish_reason=reason, logprobs=clp), offset
+
+
+def tool_delta(delta: TokenDelta, tools) -> tuple[TokenDelta, list | None]:
+    """A streamed chat delta when the request has tools: text that may be a call list is held back (`tools`, one
+    choice's structured_output.tool_stream) to the end, then parsed; (the delta with the text to send, the calls'
+    deltas at the end when it was a call list)."""
+    text, calls = tools.push(delta.text), None
+    if delta.finish_reason is not None:
+        held, calls = stream_end(tools)
+        text += held
+    return replace(delta, text=text), calls
+
+
+def with_tool_calls(choice: oa.ChunkChoice, calls: list | None) -> oa.ChunkChoice:
+    """The last chunk's choice carrying the parsed calls (finish_reason `tool_calls`)."""
+    if not calls:
+        return choice
+    delta = choice.delta.model_copy(update={"tool_calls": calls})
+    return choice.model_copy(update={"delta": delta, "finish_reason": "tool_calls"})

@@ -35,7 +35,12 @@ def api_error_from_exception(exc: BaseException) -> ApiError:
     if isinstance(cause, ApiError):
         return cause
     if isinstance(cause, EngineRequestError):
-        return ApiError(400, str(cause.args[0] if cause.args else cause), code="invalid_request")
+        return ApiError(
+            400,
+            str(cause.args[0] if cause.args else cause),
+            param=getattr(cause, "param", None),
+            code="invalid_request",
+        )
     if isinstance(cause, ChatFormatError):
         return ApiError(400, str(cause), param="messages", code="invalid_messages")
     if isinstance(cause, ImageInputError):

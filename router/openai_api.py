@@ -17,6 +17,14 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from cluster.contracts.messages import FinishReason, SamplingParams
+from router import tool_calls as tc
+from router.openai_tool_models import (
+    NamedToolChoice,
+    ToolCallDelta,
+    ToolCallIn,
+    ToolCallOut,
+    ToolDef,
+)
 
 # ---------------------------------------------------------------------------------------------------- errors
 
@@ -91,6 +99,8 @@ class ChatMessage(_Request):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCallIn] | None = None  # an assistant's earlier calls
+    tool_call_id: str | None = None  # a tool message's answer to that call
 
 
 class StreamOptions(_Request):
@@ -123,16 +133,28 @@ class _Sampling(_Request):
     ignore_eos: bool | None = None
 
 
-class ChatCompletionRequest(_Sampling):
+class _Structured(_Request):
+    """Structured output: OpenAI's response_format plus vLLM's extensions (router/structured_output.py)."""
+
+    response_format: dict | None = None
+    guided_json: dict | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    structured_outputs: dict | None = None
+
+
+class ChatCompletionRequest(_Sampling, _Structured):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=20)
-    tools: list[dict] | None = None
-    response_format: dict | None = None
+    tools: list[ToolDef] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
 
 
-class CompletionRequest(_Sampling):
+class CompletionRequest(_Sampling, _Structured):
     prompt: str | list[str]
     echo: bool | None = None
     suffix: str | None = None
@@ -141,11 +163,6 @@ class CompletionRequest(_Sampling):
 
 
 def _refuse_unsupported(req: _Sampling) -> None:
-    if isinstance(req, ChatCompletionRequest):
-        if req.tools:
-            raise ApiError(400, "tools are not supported", param="tools")
-        if req.response_format and req.response_format.get("type", "text") != "text":
-            raise ApiError(400, "only response_format type 'text' is supported", param="response_format")
     if isinstance(req, CompletionRequest):
         if req.echo or req.suffix:
             name = "echo" if req.echo else "suffix"
@@ -265,14 +282,34 @@ def _parts(msg: ChatMessage, index: int) -> list[str | ImageInput]:
     ]
 
 
+def _tool_draft(msg: ChatMessage, i: int) -> TurnDraft:
+    """A tool message (a user turn) or an assistant's calls, in Gemma's tool convention (router/tool_calls.py)."""
+    if msg.role == "tool":
+        text = "".join(p for p in _parts(msg, i) if isinstance(p, str))
+        return TurnDraft("user", (tc.tool_response(text),))
+    calls = []
+    for j, call in enumerate(msg.tool_calls or ()):
+        try:
+            args = json.loads(call.function.arguments or "{}")
+        except json.JSONDecodeError:
+            args = None
+        if not isinstance(args, dict):
+            param = f"messages[{i}].tool_calls[{j}].function.arguments"
+            raise ApiError(400, f"{param} must be a JSON object", param=param)
+        calls.append((call.function.name, args))
+    text = [p for p in _parts(msg, i) if isinstance(p, str) and p.strip()]
+    return TurnDraft("assistant", (*text, tc.format_calls(calls)))
+
+
 def turn_drafts(messages: list[ChatMessage], max_images: int) -> list[TurnDraft]:
-    """OpenAI messages -> drafts, refusing what Gemma cannot take: tool messages, images outside user messages,
-    more images than `max_images`."""
+    """OpenAI messages -> drafts, refusing what Gemma cannot take: images outside user messages, more images than
+    `max_images`. Tool messages and assistant tool calls become text in Gemma's tool convention."""
     drafts: list[TurnDraft] = []
     n_images = 0
     for i, msg in enumerate(messages):
-        if msg.role == "tool":
-            raise ApiError(400, "tool messages are not supported", param=f"messages[{i}].role")
+        if msg.role == "tool" or msg.tool_calls:
+            drafts.append(_tool_draft(msg, i))
+            continue
         draft = TurnDraft(msg.role, tuple(_parts(msg, i)))
         if draft.images and msg.role != "user":
             raise ApiError(400, f"images are only accepted in user messages, not {msg.role}", param=f"messages[{i}]")
@@ -314,7 +351,7 @@ def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) ->
     )
 
 
-FinishReasonStr = Literal["stop", "length"]
+FinishReasonStr = Literal["stop", "length", "tool_calls"]
 
 
 def finish_reason(reason: FinishReason | None) -> FinishReasonStr | None:
@@ -326,7 +363,8 @@ def finish_reason(reason: FinishReason | None) -> FinishReasonStr | None:
 
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCallOut] | None = None
 
 
 class TopLogprob(BaseModel):
@@ -369,6 +407,7 @@ class ChatCompletion(BaseModel):
 class ChunkDelta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
 
 class ChunkChoice(BaseModel):

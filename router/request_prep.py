@@ -18,6 +18,7 @@ from pydantic import ValidationError
 from cluster.contracts.messages import GenerateRequest, ImageEmbedding, SamplingParams
 from model_workers.gemma3.tokenizer import ChatTurn, Gemma3Tokenizer, ImageRef, PromptTokens
 from router import openai_api as oa
+from router.structured_output import structured_for, with_tools
 from vision_service.content_hash import HashSettings
 from vision_service.images import ImageLocation
 from vision_service.request import VisionImage, plan_image
@@ -68,6 +69,11 @@ def plan_images(
         vision_images.append(vimg)
         refs.append(ImageRef(plan.content_hashes))
     return vision_images, refs
+
+
+def chat_drafts(req: oa.ChatCompletionRequest, max_images: int) -> list[oa.TurnDraft]:
+    """The request's messages as drafts, with the tools' text in the first user turn when tools apply."""
+    return with_tools(req, oa.turn_drafts(req.messages, max_images))
 
 
 def chat_turns(drafts: Sequence[oa.TurnDraft], refs: Mapping[oa.ImageInput, ImageRef]) -> list[ChatTurn]:
@@ -126,10 +132,11 @@ def build_request(
     vocab_size: int | None = None,
 ) -> GenerateRequest:
     """The GenerateRequest for a tokenized prompt: max_tokens fitted to the context, stop ids completed, token ids in
-    the sampling parameters checked against `vocab_size` when given."""
+    the sampling parameters checked against `vocab_size` when given, the structured-output constraint attached."""
     if vocab_size is not None:
         oa.validate_token_ids(sampling, vocab_size)
     fitted = fit_context(len(prompt.token_ids), sampling, max_model_len, explicit=explicit_max_tokens(req))
+    fitted = replace(fitted, structured=structured_for(req))
     return GenerateRequest(
         request_id=request_id,
         prompt_token_ids=tuple(prompt.token_ids),

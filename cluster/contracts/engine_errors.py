@@ -9,7 +9,15 @@ from __future__ import annotations
 
 
 class EngineRequestError(ValueError):
-    """The engine refused a request (too long, bad parameters): the API answers 400 with this message."""
+    """The engine refused a request (too long, bad parameters): the API answers 400 with this message (and `param`,
+    the request field at fault, when the engine knows it)."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
+
+    def __reduce__(self):  # keep `param` across Ray's pickling (the default rebuilds from args alone)
+        return type(self), (self.args[0], self.param)
 
 
 class EngineOverloadedError(RuntimeError):

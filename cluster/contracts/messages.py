@@ -24,6 +24,30 @@ class FinishReason(str, Enum):
 SAMPLING_EPS = 1e-5  # temperatures below this are greedy
 
 
+# ---- structured output: the grammar a generation must follow (compiled by the decoder, which has xgrammar) ----
+@dataclass(frozen=True)
+class ToolSignature:
+    """One function a forced tool call may name: its name and its parameters' JSON schema (as JSON text)."""
+
+    name: str
+    parameters_json: str = "{}"
+
+
+@dataclass(frozen=True)
+class StructuredOutput:
+    """The constraint on a generation. `kind`: json_object (any JSON object), json_schema (`spec` = the schema as
+    JSON text), regex (`spec`), choice (one of `choices`), grammar (`spec` = EBNF), tool_calls (a Python-style list
+    of calls to `tools`, one or, with `parallel`, several). `param` names the request field it came from, so a
+    grammar the decoder cannot compile is a 400 naming it."""
+
+    kind: str
+    spec: str = ""
+    choices: tuple[str, ...] = ()
+    tools: tuple[ToolSignature, ...] = ()
+    parallel: bool = False
+    param: str = "response_format"
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """What the OpenAI API calls sampling parameters; greedy when temperature is 0 (below SAMPLING_EPS)."""
@@ -49,6 +73,7 @@ class SamplingParams:
     # Log-probabilities of the raw model (before any processing, as vLLM's default) for each generated token: None =
     # none, k >= 0 = the chosen token's and the k most likely tokens'.
     logprobs: int | None = None
+    structured: StructuredOutput | None = None  # a grammar the output must follow (response_format, tools)
 
     @property
     def greedy(self) -> bool:

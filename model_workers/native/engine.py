@@ -10,6 +10,8 @@ A runner that raises EngineDeadError (a tensor-parallel rank lost or failed: tp_
 open request ends with that error (raised from `generate`, so the ingress may retry what it has not streamed yet),
 new requests are refused with it, the step loop stops, and `check_health` raises it, so Serve replaces the replica.
 Any other step failure fails only that step's requests.
+A request with structured output has its grammar compiled (native/grammar.py) in a helper thread before it is
+queued, so a compile never stalls a step.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from model_workers.gemma3.config import Gemma3Config
 from model_workers.gemma3.decoder import Gemma3Decoder
 from model_workers.gemma3.tokenizer import Gemma3Tokenizer
 from model_workers.native.accel import build_accel
+from model_workers.native.grammar import GrammarCompilers, GrammarState
 from model_workers.native.kv_cache.hybrid import HybridKVCache
 from model_workers.native.kv_cache.spec import KVCacheSpec
 from model_workers.native.output_stream import OutputStreams
@@ -94,6 +97,7 @@ class NativeEngine:
         self._dead: str | None = None  # why the engine can no longer serve (a lost rank), once it cannot
         self._stepping = False
         self.steps = 0
+        self._grammars: GrammarCompilers | None = None  # built on the first structured-output request
 
     # ---- lifecycle ------------------------------------------------------------------------------------------------
     def load_model(self) -> None:
@@ -242,6 +246,11 @@ class NativeEngine:
             raise EngineRequestError(f"request id {request.request_id!r} is already running")
         seq = self._make_sequence(request)
         marks = _StageMarks()
+        if request.sampling.structured is not None:
+            compiled = await asyncio.get_running_loop().run_in_executor(
+                None, self._compile_grammar, request.sampling.structured
+            )
+            seq.grammar = GrammarState(compiled)
         try:
             self.scheduler.add(seq)
         except RequestTooLarge as e:
@@ -279,6 +288,15 @@ class NativeEngine:
             if not stream.done:  # the client went away (or closed the iterator): free its pages at once
                 self._pending_aborts.append(seq.seq_id)
                 self._wake.set()
+
+    def _compile_grammar(self, structured):
+        if self._grammars is None:
+            self._grammars = GrammarCompilers(
+                os.path.join(str(self.config.checkpoint), "tokenizer.json"),
+                self._info.vocab_size,
+                self.tokenizer.eos_token_ids,
+            )
+        return self._grammars.compile(structured)
 
     async def abort(self, request_id: str) -> None:
         if request_id in self._streams:

@@ -140,7 +140,6 @@ class ModelRunner:
             dtype=dtype,
             device=self.device,
         )
-        self.sampler = Sampler(device=self.device)
         # The one place the acceleration enters the model and the step.
         self.accel = accel
         model.ops = accel.layer_ops
@@ -148,6 +147,7 @@ class ModelRunner:
         self.head = accel.make_head(model.embed_tokens.weight, model.cfg.final_logit_softcapping)
         exact = ExactHead(model.embed_tokens.weight, model.cfg.final_logit_softcapping)
         self.exact_head = lambda hidden: exact(hidden.to(exact.weight.dtype), [True] * hidden.shape[0]).logits
+        self.sampler = Sampler(device=self.device, exact_head=self.exact_head)  # grammar rows' exact logits
         self.image_embeds: dict[str, list[torch.Tensor]] = {}  # seq_id -> one tensor per image span
 
     @torch.inference_mode()
@@ -161,10 +161,11 @@ class ModelRunner:
         )
         if not batch.sample_rows:
             return {}
-        head = self.head(rows, self.sampler.needs_logits(batch.sample_seqs))
+        need = self.sampler.needs_logits(batch.sample_seqs)
+        head = self.head(rows, need)
         if self.head.mode != "exact":  # processed and logprob rows take every logit exact, not the head's ranking
-            head = with_exact_rows(head, rows, batch.sample_seqs, self.exact_head)
-        tokens = self.sampler.sample(head, batch.sample_seqs)
+            head = with_exact_rows(head, rows, batch.sample_seqs, self.exact_head, need)
+        tokens = self.sampler.sample(head, batch.sample_seqs, rows)
         return {seq.seq_id: t for seq, t in zip(batch.sample_seqs, tokens, strict=True)}
 
     def forget(self, seq_id: str) -> None:

@@ -1,9 +1,11 @@
 """Sampler: the next token of each sequence from the LM head's output (greedy, temperature, top-k, top-p, min_p,
-seeded; penalties, logit_bias and min_tokens in logits_processing.py) and the raw logprobs rows asked for.
+seeded; penalties, logit_bias and min_tokens in logits_processing.py; a grammar's token mask for structured output,
+native/grammar.py) and the raw logprobs rows asked for.
 
 Greedy rows (the common case for evaluation and our parity tests) take the head's exact argmax, so only sampled,
 processed and logprob rows need full logits (`needs_logits`); processed and logprob rows need them exact
-(`needs_exact`, `with_exact_rows`). Sampled rows are drawn one by one with a per-request torch.Generator when
+(`needs_exact`, `with_exact_rows`). Grammar rows: a greedy row whose head argmax the grammar allows keeps it;
+the others take exact logits (`exact_head` on the head's input rows), masked, then argmax or a draw. Sampled rows are drawn one by one with a per-request torch.Generator when
 the request gave a seed, so a seeded request reproduces whatever else is in the batch. The logits' precision is the
 head's: all exact with the plain head (gemma3/lm_head.ExactHead); with the accel's candidates head, exact for its 32
 best-ranked tokens and within bf16 rounding elsewhere (`engine.native.lm_head`).
@@ -17,6 +19,7 @@ import torch
 
 from cluster.contracts.messages import SamplingParams, TokenLogprobs
 from model_workers.gemma3.lm_head import HeadOutput
+from model_workers.native.grammar import constrain
 from model_workers.native.logits_processing import (
     apply_bias_and_min_tokens,
     apply_min_p,
@@ -32,54 +35,105 @@ def _params(seq: Sequence) -> SamplingParams:
     return seq.sampling if isinstance(seq.sampling, SamplingParams) else _GREEDY
 
 
+def needs_exact(p: SamplingParams) -> bool:
+    """Processed logits and returned logprobs need every logit exact fp32."""
+    return p.processes_logits or p.logprobs is not None
+
+
 class Sampler:
-    def __init__(self, device="cpu"):
+    def __init__(self, device="cpu", exact_head: Callable[[torch.Tensor], torch.Tensor] | None = None):
+        """`exact_head(hidden_rows)` -> every logit exact [R, V], for grammar rows; without it (the tensor-parallel
+        driver) grammar rows take the head's logits (`needs_logits` asks for them)."""
         self.device = torch.device(device)
         self.generators: dict[str, torch.Generator] = {}
+        self.exact_head = exact_head
         self._logprobs: dict[str, TokenLogprobs] = {}  # the last sample()'s, until take_logprobs()
 
     def forget(self, seq_id: str) -> None:
         self.generators.pop(seq_id, None)
 
-    @staticmethod
-    def needs_logits(seqs: list[Sequence]) -> list[bool]:
-        return [not p.greedy or p.processes_logits or p.logprobs is not None for p in map(_params, seqs)]
+    def needs_logits(self, seqs: list[Sequence]) -> list[bool]:
+        grammar_from_head = self.exact_head is None
+        return [
+            needs_exact(p) or not p.greedy or (grammar_from_head and s.grammar is not None)
+            for s, p in zip(seqs, map(_params, seqs), strict=True)
+        ]
 
     @staticmethod
     def needs_exact(seqs: list[Sequence]) -> list[bool]:
         """Rows whose every logit must be exact fp32: processed logits and returned logprobs."""
-        return [p.processes_logits or p.logprobs is not None for p in map(_params, seqs)]
+        return [needs_exact(p) for p in map(_params, seqs)]
 
     def take_logprobs(self) -> dict[str, TokenLogprobs]:
         """The logprobs of the last sample(), by sequence id (rows that asked for them)."""
         out, self._logprobs = self._logprobs, {}
         return out
 
-    def sample(self, head: HeadOutput, seqs: list[Sequence]) -> list[int]:
-        """`head.logits` holds the rows of `needs_logits(seqs)`, in order."""
+    def sample(self, head: HeadOutput, seqs: list[Sequence], hidden: torch.Tensor | None = None) -> list[int]:
+        """`head.logits` holds the rows of `needs_logits(seqs)`, in order; `hidden` the head's input rows (for the
+        exact logits of grammar rows)."""
         out = head.tokens.tolist()
+        params = [_params(s) for s in seqs]
         rows = [i for i, need in enumerate(self.needs_logits(seqs)) if need]
-        if not rows:
-            return out
-        params = [_params(seqs[i]) for i in rows]
-        raw = logits = head.logits.float()
-        processed = [j for j, p in enumerate(params) if p.processes_logits]
+        head_row = {i: j for j, i in enumerate(rows)}
+        raw = logits = head.logits.float() if rows else None
+        processed = [j for j, i in enumerate(rows) if params[i].processes_logits]
         if processed:
             logits = raw.clone()
             logits[processed] = self._process(
-                raw[processed], [params[j] for j in processed], [seqs[rows[j]] for j in processed]
+                raw[processed], [params[rows[j]] for j in processed], [seqs[rows[j]] for j in processed]
             )
-        for j, (i, p) in enumerate(zip(rows, params, strict=True)):
-            if not p.greedy:
-                out[i] = self._draw(logits[j], p, self._generator(seqs[i].seq_id, p.seed))
-            elif p.processes_logits:
-                out[i] = int(logits[j].argmax())
-        asked = [j for j, p in enumerate(params) if p.logprobs is not None]
+        masked_rows = self._grammar_rows(seqs, params, out, head, head_row, logits, hidden)
+        for i, seq in enumerate(seqs):
+            p = params[i]
+            if i in masked_rows:
+                row = masked_rows[i]
+                out[i] = int(row.argmax()) if p.greedy else self._draw(row, p, self._generator(seq.seq_id, p.seed))
+            elif i in head_row and not p.greedy:
+                out[i] = self._draw(logits[head_row[i]], p, self._generator(seq.seq_id, p.seed))
+            elif i in head_row and p.processes_logits:
+                out[i] = int(logits[head_row[i]].argmax())
+            if seq.grammar is not None:
+                seq.grammar.accept(out[i])
+        asked = [i for i in rows if params[i].logprobs is not None]
         if asked:
-            lps = token_logprobs(raw[asked], [out[rows[j]] for j in asked], [params[j].logprobs for j in asked])
-            for j, lp in zip(asked, lps, strict=True):
-                self._logprobs[seqs[rows[j]].seq_id] = lp
+            lps = token_logprobs(
+                raw[[head_row[i] for i in asked]], [out[i] for i in asked], [params[i].logprobs for i in asked]
+            )
+            for i, lp in zip(asked, lps, strict=True):
+                self._logprobs[seqs[i].seq_id] = lp
         return out
+
+    def _grammar_rows(self, seqs, params, out, head, head_row, logits, hidden) -> dict[int, torch.Tensor]:
+        """Grammar rows: a greedy row whose (processed) argmax the mask allows is decided in `out`; the others'
+        masked logits by row index."""
+        gram = [i for i, s in enumerate(seqs) if s.grammar is not None]
+        if not gram:
+            return {}
+        greedy_choice = [int(logits[head_row[i]].argmax()) if i in head_row else out[i] for i in gram]
+
+        def exact_rows(rs: list[int]) -> torch.Tensor:
+            idx = [gram[r] for r in rs]
+            if all(i in head_row for i in idx):  # already exact (processed or logprob rows) or the head's own
+                return logits[[head_row[i] for i in idx]]
+            fresh = self.exact_head(hidden[idx]).float()
+            for k, i in enumerate(idx):
+                if params[i].processes_logits:
+                    fresh[k] = logits[head_row[i]]
+            return fresh
+
+        decided, masked = constrain(
+            [seqs[i].grammar for i in gram], greedy_choice, [params[i].greedy for i in gram], exact_rows
+        )
+        masked_rows: dict[int, torch.Tensor] = {}
+        k = 0
+        for i, d in zip(gram, decided, strict=True):
+            if d is None:
+                masked_rows[i] = masked[k]
+                k += 1
+            else:
+                out[i] = d
+        return masked_rows
 
     @staticmethod
     def _process(logits: torch.Tensor, params: list[SamplingParams], seqs: list[Sequence]) -> torch.Tensor:
@@ -113,10 +167,12 @@ class Sampler:
         return int(torch.multinomial(probs, 1, generator=gen).item())
 
 
-def with_exact_rows(head: HeadOutput, hidden: torch.Tensor, seqs: list[Sequence], exact: Callable) -> HeadOutput:
+def with_exact_rows(
+    head: HeadOutput, hidden: torch.Tensor, seqs: list[Sequence], exact: Callable, need: list[bool]
+) -> HeadOutput:
     """`head` with the rows of `Sampler.needs_exact(seqs)` replaced by every logit exact (`exact(hidden_rows)` ->
-    [R, V]): an approximate head (the accel's candidates head) keeps its speed for the other rows."""
-    need = Sampler.needs_logits(seqs)
+    [R, V]); `need` the sampler's `needs_logits(seqs)` (the head's logits rows): an approximate head (the accel's
+    candidates head) keeps its speed for the other rows."""
     want = [i for i, e in enumerate(Sampler.needs_exact(seqs)) if e]
     if not want:
         return head

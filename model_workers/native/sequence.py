@@ -56,6 +56,7 @@ class Sequence:
         if not prompt_token_ids:
             raise ValueError("a prompt needs at least one token")
         self.seq_id = seq_id
+        self.grammar = None  # structured output: the engine sets a native/grammar.GrammarState; the sampler reads it
         self.prompt_token_ids = list(prompt_token_ids)
         self.output_token_ids: list[int] = []
         self.images = tuple(images)  # request order: it is hashed (router parity) and matches image_embeds

@@ -131,7 +131,7 @@ class TensorParallelRunner:
         self.head = accel.make_head(self.embed_weight, text.final_logit_softcapping)
         exact = ExactHead(self.embed_weight, text.final_logit_softcapping)
         self.exact_head = lambda hidden: exact(hidden.to(exact.weight.dtype), [True] * hidden.shape[0]).logits
-        self.sampler = Sampler(device=self.device)
+        self.sampler = Sampler(device=self.device, exact_head=self.exact_head)
         self.image_embeds: dict[str, list[torch.Tensor]] = {}
         self.broken: str | None = None  # why the ranks can no longer run a step (a rank lost or failed)
         remote = ray.remote(TPWorker)
@@ -173,10 +173,11 @@ class TensorParallelRunner:
         if not batch.sample_rows:
             return {}
         t0 = time.perf_counter()
-        head = self.head(outs[0][0], self.sampler.needs_logits(batch.sample_seqs))
+        need = self.sampler.needs_logits(batch.sample_seqs)
+        head = self.head(outs[0][0], need)
         if self.head.mode != "exact":  # processed and logprob rows take every logit exact, not the head's ranking
-            head = with_exact_rows(head, outs[0][0], batch.sample_seqs, self.exact_head)
-        tokens = self.sampler.sample(head, batch.sample_seqs)
+            head = with_exact_rows(head, outs[0][0], batch.sample_seqs, self.exact_head, need)
+        tokens = self.sampler.sample(head, batch.sample_seqs, outs[0][0])
         self.head_s += time.perf_counter() - t0
         return {seq.seq_id: t for seq, t in zip(batch.sample_seqs, tokens, strict=True)}
 

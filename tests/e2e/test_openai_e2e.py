@@ -228,7 +228,7 @@ def test_non_square_image_with_pan_and_scan(client, served):
         ({"n": 17}, "n: Input should be less than or equal to 16"),
         ({"max_tokens": MAX_TOKENS_CAP + 1}, f"limit of {MAX_TOKENS_CAP}"),
         ({"temperature": 5}, "temperature"),
-        ({"messages": [{"role": "tool", "content": "x", "tool_call_id": "1"}]}, "tool"),
+        ({"tool_choice": "required"}, "tool_choice needs tools"),
     ],
 )
 def test_bad_requests_are_400_with_a_message(client, served, kwargs, pattern):

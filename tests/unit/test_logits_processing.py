@@ -101,7 +101,7 @@ def test_sampler_greedy_rows_take_the_processed_argmax_and_report_raw_logprobs()
         seq("biased", SamplingParams(temperature=0, logit_bias=((5, -10.0),), logprobs=1)),
         seq("penalized", SamplingParams(temperature=0, presence_penalty=1.0), outputs=(5,)),
     ]
-    need = Sampler.needs_logits(seqs)
+    need = Sampler().needs_logits(seqs)
     assert need == [False, True, True] and Sampler.needs_exact(seqs) == [False, True, True]
     sampler = Sampler()
     head = HeadOutput(raw.argmax(-1), raw[[i for i, n in enumerate(need) if n]], 0)
@@ -143,7 +143,7 @@ def test_with_exact_rows_replaces_only_the_rows_that_need_exact_logits():
     ]
     head = HeadOutput(torch.tensor([0, 0, 0]), approx, 0)
     hidden = torch.arange(3, dtype=torch.float32)[:, None]
-    out = with_exact_rows(head, hidden, seqs, lambda h: exact[h[:, 0].long()])
+    out = with_exact_rows(head, hidden, seqs, lambda h: exact[h[:, 0].long()], Sampler().needs_logits(seqs))
     torch.testing.assert_close(out.logits[0], approx[0])  # sampled: the head's row
     torch.testing.assert_close(out.logits[1], exact[2])  # logprobs: every logit exact
     assert out.tokens.tolist() == [0, 0, V - 1]

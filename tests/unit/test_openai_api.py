@@ -89,9 +89,9 @@ def test_assistant_content_may_be_none():
     assert turn_drafts(req.messages, 2)[1] == TurnDraft("assistant", ())
 
 
-def test_tool_messages_and_images_outside_user_are_refused():
-    with pytest.raises(ApiError, match="tool"):
-        turn_drafts(chat(messages=[{"role": "tool", "content": "x"}]).messages, 2)
+def test_tool_messages_become_user_turns_and_images_outside_user_are_refused():
+    drafts = turn_drafts(chat(messages=[{"role": "tool", "content": "x"}]).messages, 2)
+    assert drafts == [TurnDraft("user", ("<tool_response>\nx</tool_response>",))]  # Gemma's tool convention
     msg = {"role": "system", "content": [{"type": "image_url", "image_url": {"url": IMG}}]}
     with pytest.raises(ApiError, match="only accepted in user") as e:
         turn_drafts(chat(messages=[msg, {"role": "user", "content": "x"}]).messages, 2)
@@ -193,6 +193,8 @@ def test_out_of_range_sampling_values_are_schema_errors(field, value):
 def test_schema_errors_are_validation_errors():
     with pytest.raises(ValidationError):
         chat(temperature=3)
+    with pytest.raises(ValidationError):
+        chat(tools=[{"type": "function"}])  # a tool without its function
     with pytest.raises(ValidationError):
         chat(messages=[])
     with pytest.raises(ValidationError):

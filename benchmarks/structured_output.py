@@ -1,0 +1,112 @@
+"""Structured output's cost on the native engine: the same streamed load with a strict `json_schema` on every
+request vs without, in one engine, in the same run (issue 25).
+
+Load: N concurrent requests (default 32), distinct ~256-token prompts, up to 128 new tokens, greedy, through the
+native engine in-process (the embedded defaults: real Gemma 3 270M; the grammar work is all in the engine, so the
+HTTP layers are left out). Rounds alternate ABBA (plain, json_schema, json_schema, plain) with fresh prompts each
+round (no prefix-cache hits), and each load's figure is over its rounds. A constrained answer may end before
+max_tokens (its JSON is complete), so the comparison is output tokens per second, not wall time. The machine is
+shared: read figures taken under load as noisy.
+
+    python benchmarks/structured_output.py            # 32 requests x 128 tokens, ABBA
+    python benchmarks/structured_output.py --quick    # 8 requests x 32 tokens, ABBA
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from openai_load import Run, _bounded, sized_prompts  # noqa: E402
+
+from cluster.config import G3ServeConfig  # noqa: E402
+from cluster.contracts.messages import GenerateRequest, SamplingParams, StructuredOutput  # noqa: E402
+
+# Open-ended on purpose (a list of free-text notes), so a constrained answer runs about as long as a plain one.
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "title": {"type": "string"},
+        "notes": {"type": "array", "items": {"type": "string"}},
+    },
+    "required": ["title", "notes"],
+    "additionalProperties": False,
+}
+
+
+async def run_rounds(args: argparse.Namespace) -> dict[str, Run]:
+    from model_workers.deployment import ENGINE_FACTORIES
+    from model_workers.gemma3.checkpoints import resolve_checkpoint
+    from model_workers.gemma3.tokenizer import Gemma3Tokenizer
+
+    config = G3ServeConfig()
+    ckpt = resolve_checkpoint(config.model.checkpoint)
+    engine = ENGINE_FACTORIES["native"](config.decoder_engine(), config.model, ckpt, "bench-structured")
+    await engine.start()
+    tok = Gemma3Tokenizer.from_checkpoint(ckpt, engine.info.mm_tokens_per_image)
+    base = SamplingParams(max_tokens=args.max_tokens, temperature=0.0, stop_token_ids=tok.eos_token_ids)
+    structured = StructuredOutput("json_schema", json.dumps(SCHEMA))
+    loads = {"plain": base, "json_schema": SamplingParams(**{**base.__dict__, "structured": structured})}
+    runs = {name: Run(name) for name in loads}
+
+    def job(rid: str, text: str, sampling: SamplingParams, target: Run):
+        async def go():
+            req = GenerateRequest(rid, tok.encode_completion(text).token_ids, sampling)
+            start, stamps = time.perf_counter(), []
+            async for d in engine.generate(req):
+                if d.token_ids:
+                    stamps.append((time.perf_counter(), len(d.token_ids)))
+            target.add(start, stamps)
+
+        return go
+
+    warm = Run("warm-up")  # one-off allocations and the schema's first compile are not measured
+    warm_texts = sized_prompts(tok, 2, args.prompt_tokens, seed=10_000)
+    await _bounded(
+        2, [job(f"w{i}", t, s, warm) for i, (t, s) in enumerate(zip(warm_texts, loads.values(), strict=True))]
+    )
+    order = ["plain", "json_schema", "json_schema", "plain"]
+    for r, name in enumerate(order):
+        texts = sized_prompts(tok, args.requests, args.prompt_tokens, seed=r * args.requests)
+        jobs = [job(f"{name}-{r}-{i}", t, loads[name], runs[name]) for i, t in enumerate(texts)]
+        runs[name].wall += await _bounded(args.requests, jobs)
+    runs["plain"].load_avg = runs["json_schema"].load_avg = os.getloadavg()[0]
+    await engine.shutdown()
+    return runs
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="8 requests x 32 new tokens")
+    ap.add_argument("--requests", type=int, default=None)
+    ap.add_argument("--prompt-tokens", type=int, default=256)
+    ap.add_argument("--max-tokens", type=int, default=None)
+    args = ap.parse_args()
+    args.requests = args.requests or (8 if args.quick else 32)
+    args.max_tokens = args.max_tokens or (32 if args.quick else 128)
+    runs = asyncio.run(run_rounds(args))
+    table = Table(title=f"native engine, {args.requests} concurrent, {args.prompt_tokens}-token prompts, ABBA")
+    for col in ("load", "output tok/s", "TTFT p50 s", "TTFT p99 s", "ITL p50 ms", "ITL p99 ms", "tokens"):
+        table.add_column(col)
+    for run in runs.values():
+        table.add_row(*run.row())
+    Console().print(table)
+    plain, constrained = runs["plain"].tok_s, runs["json_schema"].tok_s
+    cost = 100.0 * (plain - constrained) / plain if plain else float("nan")
+    print(
+        f"RESULT structured_output plain_tok_s={plain:.1f} json_schema_tok_s={constrained:.1f} "
+        f"cost_pct={cost:.1f} load_avg={runs['plain'].load_avg:.1f}"
+    )
+
+
+if __name__ == "__main__":
+    main()
