@@ -121,7 +121,6 @@ def test_max_tokens_over_cap_names_the_cap():
         ("logit_bias", {"12": 101}),
         ("logit_bias", {"x": 1}),
         ("min_tokens", 50),  # over the default max_tokens (16)
-        ("tools", [{"type": "function"}]),
         ("stop", list("abcde")),
     ],
 )

@@ -24,6 +24,7 @@ from cluster.contracts.messages import (
     TokenDelta,
 )
 from cluster.contracts.step_frames import BadFrame, decode_step, encode_step
+from cluster.contracts.tracing import Tracing
 from model_workers.deployment import DecoderDeployment
 from model_workers.step_sender import StepSender
 from router.step_receiver import ChannelOrderError, DecoderStream, StepReceiver
@@ -102,6 +103,7 @@ class ScriptedDeployment(DecoderDeployment):
 
     def __init__(self, engine: SteppedEngine):
         self._engine, self._sender = engine, StepSender()
+        self._tracing, self._replica_id = Tracing(None, "decoder"), "scripted"
 
     def __del__(self) -> None:
         pass
