@@ -49,10 +49,13 @@ def parity_prompts(tok: Gemma3Tokenizer) -> dict[str, list[int]]:
     }
 
 
-async def engine_tokens(dtype: str, prompts: dict[str, list[int]], n: int) -> tuple[dict[str, list[int]], float]:
-    eng = NativeEngine(
-        NativeEngineConfig(checkpoint=str(default_checkpoint()), kv_cache_bytes=512 * 2**20, dtype=dtype)
+async def engine_tokens(
+    dtype: str, prompts: dict[str, list[int]], n: int, threads: int | None
+) -> tuple[dict[str, list[int]], float]:
+    cfg = NativeEngineConfig(
+        checkpoint=str(default_checkpoint()), kv_cache_bytes=512 * 2**20, dtype=dtype, num_threads=threads
     )
+    eng = NativeEngine(cfg)
     await eng.start()
     out: dict[str, list[int]] = {}
     t0 = time.perf_counter()
@@ -87,12 +90,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--tokens", type=int, default=24, help="greedy tokens per prompt")
     ap.add_argument("--transformers-bf16", action="store_true", help="also transformers with the model in bf16")
+    ap.add_argument("--threads", type=int, default=None, help="the engine's torch threads (default: every core)")
     args = ap.parse_args()
     tok = Gemma3Tokenizer.from_checkpoint(default_checkpoint())
     prompts = parity_prompts(tok)
     n = args.tokens
-    fp32, fp32_s = asyncio.run(engine_tokens("float32", prompts, n))
-    bf16, bf16_s = asyncio.run(engine_tokens("bfloat16", prompts, n))
+    fp32, fp32_s = asyncio.run(engine_tokens("float32", prompts, n, args.threads))
+    bf16, bf16_s = asyncio.run(engine_tokens("bfloat16", prompts, n, args.threads))
     runs = {"g3serve bfloat16": bf16}
     if args.transformers_bf16:
         runs["transformers bf16"] = transformers_bf16_tokens(prompts, n)
