@@ -8,7 +8,8 @@ tests). The same prompts run through the engine in `bfloat16` (model_workers/nat
 `--transformers-bf16` through transformers with the whole model in bf16 (what a bf16 checkpoint run as-is gives), each
 compared with fp32: the number of leading tokens that agree, and how many positions agree in all.
 Prompts: the chat and completion prompts of tests/unit/test_native_engine_real.py, the 1,500 seeded random tokens of
-tests/unit/test_real_270m_parity.py, and a ~3,900-token document (the length where the issue saw bf16 diverge).
+tests/unit/test_real_270m_parity.py, and a ~5,400-token document (longer than the 3,882-token prompt on which the
+issue saw the earlier, all-bf16 mode diverge after a few tokens).
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ def parity_prompts(tok: Gemma3Tokenizer) -> dict[str, list[int]]:
         "fox x12": list(tok.encode_completion("The quick brown fox jumps over the lazy dog. " * 12).token_ids),
         "hi (chat)": chat("Hi"),
         "1500 random tokens": rand.tolist(),
-        "~3.9K-token document": chat(doc + "\n\nWhich ship arrived in section 42, and from which port?"),
+        "~5.4K-token document": chat(doc + "\n\nWhich ship arrived in section 42, and from which port?"),
     }
 
 
