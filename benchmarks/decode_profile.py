@@ -2,6 +2,7 @@
 
     python benchmarks/decode_profile.py            # 32 sequences of 256 prompt tokens, 8 timed decode steps
     python benchmarks/decode_profile.py --quick    # 8 sequences, 4 steps
+    python benchmarks/decode_profile.py --dtype bfloat16   # the bf16 mode (model_workers/native/precision.py)
 
 Wraps the parts of one `ModelRunner.run` (LM head, paged attention, sampler, step-input building) and the
 scheduler's two calls with wall-clock timers; the rest of `run` is the layers' projections, MLP and norms.
@@ -25,6 +26,7 @@ from model_workers.native import step_batch
 from model_workers.native.accel import build_accel
 from model_workers.native.kv_cache.hybrid import HybridKVCache
 from model_workers.native.kv_cache.spec import KVCacheSpec
+from model_workers.native.precision import DTYPES
 from model_workers.native.scheduler import Scheduler, SchedulerConfig
 from model_workers.native.sequence import Sequence
 
@@ -44,22 +46,32 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--seqs", type=int, default=32)
+    ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="the precision mode")
     args = ap.parse_args()
     n_seqs, steps = (8, 4) if args.quick else (args.seqs, 8)
     checkpoint = default_checkpoint()
-    model = Gemma3Decoder.from_checkpoint(checkpoint)
+    dtype = DTYPES[args.dtype]
+    model = Gemma3Decoder.from_checkpoint(checkpoint, dtype=dtype)
     c = model.cfg
-    spec = KVCacheSpec(c.layer_types, 16, c.sliding_window, c.num_kv_heads, c.head_dim, 4)
+    spec = KVCacheSpec(c.layer_types, 16, c.sliding_window, c.num_kv_heads, c.head_dim, dtype.itemsize)
     cache = HybridKVCache(spec, spec.num_pages_for_budget(1024 * 2**20))
     sched = Scheduler(SchedulerConfig(max_model_len=4096, max_num_batched_tokens=2048), cache)
     # the engine's defaults: C++ decode attention, packed weights (the GGUF's exact int8 form for decode steps)
-    runner = runner_mod.ModelRunner(model, cache, accel=build_accel("auto", checkpoint=checkpoint))
+    accel = build_accel("auto", dtype=dtype, checkpoint=checkpoint)
+    runner = runner_mod.ModelRunner(model, cache, dtype=dtype, accel=accel)
     for i in range(n_seqs):
         prompt = [2] + [(i * 7919 + j * 31) % 200000 + 3 for j in range(255)]
         sched.add(Sequence(f"s{i}", prompt, 128, page_size=16, sampling=SamplingParams(temperature=0)))
+    prefill_s, prefill_tokens, timed_tokens = 0.0, 0, 0
     while any(s.is_prefilling for s in sched.running) or sched.waiting:
         plan = sched.schedule()
-        sched.postprocess(plan, runner.run(plan))
+        t0 = time.perf_counter()
+        sampled = runner.run(plan)
+        tokens = sum(ch.num_tokens for ch in plan.chunks)
+        if prefill_tokens:  # the first step pays one-time costs (kernel load, first-touch of the KV pages)
+            prefill_s, timed_tokens = prefill_s + time.perf_counter() - t0, timed_tokens + tokens
+        prefill_tokens += tokens
+        sched.postprocess(plan, sampled)
     for _ in range(2):  # warm-up decode steps
         plan = sched.schedule()
         sched.postprocess(plan, runner.run(plan))
@@ -85,14 +97,17 @@ def main() -> None:
     )
     acc["MLP, QKV/O projections, norms (rest)"] = run_total - sum(acc[k] for k in inside_run)
     step = (run_total + acc["scheduling"] + acc["postprocess"]) / steps
-    table = Table(title=f"One decode step at {n_seqs} sequences: {step * 1000:.0f} ms ({n_seqs / step:.1f} tok/s)")
+    prefill_rate = timed_tokens / prefill_s if prefill_s else float("nan")  # steps after the first
+    title = f"{args.dtype}: one decode step at {n_seqs} sequences: {step * 1000:.0f} ms ({n_seqs / step:.1f} tok/s)"
+    table = Table(title=title)
     for col in ("part", "ms per step", "share"):
         table.add_column(col)
     for key, v in sorted(acc.items(), key=lambda kv: -kv[1]):
         table.add_row(key, f"{v / steps * 1000:.1f}", f"{v / steps / step:.0%}")
     Console().print(table)
     print(
-        f"RESULT seqs={n_seqs} step_ms={step * 1000:.0f} decode_tok_s={n_seqs / step:.1f} "
+        f"RESULT dtype={args.dtype} seqs={n_seqs} step_ms={step * 1000:.0f} decode_tok_s={n_seqs / step:.1f} "
+        f"prefill_tok_s={prefill_rate:.0f} "
         f"lm_head_share={acc['LM head'] / steps / step:.2f} "
         f"attention_share={acc['attention (K/V write, page gather, SDPA)'] / steps / step:.2f}"
     )

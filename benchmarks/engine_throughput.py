@@ -2,6 +2,7 @@
 
     python benchmarks/engine_throughput.py            # 32 requests x (256 prompt, 128 output), 4,000-token prefix
     python benchmarks/engine_throughput.py --quick    # 8 requests x (256, 16), 1,000-token prefix
+    python benchmarks/engine_throughput.py --quick --dtype float32   # a precision mode (default auto)
 
 Tables:
 1. Output tokens/s at N concurrent requests: ours (continuous batching) vs transformers `generate` on the same prompts
@@ -159,7 +160,7 @@ async def amain(args) -> None:
     n, plen, out_len, prefix = (8, 256, 16, 1000) if args.quick else (args.requests, 256, 128, 4000)
     ckpt = default_checkpoint()
     engine = NativeEngine(
-        NativeEngineConfig(checkpoint=str(ckpt), kv_cache_bytes=2 * 2**30, max_num_batched_tokens=512)
+        NativeEngineConfig(checkpoint=str(ckpt), kv_cache_bytes=2 * 2**30, max_num_batched_tokens=512, dtype=args.dtype)
     )
     await engine.start()
     num_rounds = args.rounds or (1 if args.quick else 2)
@@ -221,7 +222,7 @@ async def amain(args) -> None:
     t3, worst = memory_table()
     con.print(t3)
     print(
-        f"RESULT ours_tok_s={ours_tps:.1f} transformers_batched_tok_s={hfb_tps:.1f} transformers_seq_tok_s={hfs_tps:.1f} "
+        f"RESULT precision={engine.info.precision} ours_tok_s={ours_tps:.1f} transformers_batched_tok_s={hfb_tps:.1f} transformers_seq_tok_s={hfs_tps:.1f} "
         f"ratio={ours_tps / hfb_tps:.2f} cold_ttft_s={cold_s:.2f} cached_ttft_s={warm_s:.3f} "
         f"ttft_ratio={warm_s / cold_s:.3f} min_kv_saving={worst:.1f} rounds={len(ours_runs)}"
     )
@@ -231,6 +232,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--requests", type=int, default=32)
+    ap.add_argument(
+        "--dtype", choices=("auto", "float32", "bfloat16"), default="auto", help="the engine's precision mode"
+    )
     ap.add_argument(
         "--rounds", type=int, default=0, help="alternating rounds of ours vs the padded batch (0: 2, 1 quick)"
     )

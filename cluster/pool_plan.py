@@ -55,6 +55,10 @@ def kv_dtype_bytes(config: G3ServeConfig) -> int:
     if config.engine.kind == "vllm":
         # vllm_engine.py runs fp32 on CPU for "auto"; on GPUs vLLM's own "auto" runs Gemma 3 in bf16.
         return _DTYPE_BYTES["bfloat16" if _vllm_on_gpus(config) else "float32"]
+    if config.engine.native.dtype == "auto":
+        # Resolved on the replica's own hardware at load (model_workers/native/precision.py): the plan assumes the
+        # larger fp32 element, so admission never promises KV the replica does not have.
+        return _DTYPE_BYTES["float32"]
     return _DTYPE_BYTES[config.engine.native.dtype]
 
 

@@ -29,8 +29,11 @@ class ModelSettings(ConfigSection):
     )
     dtype: Literal["auto", "float32", "bfloat16"] = Field(
         "auto",
-        description="Weights/compute dtype; auto = the engine's own setting. float16 is refused: Gemma 3 overflows "
-        "in fp16. Serve float32 on CPUs without native bf16 (AVX512-BF16/AMX).",
+        description="Precision mode; auto = the engine's own setting (engine.native.dtype, itself auto by default: "
+        "bfloat16 where bf16 GEMMs have hardware -- CPUs with AVX512-BF16/AMX, CUDA GPUs with bf16 -- else "
+        "float32). float32: fp32-exact, greedy tokens equal transformers' fp32 ones. bfloat16: the model's training "
+        "dtype for the layer weights and the KV cache, residual stream, norms, softmax and LM head in fp32. float16 "
+        "is refused: Gemma 3 overflows in fp16.",
     )
 
 
@@ -66,7 +69,13 @@ class NativeEngineConfig(ConfigSection):
         ge=1,
         description="Ranks of the native engine's tensor-parallel decoder (one worker process per rank, each in its own placement-group bundle).",
     )
-    dtype: Literal["float32", "bfloat16"] = Field("float32", description="Compute dtype (model.dtype overrides).")
+    dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto",
+        description="Precision mode (model.dtype overrides): 'float32' fp32-exact; 'bfloat16' bf16 projections and KV "
+        "cache, fp32 residual stream, norms, softmax and LM head; 'auto' bfloat16 where the device has native bf16 "
+        "(AVX512-BF16/AMX CPU, CUDA GPU with bf16), else float32 -- the choice and its reason are logged at start "
+        "and shown in /v1/models.",
+    )
     accel: Literal["auto", "none", "cpu"] = Field(
         "auto",
         description="The CPU speed-ups (model_workers/native/accel: C++ kernels, packed/int8 projections, LM-head "
@@ -89,8 +98,8 @@ class NativeEngineConfig(ConfigSection):
         "the vocabulary with a bf16 GEMM and recomputes in fp32 the best 32 and every token the ranking's error "
         "bound cannot rule out (the argmax is proven equal to fp32's); 'candidates-int8' ranks steps without "
         "sampled rows with an int8 GEMM (half the bytes of bf16; +1 byte per head parameter of RAM) and the others "
-        "with bf16; 'exact' computes every logit in the compute dtype; 'auto' = candidates-int8 on fp32 models on "
-        "CPUs with AMX or VNNI and bf16 hardware, candidates on other fp32 models where bf16 has hardware "
+        "with bf16; 'exact' computes every logit in fp32 (the head is fp32 in both precision modes); 'auto' = "
+        "candidates-int8 on CPUs with AMX or VNNI and bf16 hardware, candidates where bf16 has hardware "
         "(AVX512-BF16, GPUs), else exact; 'candidates-int8' on a CPU without VNNI or AMX is demoted to candidates "
         "(its int8 sums may saturate). Sampled rows (temperature > 0) in the candidates modes draw from logits exact "
         "(fp32) for the ranking's best 32 tokens and within bf16 rounding for the others (a row whose argmax the "

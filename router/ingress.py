@@ -152,7 +152,10 @@ class G3ServeIngress:
             info = await self._model_info()
         except Exception as e:  # noqa: BLE001 - every failure becomes OpenAI's error JSON
             return self._error(api_error_from_exception(e), "models")
-        card = oa.ModelCard(id=self.model_id, max_model_len=info.max_model_len)
+        meta = oa.G3ServeModelMeta(precision=info.precision, precision_reason=info.precision_reason)
+        card = oa.ModelCard(
+            id=self.model_id, max_model_len=info.max_model_len, g3serve=meta if info.precision else None
+        )
         self.metrics.requests.labels(endpoint="models", status="200").inc()
         return JSONResponse(oa.ModelList(data=[card]).model_dump())
 

@@ -444,12 +444,20 @@ class Completion(BaseModel):
     usage: Usage | None = None
 
 
+class G3ServeModelMeta(BaseModel):
+    """g3serve's own facts about the served model in its `/v1/models` card (an extra key OpenAI clients ignore)."""
+
+    precision: str  # "float32" (fp32-exact) or "bfloat16", as the decoder resolved it at start
+    precision_reason: str = ""
+
+
 class ModelCard(BaseModel):
     id: str
     object: Literal["model"] = "model"
     created: int = 0
     owned_by: str = "g3serve"
     max_model_len: int | None = None
+    g3serve: G3ServeModelMeta | None = None
 
 
 class ModelList(BaseModel):

@@ -30,3 +30,5 @@ class ModelInfo:
     num_local_layers: int
     mm_tokens_per_image: int = 256
     supports_images: bool = False
+    precision: str = ""  # the engine's precision mode once resolved ("float32", "bfloat16"); "" unknown
+    precision_reason: str = ""  # why that mode (the engine's start log says the same)

@@ -11,6 +11,11 @@ Gemma 3 specifics, each from the report / the reference implementation:
 - Pre- and post-norm around both attention and MLP; RMSNorm multiplies by (1 + w); GeLU-tanh gated MLP.
 - Embeddings scaled by sqrt(hidden) (image soft tokens are not scaled); LM head tied to the embeddings.
 
+Precision (`from_checkpoint(dtype=...)`): float32 is everything in fp32. bfloat16 is the bf16 mode: the projections'
+weights are bf16 (`CastLinear`: bf16 GEMM, fp32 accumulation) while the residual stream, the norms, RoPE, the
+embeddings and the tied head's weight stay fp32 -- the parts vLLM and transformers keep in fp32 for Gemma 3, since
+its activations are large and its norms sensitive. The KV cache's dtype is the engine's (runner.py).
+
 Tensor parallelism (Megatron-style, `TensorShard`): a rank's decoder holds its slice of the query heads, of the KV
 heads (replicated where the model has fewer KV heads than ranks) and of the MLP's intermediate dimension, plus the
 norms; `all_reduce` sums the partial outputs of the attention output projection and of the MLP down projection.
@@ -36,6 +41,24 @@ from model_workers.gemma3.weights import CheckpointReader
 class AttentionBackend(Protocol):
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q: [T, Hq, D], k/v: [T, Hkv, D] for the step's new tokens (after RoPE). Returns [T, Hq, D]."""
+
+
+class CastLinear(nn.Linear):
+    """A bias-free projection whose weight is narrower than the residual stream (the bf16 mode): the input is cast
+    to the weight's dtype, the GEMM accumulates in fp32 (oneDNN / cuBLAS), the output comes back in the input's."""
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, dtype: torch.dtype) -> CastLinear:
+        with torch.device("meta"):
+            out = cls(linear.in_features, linear.out_features, bias=False)
+        out.weight = nn.Parameter(linear.weight.detach().to(dtype), requires_grad=False)
+        return out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x.to(self.weight.dtype), self.weight).to(x.dtype)
+
+
+PROJECTIONS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 
 
 class RMSNorm(nn.Module):
@@ -328,4 +351,10 @@ class Gemma3Decoder(nn.Module):
                 "post_feedforward_layernorm",
             ):
                 getattr(layer, norm).weight.copy_(get(f"{norm}.weight", (c.hidden_size,)))
-        return self.to(dtype)
+        if dtype == torch.float32:
+            return self
+        # The bf16 mode: only the projections narrow; everything else stays fp32 (see the module docstring).
+        for layer in self.layers:
+            for name in PROJECTIONS:
+                setattr(layer, name, CastLinear.from_linear(getattr(layer, name), dtype))
+        return self

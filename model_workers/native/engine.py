@@ -39,13 +39,13 @@ from model_workers.native.grammar import GrammarCompilers, GrammarState
 from model_workers.native.kv_cache.hybrid import HybridKVCache
 from model_workers.native.kv_cache.spec import KVCacheSpec
 from model_workers.native.output_stream import OutputStreams
+from model_workers.native.precision import resolve_precision
 from model_workers.native.runner import ModelRunner
 from model_workers.native.scheduler import QueueFull, RequestTooLarge, Scheduler, SchedulerConfig, StepPlan
 from model_workers.native.sequence import Sequence
 from model_workers.settings import NativeEngineConfig
 
 log = logging.getLogger(__name__)
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def kv_budget_bytes(cfg: NativeEngineConfig, device: torch.device) -> int:
@@ -102,12 +102,15 @@ class NativeEngine:
     # ---- lifecycle ------------------------------------------------------------------------------------------------
     def load_model(self) -> None:
         """Weights, tokenizer, KV cache; synchronous (call from a thread if a loop must stay responsive)."""
-        cfg = self.config
+        precision = resolve_precision(self.config.dtype, self.config.device)
+        log.info("native engine: precision %s (%s)", precision.name, precision.reason)
+        # From here on the config names the resolved mode (the tensor-parallel ranks read it too).
+        self.config = cfg = self.config.model_copy(update={"dtype": precision.name})
         # Not torch's default: inside a Ray actor OMP_NUM_THREADS is the actor's num_cpus (1 for the embedded
         # decoder), which would leave the machine's other cores idle while the model computes.
         torch.set_num_threads(cfg.num_threads or available_cores())
         device = torch.device(cfg.device)
-        dtype = _DTYPES[cfg.dtype]
+        dtype = precision.dtype  # the projections' and the KV cache's; the residual stream is fp32 in both modes
         mcfg = Gemma3Config.from_checkpoint(cfg.checkpoint)
         self.model_config = mcfg
         self.tokenizer = Gemma3Tokenizer.from_checkpoint(cfg.checkpoint, mcfg.mm_tokens_per_image)
@@ -158,6 +161,8 @@ class NativeEngine:
             num_local_layers=len(text.local_layers),
             mm_tokens_per_image=mcfg.mm_tokens_per_image,
             supports_images=mcfg.vision is not None,
+            precision=precision.name,
+            precision_reason=precision.reason,
         )
         seqs, _ = self.cache.capacity_tokens(max_len)
         log.info(

@@ -68,7 +68,8 @@ class TorchDecodeAttention:
         flat = pages.view(-1)  # index_select: half the time of advanced indexing for this gather
         kk = k_cache.index_select(0, flat).view(d, width * P, hkv, hd)
         vv = v_cache.index_select(0, flat).view(d, width * P, hkv, hd)
-        return sdpa(q[:, None], kk, vv, self.masks[group], scale)[:, 0]
+        # bf16 mode: the query meets the bf16 cache in its dtype (SDPA's softmax and sums stay fp32 inside)
+        return sdpa(q[:, None].to(kk.dtype), kk, vv, self.masks[group], scale)[:, 0].to(q.dtype)
 
 
 def _no_packing(layers: nn.Module) -> int:
@@ -115,7 +116,8 @@ class PagedAttention:
             kk = k_cache.index_select(0, pages).view(1, -1, hkv, hd)
             vv = v_cache.index_select(0, pages).view(1, -1, hkv, hd)
             mask = None if pf.masks is None else pf.masks[0 if group == 0 else 1]
-            out[pf.rows] = sdpa(q[pf.rows][None], kk, vv, mask, self.scale, is_causal=pf.masks is None)[0]
+            qq = q[pf.rows][None].to(kk.dtype)  # bf16 mode: bf16 SDPA over the bf16 cache, fp32 softmax inside
+            out[pf.rows] = sdpa(qq, kk, vv, mask, self.scale, is_causal=pf.masks is None)[0]
         return out
 
 
@@ -128,6 +130,7 @@ class ModelRunner:
         dtype=torch.float32,
         accel: Acceleration = PLAIN,
     ):
+        """`dtype`: the KV cache's (the bf16 mode's cache is bf16; the model's residual stream is fp32 in both)."""
         spec = cache.spec
         self.model, self.cache, self.device = model, cache, torch.device(device)
         self.kv = torch.zeros(

@@ -125,8 +125,8 @@ class TensorParallelRunner:
         self.device = torch.device("cpu")  # the driver's tensors: embedding, head, sampler
         text = Gemma3Config.from_checkpoint(config.checkpoint).text
         self.embed_weight = CheckpointReader(config.checkpoint).tensor(
-            "embed_tokens.weight", (text.vocab_size, text.hidden_size), dtype=dtype
-        )
+            "embed_tokens.weight", (text.vocab_size, text.hidden_size), dtype=torch.float32
+        )  # fp32 in both precision modes: the residual stream starts here, and the tied head ranks with it
         self.embed_scale = text.hidden_size**0.5
         self.head = accel.make_head(self.embed_weight, text.final_logit_softcapping)
         exact = ExactHead(self.embed_weight, text.final_logit_softcapping)

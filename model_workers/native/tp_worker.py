@@ -23,12 +23,12 @@ import torch.distributed as dist
 from model_workers.gemma3.config import Gemma3Config
 from model_workers.gemma3.decoder import Gemma3Decoder, TensorShard
 from model_workers.native.kv_cache.spec import KVCacheSpec
+from model_workers.native.precision import resolve_precision
 from model_workers.native.runner import PLAIN, Acceleration, PagedAttention
 from model_workers.native.step_batch import StepBatch
 from model_workers.settings import NativeEngineConfig
 
 log = logging.getLogger(__name__)
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 @dataclass(frozen=True)
@@ -98,7 +98,7 @@ class TPWorker:
         # The ranks of one replica share its cores: each gets its share unless num_threads says otherwise.
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         torch.set_num_threads(cfg.num_threads or max(1, cores // self.size))
-        dtype = _DTYPES[cfg.dtype]
+        dtype = resolve_precision(cfg.dtype, self.device).dtype  # the engine hands it resolved; tests may not
         shard = TensorShard(self.rank, self.size)
         self.model = Gemma3Decoder.from_checkpoint(cfg.checkpoint, dtype=dtype, device=self.device, shard=shard)
         text = Gemma3Config.from_checkpoint(cfg.checkpoint).text

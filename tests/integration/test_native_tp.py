@@ -36,7 +36,9 @@ def _decode(ckpt, tp: int, max_tokens: int = 12):
     if tp == 1:
         runner = ModelRunner(Gemma3Decoder.from_checkpoint(ckpt), cache, accel=PLAIN)
     else:
-        ncfg = NativeEngineConfig(checkpoint=str(ckpt), page_size=4, tensor_parallel_size=tp, accel="none")
+        ncfg = NativeEngineConfig(
+            checkpoint=str(ckpt), page_size=4, tensor_parallel_size=tp, accel="none", dtype="float32"
+        )
         runner = TensorParallelRunner(ncfg, cache, torch.float32, PLAIN)
     hidden: list[torch.Tensor] = []
     head = runner.head
@@ -67,7 +69,8 @@ def test_tiny_tp2_logits_equal_tp1_with_the_kv_heads_split(tiny_text_ckpt, ray_c
 
 
 async def _started(ckpt, **kw) -> NativeEngine:
-    base = dict(checkpoint=str(ckpt), kv_cache_bytes=64 * 2**20, max_num_batched_tokens=64)
+    # float32 pinned: compared with transformers' fp32 tokens (auto may pick bf16 here)
+    base = dict(checkpoint=str(ckpt), kv_cache_bytes=64 * 2**20, max_num_batched_tokens=64, dtype="float32")
     eng = NativeEngine(NativeEngineConfig(**{**base, **kw}))
     await eng.start()
     return eng

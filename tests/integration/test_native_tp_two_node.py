@@ -46,7 +46,9 @@ class Replica:
         from model_workers.native.engine import NativeEngine
         from model_workers.settings import NativeEngineConfig
 
-        cfg = NativeEngineConfig(checkpoint=ckpt, kv_cache_bytes=8 * 2**20, tensor_parallel_size=tp, num_threads=1)
+        cfg = NativeEngineConfig(
+            checkpoint=ckpt, kv_cache_bytes=8 * 2**20, tensor_parallel_size=tp, num_threads=1, dtype="float32"
+        )
         eng = NativeEngine(cfg)
         await eng.start()
         try:

@@ -48,7 +48,9 @@ async def vllm_engine(real_270m_ckpt):
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def native_engine(real_270m_ckpt):
     eng = NativeEngine(
-        NativeEngineConfig(checkpoint=str(real_270m_ckpt), kv_cache_bytes=64 * 2**20, max_model_len=MAX_LEN)
+        NativeEngineConfig(
+            checkpoint=str(real_270m_ckpt), kv_cache_bytes=64 * 2**20, max_model_len=MAX_LEN, dtype="float32"
+        )
     )
     await eng.start()
     yield eng

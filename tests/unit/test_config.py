@@ -61,7 +61,11 @@ def test_native_engine_config_gets_model_fields():
     native = cfg.native_engine_config("/ckpt")
     assert (native.checkpoint, native.max_model_len, native.dtype) == ("/ckpt", 2048, "bfloat16")
     assert native.served_model_name == cfg.model.served_model_name
-    assert G3ServeConfig().native_engine_config("/c").dtype == "float32"
+    # The default is auto (resolved on the replica's hardware at load, model_workers/native/precision.py), and
+    # fp32-exact is one setting away.
+    assert G3ServeConfig().native_engine_config("/c").dtype == "auto"
+    fp32 = G3ServeConfig.model_validate({"model": {"dtype": "float32"}})
+    assert fp32.native_engine_config("/c").dtype == "float32"
 
 
 def _walk(model: type[BaseModel], path: str = ""):

@@ -30,7 +30,8 @@ def reference(hf_model, prompt: tuple[int, ...], n: int) -> list[int]:
 
 
 async def started(ckpt, **kw) -> NativeEngine:
-    cfg = dict(checkpoint=str(ckpt), kv_cache_bytes=64 * 2**20, max_num_batched_tokens=64)
+    # float32 pinned: these tests hold the engine to transformers' fp32 tokens (auto may pick bf16 here)
+    cfg = dict(checkpoint=str(ckpt), kv_cache_bytes=64 * 2**20, max_num_batched_tokens=64, dtype="float32")
     eng = NativeEngine(NativeEngineConfig(**{**cfg, **kw}))
     await eng.start()
     return eng

@@ -59,9 +59,12 @@ def build_accel(
             raise ValueError(f"engine.native.accel 'cpu' needs a CPU device, not {device.type} (use auto or none)")
         if not library.available:
             raise ValueError(f"engine.native.accel 'cpu': the C++ kernels cannot be built here: {library.error}")
-    # The kernels compute fp32 (fused_layer_ops.cpp, paged_decode_attention.cpp): other dtypes keep the torch ops.
-    use_kernels = on_cpu and dtype == torch.float32 and library is not None and library.available
-    head = head_mode(lm_head, device, dtype, cpu)
+    # The kernels compute fp32 (fused_layer_ops.cpp, paged_decode_attention.cpp). Both modes keep the residual
+    # stream fp32, and the decode kernel reads a bf16 cache too, so they serve both.
+    use_kernels = on_cpu and dtype in (torch.float32, torch.bfloat16) and library is not None and library.available
+    # The tied head's weight and the hidden states it ranks are fp32 in both modes (decoder.py): its exact-argmax
+    # ranking applies to the bf16 mode as well.
+    head = head_mode(lm_head, device, torch.float32, cpu)
     kernel = resolve_kernel(projections, device, dtype, cpu, use_kernels and library.skinny_supported())
 
     def pack(layers: nn.Module) -> int:

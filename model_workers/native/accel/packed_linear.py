@@ -80,9 +80,10 @@ class OneDnnLinear(nn.Module):
             raise ValueError("OneDnnLinear covers the bias-free projections of Gemma 3 only")
         self.out_features = linear.out_features
         weight = linear.weight.detach()
+        self.dtype = weight.dtype  # bf16 in the bf16 mode (decoder.CastLinear): inputs are cast to it, outputs back
         self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, PACK_ROWS)
         self.skinny = self.skinny_int8 = None
-        if skinny and self.out_features % SKINNY_PANEL == 0:
+        if skinny and self.out_features % SKINNY_PANEL == 0 and self.dtype == torch.float32:
             if int8 is not None:
                 self.skinny_int8 = tuple(_panels(t) for t in (int8.q, int8.scale, int8.minv))
             else:
@@ -97,6 +98,8 @@ class OneDnnLinear(nn.Module):
                 return torch.ops.g3serve.skinny_int8_linear(flat, *self.skinny_int8).view(*x.shape[:-1], -1)
             if self.skinny is not None:
                 return torch.ops.g3serve.skinny_linear(flat, self.skinny).view(*x.shape[:-1], self.out_features)
+        if x.dtype != self.dtype:
+            return torch.ops.mkldnn._linear_pointwise(x.to(self.dtype), self.packed, None, "none", [], "").to(x.dtype)
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
 
 
@@ -113,6 +116,8 @@ class PackedLinear(nn.Module):
         super().__init__()
         if linear.bias is not None:
             raise ValueError("PackedLinear covers the bias-free projections of Gemma 3 only")
+        if linear.weight.dtype != torch.float32:
+            raise ValueError("PackedLinear (mkl) packs fp32 weights only")
         self.weight = linear.weight  # shared with the model (and the checkpoint's tensor)
         self.packed = torch.ops.mkl._mkl_reorder_linear_weight(self.weight.detach(), PACK_ROWS)
 
@@ -145,7 +150,7 @@ def pack_linears(model: nn.Module, kernel: str = "mkl", int8: dict[str, Int8Bloc
         (parent, name, child, f"{path}.{name}" if path else name)
         for path, parent in model.named_modules()
         for name, child in parent.named_children()
-        if type(child) is nn.Linear and child.bias is None
+        if isinstance(child, nn.Linear) and child.bias is None
     ]
     for parent, name, child, full in swaps:
         setattr(parent, name, make(child, full))
