@@ -28,32 +28,18 @@ from cluster.contracts.model_info import ModelInfo
 from model_workers.gemma3.checkpoints import resolve_checkpoint
 from model_workers.gemma3.tokenizer import Gemma3Tokenizer
 from router import openai_api as oa
-from router.ingress_errors import api_error_from_exception, replica_lost
+from router.ingress_completions import CompletionsEndpoint
+from router.ingress_errors import DECODER_ATTEMPTS, api_error_from_exception, read_body, replica_lost
 from router.ingress_images import ImagePipeline
 from router.ingress_settings import IngressSettings
 from router.metrics import IngressMetrics
+from router.openapi_schema import openapi_document
 from router.pools import DecoderPools, PoolPlan
 from router.request_prep import build_request, parse, render_prompt
+from router.tokenize_api import TokenizeEndpoints
 from vision_service.settings import VisionSettings
 
 api = FastAPI(title="g3serve", docs_url=None, redoc_url=None, openapi_url=None)
-# A decoder replica that dies before its first delta (killed, OOM, node lost) has streamed nothing, so the
-# request is sent again (to a live or restarted replica) instead of failing: at most this many sends.
-DECODER_ATTEMPTS = 3
-
-
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refused with 413 as soon as it is known to exceed `limit` (before reading it all)."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise oa.ApiError(413, f"request body is {declared} bytes; the limit is {limit}", code="request_too_large")
-    chunks, total = [], 0
-    async for chunk in request.stream():
-        total += len(chunk)
-        if total > limit:
-            raise oa.ApiError(413, f"request body exceeds the limit of {limit} bytes", code="request_too_large")
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 class _Slot:
@@ -72,7 +58,7 @@ class _Slot:
 
 
 @serve.ingress(api)
-class G3ServeIngress:
+class G3ServeIngress(CompletionsEndpoint, TokenizeEndpoints):
     """Wrapped by `serve.deployment` in cluster/app.py. Handles are Serve DeploymentHandles to the other two."""
 
     async def __init__(
@@ -120,6 +106,18 @@ class G3ServeIngress:
     @api.post("/v1/completions")
     async def completions(self, request: Request) -> Response:
         return await self._handle(request, "completions")
+
+    @api.post("/tokenize")
+    async def tokenize(self, request: Request) -> Response:
+        return await self._tokenize(request)
+
+    @api.post("/detokenize")
+    async def detokenize(self, request: Request) -> Response:
+        return await self._detokenize(request)
+
+    @api.get("/openapi.json")
+    async def openapi(self) -> Response:
+        return JSONResponse(openapi_document(self.model_id))
 
     @api.get("/v1/models")
     async def models(self, request: Request) -> Response:
@@ -174,6 +172,9 @@ class G3ServeIngress:
                     headers={"Retry-After": str(self.settings.retry_after_s)},
                 )
             slot = _Slot(self)
+            if endpoint == "completions":  # router/ingress_completions.py: one generation per prompt
+                owned, slot = slot, None
+                return await self._completions(req, sampling, request, arrival, owned)
             gen_request = await self._build_request(req, sampling, request, arrival)
             admitted = await self.pools.admit(len(gen_request.prompt_token_ids), gen_request.sampling.max_tokens)
             try:

@@ -123,7 +123,8 @@ class ChatCompletionRequest(_Sampling):
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | list[str]
+    # One prompt or several (one choice each, in order): text, or token ids as vLLM takes them.
+    prompt: str | list[str] | list[int] | list[list[int]]
     echo: bool | None = None
     suffix: str | None = None
     best_of: int | None = None
@@ -144,9 +145,10 @@ def _refuse_unsupported(req: _Sampling) -> None:
         if req.response_format and req.response_format.get("type", "text") != "text":
             raise ApiError(400, "only response_format type 'text' is supported", param="response_format")
     if isinstance(req, CompletionRequest):
-        if req.echo or req.suffix or (req.best_of not in (None, 1)):
-            name = "echo" if req.echo else "suffix" if req.suffix else "best_of"
-            raise ApiError(400, f"{name} is not supported", param=name)
+        if req.suffix:
+            raise ApiError(400, "suffix is not supported: Gemma 3 has no fill-in-the-middle", param="suffix")
+        if req.best_of not in (None, 1):
+            raise ApiError(400, "best_of is not supported", param="best_of")
 
 
 @dataclass(frozen=True)
@@ -234,15 +236,23 @@ def turn_drafts(messages: list[ChatMessage], max_images: int) -> list[TurnDraft]
     return drafts
 
 
-def completion_prompt(req: CompletionRequest) -> str:
-    if isinstance(req.prompt, list):
-        if len(req.prompt) != 1:
-            raise ApiError(400, "one prompt per request (batched prompts are not supported)", param="prompt")
-        return req.prompt[0]
-    return req.prompt
+def completion_prompts(req: CompletionRequest) -> list[str | list[int]]:
+    """The prompts of a completion request, one per choice, in order: each a text or a list of token ids."""
+    prompt = req.prompt
+    if isinstance(prompt, str):
+        return [prompt]
+    if not prompt:
+        raise ApiError(400, "prompt: must not be an empty list", param="prompt")
+    if isinstance(prompt[0], int):
+        return [list(prompt)]
+    return list(prompt)
 
 
 # ---------------------------------------------------------------------------------------------------- responses
+
+# OpenAI's `system_fingerprint` names the backend configuration that produced an answer; ours is the server build
+# (the protocol version of these shapes), the same for every response of a deployment.
+SYSTEM_FINGERPRINT = "fp_g3serve_v1"
 
 
 class PromptTokensDetails(BaseModel):
@@ -263,6 +273,12 @@ def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) ->
         total_tokens=prompt_tokens + completion_tokens,
         prompt_tokens_details=PromptTokensDetails(cached_tokens=cached_tokens),
     )
+
+
+def usage_total(parts: list[Usage]) -> Usage:
+    """One usage over several generations (a completion request's prompts): every count summed."""
+    cached = sum(u.prompt_tokens_details.cached_tokens if u.prompt_tokens_details else 0 for u in parts)
+    return usage(sum(u.prompt_tokens for u in parts), sum(u.completion_tokens for u in parts), cached)
 
 
 FinishReasonStr = Literal["stop", "length"]
@@ -293,6 +309,7 @@ class ChatCompletion(BaseModel):
     created: int = Field(default_factory=lambda: int(time.time()))
     model: str
     choices: list[ChatChoice]
+    system_fingerprint: str | None = SYSTEM_FINGERPRINT
     usage: Usage
 
 
@@ -314,6 +331,7 @@ class ChatCompletionChunk(BaseModel):
     created: int = Field(default_factory=lambda: int(time.time()))
     model: str
     choices: list[ChunkChoice]
+    system_fingerprint: str | None = SYSTEM_FINGERPRINT
     usage: Usage | None = None
 
 
@@ -332,6 +350,7 @@ class Completion(BaseModel):
     created: int = Field(default_factory=lambda: int(time.time()))
     model: str
     choices: list[CompletionChoice]
+    system_fingerprint: str | None = SYSTEM_FINGERPRINT
     usage: Usage | None = None
 
 
