@@ -114,6 +114,10 @@ def _operation(route: Route, refs: dict) -> dict:
 def openapi_document(model_id: str) -> dict:
     """The document the ingress serves at /openapi.json (the served model's name in `info`)."""
     refs, defs = _schemas()
+    for schema in defs.values():  # the served name as the example of every `model` field
+        model = schema.get("properties", {}).get("model")
+        if model is not None:
+            model["examples"] = [model_id]
     paths: dict = {}
     for route in ROUTES:
         paths.setdefault(route.path, {})[route.method] = _operation(route, refs)
