@@ -2,8 +2,9 @@
 
 A request's `prompt` may be a text, a list of texts, token ids or a list of token-id lists (as vLLM takes them).
 Each prompt is a choice (`index` = its position), admitted and started on a decoder on its own, so the prompts
-share replicas and prefix caches as separate requests would. All are started (first delta awaited) before the
-HTTP status is chosen, so any prompt's refusal is the request's 4xx. Streamed, their chunks interleave as they come,
+share replicas and prefix caches as separate requests would. Each runs in its own task that drains its decoder
+stream as it comes, so no choice waits on another's consumer. All have their first delta before the HTTP status is
+chosen, so any prompt's refusal is the request's 4xx. Streamed, their chunks interleave as they come,
 each naming its choice; not streamed, a lost replica restarts only the prompt it served. `echo` puts the prompt's
 text before its completion (on the first chunk when streamed, as vLLM does). Usage is the sum over the prompts.
 
@@ -13,13 +14,14 @@ one slot per sample (index = prompt * n + sample, vLLM's numbering) and the rest
 
 # No `from __future__ import annotations`: G3ServeIngress (FastAPI routes) inherits these methods.
 import asyncio
+import dataclasses
 import time
 import uuid
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from ray.serve import context as serve_context
 
 from cluster.contracts.messages import GenerateRequest, SamplingParams, TokenDelta
 from router import openai_api as oa
@@ -48,6 +50,18 @@ class _Started:
     decoder: object
 
 
+def _own_serve_request_id(index: int) -> None:
+    """Give this task's decoder calls their own Serve request id. Serve's request router indexes pending calls by
+    the id they inherit from the HTTP request, so concurrent calls of one request would collide there (one of them
+    is never assigned); the first choice keeps the inherited id, and with it Serve's cancellation by the parent.
+    The context variable is this task's copy, so nothing outside the task changes."""
+    ctx = serve_context._serve_request_context.get()
+    if ctx is not None and ctx._internal_request_id:
+        serve_context._serve_request_context.set(
+            dataclasses.replace(ctx, _internal_request_id=f"{ctx._internal_request_id}-{index}")
+        )
+
+
 class CompletionsEndpoint:
     """Mixed into G3ServeIngress (router/ingress.py), whose pools, metrics, `_start` and `_deltas` it uses."""
 
@@ -55,14 +69,15 @@ class CompletionsEndpoint:
         """The whole flow after validation; owns the in-flight `slot` (released here or by the stream)."""
         try:
             response_id, slots = await self._choices(req, sampling, http)
-            started = await self._start_all(slots, arrival)
+            sink: asyncio.Queue | None = asyncio.Queue() if req.stream else None
+            tasks = await self._start_all(slots, arrival, sink)
             self.metrics.ttft.observe(time.monotonic() - arrival)
             if req.stream:
                 include_usage = bool(req.stream_options and req.stream_options.include_usage)
-                frames = self._completion_frames(response_id, started, include_usage, slot, arrival)
+                frames = self._completion_frames(response_id, slots, tasks, sink, include_usage, slot)
                 slot = None  # the stream owns it now
                 return StreamingResponse(frames, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-            return await self._completion_answer(response_id, started, arrival)
+            return await self._completion_answer(response_id, slots, tasks)
         finally:
             if slot is not None:
                 slot.release()
@@ -101,19 +116,45 @@ class CompletionsEndpoint:
             self.pools.release(admitted)
         return _Started(slot, stream, first, admitted.handle)
 
-    async def _start_all(self, slots: list[CompletionSlot], arrival: float) -> list[_Started]:
-        if len(slots) == 1:
-            return [await self._start_one(slots[0], arrival)]
-        tasks = [asyncio.ensure_future(self._start_one(s, arrival)) for s in slots]
+    async def _run_choice(self, slot: CompletionSlot, arrival: float, started: asyncio.Future, sink):
+        """One choice from start to end, drained as it comes (never held back by another choice's consumer):
+        `started` is set at its first delta; streamed, each delta goes to `sink`, else the text is returned."""
+        if slot.index > 0:
+            _own_serve_request_id(slot.index)
+        s = await self._start_one(slot, arrival)
+        started.set_result(None)
+        if sink is None:
+            return await self._generated(s, arrival)
         try:
-            return list(await asyncio.gather(*tasks))
+            async for d in self._deltas(s.stream, s.first, arrival):
+                sink.put_nowait((slot.index, d, None))
+        except Exception as e:  # noqa: BLE001 - handed to the consumer, which answers with an error event
+            s.stream.cancel()
+            sink.put_nowait((slot.index, None, e))
+        except BaseException:  # cancelled (the client left or another choice failed): free the decoder's KV
+            s.stream.cancel()
+            raise
+        return None
+
+    async def _start_all(self, slots: list[CompletionSlot], arrival: float, sink) -> list[asyncio.Future]:
+        """Every choice's task, once each has its first delta (so any refusal is the request's 4xx)."""
+        loop = asyncio.get_running_loop()
+        started = [loop.create_future() for _ in slots]
+        tasks = [
+            asyncio.ensure_future(self._run_choice(s, arrival, f, sink)) for s, f in zip(slots, started, strict=True)
+        ]
+        waiting = {*tasks, *started}
+        try:
+            while not all(f.done() for f in started):
+                done, waiting = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+                for t in done:
+                    if t in tasks and t.exception() is not None:
+                        raise t.exception()
         except BaseException:  # one prompt refused (or the client left): none of the others may keep running
             for t in tasks:
                 t.cancel()
-            for t in tasks:
-                if t.done() and not t.cancelled() and t.exception() is None:
-                    t.result().stream.cancel()
             raise
+        return tasks
 
     def _count(self, lasts: list[TokenDelta]) -> oa.Usage:
         parts = []
@@ -145,8 +186,7 @@ class CompletionsEndpoint:
                 stream, first = await self._start(s.slot.request, arrival, s.decoder)
         raise AssertionError("unreachable")
 
-    async def _completion_answer(self, response_id: str, started: list[_Started], arrival: float) -> Response:
-        tasks = [asyncio.ensure_future(self._generated(s, arrival)) for s in started]
+    async def _completion_answer(self, response_id: str, slots: list[CompletionSlot], tasks) -> Response:
         try:
             results = await asyncio.gather(*tasks)
         except BaseException:
@@ -154,10 +194,8 @@ class CompletionsEndpoint:
                 t.cancel()
             raise
         choices = [
-            oa.CompletionChoice(
-                index=s.slot.index, text=s.slot.echo + text, finish_reason=oa.finish_reason(last.finish_reason)
-            )
-            for s, (text, last) in zip(started, results, strict=True)
+            oa.CompletionChoice(index=s.index, text=s.echo + text, finish_reason=oa.finish_reason(last.finish_reason))
+            for s, (text, last) in zip(slots, results, strict=True)
         ]
         usage = self._count([last for _, last in results])
         answer = oa.Completion(id=response_id, model=self._model_name, choices=choices, usage=usage)
@@ -165,46 +203,22 @@ class CompletionsEndpoint:
 
     # ------------------------------------------------------------------------------------------------ streamed
 
-    async def _merged(self, started: list[_Started], arrival: float) -> AsyncIterator[tuple[int, TokenDelta]]:
-        """(position, delta) of every generation as it comes; each generation's last delta has finish_reason."""
-        if len(started) == 1:
-            async for d in self._deltas(started[0].stream, started[0].first, arrival):
-                yield 0, d
-            return
-        queue: asyncio.Queue = asyncio.Queue()
-
-        async def pump(i: int, s: _Started) -> None:
-            try:
-                async for d in self._deltas(s.stream, s.first, arrival):
-                    queue.put_nowait((i, d, None))
-            except Exception as e:  # noqa: BLE001 - handed to the consumer, which answers with an error event
-                queue.put_nowait((i, None, e))
-
-        tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(started)]
+    async def _completion_frames(self, response_id, slots: list[CompletionSlot], tasks, sink, include_usage, slot):
+        model, echoed, lasts = self._model_name, [False] * len(slots), [None] * len(slots)
         try:
             finished = 0
-            while finished < len(tasks):
-                i, d, err = await queue.get()
+            while finished < len(slots):
+                i, d, err = await sink.get()
                 if err is not None:
                     raise err
-                yield i, d
-                finished += d.finish_reason is not None
-        finally:
-            for t in tasks:
-                t.cancel()
-
-    async def _completion_frames(self, response_id, started: list[_Started], include_usage: bool, slot, arrival):
-        model, echoed, lasts = self._model_name, [False] * len(started), [None] * len(started)
-        try:
-            async for i, d in self._merged(started, arrival):
                 text, reason = d.text, oa.finish_reason(d.finish_reason)
                 if not echoed[i]:
-                    text, echoed[i] = started[i].slot.echo + text, True
+                    text, echoed[i] = slots[i].echo + text, True
                 if text or reason:
-                    choice = oa.CompletionChoice(index=started[i].slot.index, text=text, finish_reason=reason)
+                    choice = oa.CompletionChoice(index=slots[i].index, text=text, finish_reason=reason)
                     yield oa.sse(oa.Completion(id=response_id, model=model, choices=[choice]))
                 if d.finish_reason is not None:
-                    lasts[i] = d
+                    lasts[i], finished = d, finished + 1
             usage = self._count(lasts)
             if include_usage:
                 yield oa.sse(oa.Completion(id=response_id, model=model, choices=[], usage=usage))
@@ -212,14 +226,12 @@ class CompletionsEndpoint:
         except Exception as exc:  # mid-stream failure: the status line is gone, so it is OpenAI's error event
             e = api_error_from_exception(exc)
             self.metrics.requests.labels(endpoint=ENDPOINT, status=str(e.status)).inc()
-            for s in started:
-                s.stream.cancel()
             yield oa.sse(e.body())
             yield oa.SSE_DONE
         except BaseException:  # client disconnect (cancellation): abort every generation
-            for s in started:
-                s.stream.cancel()
             self.metrics.requests.labels(endpoint=ENDPOINT, status="499").inc()
             raise
         finally:
+            for t in tasks:  # each cancelled task cancels its decoder stream; finished ones are left as they are
+                t.cancel()
             slot.release()
