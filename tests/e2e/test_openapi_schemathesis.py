@@ -21,7 +21,7 @@ from tests.fixtures.serve_faults import free_port, start_app
 
 API_KEY = "schemathesis-key"
 MODEL = "tiny-schemathesis"
-EXAMPLES = 40  # per operation
+EXAMPLES = 100  # per operation
 SEED = 1
 DOCUMENTED_PATHS = {
     "/v1/chat/completions",
@@ -80,10 +80,8 @@ def test_no_server_error_on_any_documented_path(app_url, tmp_path):
         str(EXAMPLES),
         "--header",
         f"Authorization: Bearer {API_KEY}",
-        "--report",
-        "junit",
-        "--report-dir",
-        str(tmp_path),
+        "--report-junit-path",
+        str(tmp_path / "junit.xml"),
     ]
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=1200, cwd=tmp_path)
     assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:]
