@@ -44,35 +44,21 @@ from router.ingress_choices import (
     tool_delta,
     with_tool_calls,
 )
-from router.ingress_errors import api_error_from_exception, replica_lost
+from router.ingress_completions import CompletionsEndpoint, own_serve_request_id
+from router.ingress_errors import DECODER_ATTEMPTS, api_error_from_exception, read_body, replica_lost
 from router.ingress_images import ImagePipeline
 from router.ingress_settings import IngressSettings
 from router.metrics import IngressMetrics
+from router.openapi_schema import openapi_document
 from router.pools import DecoderPools, PoolPlan
-from router.request_prep import build_request, chat_drafts, parse, render_prompt
+from router.request_prep import build_request, chat_drafts, completion_inputs, parse, render_prompt
 from router.request_timing import RequestTiming
 from router.step_receiver import DecoderStream, StepReceiver
 from router.structured_output import tool_stream
+from router.tokenize_api import TokenizeEndpoints
 from vision_service.settings import VisionSettings
 
 api = FastAPI(title="g3serve", docs_url=None, redoc_url=None, openapi_url=None)
-# A decoder replica that dies before its first delta (killed, OOM, node lost) has streamed nothing, so the
-# request is sent again (to a live or restarted replica) instead of failing: at most this many sends.
-DECODER_ATTEMPTS = 3
-
-
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refused with 413 as soon as it is known to exceed `limit` (before reading it all)."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise oa.ApiError(413, f"request body is {declared} bytes; the limit is {limit}", code="request_too_large")
-    chunks, total = [], 0
-    async for chunk in request.stream():
-        total += len(chunk)
-        if total > limit:
-            raise oa.ApiError(413, f"request body exceeds the limit of {limit} bytes", code="request_too_large")
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 class _Slot:
@@ -91,7 +77,7 @@ class _Slot:
 
 
 @serve.ingress(api)
-class G3ServeIngress:
+class G3ServeIngress(CompletionsEndpoint, TokenizeEndpoints):
     """Wrapped by `serve.deployment` in cluster/app.py. Handles are Serve DeploymentHandles to the other two."""
 
     async def __init__(
@@ -144,6 +130,18 @@ class G3ServeIngress:
     @api.post("/v1/completions")
     async def completions(self, request: Request) -> Response:
         return await self._handle(request, "completions")
+
+    @api.post("/tokenize")
+    async def tokenize(self, request: Request) -> Response:
+        return await self._tokenize(request)
+
+    @api.post("/detokenize")
+    async def detokenize(self, request: Request) -> Response:
+        return await self._detokenize(request)
+
+    @api.get("/openapi.json")
+    async def openapi(self) -> Response:
+        return JSONResponse(openapi_document(self.model_id))
 
     @api.get("/v1/models")
     async def models(self, request: Request) -> Response:
@@ -202,6 +200,9 @@ class G3ServeIngress:
                     headers={"Retry-After": str(self.settings.retry_after_s)},
                 )
             slot = _Slot(self)
+            if endpoint == "completions" and oa.several_completions(req):  # router/ingress_completions.py
+                owned, slot = slot, None
+                return await self._completions(req, sampling, request, arrival, owned)
             timing.lap(PARSE)
             gen_request = await self._build_request(req, sampling, request, timing)
             timing.lap(TOKENIZE)
@@ -213,7 +214,9 @@ class G3ServeIngress:
                 if (req.n or 1) > 1:  # after choice 0's prefill: the others find its prompt in the prefix cache
                     try:
                         forks = fork_requests(gen_request, req.n)
-                        started += await start_all([self._start(f, arrival, admitted.handle, None) for f in forks])
+                        started += await start_all(
+                            [self._start_fork(f, i, arrival, admitted.handle) for i, f in enumerate(forks, 1)]
+                        )
                     except BaseException:
                         stream.cancel()
                         raise
@@ -258,9 +261,13 @@ class G3ServeIngress:
             turns, embeds = await self.images.resolve(drafts, timing)
             hits = sum(e.cache_hit for e in embeds)
             self.metrics.observe_images(cache_hits=hits, misses=len(embeds) - hits)
+        if chat:
+            prompt = render_prompt(req, turns, tokenizer)
+        else:  # a single prompt (several prompts and echo go to router/ingress_completions.py)
+            prompt = completion_inputs(req, tokenizer, info.vocab_size)[0].tokens
         return build_request(
             req,
-            render_prompt(req, turns, tokenizer),
+            prompt,
             sampling,
             tokenizer,
             info.max_model_len,
@@ -290,6 +297,12 @@ class G3ServeIngress:
                     raise
                 self.metrics.decoder_retries.inc()
         raise AssertionError("unreachable")
+
+    async def _start_fork(self, gen: GenerateRequest, index: int, arrival: float, decoder: DeploymentHandle):
+        """Choice `index` of n > 1, with its own Serve request id (concurrent calls of one request would collide in
+        Serve's router otherwise)."""
+        own_serve_request_id(index)
+        return await self._start(gen, arrival, decoder, None)
 
     async def _next(self, stream, arrival: float) -> TokenDelta:
         remaining = self.settings.request_timeout_s - (time.monotonic() - arrival)

@@ -1,4 +1,6 @@
-"""Every exception the ingress can meet, as the OpenAI error the client gets (status, message, code).
+"""Every exception the ingress can meet, as the OpenAI error the client gets (status, message, code); the body limit.
+
+`read_body` refuses an oversized request (413) before reading it all.
 
 Engine refusals cross the Ray boundary wrapped: Ray re-raises a replica's exception as a subclass of both
 RayTaskError and the original class, with the original in `.cause`. We classify on the original, and show its
@@ -9,6 +11,7 @@ from __future__ import annotations
 
 import logging
 
+from fastapi import Request
 from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
@@ -20,6 +23,9 @@ from vision_service.images import ImageInputError
 
 log = logging.getLogger(__name__)
 RETRY_AFTER_S = "1"
+# A decoder replica that dies before its first delta (killed, OOM, node lost) has streamed nothing, so the
+# request is sent again (to a live or restarted replica) instead of failing: at most this many sends.
+DECODER_ATTEMPTS = 3
 
 
 def replica_lost(exc: BaseException) -> bool:
@@ -67,3 +73,17 @@ def api_error_from_exception(exc: BaseException) -> ApiError:
         )
     log.exception("internal error while serving a request", exc_info=exc)
     return ApiError(500, f"internal server error ({type(cause).__name__})")
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused with 413 as soon as it is known to exceed `limit` (before reading it all)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise ApiError(413, f"request body is {declared} bytes; the limit is {limit}", code="request_too_large")
+    chunks, total = [], 0
+    async for chunk in request.stream():
+        total += len(chunk)
+        if total > limit:
+            raise ApiError(413, f"request body exceeds the limit of {limit} bytes", code="request_too_large")
+        chunks.append(chunk)
+    return b"".join(chunks)

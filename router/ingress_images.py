@@ -70,9 +70,16 @@ class ImagePipeline:
         refs, embeds = await self._embed(images, timing)
         return chat_turns(drafts, dict(zip(images, refs, strict=True))), embeds
 
-    async def _embed(
-        self, images: Sequence[ImageInput], timing: RequestTiming | None
-    ) -> tuple[list[ImageRef], tuple[ImageEmbedding, ...]]:
+    async def plan_turns(self, drafts: Sequence[TurnDraft]) -> list[ChatTurn]:
+        """Chat turns with each image planned (bytes fetched, crops and block hashes) but not encoded: what
+        /tokenize needs to count an image's soft tokens."""
+        images = [img for d in drafts for img in d.images]
+        if not images:
+            return chat_turns(drafts, {})
+        refs, _ = await self._plan(images)
+        return chat_turns(drafts, dict(zip(images, refs, strict=True)))
+
+    async def _plan(self, images: Sequence[ImageInput]) -> tuple[list[ImageRef], list]:
         if self._vision is None or self._hash_settings is None:
             raise ApiError(400, "this model does not accept images (text-only checkpoint)", param="messages")
         limits = self._settings.images
@@ -80,6 +87,12 @@ class ImagePipeline:
         inputs, refs = plan_images(
             images, data, self._model_id, self._hash_settings, self._settings.pan_and_scan.enabled, limits
         )
+        return refs, inputs
+
+    async def _embed(
+        self, images: Sequence[ImageInput], timing: RequestTiming | None
+    ) -> tuple[list[ImageRef], tuple[ImageEmbedding, ...]]:
+        refs, inputs = await self._plan(images)
         trace_context = ()
         if timing is not None:
             timing.lap(VISION_LOAD)

@@ -155,7 +155,8 @@ class ChatCompletionRequest(_Sampling, _Structured):
 
 
 class CompletionRequest(_Sampling, _Structured):
-    prompt: str | list[str]
+    # One prompt or several (one choice each, in order): text, or token ids as vLLM takes them.
+    prompt: str | list[str] | list[int] | list[list[int]]
     echo: bool | None = None
     suffix: str | None = None
     best_of: int | None = Field(None, ge=1)
@@ -164,9 +165,12 @@ class CompletionRequest(_Sampling, _Structured):
 
 def _refuse_unsupported(req: _Sampling) -> None:
     if isinstance(req, CompletionRequest):
-        if req.echo or req.suffix:
-            name = "echo" if req.echo else "suffix"
-            raise ApiError(400, f"{name} is not supported", param=name)
+        if req.suffix:
+            raise ApiError(400, "suffix is not supported: Gemma 3 has no fill-in-the-middle", param="suffix")
+        if several_completions(req):  # one choice per prompt: the single-prompt path has n and logprobs
+            for name in ("n", "logprobs"):
+                if getattr(req, name) not in (None, 1 if name == "n" else None):
+                    raise ApiError(400, f"{name} is supported with a single prompt without echo", param=name)
         if req.best_of is not None and req.best_of != (req.n or 1):
             raise ApiError(400, "best_of is not supported (only best_of equal to n)", param="best_of")
 
@@ -320,15 +324,23 @@ def turn_drafts(messages: list[ChatMessage], max_images: int) -> list[TurnDraft]
     return drafts
 
 
-def completion_prompt(req: CompletionRequest) -> str:
-    if isinstance(req.prompt, list):
-        if len(req.prompt) != 1:
-            raise ApiError(400, "one prompt per request (batched prompts are not supported)", param="prompt")
-        return req.prompt[0]
-    return req.prompt
+def completion_prompts(req: CompletionRequest) -> list[str | list[int]]:
+    """The prompts of a completion request, one per choice, in order: each a text or a list of token ids."""
+    prompt = req.prompt
+    if isinstance(prompt, str):
+        return [prompt]
+    if not prompt:
+        raise ApiError(400, "prompt: must not be an empty list", param="prompt")
+    if isinstance(prompt[0], int):
+        return [list(prompt)]
+    return list(prompt)
 
 
 # ---------------------------------------------------------------------------------------------------- responses
+
+# OpenAI's `system_fingerprint` names the backend configuration that produced an answer; ours is the server build
+# (the protocol version of these shapes), the same for every response of a deployment.
+SYSTEM_FINGERPRINT = "fp_g3serve_v1"
 
 
 class PromptTokensDetails(BaseModel):
@@ -349,6 +361,19 @@ def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) ->
         total_tokens=prompt_tokens + completion_tokens,
         prompt_tokens_details=PromptTokensDetails(cached_tokens=cached_tokens),
     )
+
+
+def several_completions(req: CompletionRequest) -> bool:
+    """A completion request with several prompts or `echo` (router/ingress_completions.py serves those)."""
+    prompt = req.prompt
+    several = isinstance(prompt, list) and len(prompt) > 1 and not isinstance(prompt[0], int)
+    return several or bool(req.echo)
+
+
+def usage_total(parts: list[Usage]) -> Usage:
+    """One usage over several generations (a completion request's prompts): every count summed."""
+    cached = sum(u.prompt_tokens_details.cached_tokens if u.prompt_tokens_details else 0 for u in parts)
+    return usage(sum(u.prompt_tokens for u in parts), sum(u.completion_tokens for u in parts), cached)
 
 
 FinishReasonStr = Literal["stop", "length", "tool_calls"]
@@ -401,6 +426,7 @@ class ChatCompletion(BaseModel):
     created: int = Field(default_factory=lambda: int(time.time()))
     model: str
     choices: list[ChatChoice]
+    system_fingerprint: str | None = SYSTEM_FINGERPRINT
     usage: Usage
 
 
@@ -423,6 +449,7 @@ class ChatCompletionChunk(BaseModel):
     created: int = Field(default_factory=lambda: int(time.time()))
     model: str
     choices: list[ChunkChoice]
+    system_fingerprint: str | None = SYSTEM_FINGERPRINT
     usage: Usage | None = None
 
 
@@ -441,6 +468,7 @@ class Completion(BaseModel):
     created: int = Field(default_factory=lambda: int(time.time()))
     model: str
     choices: list[CompletionChoice]
+    system_fingerprint: str | None = SYSTEM_FINGERPRINT
     usage: Usage | None = None
 
 

@@ -11,7 +11,7 @@ the tokenizer's end-of-turn ids added to the stop ids. Fetching image bytes and 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 from pydantic import ValidationError
 
@@ -82,14 +82,48 @@ def chat_turns(drafts: Sequence[oa.TurnDraft], refs: Mapping[oa.ImageInput, Imag
 
 
 def render_prompt(
-    req: oa.ChatCompletionRequest | oa.CompletionRequest, turns: Sequence[ChatTurn] | None, tokenizer: Gemma3Tokenizer
+    req: oa.ChatCompletionRequest, turns: Sequence[ChatTurn] | None, tokenizer: Gemma3Tokenizer
 ) -> PromptTokens:
-    """The prompt's token ids (exactly one BOS) and image spans: chat turns rendered, or the completion prompt."""
-    if isinstance(req, oa.ChatCompletionRequest):
-        if turns is None:
-            raise ValueError("a chat request is rendered from its turns")
-        return tokenizer.render_chat(turns)
-    return tokenizer.encode_completion(oa.completion_prompt(req))
+    """A chat prompt's token ids (exactly one BOS) and image spans (completions: `completion_inputs`)."""
+    if not isinstance(req, oa.ChatCompletionRequest) or turns is None:
+        raise ValueError("a chat request is rendered from its turns")
+    return tokenizer.render_chat(turns)
+
+
+@dataclass(frozen=True)
+class CompletionInput:
+    """One prompt of a completion request: its tokens, and its text as `echo` gives it back."""
+
+    tokens: PromptTokens
+    echo_text: str
+
+
+def check_token_ids(ids: Sequence[int], param: str, vocab_size: int, image_token_id: int | None) -> None:
+    """Token ids a client sent: each a token of the vocabulary, never the image placeholder (images come as
+    image parts, whose soft tokens the server places itself); a 400 naming the first bad position."""
+    for j, t in enumerate(ids):
+        if not 0 <= t < vocab_size:
+            raise oa.ApiError(400, f"{param}[{j}]: token id {t} is outside the vocabulary [0, {vocab_size})", param)
+        if t == image_token_id:
+            raise oa.ApiError(400, f"{param}[{j}]: token id {t} is the image placeholder", param=param)
+
+
+def completion_inputs(req: oa.CompletionRequest, tokenizer: Gemma3Tokenizer, vocab_size: int) -> list[CompletionInput]:
+    """Each prompt's tokens: a text gets exactly one BOS; token ids go to the model as sent (as vLLM does), checked
+    against the vocabulary; the echo of token ids is their decoding, special tokens included (as vLLM's)."""
+    prompts = oa.completion_prompts(req)
+    vocab_size = min(vocab_size, tokenizer.backend.get_vocab_size())
+    inputs = []
+    for i, prompt in enumerate(prompts):
+        param = "prompt" if isinstance(req.prompt, str) or isinstance(req.prompt[0], int) else f"prompt[{i}]"
+        if isinstance(prompt, str):
+            inputs.append(CompletionInput(tokenizer.encode_completion(prompt), prompt))
+            continue
+        if not prompt:
+            raise oa.ApiError(400, f"{param}: a token-id prompt must not be empty", param=param)
+        check_token_ids(prompt, param, vocab_size, tokenizer.image_token_id)
+        inputs.append(CompletionInput(PromptTokens(tuple(prompt)), tokenizer.decode(prompt, skip_special_tokens=False)))
+    return inputs
 
 
 def explicit_max_tokens(req: oa._Sampling) -> bool:
@@ -97,7 +131,9 @@ def explicit_max_tokens(req: oa._Sampling) -> bool:
     return bool(req.max_tokens or getattr(req, "max_completion_tokens", None))
 
 
-def fit_context(prompt_len: int, sampling: SamplingParams, max_model_len: int, explicit: bool) -> SamplingParams:
+def fit_context(
+    prompt_len: int, sampling: SamplingParams, max_model_len: int, explicit: bool, prompt_param: str = "messages"
+) -> SamplingParams:
     """Prompt + max_tokens must fit the model's context; a defaulted max_tokens shrinks to fit instead."""
     if prompt_len + sampling.max_tokens <= max_model_len:
         return sampling
@@ -108,7 +144,7 @@ def fit_context(prompt_len: int, sampling: SamplingParams, max_model_len: int, e
         f"This model's maximum context length is {max_model_len} tokens. However, you requested "
         f"{prompt_len + (sampling.max_tokens if explicit else 0)} tokens ({prompt_len} in the prompt"
         + (f", {sampling.max_tokens} for the completion)." if explicit else ")."),
-        param="messages" if not explicit else "max_tokens",
+        param=prompt_param if not explicit else "max_tokens",
         code="context_length_exceeded",
     )
 
@@ -135,7 +171,8 @@ def build_request(
     the sampling parameters checked against `vocab_size` when given, the structured-output constraint attached."""
     if vocab_size is not None:
         oa.validate_token_ids(sampling, vocab_size)
-    fitted = fit_context(len(prompt.token_ids), sampling, max_model_len, explicit=explicit_max_tokens(req))
+    prompt_param = "messages" if isinstance(req, oa.ChatCompletionRequest) else "prompt"
+    fitted = fit_context(len(prompt.token_ids), sampling, max_model_len, explicit_max_tokens(req), prompt_param)
     fitted = replace(fitted, structured=structured_for(req))
     return GenerateRequest(
         request_id=request_id,

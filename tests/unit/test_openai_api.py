@@ -19,7 +19,7 @@ from router.openai_api import (
     ImageInput,
     Limits,
     TurnDraft,
-    completion_prompt,
+    completion_prompts,
     finish_reason,
     sse,
     to_sampling,
@@ -201,12 +201,24 @@ def test_schema_errors_are_validation_errors():
 
 
 def test_completion_prompt_forms():
-    assert completion_prompt(CompletionRequest(model="m", prompt="abc")) == "abc"
-    assert completion_prompt(CompletionRequest(model="m", prompt=["abc"])) == "abc"
-    with pytest.raises(ApiError, match="one prompt"):
-        completion_prompt(CompletionRequest(model="m", prompt=["a", "b"]))
-    with pytest.raises(ApiError, match="echo"):
-        to_sampling(CompletionRequest(model="m", prompt="a", echo=True), LIMITS)
+    assert completion_prompts(CompletionRequest(model="m", prompt="abc")) == ["abc"]
+    assert completion_prompts(CompletionRequest(model="m", prompt=["abc"])) == ["abc"]
+    assert completion_prompts(CompletionRequest(model="m", prompt=["a", "b"])) == ["a", "b"]
+    assert completion_prompts(CompletionRequest(model="m", prompt=[2, 9, 4])) == [[2, 9, 4]]
+    assert completion_prompts(CompletionRequest(model="m", prompt=[[2, 9], [2]])) == [[2, 9], [2]]
+    with pytest.raises(ApiError, match="empty") as e:
+        completion_prompts(CompletionRequest(model="m", prompt=[]))
+    assert (e.value.status, e.value.param) == (400, "prompt")
+    for mixed in (["a", 1], [[1], "a"], [1.5], 7):
+        with pytest.raises(ValidationError):
+            CompletionRequest(model="m", prompt=mixed)
+    assert to_sampling(CompletionRequest(model="m", prompt="a", echo=True), LIMITS).max_tokens == 16
+    with pytest.raises(ApiError, match="fill-in-the-middle") as e:
+        to_sampling(CompletionRequest(model="m", prompt="a", suffix="b"), LIMITS)
+    assert (e.value.status, e.value.param) == (400, "suffix")
+    with pytest.raises(ApiError) as e:
+        to_sampling(CompletionRequest(model="m", prompt="a", best_of=3), LIMITS)
+    assert e.value.param == "best_of"
 
 
 def test_error_body_is_openai_shaped():

@@ -155,7 +155,8 @@ def test_build_request_for_chat_and_completion(real_270m_tokenizer):
     assert (gen.request_id, gen.session_id, gen.arrival_time, gen.images, gen.image_embeds) == ("r1", "s", 3.0, (), ())
 
     comp = oa.CompletionRequest(model="m", prompt=["Once upon a time"], stop="x")
-    gen = prep.build_request(comp, prep.render_prompt(comp, None, tok), oa.to_sampling(comp, LIMITS), tok, 1000, "r2")
+    (inp,) = prep.completion_inputs(comp, tok, 262144)
+    gen = prep.build_request(comp, inp.tokens, oa.to_sampling(comp, LIMITS), tok, 1000, "r2")
     assert gen.prompt_token_ids == tok.encode_completion("Once upon a time").token_ids
     assert gen.sampling.stop == ("x",) and gen.sampling.max_tokens == LIMITS.default_max_tokens
 
@@ -164,7 +165,7 @@ def test_build_request_for_chat_and_completion(real_270m_tokenizer):
 def test_build_request_fits_a_defaulted_max_tokens_and_refuses_an_explicit_one(real_270m_tokenizer):
     tok = real_270m_tokenizer
     req = oa.CompletionRequest(model="m", prompt="word " * 40)
-    prompt = prep.render_prompt(req, None, tok)
+    prompt = prep.completion_inputs(req, tok, 262144)[0].tokens
     n = len(prompt.token_ids)
     limit = n + 5  # room for 5 tokens, below the default of 16
     gen = prep.build_request(req, prompt, oa.to_sampling(req, LIMITS), tok, limit, "r")
