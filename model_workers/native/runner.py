@@ -166,7 +166,7 @@ class ModelRunner:
             return {}
         need = self.sampler.needs_logits(batch.sample_seqs)
         head = self.head(rows, need)
-        if self.head.mode != "exact":  # processed and logprob rows take every logit exact, not the head's ranking
+        if getattr(self.head, "mode", "exact") != "exact":  # processed and logprob rows: every logit exact
             head = with_exact_rows(head, rows, batch.sample_seqs, self.exact_head, need)
         tokens = self.sampler.sample(head, batch.sample_seqs, rows)
         return {seq.seq_id: t for seq, t in zip(batch.sample_seqs, tokens, strict=True)}

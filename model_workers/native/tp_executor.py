@@ -175,7 +175,7 @@ class TensorParallelRunner:
         t0 = time.perf_counter()
         need = self.sampler.needs_logits(batch.sample_seqs)
         head = self.head(outs[0][0], need)
-        if self.head.mode != "exact":  # processed and logprob rows take every logit exact, not the head's ranking
+        if getattr(self.head, "mode", "exact") != "exact":  # processed and logprob rows: every logit exact
             head = with_exact_rows(head, outs[0][0], batch.sample_seqs, self.exact_head, need)
         tokens = self.sampler.sample(head, batch.sample_seqs, outs[0][0])
         self.head_s += time.perf_counter() - t0
