@@ -6,7 +6,8 @@ enforced either way, as vLLM does) and vLLM's extensions `guided_json` / `guided
 `guided_grammar` and `structured_outputs` ({json | regex | choice | grammar | json_object}); at most one of them.
 `tool_choice` `required` or a named function is itself a constraint (a Python-style call list whose arguments
 follow each tool's schema, model_workers/structured_grammar.py), so it cannot be combined with another. `auto`
-(the default when tools are given) only renders the tools and parses the answer; `none` renders no tools.
+(the default when tools are given) only renders the tools and parses the answer; `none` renders the tools
+(as vLLM does by default) and parses no calls.
 
 The grammar is compiled by the decoder (xgrammar imports torch, the router must not); here JSON schemas are checked
 for the keywords xgrammar would silently ignore, so such a schema is a 400 naming the keyword and where it sits,
@@ -142,8 +143,9 @@ def forced_tools(req: oa.ChatCompletionRequest) -> tuple[ToolDef, ...] | None:
 
 
 def tools_rendered(req: oa._Request) -> bool:
-    """Whether the prompt carries the tools (and the answer is parsed for calls)."""
-    return isinstance(req, oa.ChatCompletionRequest) and bool(req.tools) and req.tool_choice != "none"
+    """Whether the prompt carries the tools: whenever the request has some, `tool_choice: none` included (as vLLM's
+    default renders them); the answer is parsed for calls unless the choice is `none` (`tool_stream`)."""
+    return isinstance(req, oa.ChatCompletionRequest) and bool(req.tools)
 
 
 def structured_for(req: oa._Request) -> StructuredOutput | None:
@@ -186,7 +188,7 @@ def with_tools(req: oa.ChatCompletionRequest, drafts: list[oa.TurnDraft]) -> lis
 
 def tool_stream(req: oa._Request) -> tc.ToolCallStream | None:
     """The reader of this request's answer for calls, or None when it has no tools."""
-    if not tools_rendered(req):
+    if not tools_rendered(req) or req.tool_choice == "none":
         return None
     names = [t.function.name for t in req.tools]
     return tc.ToolCallStream(names, forced=forced_tools(req) is not None)

@@ -102,9 +102,9 @@ class VisionService:
     async def embed(self, request: VisionRequest) -> list[ImageEmbedding]:
         """One ImageEmbedding per image block (each image, then its crops), in prompt order."""
         with self.metrics.in_flight.track_inprogress():
-            return await self._embed(request)
+            return await self._traced_embed(request)
 
-    async def _embed(self, request: VisionRequest) -> list[ImageEmbedding]:
+    async def _traced_embed(self, request: VisionRequest) -> list[ImageEmbedding]:
         await self.start()
         if len(request.images) > self.settings.images.max_images_per_request:
             raise ImageInputError(

