@@ -195,7 +195,7 @@ def test_tokenize_counts_an_images_soft_tokens(client, app_url):
         ("/tokenize", {"model": "other", "prompt": "x"}, 404, "model"),
         ("/tokenize", {"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}, 400, "tools"),
         ("/tokenize", {"prompt": 5}, 400, "prompt"),
-        ("/tokenize", {"messages": [{"role": "tool", "content": "x"}]}, 400, "messages[0].role"),
+        ("/tokenize", {"messages": [{"role": "narrator", "content": "x"}]}, 400, "messages.0.role"),
         ("/detokenize", {"tokens": [2, -1]}, 400, "tokens"),
         ("/detokenize", {"tokens": "abc"}, 400, "tokens"),
         ("/detokenize", {"model": "other", "tokens": [2]}, 404, "model"),
