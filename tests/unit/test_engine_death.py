@@ -108,6 +108,9 @@ class _LosesARank:
     def forget(self, seq_id):
         self.inner.forget(seq_id)
 
+    def take_logprobs(self):
+        return self.inner.take_logprobs()
+
     def close(self):
         self.inner.close()
 
