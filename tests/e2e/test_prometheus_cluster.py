@@ -8,7 +8,9 @@ and TTFT observations equal to the requests sent, the vision cache's one miss an
 twice, prompt tokens equal to the responses' usage, and the decoder's KV usage for both layer types.
 
 Ray exports a replica's samples every `metrics_report_interval_ms` (10 s by default), so queries are polled until
-the counts reach what was sent (or a deadline passes) and then must equal it exactly.
+the counts reach what was sent (or a deadline passes) and then must equal it exactly. Ray's metrics agent keeps the
+series of replicas that earlier tests in the same Ray session started and deleted, so every query is scoped to the
+`replica` tags of this app's running replicas.
 """
 
 from __future__ import annotations
@@ -26,18 +28,24 @@ from tests.fixtures.serve_faults import free_port, png_data_url, running_replica
 
 PROMETHEUS = "/usr/bin/prometheus"
 MODEL = "tiny-prom"
-SCRAPE_S = 1
-EXPORT_DEADLINE_S = 90  # Ray's default export period (10 s) + a scrape, with room for a loaded machine
+SCRAPE_S = 2  # also the scrape timeout: the agent's page grows with every replica the session has started
+EXPORT_DEADLINE_S = 120  # Ray's default export period (10 s) + a scrape, with room for a loaded machine
 
 
 def latest(selector: str) -> str:
-    """The last sample of each series within 30 s: a scrape that timed out (a loaded machine, 1 s timeout) marks every
-    series stale until the next one, and an instant query would then see nothing."""
+    """The last sample of each series within 30 s: a scrape that timed out (a loaded machine) marks every series stale
+    until the next one, and an instant query would then see nothing."""
     return f"last_over_time({selector}[30s])"
 
 
 def total(selector: str) -> str:
     return f"sum({latest(selector)})"
+
+
+def scoped(metric: str, replicas: set[str], labels: str = "") -> str:
+    """`metric` limited to the series of the given replicas (Serve's `replica` tag), plus any other label matchers."""
+    matchers = [f'replica=~"{"|".join(sorted(replicas))}"'] + ([labels] if labels else [])
+    return metric + "{" + ", ".join(matchers) + "}"
 
 
 pytestmark = pytest.mark.skipif(
@@ -60,7 +68,11 @@ def prometheus(ray_cluster, tmp_path_factory):
     d: Path = tmp_path_factory.mktemp("prometheus")
     targets = _ray_metric_targets()
     cfg = {
-        "global": {"scrape_interval": f"{SCRAPE_S}s", "evaluation_interval": f"{SCRAPE_S}s"},
+        "global": {
+            "scrape_interval": f"{SCRAPE_S}s",
+            "scrape_timeout": f"{SCRAPE_S}s",
+            "evaluation_interval": f"{SCRAPE_S}s",
+        },
         "scrape_configs": [{"job_name": "ray", "static_configs": [{"targets": targets}]}],
     }
     (d / "prometheus.yml").write_text(yaml.safe_dump(cfg))
@@ -151,6 +163,12 @@ def _exported_g3_names(prom: str) -> list[str]:
     return sorted(n for n in names if "g3" in n)
 
 
+def _scrape_health(prom: str) -> list[dict]:
+    """Each target's health and last scrape error as Prometheus sees them: the context of a failed assertion."""
+    targets = httpx.get(f"{prom}/api/v1/targets", timeout=10).json()["data"]["activeTargets"]
+    return [{k: t.get(k) for k in ("scrapeUrl", "health", "lastError", "lastScrapeDuration")} for t in targets]
+
+
 def _replica_ids(deployment: str, count: int) -> set[str]:
     """The deployment's running replica ids, once Serve's controller lists `count` (a restarted controller lists none
     until it has recovered its replicas)."""
@@ -186,45 +204,54 @@ def test_prometheus_sees_every_replica_and_the_numbers_sent(app_url, prometheus)
     usages += [_chat_image(app_url, (200, 30, 30)), _chat_image(app_url, (200, 30, 30))]  # same image: miss, hit
     sent = len(usages)
 
-    requests = _wait_for(prometheus, total('ray_g3serve_requests_total{status="200"}'), sent)
-    assert requests == sent
-    assert _wait_for(prometheus, total("ray_g3serve_time_to_first_token_seconds_count"), sent) == sent
-    prompt_tokens = sum(u["prompt_tokens"] for u in usages)
-    assert _wait_for(prometheus, total("ray_g3serve_prompt_tokens_total"), prompt_tokens) == prompt_tokens
-    completion = sum(u["completion_tokens"] for u in usages)
-    assert _wait_for(prometheus, total("ray_g3serve_completion_tokens_total"), completion) == completion
-
-    # Each ingress series is one Serve replica of the ingress deployment (Serve's tags), never a mix.
     ingress_ids = _replica_ids("ingress", 2)
     assert len(ingress_ids) == 2
+    app_ids = ingress_ids | _replica_ids("vision", 1) | _replica_ids("decoder", 1)
+    assert len(app_ids) == 4
+
+    def app_total(metric: str, labels: str = "") -> str:
+        return total(scoped(metric, app_ids, labels))
+
+    requests = _wait_for(prometheus, app_total("ray_g3serve_requests_total", 'status="200"'), sent)
+    assert requests == sent, (_exported_g3_names(prometheus), _scrape_health(prometheus))
+    assert _wait_for(prometheus, app_total("ray_g3serve_time_to_first_token_seconds_count"), sent) == sent
+    prompt_tokens = sum(u["prompt_tokens"] for u in usages)
+    assert _wait_for(prometheus, app_total("ray_g3serve_prompt_tokens_total"), prompt_tokens) == prompt_tokens
+    completion = sum(u["completion_tokens"] for u in usages)
+    assert _wait_for(prometheus, app_total("ray_g3serve_completion_tokens_total"), completion) == completion
+
+    # Each ingress series is one Serve replica of the ingress deployment (Serve's tags), never a mix.
     per_replica = _query(
-        prometheus, "sum by (deployment, replica) (" + latest('ray_g3serve_requests_total{status="200"}') + ")"
+        prometheus,
+        "sum by (deployment, replica) (" + latest(scoped("ray_g3serve_requests_total", app_ids, 'status="200"')) + ")",
     )
     assert {s["metric"]["deployment"] for s in per_replica} == {"ingress"}
     assert {s["metric"]["replica"] for s in per_replica} <= ingress_ids
     assert sum(float(s["value"][1]) for s in per_replica) == sent
 
     # The vision replica's cache: the image was sent twice, so one miss and one hit (one block each: a small square).
-    assert _wait_for(prometheus, total("ray_g3_vision_cache_misses_total"), 1) == 1
-    assert _wait_for(prometheus, total("ray_g3_vision_cache_hits_total"), 1) == 1
-    assert _wait_for(prometheus, total("ray_g3_vision_encode_seconds_count"), 1) == 1
-    assert _wait_for(prometheus, total('ray_g3serve_image_blocks_total{cache="hit"}'), 1) == 1
+    assert _wait_for(prometheus, app_total("ray_g3_vision_cache_misses_total"), 1) == 1
+    assert _wait_for(prometheus, app_total("ray_g3_vision_cache_hits_total"), 1) == 1
+    assert _wait_for(prometheus, app_total("ray_g3_vision_encode_seconds_count"), 1) == 1
+    assert _wait_for(prometheus, app_total("ray_g3serve_image_blocks_total", 'cache="hit"'), 1) == 1
 
     # The decoder replica's KV usage by layer type (sampled every second), and what it prefilled.
     kv = {}
     deadline = time.monotonic() + EXPORT_DEADLINE_S
     while len(kv) < 2 and time.monotonic() < deadline:
-        rows = _query(prometheus, latest('ray_g3serve_decoder_replica_kv_usage_ratio{deployment="decoder"}'))
+        rows = _query(
+            prometheus, latest(scoped("ray_g3serve_decoder_replica_kv_usage_ratio", app_ids, 'deployment="decoder"'))
+        )
         kv = {s["metric"]["layer_type"]: float(s["value"][1]) for s in rows}
         time.sleep(SCRAPE_S)
     assert set(kv) == {"global", "sliding"}
     assert all(0.0 <= v <= 1.0 for v in kv.values())
     computed = prompt_tokens - sum((u.get("prompt_tokens_details") or {}).get("cached_tokens", 0) for u in usages)
-    prefilled = _wait_for(prometheus, total("ray_g3serve_decoder_replica_prefilled_tokens_total"), computed)
+    prefilled = _wait_for(prometheus, app_total("ray_g3serve_decoder_replica_prefilled_tokens_total"), computed)
     assert prefilled is not None and prefilled >= computed
 
     # KV-aware routing: one decision per generation sent, whatever its outcome.
-    decisions = _wait_for(prometheus, total('ray_g3serve_routing_decisions_total{outcome!="fallback"}'), sent)
+    decisions = _wait_for(prometheus, app_total("ray_g3serve_routing_decisions_total", 'outcome!="fallback"'), sent)
     assert decisions == sent, _exported_g3_names(prometheus)
 
     # TTFT by stage: every stage is timed once per request (the ingress fills g3serve_stage_seconds).
@@ -234,7 +261,7 @@ def test_prometheus_sees_every_replica_and_the_numbers_sent(app_url, prometheus)
     stages: dict[str, float] = {}
     deadline = time.monotonic() + EXPORT_DEADLINE_S
     while time.monotonic() < deadline:
-        rows = _query(prometheus, "sum by (stage) (" + latest("ray_g3serve_stage_seconds_count") + ")")
+        rows = _query(prometheus, "sum by (stage) (" + latest(scoped("ray_g3serve_stage_seconds_count", app_ids)) + ")")
         stages = {s["metric"]["stage"]: float(s["value"][1]) for s in rows}
         if stages.get("prefill") == sent and stages.get("vision_encode") == images:
             break
