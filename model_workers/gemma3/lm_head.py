@@ -45,3 +45,12 @@ class ExactHead:
         logits = softcap(exact_logits(hidden, self.weight), self.softcap).float()
         rows = [i for i, need in enumerate(need_logits) if need]
         return HeadOutput(logits.argmax(dim=-1), logits[rows], 0)
+
+    def rows(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Every logit of these rows [R, V], fp32 (computed in the weight's dtype)."""
+        return softcap(exact_logits(hidden.to(self.weight.dtype), self.weight), self.softcap).float()
+
+    def at(self, hidden: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+        """One row's logits for the given tokens only [K], as `rows` computes them: a grammar that allows a few
+        tokens needs a few rows of the weight, not all of it."""
+        return softcap(hidden.to(self.weight.dtype) @ self.weight[token_ids].t(), self.softcap).float()

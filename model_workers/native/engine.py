@@ -9,7 +9,8 @@ postprocess) happens on the loop thread between steps, never while the runner re
 A runner that raises EngineDeadError (a tensor-parallel rank lost or failed: tp_executor.py) kills the engine: every
 open request ends with that error (raised from `generate`, so the ingress may retry what it has not streamed yet),
 new requests are refused with it, the step loop stops, and `check_health` raises it, so Serve replaces the replica.
-Any other step failure fails only that step's requests.
+Any other failure of the forward pass fails only that step's requests; a failure in scheduling or postprocessing
+(the loop's own state, no longer known to be consistent) kills the engine the same way, never leaving a stream open.
 A request with structured output has its grammar compiled (native/grammar.py) in a helper thread before it is
 queued, so a compile never stalls a step.
 """
@@ -310,13 +311,17 @@ class NativeEngine:
 
     # ---- the step loop --------------------------------------------------------------------------------------------
     async def _loop(self) -> None:
-        while not self._closed and self._dead is None:
-            self._apply_aborts()
-            if not self.scheduler.has_work:
-                self._wake.clear()
-                await self._wake.wait()
-                continue
-            await self._step()
+        try:
+            while not self._closed and self._dead is None:
+                self._apply_aborts()
+                if not self.scheduler.has_work:
+                    self._wake.clear()
+                    await self._wake.wait()
+                    continue
+                await self._step()
+        except Exception as e:  # scheduling or postprocessing failed: its state is unknown, so the replica goes
+            log.exception("engine loop failed")
+            self._die(f"engine loop failed ({type(e).__name__}: {e})")
 
     async def _step(self) -> None:
         """One step: schedule -> run -> postprocess."""
@@ -356,7 +361,11 @@ class NativeEngine:
             log.error("decoder engine dead, the replica must be replaced: %s", reason)
         self._dead = reason
         for seq_id in self._streams.ids():
-            self._end(seq_id, FinishReason.ERROR, reason)
+            try:
+                self._end(seq_id, FinishReason.ERROR, reason)
+            except Exception:  # a broken scheduler must not leave a stream open: the client gets the reason
+                log.exception("freeing %s failed", seq_id)
+                self._streams.close(seq_id, FinishReason.ERROR, reason)
         if self._wake is not None:
             self._wake.set()
 

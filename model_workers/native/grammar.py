@@ -6,7 +6,8 @@ small LRU here skips even rebuilding the grammar for a repeated constraint) agai
 `GrammarState` is one sequence's matcher. `constrain` is the sampler's seam: for the step's rows that carry a
 grammar it fills one bitmask (xgrammar `fill_next_token_bitmask`, one row each) and applies it to their logits in
 one `apply_token_bitmask_inplace` call. A greedy row keeps the head's exact argmax when the mask allows it; any other
-constrained row gets exact fp32 logits (the accel head's approximate tail must not pick a masked-in token).
+constrained row gets exact fp32 logits (the accel head's approximate tail must not pick a masked-in token): only the
+allowed tokens' when the grammar allows few of them.
 """
 
 from __future__ import annotations
@@ -23,6 +24,9 @@ from cluster.contracts.messages import StructuredOutput
 from model_workers.structured_grammar import build_grammar, tokenizer_info
 
 CACHED_GRAMMARS = 64  # compiled grammars kept per engine (a repeated schema skips compilation)
+# A masked row whose grammar allows at most this many tokens gets only their logits (that many rows of the head's
+# weight, not the whole vocabulary's): the structural steps of JSON allow a handful.
+FEW_TOKENS = 16384
 
 
 class GrammarCompilers:
@@ -63,15 +67,26 @@ def _allowed(bitmask: torch.Tensor, row: int, token: int) -> bool:
     return bool((int(bitmask[row, token >> 5]) >> (token & 31)) & 1)
 
 
+_BITS = torch.arange(32, dtype=torch.int32)
+
+
+def allowed_ids(bitmask_row: torch.Tensor, vocab: int) -> torch.Tensor:
+    """The token ids one bitmask row allows, ascending."""
+    bits = (bitmask_row.unsqueeze(-1) >> _BITS) & 1
+    return bits.flatten()[:vocab].nonzero().squeeze(-1)
+
+
 def constrain(
     states: list[GrammarState],
     argmax: list[int],
     greedy: list[bool],
-    logits: Callable[[list[int]], torch.Tensor],
+    logits: Callable[[list[int], list[torch.Tensor | None]], torch.Tensor],
 ) -> tuple[list[int | None], torch.Tensor | None]:
-    """The masked rows of one step. `argmax` is the head's exact argmax per row, `logits(rows)` exact logits of
-    those rows (index into `states`). Returns per row the token already decided (a greedy row whose argmax the mask
-    allows, else None) and the masked logits of the undecided rows, in order (masked-out tokens are -inf)."""
+    """The masked rows of one step. `argmax` is the head's exact argmax per row; `logits(rows, allowed)` exact
+    logits of those rows (index into `states`), where `allowed[k]` lists the few tokens row k's grammar allows
+    (at most `FEW_TOKENS`; None: many), whose logits are the only ones that row needs. Returns per row the token
+    already decided (a greedy row whose argmax the mask allows, else None) and the masked logits of the undecided
+    rows, in order (masked-out tokens are -inf)."""
     vocab = states[0].vocab_size
     bitmask = xg.allocate_token_bitmask(len(states), vocab)  # all tokens allowed until filled
     for i, st in enumerate(states):
@@ -83,7 +98,11 @@ def constrain(
     rows = [i for i, d in enumerate(decided) if d is None]
     if not rows:
         return decided, None
-    masked = logits(rows).float().contiguous()
+    allowed = []
+    for i in rows:
+        ids = allowed_ids(bitmask[i], vocab)
+        allowed.append(ids if len(ids) <= FEW_TOKENS else None)
+    masked = logits(rows, allowed).float().contiguous()
     if masked.shape[-1] > vocab:  # the head may be padded past the tokenizer's vocabulary
         masked = masked[:, :vocab].contiguous()
     xg.apply_token_bitmask_inplace(masked, bitmask[rows].contiguous())

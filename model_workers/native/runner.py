@@ -149,8 +149,8 @@ class ModelRunner:
         accel.pack_projections(model.layers)
         self.head = accel.make_head(model.embed_tokens.weight, model.cfg.final_logit_softcapping)
         exact = ExactHead(model.embed_tokens.weight, model.cfg.final_logit_softcapping)
-        self.exact_head = lambda hidden: exact(hidden.to(exact.weight.dtype), [True] * hidden.shape[0]).logits
-        self.sampler = Sampler(device=self.device, exact_head=self.exact_head)  # grammar rows' exact logits
+        self.exact_head = exact.rows
+        self.sampler = Sampler(device=self.device, exact=exact)  # grammar rows' exact logits
         self.image_embeds: dict[str, list[torch.Tensor]] = {}  # seq_id -> one tensor per image span
 
     @torch.inference_mode()

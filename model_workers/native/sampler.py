@@ -5,7 +5,8 @@ native/grammar.py) and the raw logprobs rows asked for.
 Greedy rows (the common case for evaluation and our parity tests) take the head's exact argmax, so only sampled,
 processed and logprob rows need full logits (`needs_logits`); processed and logprob rows need them exact
 (`needs_exact`, `with_exact_rows`). Grammar rows: a greedy row whose head argmax the grammar allows keeps it;
-the others take exact logits (`exact_head` on the head's input rows), masked, then argmax or a draw. Sampled rows are drawn one by one with a per-request torch.Generator when
+the others take exact logits (`exact` on the head's input rows; only the allowed tokens' when the grammar allows few),
+masked, then argmax or a draw. Sampled rows are drawn one by one with a per-request torch.Generator when
 the request gave a seed, so a seeded request reproduces whatever else is in the batch. The logits' precision is the
 head's: all exact with the plain head (gemma3/lm_head.ExactHead); with the accel's candidates head, exact for its 32
 best-ranked tokens and within bf16 rounding elsewhere (`engine.native.lm_head`).
@@ -18,7 +19,7 @@ from collections.abc import Callable
 import torch
 
 from cluster.contracts.messages import SamplingParams, TokenLogprobs
-from model_workers.gemma3.lm_head import HeadOutput
+from model_workers.gemma3.lm_head import ExactHead, HeadOutput
 from model_workers.native.grammar import constrain
 from model_workers.native.logits_processing import (
     apply_bias_and_min_tokens,
@@ -41,19 +42,19 @@ def needs_exact(p: SamplingParams) -> bool:
 
 
 class Sampler:
-    def __init__(self, device="cpu", exact_head: Callable[[torch.Tensor], torch.Tensor] | None = None):
-        """`exact_head(hidden_rows)` -> every logit exact [R, V], for grammar rows; without it (the tensor-parallel
-        driver) grammar rows take the head's logits (`needs_logits` asks for them)."""
+    def __init__(self, device="cpu", exact: ExactHead | None = None):
+        """`exact`: the head with every logit exact, for grammar rows (all of a row's logits, or those of the few
+        tokens its grammar allows); without it grammar rows take the head's logits (`needs_logits` asks for them)."""
         self.device = torch.device(device)
         self.generators: dict[str, torch.Generator] = {}
-        self.exact_head = exact_head
+        self.exact = exact
         self._logprobs: dict[str, TokenLogprobs] = {}  # the last sample()'s, until take_logprobs()
 
     def forget(self, seq_id: str) -> None:
         self.generators.pop(seq_id, None)
 
     def needs_logits(self, seqs: list[Sequence]) -> list[bool]:
-        grammar_from_head = self.exact_head is None
+        grammar_from_head = self.exact is None
         return [
             needs_exact(p) or not p.greedy or (grammar_from_head and s.grammar is not None)
             for s, p in zip(seqs, map(_params, seqs), strict=True)
@@ -112,15 +113,20 @@ class Sampler:
             return {}
         greedy_choice = [int(logits[head_row[i]].argmax()) if i in head_row else out[i] for i in gram]
 
-        def exact_rows(rs: list[int]) -> torch.Tensor:
+        def exact_rows(rs: list[int], allowed: list[torch.Tensor | None]) -> torch.Tensor:
             idx = [gram[r] for r in rs]
             if all(i in head_row for i in idx):  # already exact (processed or logprob rows) or the head's own
                 return logits[[head_row[i] for i in idx]]
-            fresh = self.exact_head(hidden[idx]).float()
+            out = torch.empty(len(idx), self.exact.weight.shape[0])
+            full = [k for k, i in enumerate(idx) if i not in head_row and allowed[k] is None]
+            if full:
+                out[full] = self.exact.rows(hidden[[idx[k] for k in full]])
             for k, i in enumerate(idx):
-                if params[i].processes_logits:
-                    fresh[k] = logits[head_row[i]]
-            return fresh
+                if i in head_row:  # its logits are exact already (processed or logprob rows)
+                    out[k] = logits[head_row[i]]
+                elif allowed[k] is not None:  # the few tokens the grammar allows; the rest are masked out anyway
+                    out[k].fill_(float("-inf")).index_copy_(0, allowed[k], self.exact.at(hidden[i], allowed[k]))
+            return out
 
         decided, masked = constrain(
             [seqs[i].grammar for i in gram], greedy_choice, [params[i].greedy for i in gram], exact_rows

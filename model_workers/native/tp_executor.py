@@ -130,8 +130,8 @@ class TensorParallelRunner:
         self.embed_scale = text.hidden_size**0.5
         self.head = accel.make_head(self.embed_weight, text.final_logit_softcapping)
         exact = ExactHead(self.embed_weight, text.final_logit_softcapping)
-        self.exact_head = lambda hidden: exact(hidden.to(exact.weight.dtype), [True] * hidden.shape[0]).logits
-        self.sampler = Sampler(device=self.device, exact_head=self.exact_head)
+        self.exact_head = exact.rows
+        self.sampler = Sampler(device=self.device, exact=exact)
         self.image_embeds: dict[str, list[torch.Tensor]] = {}
         self.broken: str | None = None  # why the ranks can no longer run a step (a rank lost or failed)
         remote = ray.remote(TPWorker)

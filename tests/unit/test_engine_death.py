@@ -179,6 +179,41 @@ def test_native_engine_dies_when_the_health_probe_finds_a_lost_rank(tiny_text_ck
     asyncio.run(run())
 
 
+def test_a_failure_outside_the_forward_pass_kills_the_engine_and_ends_every_stream(tiny_text_ckpt):
+    # A scheduler that fails on its 4th plan (a bug in scheduling, not in the runner): the loop's state is unknown,
+    # so the engine dies as for a lost rank; no stream may be left waiting for a loop that stopped.
+    engine = _engine(tiny_text_ckpt)
+
+    async def run():
+        await engine.start()
+        try:
+            schedule, plans = engine.scheduler.schedule, []
+
+            def failing_schedule():
+                plans.append(1)
+                if len(plans) >= 4:
+                    raise RuntimeError("block table out of sync")
+                return schedule()
+
+            engine.scheduler.schedule = failing_schedule
+            prompts = [tuple([2] + [7] * 5), tuple([2] + [30 + i for i in range(9)])]
+            outs = await asyncio.wait_for(
+                asyncio.gather(*(_consume(engine, f"r{i}", p) for i, p in enumerate(prompts))), timeout=60
+            )
+            for out in outs:
+                assert isinstance(out[-1], EngineDeadError) and "block table out of sync" in str(out[-1])
+                assert len(out) - 1 < GREEDY.max_tokens
+            with pytest.raises(EngineDeadError, match="engine loop failed \\(RuntimeError"):
+                await engine.check_health()
+            with pytest.raises(EngineDeadError):
+                await anext(engine.generate(GenerateRequest("late", (2, 5, 6), GREEDY)))
+            assert len(plans) == 4  # the loop stopped at the failure
+        finally:
+            await engine.shutdown()
+
+    asyncio.run(run())
+
+
 # ---- the deployment, vLLM and the ingress ---------------------------------------------------------------------
 
 

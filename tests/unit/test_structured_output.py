@@ -192,7 +192,7 @@ def test_sampler_masks_grammar_rows_and_advances_them(compilers, real_270m_token
     torch.manual_seed(0)
     weight = torch.randn(262144, 8)
     exact = ExactHead(weight)
-    sampler = Sampler(exact_head=lambda h: exact(h, [True] * h.shape[0]).logits)
+    sampler = Sampler(exact=exact)
     small = {
         "type": "object",
         "properties": {
@@ -234,3 +234,62 @@ def test_deeply_nested_schema_is_a_400_not_a_crash():
     with pytest.raises(oa.ApiError) as e:
         structured_for(_chat(guided_json=schema))
     assert e.value.param == "guided_json" and "deeper" in e.value.message
+
+
+def test_allowed_ids_are_the_bitmask_s_bits():
+    import xgrammar as xg
+
+    from model_workers.native.grammar import _allowed, allowed_ids
+
+    vocab = 1000
+    bitmask = xg.allocate_token_bitmask(1, vocab)
+    bitmask.zero_()
+    chosen = [0, 31, 32, 63, 500, 999]
+    for t in chosen:
+        bitmask[0, t >> 5] |= torch.tensor(1 << (t & 31), dtype=torch.int64).to(torch.int32)
+    assert allowed_ids(bitmask[0], vocab).tolist() == chosen
+    assert all(_allowed(bitmask, 0, t) for t in chosen) and not _allowed(bitmask, 0, 1)
+
+
+def test_few_allowed_tokens_take_the_same_tokens_as_the_full_logits(compilers, monkeypatch):
+    """A row whose grammar allows few tokens gets only those tokens' logits: the same greedy and seeded tokens as
+    with the whole vocabulary's logits, step by step."""
+    from model_workers.gemma3.lm_head import ExactHead, HeadOutput
+    from model_workers.native import grammar
+    from model_workers.native.grammar import GrammarState
+    from model_workers.native.sampler import Sampler
+    from model_workers.native.sequence import Sequence
+
+    so = StructuredOutput("json_schema", json.dumps(SCHEMA))
+    weight = torch.randn(262144, 8, generator=torch.Generator().manual_seed(1))
+    calls = {"at": 0}
+
+    def run(few_tokens: int) -> list[list[int]]:
+        monkeypatch.setattr(grammar, "FEW_TOKENS", few_tokens)
+        exact = ExactHead(weight)
+        at = exact.at
+
+        def counted(h, ids):
+            calls["at"] += few_tokens > 0
+            return at(h, ids)
+
+        exact.at = counted
+        sampler = Sampler(exact=exact)
+        seqs = []
+        for i, temp in enumerate([0.0, 0.7]):
+            seq = Sequence(f"s{i}", [2], 64, page_size=16, sampling=SamplingParams(temperature=temp, seed=7 + i))
+            seq.grammar = GrammarState(compilers.compile(so))
+            seqs.append(seq)
+        gen = torch.Generator().manual_seed(3)
+        outs: list[list[int]] = [[], []]
+        for _ in range(24):
+            hidden = torch.randn(2, 8, generator=gen)
+            full = hidden @ weight.t()
+            need = sampler.needs_logits(seqs)
+            head = HeadOutput(full.argmax(-1), full[[i for i, n in enumerate(need) if n]], 0)
+            for i, t in enumerate(sampler.sample(head, seqs, hidden)):
+                outs[i].append(t)
+        return outs
+
+    assert run(16384) == run(0)
+    assert calls["at"] > 0  # the few-token path ran
