@@ -2,7 +2,9 @@
 `LLMConfig` with the model and nothing else, `build_openai_app`, `serve.run` on a local Ray.
 
 What a CPU machine forces: Ray Serve LLM's default placement group asks for a GPU per engine worker, so the one
-bundle is given as CPUs instead (`placement_group_config`); everything else is its default. `--engine-kwargs` takes
+bundle is given as CPUs instead (`placement_group_config`), and Ray gets 2 logical CPUs more than the cores (its
+default deployments reserve more CPUs than 2 cores have: its OpenAI ingress replica would wait forever to be
+scheduled); everything else is its default. `--engine-kwargs` takes
 a JSON object for the extra rows (e.g. '{"dtype": "float32", "enforce_eager": true}' for the fp32-eager row).
 
     python benchmarks/peers/ray_serve_llm.py --model CKPT_DIR --served-model-name NAME --port P
@@ -26,7 +28,13 @@ def main() -> None:
     ap.add_argument("--served-model-name", required=True)
     ap.add_argument("--port", type=int, required=True, help="the OpenAI API's port (Serve's HTTP proxy)")
     ap.add_argument("--engine-kwargs", default="{}", help="JSON object passed as LLMConfig.engine_kwargs")
-    ap.add_argument("--num-cpus", type=int, default=os.cpu_count() or 2)
+    ap.add_argument(
+        "--num-cpus",
+        type=int,
+        default=(os.cpu_count() or 2) + 2,
+        help="Ray's logical CPUs (default: the cores + 2: the engine's bundle and the OpenAI ingress replica each "
+        "reserve 1, and with only the cores the ingress never gets scheduled on a 2-core machine)",
+    )
     args = ap.parse_args()
 
     import ray
