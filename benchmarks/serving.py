@@ -37,7 +37,17 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 # Re-exported: vllm_overhead.py and batch.py import the load generator from here.
-from openai_load import Load, Run, _bounded, _free_port, _serve_load, make_load, pct, prompts  # noqa: E402, F401
+from openai_load import (  # noqa: E402, F401
+    Load,
+    Run,
+    _bounded,
+    _free_port,
+    _serve_load,
+    make_load,
+    pct,
+    prompts,
+    sized_prompts,
+)
 
 from cluster.config import G3ServeConfig  # noqa: E402
 from cluster.contracts.messages import GenerateRequest, SamplingParams  # noqa: E402
@@ -79,9 +89,15 @@ async def run_in_process(
 
 
 def run_through_serve(
-    config: G3ServeConfig, texts: list[str], max_tokens: int, concurrency: int, tmp: str, warm: list[str] | None = None
-) -> tuple[Run, int]:
-    """The load through `g3serve serve`: (run, step-channel messages the decoder replicas sent during it)."""
+    config: G3ServeConfig,
+    loads: list[list[str]],
+    max_tokens: int,
+    concurrency: int,
+    tmp: str,
+    warm: list[str] | None = None,
+) -> tuple[list[Run], int]:
+    """Each load of `loads` in turn through one `g3serve serve` app: (runs, step-channel messages the decoder
+    replicas sent during the first)."""
     import ray
     from ray import serve
 
@@ -92,13 +108,18 @@ def run_through_serve(
     ray.init(num_cpus=config.ray.num_cpus or 2, include_dashboard=False, _temp_dir=tmp, log_to_driver=False)
     try:
         url = run_app(config)
-        run = Run("g3serve (HTTP + Serve)")
         model = config.model.served_model_name
-        asyncio.run(_serve_load(url, model, warm or texts[:2], max_tokens, concurrency, Run("w")))
+        asyncio.run(_serve_load(url, model, warm or loads[0][:2], max_tokens, concurrency, Run("w")))
         decoder = serve.get_deployment_handle(DECODER, APP_NAME)  # one replica by default: its count is the total
-        sent_before = decoder.channel_messages_sent.remote().result()
-        run.wall = asyncio.run(_serve_load(url, config.model.served_model_name, texts, max_tokens, concurrency, run))
-        return run, decoder.channel_messages_sent.remote().result() - sent_before
+        runs, messages = [], 0
+        for k, texts in enumerate(loads):
+            sent_before = decoder.channel_messages_sent.remote().result()
+            run = Run("g3serve (HTTP + Serve)")
+            run.wall = asyncio.run(_serve_load(url, model, texts, max_tokens, concurrency, run))
+            runs.append(run)
+            if k == 0:
+                messages = decoder.channel_messages_sent.remote().result() - sent_before
+        return runs, messages
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -251,8 +272,13 @@ def _kv_capacity_table(console, checkpoint, config: G3ServeConfig, vllm_fp32, no
 
 
 def run_overhead(load: Load, config: G3ServeConfig) -> None:
-    """g3serve through Ray Serve vs the same engine in-process (issue 4), one after the other."""
+    """g3serve through Ray Serve vs the same engine in-process (issue 4), in A B B A order (in process, served twice
+    on one app, in process again), each load on fresh prompts: the machine's speed drifts between minutes, and a
+    single A-then-B pair measured that drift as often as the serving layers."""
     import tempfile
+
+    from model_workers.gemma3.checkpoints import resolve_checkpoint
+    from model_workers.gemma3.tokenizer import Gemma3Tokenizer
 
     # Both paths build the engine from the same config (G3ServeConfig.native_engine_config), so they run the same
     # torch thread count: the engine sets it itself rather than inherit Ray's OMP_NUM_THREADS.
@@ -260,28 +286,37 @@ def run_overhead(load: Load, config: G3ServeConfig) -> None:
         update={"ingress": config.ingress.model_copy(update={"port": _free_port(), "api_keys": None})}
     )
     n, conc, max_tokens = load.requests, load.concurrency, load.max_tokens
+    tok = Gemma3Tokenizer.from_checkpoint(resolve_checkpoint(config.model.checkpoint))
+    sets = [load.texts] + [sized_prompts(tok, n, load.prompt_tokens, seed=7919 * k) for k in (1, 2, 3)]
     with tempfile.TemporaryDirectory(prefix="g3b-") as tmp:
-        inproc, steps = asyncio.run(run_in_process(config, load.texts, max_tokens, conc, load.warm_texts))
-        served, messages = run_through_serve(config, load.texts, max_tokens, conc, tmp, load.warm_texts)
+        first, steps = asyncio.run(run_in_process(config, sets[0], max_tokens, conc, load.warm_texts))
+        served, messages = run_through_serve(config, sets[1:3], max_tokens, conc, tmp, load.warm_texts)
+        last, _ = asyncio.run(run_in_process(config, sets[3], max_tokens, conc, load.warm_texts))
+    inproc = [first, last]
 
-    table = Table(title=f"{n} streamed completions, concurrency {conc}, {max_tokens} new tokens, greedy")
+    table = Table(title=f"{n} streamed completions, concurrency {conc}, {max_tokens} new tokens, greedy, A B B A")
     for col in ("path", "tok/s", "TTFT p50 s", "TTFT p99 s", "ITL p50 ms", "ITL p99 ms", "tokens"):
         table.add_column(col, justify="right" if col != "path" else "left", no_wrap=True)
-    for r in (inproc, served):
+    for r in (first, *served, last):
         table.add_row(*r.row())
     Console(width=max(Console().width, 150)).print(table)
-    overhead = 1 - served.tok_s / inproc.tok_s if inproc.tok_s else float("nan")
+    inproc_tok_s = statistics.fmean(r.tok_s for r in inproc)
+    serve_tok_s = statistics.fmean(r.tok_s for r in served)
+    overhead = 1 - serve_tok_s / inproc_tok_s if inproc_tok_s else float("nan")
     # In process every stream gets one token per engine step, so the in-process ITL p50 is the decode step; served,
     # a per-token ITL p50 at or under it means the stream is not paced or merged on its way to the client.
-    step_ms = 1000 * pct(inproc.itl, 0.5)
+    step_ms = 1000 * statistics.fmean(pct(r.itl, 0.5) for r in inproc)
     print(
         f"RESULT requests={n} concurrency={conc} max_tokens={max_tokens} "
-        f"inproc_tok_s={inproc.tok_s:.2f} serve_tok_s={served.tok_s:.2f} throughput_overhead={overhead:.3f} "
-        f"served_vs_inproc={served.tok_s / inproc.tok_s if inproc.tok_s else float('nan'):.3f} "
-        f"ttft_p50_inproc_s={pct(inproc.ttft, 0.5):.3f} ttft_p50_serve_s={pct(served.ttft, 0.5):.3f} "
-        f"ttft_p99_serve_s={pct(served.ttft, 0.99):.3f} itl_p50_serve_ms={1000 * pct(served.itl, 0.5):.1f} "
+        f"inproc_tok_s={inproc_tok_s:.2f} inproc_tok_s_min={min(r.tok_s for r in inproc):.2f} "
+        f"inproc_tok_s_max={max(r.tok_s for r in inproc):.2f} serve_tok_s={serve_tok_s:.2f} "
+        f"serve_tok_s_min={min(r.tok_s for r in served):.2f} serve_tok_s_max={max(r.tok_s for r in served):.2f} "
+        f"throughput_overhead={overhead:.3f} "
+        f"served_vs_inproc={serve_tok_s / inproc_tok_s if inproc_tok_s else float('nan'):.3f} "
+        f"ttft_p50_inproc_s={statistics.fmean(pct(r.ttft, 0.5) for r in inproc):.3f} "
+        f"ttft_p50_serve_s={statistics.fmean(pct(r.ttft, 0.5) for r in served):.3f} "
+        f"itl_p50_serve_ms={1000 * statistics.fmean(pct(r.itl, 0.5) for r in served):.1f} "
         f"itl_p50_inproc_ms={step_ms:.1f} "
-        f"itl_mean_inproc_ms={1000 * statistics.fmean(inproc.itl or [float('nan')]):.1f} "
         f"inproc_engine_steps={steps if steps is not None else 'n/a'} serve_channel_messages={messages} "
         f"load_avg={os.getloadavg()[0]:.1f}"
     )
