@@ -23,7 +23,7 @@ from rich.table import Table
 
 from cluster.contracts.messages import GenerateRequest, SamplingParams
 from model_workers.gemma3.decoder import Gemma3Decoder
-from model_workers.gemma3.gguf_convert import default_checkpoint
+from model_workers.gemma3.checkpoints import default_checkpoint
 from model_workers.native.engine import NativeEngine
 from model_workers.settings import NativeEngineConfig
 
