@@ -22,8 +22,8 @@ from rich.console import Console
 from rich.table import Table
 
 from cluster.contracts.messages import GenerateRequest, SamplingParams
-from model_workers.gemma3.decoder import Gemma3Decoder
 from model_workers.gemma3.checkpoints import default_checkpoint
+from model_workers.gemma3.decoder import Gemma3Decoder
 from model_workers.native.engine import NativeEngine
 from model_workers.settings import NativeEngineConfig
 
@@ -41,6 +41,7 @@ async def run(tp: int, n_req: int, new_tokens: int, accel: str) -> dict:
         outs = await asyncio.gather(*[one(eng, f"r{i}", p, new_tokens) for i, p in enumerate(prompts)])
         wall = time.perf_counter() - t0
         res = {"tp": tp, "tok_s": sum(map(len, outs)) / wall, "wall_s": wall, "tokens": outs}
+        res["precision"] = eng.info.precision
         r = eng.runner
         if tp > 1:
             res |= {
@@ -60,13 +61,16 @@ async def one(eng: NativeEngine, rid: str, prompt: list[int], n: int) -> list[in
     return [t async for d in eng.generate(req) for t in d.token_ids]
 
 
-def layer_mib() -> float:
+def layer_mib(precision: str) -> float:
+    """The whole model's layers as one rank would hold them unsharded: the projections (2-D weights) in the engine's
+    precision, norms in fp32 (what Gemma3Decoder.load keeps in both modes)."""
     with torch.device("meta"):
         from model_workers.gemma3.config import Gemma3Config
 
         model = Gemma3Decoder(Gemma3Config.from_checkpoint(default_checkpoint()).text)
+    proj_bytes = torch.finfo(getattr(torch, precision)).bits // 8
     params = list(model.layers.parameters()) + [model.norm.weight]
-    return sum(p.numel() * 4 for p in params) / 2**20
+    return sum(p.numel() * (proj_bytes if p.ndim == 2 else 4) for p in params) / 2**20
 
 
 def main() -> None:
@@ -82,7 +86,7 @@ def main() -> None:
         ray.shutdown()
     one_rank, two = results
     same = one_rank["tokens"] == two["tokens"]
-    full = layer_mib()
+    full = layer_mib(two["precision"])  # the ranks load the precision the engine resolved
     table = Table(title=f"Native engine, {n_req} requests x {new_tokens} new tokens, accel {args.accel}")
     cols = ("TP", "output tok/s", "wait on ranks / step", "all-reduce / step", "driver LM head / step", "MiB per rank")
     for col in cols:
