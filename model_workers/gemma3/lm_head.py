@@ -42,7 +42,7 @@ class ExactHead:
         self.weight, self.softcap = weight.detach(), softcap
 
     def __call__(self, hidden: torch.Tensor, need_logits: list[bool]) -> HeadOutput:
-        logits = softcap(exact_logits(hidden, self.weight), self.softcap).float()
+        logits = self.rows(hidden)
         rows = [i for i, need in enumerate(need_logits) if need]
         return HeadOutput(logits.argmax(dim=-1), logits[rows], 0)
 
@@ -53,4 +53,5 @@ class ExactHead:
     def at(self, hidden: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
         """One row's logits for the given tokens only [K], as `rows` computes them: a grammar that allows a few
         tokens needs a few rows of the weight, not all of it."""
-        return softcap(hidden.to(self.weight.dtype) @ self.weight[token_ids].t(), self.softcap).float()
+        ids = token_ids.to(self.weight.device)
+        return softcap(hidden.to(self.weight.dtype) @ self.weight[ids].t(), self.softcap).float()

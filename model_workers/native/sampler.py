@@ -117,7 +117,7 @@ class Sampler:
             idx = [gram[r] for r in rs]
             if all(i in head_row for i in idx):  # already exact (processed or logprob rows) or the head's own
                 return logits[[head_row[i] for i in idx]]
-            out = torch.empty(len(idx), self.exact.weight.shape[0])
+            out = torch.empty(len(idx), self.exact.weight.shape[0], device=hidden.device)
             full = [k for k, i in enumerate(idx) if i not in head_row and allowed[k] is None]
             if full:
                 out[full] = self.exact.rows(hidden[[idx[k] for k in full]])
@@ -125,7 +125,8 @@ class Sampler:
                 if i in head_row:  # its logits are exact already (processed or logprob rows)
                     out[k] = logits[head_row[i]]
                 elif allowed[k] is not None:  # the few tokens the grammar allows; the rest are masked out anyway
-                    out[k].fill_(float("-inf")).index_copy_(0, allowed[k], self.exact.at(hidden[i], allowed[k]))
+                    ids = allowed[k].to(out.device)
+                    out[k].fill_(float("-inf")).index_copy_(0, ids, self.exact.at(hidden[i], ids))
             return out
 
         decided, masked = constrain(
