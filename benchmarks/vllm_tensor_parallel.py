@@ -6,7 +6,17 @@ process's CPUs, as model_workers/vllm_engine.py sets it). The load: N concurrent
 prompts, M greedy output tokens each (ignore_eos), timed from the first submit to the last token; the first request
 alone beforehand warms the engine up. Also the identical-output check between TP sizes.
 
+Per-step all-reduce time: after the timed load, the same engine serves the same load again (fresh prompts) under
+vLLM's own torch profiler (`profiler_config` with `profiler="torch"`, `AsyncLLM.start_profile()` / `stop_profile()`),
+which writes one Chrome trace per worker rank. The profiler is configured from the start but records nothing until
+`start_profile()`, so the timed window runs unprofiled; the profiled pass is slower (every op is recorded) and only
+its proportions are used. From each rank's trace: the engine steps are vLLM's per-step annotations
+(`execute_context_*_generation_*`, one per `execute_model` with scheduled tokens), the all-reduces are vLLM's CPU
+shared-memory all-reduce op (`_C::shm_allreduce`, or torch.distributed's when vLLM falls back to it) inside a step;
+the time of an all-reduce includes waiting for the other rank to arrive.
+
     python benchmarks/vllm_tensor_parallel.py [--quick] [--concurrency 8] [--prompt-tokens 128] [--max-tokens 64]
+        [--order 2,1] [--no-profile] [--keep-traces]
 
 Prints a table and `RESULT key=value ...`. On a 2-core machine TP=2 is not expected to be faster: each rank gets one
 core and every layer pays two all-reduces across processes; the figure says what that costs.
@@ -16,16 +26,75 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import glob
+import gzip
 import json
 import os
+import shutil
+import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEP_PREFIX = "execute_context_"  # vLLM's per-step profiler annotation (gpu_worker.Worker.annotate_profile)
 
 
-async def _run(tp: int, concurrency: int, prompt_tokens: int, max_tokens: int) -> dict:
+def _is_allreduce(name: str) -> bool:
+    """vLLM's CPU all-reduce ops as the torch profiler names them (shm op, or torch.distributed / gloo fallback)."""
+    n = name.lower()
+    return "shm_allreduce" in n or n in ("c10d::allreduce_", "gloo:all_reduce", "nccl:all_reduce")
+
+
+def _step_counts(name: str) -> tuple[int, int]:
+    """(prefill tokens, decode tokens) of one step from its annotation `execute_context_N(T)_generation_M(G)`."""
+    nums = [int(x) for x in name.replace("(", " ").replace(")", " ").replace("_", " ").split() if x.isdigit()]
+    return (nums[1], nums[3]) if len(nums) >= 4 else (0, 0)
+
+
+def parse_trace(path: str) -> dict:
+    """One worker's Chrome trace: engine steps, all-reduce time inside them, ops seen that mention reduce."""
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rt") as f:
+        events = [e for e in json.load(f)["traceEvents"] if e.get("ph") == "X"]
+    steps = sorted(
+        (e for e in events if e["name"].startswith(STEP_PREFIX) and sum(_step_counts(e["name"])) > 0),
+        key=lambda e: e["ts"],
+    )
+    ar = sorted((e for e in events if _is_allreduce(e["name"])), key=lambda e: e["ts"])
+    gather_us = sum(e["dur"] for e in events if "all_gather" in e["name"].lower() and e.get("cat") != "user_annotation")
+    names = sorted({e["name"] for e in events if "reduce" in e["name"].lower() or "gather" in e["name"].lower()})
+    per_step, i = [], 0
+    for s in steps:  # all-reduces that start inside the step (same process; steps do not overlap)
+        end, total, n = s["ts"] + s["dur"], 0.0, 0
+        while i < len(ar) and ar[i]["ts"] < s["ts"]:
+            i += 1
+        j = i
+        while j < len(ar) and ar[j]["ts"] < end:
+            total, n, j = total + ar[j]["dur"], n + 1, j + 1
+        per_step.append((s["dur"], total, n, _step_counts(s["name"])[0]))
+    decode = [p for p in per_step if p[3] == 0]  # steps without a prefill chunk
+    starts = [s["ts"] for s in steps]
+    gaps = [b - a for a, b in zip(starts, starts[1:], strict=False)]
+    return {
+        "file": os.path.basename(path),
+        "steps": len(steps),
+        "allreduce_ops_per_step": round(sum(p[2] for p in per_step) / max(len(steps), 1), 1),
+        "allreduce_ms_per_step": round(sum(p[1] for p in per_step) / max(len(steps), 1) / 1000, 2),
+        "step_ms": round(statistics.fmean(p[0] for p in per_step) / 1000, 2) if per_step else 0.0,
+        "step_period_ms": round(statistics.fmean(gaps) / 1000, 2) if gaps else 0.0,
+        "allreduce_frac": round(sum(p[1] for p in per_step) / max(sum(p[0] for p in per_step), 1), 3),
+        "decode_steps": len(decode),
+        "decode_allreduce_ms": round(statistics.fmean(p[1] for p in decode) / 1000, 2) if decode else 0.0,
+        "decode_step_ms": round(statistics.fmean(p[0] for p in decode) / 1000, 2) if decode else 0.0,
+        "allreduce_outside_steps": len(ar) - sum(p[2] for p in per_step),
+        "allgather_ms_per_step": round(gather_us / max(len(steps), 1) / 1000, 2),
+        "comm_op_names": names,
+    }
+
+
+async def _run(tp: int, concurrency: int, prompt_tokens: int, max_tokens: int, profile_dir: str) -> dict:
     from cluster.contracts.messages import GenerateRequest, SamplingParams
     from model_workers.gemma3.checkpoints import default_checkpoint
     from model_workers.gemma3.tokenizer import Gemma3Tokenizer
@@ -37,7 +106,25 @@ async def _run(tp: int, concurrency: int, prompt_tokens: int, max_tokens: int) -
     config = VllmEngineConfig(
         tensor_parallel_size=tp, enforce_eager=True, cpu_kv_cache_space_gib=1, enable_kv_cache_events=False
     )
-    engine = VllmEngine(config, ModelSettings(max_model_len=2048), ckpt, f"bench-tp{tp}")
+    engine_cls = VllmEngine
+    if profile_dir:
+        from vllm.config import ProfilerConfig
+
+        class ProfiledVllmEngine(VllmEngine):
+            """The replica's engine with vLLM's torch profiler configured (idle until `start_profile()`)."""
+
+            def engine_args(self, kv_events_endpoint, on_cpu=None):
+                args = super().engine_args(kv_events_endpoint, on_cpu)
+                args.profiler_config = ProfilerConfig(
+                    profiler="torch",
+                    torch_profiler_dir=profile_dir,
+                    torch_profiler_with_stack=False,  # stacks multiply the profiler's own cost
+                    ignore_frontend=True,  # worker traces only
+                )
+                return args
+
+        engine_cls = ProfiledVllmEngine
+    engine = engine_cls(config, ModelSettings(max_model_len=2048), ckpt, f"bench-tp{tp}")
     t0 = time.perf_counter()
     await engine.start()
     start_s = time.perf_counter() - t0
@@ -58,9 +145,23 @@ async def _run(tp: int, concurrency: int, prompt_tokens: int, max_tokens: int) -
     results = await asyncio.gather(*(one(i) for i in range(concurrency)))
     wall = time.perf_counter() - t0
     load = os.getloadavg()[0]  # the machine is shared: the load during the timed window says how noisy it was
+    profiled: dict = {}
+    if profile_dir:  # the same load again on fresh prompts (no prefix hits), recorded by vLLM's profiler
+        llm = engine._llm
+        await llm.start_profile()
+        t1 = time.perf_counter()
+        prof = await asyncio.gather(*(one(20_000 + i) for i in range(concurrency)))
+        prof_wall = time.perf_counter() - t1
+        await llm.stop_profile()  # the workers write their traces before this returns
+        traces = sorted(glob.glob(os.path.join(profile_dir, "*.pt.trace.json*")))
+        profiled = {
+            "tok_s": round(sum(n for _, n in prof) / prof_wall, 2),
+            "ranks": [parse_trace(t) for t in traces],
+        }
     await engine.shutdown()
     tokens = sum(n for _, n in results)
     return {
+        "profiled": profiled,
         "tp": tp,
         "start_s": round(start_s, 1),
         "wall_s": round(wall, 2),
@@ -73,7 +174,7 @@ async def _run(tp: int, concurrency: int, prompt_tokens: int, max_tokens: int) -
 
 
 def _child(args: argparse.Namespace) -> None:
-    out = asyncio.run(_run(args.tp, args.concurrency, args.prompt_tokens, args.max_tokens))
+    out = asyncio.run(_run(args.tp, args.concurrency, args.prompt_tokens, args.max_tokens, args.profile_dir))
     print("CHILD " + json.dumps(out), flush=True)
 
 
@@ -84,7 +185,10 @@ def main() -> None:
     ap.add_argument("--prompt-tokens", type=int, default=128)
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--order", type=lambda v: [int(x) for x in v.split(",")], default=[1, 2], help="e.g. 2,1")
+    ap.add_argument("--no-profile", action="store_true", help="skip the profiled pass (no all-reduce figures)")
+    ap.add_argument("--keep-traces", action="store_true", help="keep the workers' trace files (path printed)")
     ap.add_argument("--tp", type=int, default=0, help=argparse.SUPPRESS)  # child mode
+    ap.add_argument("--profile-dir", default="", help=argparse.SUPPRESS)  # child mode
     args = ap.parse_args()
     if args.quick:
         args.concurrency, args.max_tokens = 4, 32
@@ -92,9 +196,12 @@ def main() -> None:
         _child(args)
         return
     runs = {}
+    tmp = tempfile.mkdtemp(prefix="vllm-tp-profile-")
     for tp in args.order:
         cmd = [sys.executable, __file__, "--tp", str(tp), "--concurrency", str(args.concurrency)]
         cmd += ["--prompt-tokens", str(args.prompt_tokens), "--max-tokens", str(args.max_tokens)]
+        if not args.no_profile:
+            cmd += ["--profile-dir", os.path.join(tmp, f"tp{tp}")]
         env = {**os.environ, "PYTHONPATH": REPO}
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
         line = next((s for s in proc.stdout.splitlines() if s.startswith("CHILD ")), None)
@@ -112,9 +219,50 @@ def main() -> None:
             f"| {tp} | {executor} | {r['bind'] or '-'} | {r['start_s']} | {r['wall_s']} | {r['tok_s']} | {r['load1']} |"
         )
     ratio = runs[2]["tok_s"] / runs[1]["tok_s"]
+    extra = ""
+    if not args.no_profile:
+        print("\nProfiled pass (vLLM torch profiler, same load on fresh prompts; times are under the profiler):")
+        print(
+            "| TP | rank trace | profiled tok/s | steps | step ms | step period ms | all-reduce ms/step "
+            "| all-reduces/step | all-reduce share of step | decode steps | decode step ms | decode all-reduce ms "
+            "| all-gather ms/step |"
+        )
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+        for tp, r in runs.items():
+            for k in r["profiled"]["ranks"]:
+                print(
+                    f"| {tp} | {k['file'].split('.')[0]} | {r['profiled']['tok_s']} | {k['steps']} | {k['step_ms']} "
+                    f"| {k['step_period_ms']} | {k['allreduce_ms_per_step']} | {k['allreduce_ops_per_step']} "
+                    f"| {k['allreduce_frac']:.1%} | {k['decode_steps']} | {k['decode_step_ms']} "
+                    f"| {k['decode_allreduce_ms']} | {k['allgather_ms_per_step']} |"
+                )
+        names = sorted({n for k in runs[2]["profiled"]["ranks"] for n in k["comm_op_names"]})
+        print(f"communication ops in the TP=2 traces: {', '.join(names) or 'none'}")
+        ranks2 = runs[2]["profiled"]["ranks"]
+        if not ranks2:
+            raise SystemExit(f"no TP=2 worker trace written under {tmp}")
+
+        def mean(key: str, rs: list[dict]) -> float:
+            return statistics.fmean(k[key] for k in rs)
+
+        extra = (
+            f" tp2_allreduce_ms_per_step={mean('allreduce_ms_per_step', ranks2):.2f}"
+            f" tp2_allreduce_ms_per_step_by_rank={'/'.join(str(k['allreduce_ms_per_step']) for k in ranks2)}"
+            f" tp2_allreduce_frac={mean('allreduce_frac', ranks2):.3f}"
+            f" tp2_allreduces_per_step={mean('allreduce_ops_per_step', ranks2):.0f}"
+            f" tp2_decode_allreduce_ms={mean('decode_allreduce_ms', ranks2):.2f}"
+            f" tp2_allgather_ms_per_step={mean('allgather_ms_per_step', ranks2):.2f}"
+            f" tp2_step_ms_profiled={mean('step_ms', ranks2):.2f}"
+            f" tp1_step_ms_profiled={mean('step_ms', runs[1]['profiled']['ranks']):.2f}"
+            f" tp2_profiled_tok_s={runs[2]['profiled']['tok_s']}"
+        )
+        if args.keep_traces:
+            print(f"traces kept under {tmp}")
+    if not args.keep_traces:
+        shutil.rmtree(tmp, ignore_errors=True)
     print(
         f"RESULT tp1_tok_s={runs[1]['tok_s']} tp2_tok_s={runs[2]['tok_s']} tp2_over_tp1={ratio:.2f} "
-        f"same_tokens={same} concurrency={args.concurrency} max_tokens={args.max_tokens}"
+        f"same_tokens={same}{extra} concurrency={args.concurrency} max_tokens={args.max_tokens}"
     )
 
 
