@@ -14,6 +14,7 @@ best-ranked tokens and within bf16 rounding elsewhere (`engine.native.lm_head`).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 import torch
@@ -49,6 +50,7 @@ class Sampler:
         self.generators: dict[str, torch.Generator] = {}
         self.exact = exact
         self._logprobs: dict[str, TokenLogprobs] = {}  # the last sample()'s, until take_logprobs()
+        self.grammar_seconds = 0.0  # time spent on grammar rows (masks, exact logits), for benchmarks and profiles
 
     def forget(self, seq_id: str) -> None:
         self.generators.pop(seq_id, None)
@@ -111,6 +113,13 @@ class Sampler:
         gram = [i for i, s in enumerate(seqs) if s.grammar is not None]
         if not gram:
             return {}
+        started = time.perf_counter()
+        try:
+            return self._masked(seqs, params, out, head_row, logits, hidden, gram)
+        finally:
+            self.grammar_seconds += time.perf_counter() - started
+
+    def _masked(self, seqs, params, out, head_row, logits, hidden, gram) -> dict[int, torch.Tensor]:
         greedy_choice = [int(logits[head_row[i]].argmax()) if i in head_row else out[i] for i in gram]
 
         def exact_rows(rs: list[int], allowed: list[torch.Tensor | None]) -> torch.Tensor:
