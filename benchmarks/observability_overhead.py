@@ -22,6 +22,11 @@ stage histogram) are part of both sides: they have no switch.
 
     python benchmarks/observability_overhead.py           # 4 pairs of rounds of 32 streamed completions x 128 tokens
     python benchmarks/observability_overhead.py --quick   # 2 pairs of rounds of 8 x 16 tokens
+    python benchmarks/observability_overhead.py --control # the same rounds with both apps off (A/A)
+
+`--control` deploys both apps with observability off and runs the same rounds: the "overhead" it prints is what two
+identical apps differ by on this machine (deployment order, placement), the floor under which the real figure
+cannot be read.
 """
 
 from __future__ import annotations
@@ -140,6 +145,11 @@ def main() -> None:
     ap.add_argument("--prompt-tokens", type=int, default=256)
     ap.add_argument("--max-tokens", type=int, default=None, help="default 128; --quick 16")
     ap.add_argument("--rounds", type=int, default=None, help="pairs of rounds, A B B A order (default 4; --quick 2)")
+    ap.add_argument(
+        "--control",
+        action="store_true",
+        help="A/A control: both apps with observability off, to read how far two identical apps differ here",
+    )
     ap.add_argument("--otlp-sink", action="store_true", help=argparse.SUPPRESS)  # the receiver subprocess
     args = ap.parse_args()
     if args.otlp_sink:
@@ -159,7 +169,7 @@ def main() -> None:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.pop("G3SERVE_API_KEYS", None)
     sink, port = OtlpSink(), _free_port()
-    configs = {ON: app_config(port, True, sink.url), OFF: app_config(port, False, sink.url)}
+    configs = {ON: app_config(port, not args.control, sink.url), OFF: app_config(port, False, sink.url)}
     urls = {side: f"http://127.0.0.1:{port}/{side}" for side in (ON, OFF)}
     ckpt = resolve_checkpoint(configs[ON].model.checkpoint)
     model = configs[ON].model.served_model_name
@@ -247,7 +257,7 @@ def main() -> None:
         f"tok_s_on_rounds={listed(tok_s[ON])} tok_s_off_rounds={listed(tok_s[OFF])} "
         f"pair_overhead_pct={listed(pair_pct)} pair_overhead_pct_median={statistics.median(pair_pct):.1f} "
         f"otlp_exports={sink_stats['requests']} otlp_bytes={sink_stats['bytes']} "
-        f"otlp_sink_cpu_s={sink_stats['cpu_s']:.2f} requests={n} max_tokens={max_tokens} rounds={pairs} "
+        f"otlp_sink_cpu_s={sink_stats['cpu_s']:.2f} requests={n} max_tokens={max_tokens} rounds={pairs} control={int(args.control)} "
         f"load_avg_start={load_start:.1f} load_avg_end={load_end:.1f}"
     )
 
