@@ -15,6 +15,13 @@ its proportions are used. From each rank's trace: the engine steps are vLLM's pe
 shared-memory all-reduce op (`_C::shm_allreduce`, or torch.distributed's when vLLM falls back to it) inside a step;
 the time of an all-reduce includes waiting for the other rank to arrive.
 
+Weight memory per rank: once the engine has started, each worker sums `numel * element_size` over its model's
+weights (`worker.model_runner.get_model()`'s parameters; vLLM CPU's linear layers by the shard shape they were loaded
+as, since it repacks them into oneDNN handles: `rank_weight_bytes`), sent to every worker with vLLM's own
+`AsyncLLM.collective_rpc` (one answer per rank), split into the vocab-parallel embedding / tied LM head and the rest.
+vLLM sends a callable to its workers only with `VLLM_ALLOW_INSECURE_SERIALIZATION=1` (pickled functions): this script
+sets it in its child processes' environment only, never in the caller's.
+
     python benchmarks/vllm_tensor_parallel.py [--quick] [--concurrency 8] [--prompt-tokens 128] [--max-tokens 64]
         [--order 2,1] [--no-profile] [--keep-traces]
 
@@ -94,6 +101,30 @@ def parse_trace(path: str) -> dict:
     }
 
 
+def rank_weight_bytes(worker) -> dict:
+    """Run inside each vLLM worker (collective_rpc): this rank's weight bytes, the vocab-parallel embedding / tied LM
+    head (`embed_tokens`, `lm_head`; a tied head is one parameter, counted once) apart from the layers.
+
+    vLLM CPU repacks every linear layer's weight into a oneDNN handle after loading and replaces the Parameter with
+    an empty one (model_executor/layers/utils.py, dispatch_cpu_unquantized_gemm with remove_weight=True), so a
+    linear layer's weight is counted from the shard it was allocated and loaded as, [sum(output_partition_sizes),
+    input_size_per_partition] in its dtype (linear.py's create_weights); every other parameter by its bytes."""
+    out = {"rank": int(getattr(worker, "rank", 0)), "embed": 0, "other": 0, "repacked_linears": 0}
+    seen: set[int] = set()  # a tied LM head shares the embedding's Parameter: once
+    for name, module in worker.model_runner.get_model().named_modules():
+        key = "embed" if ("embed_tokens" in name or "lm_head" in name) else "other"
+        for p in module.parameters(recurse=False):
+            if id(p) not in seen:
+                seen.add(id(p))
+                out[key] += p.numel() * p.element_size()
+        w = getattr(module, "weight", None)
+        if w is not None and w.numel() == 0 and hasattr(module, "output_partition_sizes"):
+            rows, cols = sum(module.output_partition_sizes), module.input_size_per_partition
+            out[key] += rows * cols * w.element_size()
+            out["repacked_linears"] += 1
+    return out
+
+
 async def _run(tp: int, concurrency: int, prompt_tokens: int, max_tokens: int, profile_dir: str) -> dict:
     from cluster.contracts.messages import GenerateRequest, SamplingParams
     from model_workers.gemma3.checkpoints import default_checkpoint
@@ -128,6 +159,7 @@ async def _run(tp: int, concurrency: int, prompt_tokens: int, max_tokens: int, p
     t0 = time.perf_counter()
     await engine.start()
     start_s = time.perf_counter() - t0
+    weights = sorted(await engine._llm.collective_rpc(rank_weight_bytes), key=lambda w: w["rank"])
 
     def prompt(i: int) -> tuple[int, ...]:
         words = " ".join(f"item{i}-{j}" for j in range(prompt_tokens))
@@ -162,6 +194,7 @@ async def _run(tp: int, concurrency: int, prompt_tokens: int, max_tokens: int, p
     tokens = sum(n for _, n in results)
     return {
         "profiled": profiled,
+        "weights": weights,
         "tp": tp,
         "start_s": round(start_s, 1),
         "wall_s": round(wall, 2),
@@ -202,7 +235,8 @@ def main() -> None:
         cmd += ["--prompt-tokens", str(args.prompt_tokens), "--max-tokens", str(args.max_tokens)]
         if not args.no_profile:
             cmd += ["--profile-dir", os.path.join(tmp, f"tp{tp}")]
-        env = {**os.environ, "PYTHONPATH": REPO}
+        # the child only: vLLM pickles the weight-reading callable to its workers (rank_weight_bytes)
+        env = {**os.environ, "PYTHONPATH": REPO, "VLLM_ALLOW_INSECURE_SERIALIZATION": "1"}
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
         line = next((s for s in proc.stdout.splitlines() if s.startswith("CHILD ")), None)
         if line is None:
@@ -219,6 +253,27 @@ def main() -> None:
             f"| {tp} | {executor} | {r['bind'] or '-'} | {r['start_s']} | {r['wall_s']} | {r['tok_s']} | {r['load1']} |"
         )
     ratio = runs[2]["tok_s"] / runs[1]["tok_s"]
+    mib = 2**20
+    print("\nWeights per rank (parameter bytes read inside each vLLM worker):")
+    print("| TP | rank | total MiB | embedding / tied LM head MiB | layers + norms MiB | fraction of TP=1 | repacked |")
+    print("|---|---|---|---|---|---|---|")
+    whole = runs[1]["weights"][0]
+    whole_b = whole["embed"] + whole["other"]
+    for tp, r in runs.items():
+        for w in r["weights"]:
+            b = w["embed"] + w["other"]
+            print(
+                f"| {tp} | {w['rank']} | {b / mib:.1f} | {w['embed'] / mib:.1f} | {w['other'] / mib:.1f} "
+                f"| {b / whole_b:.3f} | {w['repacked_linears']} |"
+            )
+    rank2 = max(runs[2]["weights"], key=lambda w: w["embed"] + w["other"])  # the larger rank
+    rank2_b = rank2["embed"] + rank2["other"]
+    mem = (
+        f" tp1_weight_mib={whole_b / mib:.1f} tp2_rank_weight_mib={rank2_b / mib:.1f}"
+        f" tp2_rank_fraction={rank2_b / whole_b:.3f} tp1_embed_mib={whole['embed'] / mib:.1f}"
+        f" tp2_rank_embed_mib={rank2['embed'] / mib:.1f} tp1_layers_mib={whole['other'] / mib:.1f}"
+        f" tp2_rank_layers_mib={rank2['other'] / mib:.1f}"
+    )
     extra = ""
     if not args.no_profile:
         print("\nProfiled pass (vLLM torch profiler, same load on fresh prompts; times are under the profiler):")
@@ -262,7 +317,7 @@ def main() -> None:
         shutil.rmtree(tmp, ignore_errors=True)
     print(
         f"RESULT tp1_tok_s={runs[1]['tok_s']} tp2_tok_s={runs[2]['tok_s']} tp2_over_tp1={ratio:.2f} "
-        f"same_tokens={same}{extra} concurrency={args.concurrency} max_tokens={args.max_tokens}"
+        f"same_tokens={same}{mem}{extra} concurrency={args.concurrency} max_tokens={args.max_tokens}"
     )
 
 

@@ -9,7 +9,8 @@ come back and the LM head + sampler run here.
 The LM head stays on the driver, not vocab-parallel: the driver needs the tied embedding anyway (it embeds the
 tokens, so ranks hold no 168M-parameter embedding on the 270M), the accel package's exact-greedy ranking head
 (candidates_head.py) runs on it unchanged, and a vocab-parallel head would add a gather of each rank's candidates and
-logits per step on top of the two all-reduces per layer.
+logits per step on top of the two all-reduces per layer. benchmarks/tp_lm_head.py measures both placements on the
+real 270M's head (docs/benchmarks.md, "Tensor parallel: native engine").
 
 A lost rank (its node gone, its process killed) or a rank that fails mid-step leaves the others waiting in an
 all-reduce that never completes: the process group cannot be trusted again. So any rank failure is the engine's death
