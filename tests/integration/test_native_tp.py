@@ -255,7 +255,26 @@ async def test_a_hung_rank_kills_the_engine_after_the_collective_timeout(tiny_te
             await eng.check_health()
         with pytest.raises(EngineDeadError):  # new requests are refused
             await anext(eng.generate(GenerateRequest("late", (2, 5, 6), SamplingParams(max_tokens=2, **GREEDY))))
+        await eng.shutdown()  # ends the ranks: Ray's kill ends the stopped one too
+        assert await _process_gone(pid, 60)
     finally:
-        if stopped:
-            os.kill(pid, signal.SIGCONT)  # let Ray's kill (engine shutdown) end it
-        await eng.shutdown()
+        if not eng._closed:
+            await eng.shutdown()
+        if stopped and not await _process_gone(pid, 0):
+            os.kill(pid, signal.SIGKILL)
+
+
+async def _process_gone(pid: int, timeout_s: float) -> bool:
+    """Whether process `pid` has exited (or is a zombie) within `timeout_s`."""
+    from pathlib import Path
+
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while True:
+        try:
+            if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                return True
+        except OSError:
+            return True
+        if asyncio.get_running_loop().time() >= deadline:
+            return False
+        await asyncio.sleep(0.1)
