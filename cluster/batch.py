@@ -12,6 +12,9 @@ one is awaited: a crash or kill loses only the rows in flight, and the next run'
 exactly what was written. Each stage is an actor pool whose size, batch size and resources come from `batch:` in
 the config; Ray Data restarts a dead actor and retries its batch on the new one (its defaults for actor pools:
 max_restarts=-1, max_task_retries=-1), and every failure that is a row's own (bad image, prompt over the context, engine error) becomes that row's error instead of failing the job.
+A decoder actor whose engine dies (EngineDeadError: a tensor-parallel rank lost or hung) stays up: it starts a new
+engine and runs the lost rows again on it (batch_stages.Decode), so one engine's death costs neither the job nor the
+rows after it.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import logging
 import math
 import os
 import time
+import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -70,8 +74,11 @@ def init_ray(config: G3ServeConfig, address: str | None = None) -> bool:
     return True
 
 
-def build_dataset(config: G3ServeConfig, rows: list[InputRow], checkpoint: Path, input_dir: Path):
-    """The Ray Data pipeline over `rows` (runnable rows only), lazily: nothing runs until it is iterated."""
+def build_dataset(
+    config: G3ServeConfig, rows: list[InputRow], checkpoint: Path, input_dir: Path, group_prefix: str = "g3serve-batch"
+):
+    """The Ray Data pipeline over `rows` (runnable rows only), lazily: nothing runs until it is iterated. With more
+    than one rank, each decoder actor's placement group is named `group_prefix`-<actor id> (remove_rank_groups)."""
     import ray
 
     from cluster.app import has_vision_tower
@@ -108,13 +115,35 @@ def build_dataset(config: G3ServeConfig, rows: list[InputRow], checkpoint: Path,
     ranks = rank_bundles(config.decoder, config.engine)
     return ds.map_batches(
         Decode,
-        fn_constructor_args=(config.native_engine_config(checkpoint), ranks, config.decoder.placement_strategy),
+        fn_constructor_args=(
+            config.native_engine_config(checkpoint),
+            ranks,
+            config.decoder.placement_strategy,
+            group_prefix,
+        ),
         batch_size=b.decoder_batch_size,
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=b.decoder_concurrency),
         num_cpus=b.decoder_num_cpus,
         num_gpus=0 if ranks else b.decoder_num_gpus,
     )
+
+
+def remove_rank_groups(prefix: str) -> int:
+    """Remove the decoder actors' rank placement groups named `prefix`-...: a group made by an actor outlives the
+    actor (until the driver exits), so a driver that runs several jobs would otherwise keep every job's reserved."""
+    import ray
+    from ray.util.placement_group import get_placement_group, remove_placement_group
+
+    removed = 0
+    for info in ray.util.placement_group_table().values():
+        if info.get("name", "").startswith(prefix + "-") and info.get("state") != "REMOVED":
+            try:
+                remove_placement_group(get_placement_group(info["name"]))
+                removed += 1
+            except ValueError:  # removed meanwhile
+                pass
+    return removed
 
 
 def _progress(console: Console, enabled: bool) -> Progress:
@@ -170,8 +199,9 @@ def run_batch(
         ctx.print_on_execution_start = False
         ctx.issue_detectors_config.detectors = []  # its memory hints are about Ray Data's defaults, not ours
         logging.getLogger("ray.data").setLevel(logging.WARNING)
+        group_prefix = f"g3serve-batch-{uuid.uuid4().hex[:12]}"
         try:
-            ds = build_dataset(config, runnable, checkpoint, Path(input_path).resolve().parent)
+            ds = build_dataset(config, runnable, checkpoint, Path(input_path).resolve().parent, group_prefix)
             with _progress(console, progress) as bar:
                 task = bar.add_task("rows", total=len(runnable), tok_s=0.0, errors=stats["errors"])
                 t0 = time.perf_counter()
@@ -188,6 +218,7 @@ def run_batch(
                     tok_s = stats["completion"] / max(time.perf_counter() - t0, 1e-9)
                     bar.update(task, advance=len(out), tok_s=tok_s, errors=stats["errors"])
         finally:
+            remove_rank_groups(group_prefix)
             if started_ray:
                 ray.shutdown()
 

@@ -3,7 +3,8 @@
 Rows travel between stages as `PreparedRow` (a frozen dataclass, pickled into one binary column: Arrow cannot hold
 the tensors and nested tuples directly). Every stage catches failures per row and turns them into that row's
 error, so one bad row (invalid image, over-long prompt, bad parameter) never fails its block, and an engine
-failure fails only the rows it was running. Error messages are exactly the HTTP API's (router/ingress_errors.py).
+failure fails only the rows it was running. An engine that dies (a lost or hung tensor-parallel rank) is replaced in
+its actor and its rows run again (Decode). Error messages are exactly the HTTP API's (router/ingress_errors.py).
 
 The vision and decoder stages drive async code (VisionService, the engine) from Ray Data's synchronous calls: each
 actor runs its own event loop in a background thread, so the engine's step loop lives between calls and the rows
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import pickle
 import threading
@@ -24,6 +26,7 @@ import pyarrow as pa
 
 from cluster.batch_io import OUTPUT_SCHEMA, output_row
 from cluster.config import BatchSettings
+from cluster.contracts.engine_errors import EngineDeadError
 from cluster.contracts.messages import FinishReason, GenerateRequest
 from model_workers.gemma3.config import Gemma3Config
 from model_workers.gemma3.tokenizer import Gemma3Tokenizer
@@ -37,6 +40,7 @@ from vision_service.preprocess import PreprocessConfig
 from vision_service.request import VisionImage, VisionRequest
 from vision_service.settings import VisionSettings
 
+log = logging.getLogger(__name__)
 PREPARED_SCHEMA = pa.schema([("id", pa.string()), ("index", pa.int64()), ("prepared", pa.binary())])
 
 
@@ -205,24 +209,59 @@ class VisionEncode:
 RANK_GROUP_TIMEOUT_S = 600
 
 
+# How many times one call replaces a dead engine to retry the rows it lost. Rows under which the new engine dies too
+# get an error row: a row that kills every engine must not loop forever (the next call starts yet another engine).
+ENGINE_REPLACEMENTS_PER_CALL = 1
+
+
 class Decode:
-    """One engine per actor; all rows of a call generate concurrently, each ending as an output row."""
+    """One engine per actor; all rows of a call generate concurrently, each ending as an output row.
+
+    An engine that dies (EngineDeadError: a tensor-parallel rank lost or hung, tp_executor.py) is replaced inside the
+    actor: the dead one is shut down (its rank actors killed), a new one starts in the same rank placement group, and
+    the rows the dead one was running are generated again (ENGINE_REPLACEMENTS_PER_CALL). Exiting the actor for Ray
+    Data to restart instead would retry the whole call without bound, the tokenizer and model reloaded each time.
+    Ray Data calls a synchronous UDF actor one batch at a time (max_concurrency 1), so replacing needs no lock."""
 
     def __init__(
-        self, engine: NativeEngineConfig, rank_bundles: list[dict[str, float]] | None = None, strategy: str = "PACK"
+        self,
+        engine: NativeEngineConfig,
+        rank_bundles: list[dict[str, float]] | None = None,
+        strategy: str = "PACK",
+        group_prefix: str = "g3serve-batch",
     ):
         """`engine` with the model fields filled in (G3ServeConfig.native_engine_config); `rank_bundles`: with more
-        than one rank, one bundle per rank (cluster/placement.py rank_bundles), placed with `strategy`."""
+        than one rank, one bundle per rank (cluster/placement.py rank_bundles), placed with `strategy`, in a
+        placement group named `group_prefix` + this actor's id (the job removes its groups at its end)."""
+        self._loop = _LoopThread()
+        self.engine_config = engine
+        self.rank_group = _rank_group(rank_bundles, strategy, group_prefix) if rank_bundles else None
+        self.engines_started = 0
+        self.engine = self._start_engine()
+
+    def _start_engine(self):
         from model_workers.native.engine import NativeEngine
 
-        self._loop = _LoopThread()
-        group = _rank_group(rank_bundles, strategy) if rank_bundles else None
-        self.engine = NativeEngine(engine, replica_id=f"batch-{os.getpid()}", rank_group=group)
-        self._loop.run(self.engine.start())
+        engine = NativeEngine(self.engine_config, replica_id=f"batch-{os.getpid()}", rank_group=self.rank_group)
+        self._loop.run(engine.start())
+        self.engines_started += 1
+        return engine
+
+    def _replace_engine(self, why: EngineDeadError, rows: int) -> None:
+        log.warning("decoder engine dead (%s): starting a new one for the %d rows it was running", why, rows)
+        self._loop.run(self.engine.shutdown())  # ends its rank actors; their bundles are free for the new ones
+        self.engine = self._start_engine()
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = from_table(batch)
         results = self._loop.gather([self._one(r) for r in rows])
+        for _ in range(ENGINE_REPLACEMENTS_PER_CALL):
+            lost = [i for i, res in enumerate(results) if isinstance(res, EngineDeadError)]
+            if not lost:
+                break
+            self._replace_engine(results[lost[0]], len(lost))
+            for i, res in zip(lost, self._loop.gather([self._one(rows[i]) for i in lost]), strict=True):
+                results[i] = res
         out = []
         for row, res in zip(rows, results, strict=True):
             out.append(res if isinstance(res, dict) else _error_row(row.failed(res)))
@@ -249,13 +288,19 @@ class Decode:
         )
 
 
-def _rank_group(bundles: list[dict[str, float]], strategy: str):
-    """A placement group for this actor's ranks. Made by the actor, so it is the actor's: Ray removes it when the
-    actor dies, and the actor Ray Data restarts makes a new one."""
+def _rank_group(bundles: list[dict[str, float]], strategy: str, prefix: str):
+    """A placement group for this actor's ranks. A group made by an actor outlives it (Ray removes it with the
+    driver, not with the actor), so it is named after the actor's id, which stays the same when Ray restarts the
+    actor: the restarted actor takes up its group (the ranks in it died with the old process) instead of reserving a
+    second one beside it, and the job removes every group of its prefix at its end (cluster/batch.py)."""
     import ray
-    from ray.util.placement_group import placement_group
+    from ray.util.placement_group import get_placement_group, placement_group
 
-    group = placement_group(bundles, strategy=strategy)
+    name = f"{prefix}-{ray.get_runtime_context().get_actor_id()}"
+    try:
+        group = get_placement_group(name)
+    except ValueError:  # none yet: this actor's first start
+        group = placement_group(bundles, strategy=strategy, name=name)
     try:
         ray.get(group.ready(), timeout=RANK_GROUP_TIMEOUT_S)
     except ray.exceptions.GetTimeoutError:

@@ -69,6 +69,17 @@ class NativeEngineConfig(ConfigSection):
         ge=1,
         description="Ranks of the native engine's tensor-parallel decoder (one worker process per rank, each in its own placement-group bundle).",
     )
+    tp_collective_timeout_s: float = Field(
+        300.0,
+        gt=0,
+        description="With tensor_parallel_size > 1: how long a rank waits in one all-reduce for the others (the "
+        "timeout of torch.distributed's process group, gloo on CPU, NCCL on CUDA). The ranks step together, so a "
+        "healthy wait is a few milliseconds; a rank that hangs (not dies) leaves the others waiting until this "
+        "expires, and then the engine is dead as for a lost rank (its requests end with the error, the health check "
+        "fails, Serve replaces the replica). torch's own defaults (30 min for gloo, 10 min for NCCL) would stall the "
+        "replica that long; 300 s is vLLM's bound on one model step (VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS), far above "
+        "any step's skew between ranks.",
+    )
     dtype: Literal["auto", "float32", "bfloat16"] = Field(
         "auto",
         description="Precision mode (model.dtype overrides): 'float32' fp32-exact; 'bfloat16' bf16 projections and KV "

@@ -13,7 +13,9 @@ logits per step on top of the two all-reduces per layer. benchmarks/tp_lm_head.p
 real 270M's head (docs/benchmarks.md, "Tensor parallel: native engine").
 
 A lost rank (its node gone, its process killed) or a rank that fails mid-step leaves the others waiting in an
-all-reduce that never completes: the process group cannot be trusted again. So any rank failure is the engine's death
+all-reduce that never completes: the process group cannot be trusted again. A rank that hangs (alive, not answering)
+leaves them waiting too, until the group's collective timeout (`tp_collective_timeout_s`, set on every rank by
+tp_worker.py) makes their all-reduce fail. So any rank failure is the engine's death
 (EngineDeadError): the step's wait returns at the first failed rank (`gather_ranks`, not one ray.get over all of them),
 and the replica's health check asks the ranks for a cheap answer between steps (`probe_ranks`; no extra round trip
 per step). The engine then ends its requests and refuses new ones, and Serve replaces the replica, placement group
@@ -57,6 +59,10 @@ RANK_PROBE_TIMEOUT_S = 10.0
 
 
 def _rank_failure(rank: int, exc: BaseException) -> EngineDeadError:
+    import ray
+
+    if isinstance(exc, ray.exceptions.RayTaskError) and exc.cause is not None:  # what the rank raised, not Ray's
+        exc = exc.cause  # wrapper (whose first line is only the actor's call)
     first = (str(exc).strip().splitlines() or [""])[0]
     return EngineDeadError(f"tensor-parallel rank {rank} failed ({type(exc).__name__}: {first})")
 
@@ -142,9 +148,11 @@ class TensorParallelRunner:
             )
             for r in range(size)
         ]
+        # Every rank's process is up before any joins the group, so joining waits for running peers only, never
+        # for a worker process to start, however short the collective timeout (tp_collective_timeout_s) is.
+        self.node_ids = ray.get([w.node_id.remote() for w in self.workers])
         addr, port = ray.get(self.workers[0].rendezvous.remote())
         self.rank_weight_bytes = ray.get([w.setup.remote(addr, port) for w in self.workers])
-        self.node_ids = ray.get([w.node_id.remote() for w in self.workers])
         self.embed_bytes = self.embed_weight.numel() * self.embed_weight.element_size()
         # Totals since start: steps, seconds waiting on the ranks, of it in all-reduce, in the LM head + sampler.
         self.steps, self.rank_s, self.reduce_s, self.head_s = 0, 0.0, 0.0, 0.0

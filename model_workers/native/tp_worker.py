@@ -15,6 +15,7 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from datetime import timedelta
 from types import SimpleNamespace
 
 import torch
@@ -94,7 +95,11 @@ class TPWorker:
         backend = "nccl" if self.device.type == "cuda" else "gloo"
         if self.rank:
             self.store = dist.TCPStore(addr, port, self.size, is_master=False)
-        dist.init_process_group(backend, store=self.store, rank=self.rank, world_size=self.size)
+        # The bound on every collective (settings.py tp_collective_timeout_s): past it gloo raises in the ranks
+        # still waiting (their step fails: the engine's death, tp_executor.py), and NCCL's watchdog aborts the
+        # communicator and ends the process (Ray reports the rank dead: the same death).
+        timeout = timedelta(seconds=cfg.tp_collective_timeout_s)
+        dist.init_process_group(backend, store=self.store, rank=self.rank, world_size=self.size, timeout=timeout)
         # The ranks of one replica share its cores: each gets its share unless num_threads says otherwise.
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         torch.set_num_threads(cfg.num_threads or max(1, cores // self.size))
@@ -136,7 +141,14 @@ class TPWorker:
     def _all_reduce(self, t: torch.Tensor) -> torch.Tensor:
         t0 = time.perf_counter()
         t = t.contiguous()
-        dist.all_reduce(t)
+        try:
+            dist.all_reduce(t)
+        except Exception as e:  # another rank gone, or hung past the group's timeout: this step, and the group, fail
+            waited = time.perf_counter() - t0
+            limit = self.config.tp_collective_timeout_s
+            raise RuntimeError(
+                f"all-reduce failed after {waited:.1f} s (engine.native.tp_collective_timeout_s = {limit:g}): {e}"
+            ) from e
         self.reduce_s += time.perf_counter() - t0
         return t
 

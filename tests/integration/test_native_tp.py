@@ -1,6 +1,7 @@
 """The native engine's tensor-parallel decoder (engine.native.tensor_parallel_size = 2, rank actors on a local Ray):
 the same logits as one rank on a tiny checkpoint whose KV heads split, and on the real 270M (one KV head, replicated)
-the same greedy tokens as one rank and as transformers, through the prefix cache and a window checkpoint."""
+the same greedy tokens as one rank and as transformers, through the prefix cache and a window checkpoint; a rank that
+hangs kills the engine after the collective timeout."""
 
 from __future__ import annotations
 
@@ -206,3 +207,74 @@ def test_inside_a_placement_group_rank_i_goes_to_bundle_i_plus_1(ray_cluster):
     finally:
         remove_placement_group(pg)
     assert rank_actor_options(0, "cpu") == {"num_cpus": 1}  # no placement group: plain actors
+
+
+async def test_a_hung_rank_kills_the_engine_after_the_collective_timeout(tiny_text_ckpt, ray_cluster):
+    """Rank 1 stopped (SIGSTOP: alive, never answering) mid-generation: rank 0's all-reduce gives up after
+    tp_collective_timeout_s, and the engine dies as for a lost rank: every open stream ends with EngineDeadError,
+    new requests are refused, the health check raises."""
+    import os
+    import signal
+
+    import ray
+
+    from cluster.contracts.engine_errors import EngineDeadError
+
+    timeout_s = 3.0
+    eng = await _started(tiny_text_ckpt, tensor_parallel_size=2, accel="none", tp_collective_timeout_s=timeout_s)
+    pid = ray.get(eng.runner.workers[1].__ray_call__.remote(lambda self: os.getpid()))
+    first = [asyncio.Event(), asyncio.Event()]
+
+    async def stream(i: int) -> list:
+        got: list = []
+        req = GenerateRequest(f"h{i}", (2, *range(10 + i, 30 + i)), SamplingParams(max_tokens=900, **GREEDY))
+        try:
+            async for delta in eng.generate(req):
+                got.extend(delta.token_ids)
+                first[i].set()
+        except EngineDeadError as e:
+            got.append(e)
+        return got
+
+    stopped = False
+    try:
+        tasks = [asyncio.create_task(stream(i)) for i in range(2)]
+        await asyncio.wait_for(asyncio.gather(*(e.wait() for e in first)), 120)
+        os.kill(pid, signal.SIGSTOP)
+        stopped = True
+        hung_at = asyncio.get_running_loop().time()
+        # Bounded: the timeout plus the time to notice it (a few steps' worth), far below gloo's default 30 min.
+        outs = await asyncio.wait_for(asyncio.gather(*tasks), timeout_s + 60)
+        dead_after = asyncio.get_running_loop().time() - hung_at
+        for out in outs:  # tokens streamed before the hang, then the engine's death, not a normal finish
+            assert isinstance(out[-1], EngineDeadError) and "rank 0 failed" in str(out[-1]), out[-1]
+            assert f"tp_collective_timeout_s = {timeout_s:g}" in str(out[-1])
+            assert 0 < len(out) - 1 < 900
+        assert dead_after >= timeout_s * 0.9  # it was the collective timeout that ended the step
+        with pytest.raises(EngineDeadError):
+            await eng.check_health()
+        with pytest.raises(EngineDeadError):  # new requests are refused
+            await anext(eng.generate(GenerateRequest("late", (2, 5, 6), SamplingParams(max_tokens=2, **GREEDY))))
+        await eng.shutdown()  # ends the ranks: Ray's kill ends the stopped one too
+        assert await _process_gone(pid, 60)
+    finally:
+        if not eng._closed:
+            await eng.shutdown()
+        if stopped and not await _process_gone(pid, 0):
+            os.kill(pid, signal.SIGKILL)
+
+
+async def _process_gone(pid: int, timeout_s: float) -> bool:
+    """Whether process `pid` has exited (or is a zombie) within `timeout_s`."""
+    from pathlib import Path
+
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while True:
+        try:
+            if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                return True
+        except OSError:
+            return True
+        if asyncio.get_running_loop().time() >= deadline:
+            return False
+        await asyncio.sleep(0.1)
