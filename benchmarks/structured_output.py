@@ -3,13 +3,15 @@ request vs without, in one engine, in the same run (issue 25).
 
 Load: N concurrent requests (default 32), distinct ~256-token prompts, up to 128 new tokens, greedy, through the
 native engine in-process (the embedded defaults: real Gemma 3 270M; the grammar work is all in the engine, so the
-HTTP layers are left out). Rounds alternate: a json_schema load, then a plain load whose requests decode exactly as
-many tokens as the constrained answers did (a constrained answer ends when its JSON is complete, often before
-max_tokens), with fresh prompts each round (no prefix-cache hits); each load's figure is over its rounds, in output
-tokens per second. The machine is shared: read figures taken under load as noisy.
+HTTP layers are left out), in pairs of rounds: a json_schema load, then a plain load on the same schedule (its i-th
+request, prefilled i-th, decodes as many tokens as the json_schema round's i-th answer to start; a constrained
+answer ends when its JSON is complete, often before max_tokens), with fresh prompts each round (no prefix-cache
+hits). Printed: each round, each load over its rounds and each pair's cost in output tokens per second, and the
+grammar's own share of the constrained rounds' time (the sampler's clock: masks and the exact logits of masked rows).
+The machine is shared: read figures taken under load as noisy.
 
-    python benchmarks/structured_output.py            # 32 requests x 128 tokens, 2 rounds
-    python benchmarks/structured_output.py --quick    # 8 requests x 32 tokens, 2 rounds
+    python benchmarks/structured_output.py            # 32 requests x 128 tokens, 2 pairs of rounds
+    python benchmarks/structured_output.py --quick    # 8 requests x 32 tokens, 2 pairs of rounds
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import argparse
 import asyncio
 import json
 import os
+import statistics
 import sys
 import time
 from dataclasses import replace
@@ -61,7 +64,7 @@ async def run_rounds(args: argparse.Namespace) -> tuple[dict[str, Run], list[Run
     rounds: list[Run] = []  # every round, in the order run
     grammar = [0.0]  # seconds the sampler spent on grammar rows during the json_schema rounds
 
-    def job(rid: str, text: str, sampling: SamplingParams, target: Run, lengths: list[int] | None = None):
+    def job(rid: str, text: str, sampling: SamplingParams, target: Run, lengths: list | None = None):
         async def go():
             req = GenerateRequest(rid, tok.encode_completion(text).token_ids, sampling)
             start, stamps = time.perf_counter(), []
@@ -69,8 +72,8 @@ async def run_rounds(args: argparse.Namespace) -> tuple[dict[str, Run], list[Run
                 if d.token_ids:
                     stamps.append((time.perf_counter(), len(d.token_ids)))
             target.add(start, stamps)
-            if lengths is not None:
-                lengths.append(sum(n for _, n in stamps))
+            if lengths is not None and stamps:  # (first token's time, answer length)
+                lengths.append((stamps[0][0], sum(n for _, n in stamps)))
 
         return go
 
@@ -81,20 +84,25 @@ async def run_rounds(args: argparse.Namespace) -> tuple[dict[str, Run], list[Run
     )
     # A constrained answer ends when its JSON is complete, often well before max_tokens; a plain load of full-length
     # answers would keep a fuller batch to the end and win on batching, not on grammar work. So each plain round
-    # gives its i-th request the i-th answer length of the latest json_schema round (ignore_eos): the two loads
-    # decode the same numbers of tokens per request, on fresh prompts. Pairs alternate their order (json_schema
-    # first, then plain first, ...): whichever load always ran first would carry the machine's drift alone.
+    # gives its i-th request the length of the latest json_schema round's i-th answer to start (ignore_eos): the two loads
+    # decode the same numbers of tokens per request, on fresh prompts. So the plain round of a pair has to follow its
+    # json_schema round (it needs that round's lengths); the machine's drift between two adjacent rounds is random,
+    # so each pair's cost is printed and the spread over the pairs says how far one figure can be read.
     sampler = engine.runner.sampler
-    lengths: list[int] = []
-    order = [name for r in range(args.rounds) for name in (("json_schema", "plain"), ("plain", "json_schema"))[r % 2]]
+    lengths: list[tuple[float, int]] = []
+    order = [name for _ in range(args.rounds) for name in ("json_schema", "plain")]
     for k, name in enumerate(order):
         texts = sized_prompts(tok, args.requests, args.prompt_tokens, seed=(k + 1) * 997)
         this = Run(f"{k + 1}: {name}")
         if name == "json_schema":
             lengths = []
             jobs = [job(f"{name}-{k}-{i}", t, loads[name], this, lengths) for i, t in enumerate(texts)]
-        else:  # the first round is a json_schema one, so `lengths` is set
-            matched = sorted(lengths)  # completion order: any fixed assignment gives the same length mix
+        else:
+            # The plain round's i-th request (prefilled i-th) gets the length of the json_schema round's i-th
+            # request to reach its first token, so both rounds run the same schedule: the same streams in each step,
+            # for as long. The same lengths in another order (shortest first, say) would thin the batch out
+            # differently and decode another share of the tokens beside the prefill steps: not the grammar's cost.
+            matched = [n for _, n in sorted(lengths)]
             jobs = [
                 job(
                     f"{name}-{k}-{i}",
@@ -131,7 +139,7 @@ def main() -> None:
     runs, rounds, grammar_s = asyncio.run(run_rounds(args))
     table = Table(
         title=f"native engine, {args.requests} concurrent, {args.prompt_tokens}-token prompts, "
-        f"{args.rounds} pairs of rounds (json_schema, plain of the same lengths; alternating order)"
+        f"{args.rounds} pairs of rounds (json_schema, then plain of the same schedule)"
     )
     for col in ("load", "output tok/s", "TTFT p50 s", "TTFT p99 s", "ITL p50 ms", "ITL p99 ms", "tokens"):
         table.add_column(col)
@@ -144,9 +152,12 @@ def main() -> None:
     # clock: what structured output adds per step, apart from the machine's drift between rounds.
     work = 100.0 * grammar_s / runs["json_schema"].wall if runs["json_schema"].wall else float("nan")
     per_round = ",".join(f"{r.tok_s:.1f}" for r in rounds)
+    pair_costs = [100.0 * (p.tok_s - j.tok_s) / p.tok_s for j, p in zip(rounds[::2], rounds[1::2], strict=True)]
+    print("cost per pair of rounds, %:", " ".join(f"{c:.1f}" for c in pair_costs))
     print(
         f"RESULT structured_output plain_tok_s={plain:.1f} json_schema_tok_s={constrained:.1f} "
-        f"cost_pct={cost:.1f} grammar_work_pct={work:.1f} rounds_tok_s={per_round} "
+        f"cost_pct={cost:.1f} pair_cost_pct={','.join(f'{c:.1f}' for c in pair_costs)} "
+        f"pair_cost_pct_median={statistics.median(pair_costs):.1f} grammar_work_pct={work:.1f} rounds_tok_s={per_round} "
         f"load_avg={max(r.load_avg for r in rounds):.1f}"
     )
 
