@@ -40,6 +40,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import defaultdict
 from pathlib import Path
 
 from rich.console import Console
@@ -105,6 +106,31 @@ class OtlpSink:
     def close(self) -> None:
         self.proc.terminate()
         self.proc.wait(timeout=30)
+
+
+def cpu_by_process() -> dict[int, tuple[str, float]]:
+    """{pid: (which app's which process, CPU seconds so far)} for this process and its descendants (Ray's)."""
+    import psutil
+    from proc_cpu import role_of
+
+    me = psutil.Process()
+    out = {}
+    for proc in (me, *me.children(recursive=True)):
+        try:
+            title = " ".join(proc.cmdline()) or proc.name()
+            times = proc.cpu_times()
+        except psutil.Error:  # exited meanwhile
+            continue
+        app = next((f"{side} app: " for side, name in APPS.items() if f":{name}:" in title), "")
+        out[proc.pid] = (app + role_of(proc, me.pid), times.user + times.system)
+    return out
+
+
+def cpu_spent(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]]) -> dict[str, float]:
+    spent: dict[str, float] = defaultdict(float)
+    for pid, (key, seconds) in after.items():
+        spent[key] += seconds - before.get(pid, (key, 0.0))[1]
+    return spent
 
 
 def app_config(port: int, on: bool, sink_url: str) -> G3ServeConfig:
@@ -178,6 +204,7 @@ def main() -> None:
     prompts = [sized_prompts(tok, n, args.prompt_tokens, seed=10_000 * (r + 1)) for r in range(len(order) + 2)]
     warm = {ON: prompts[-2], OFF: prompts[-1]}
     totals = {ON: Run(ON), OFF: Run(OFF)}
+    cpu: dict[str, dict[str, float]] = {ON: defaultdict(float), OFF: defaultdict(float)}  # loaded side -> CPU-s
     rounds: list[tuple[str, Run, float]] = []  # (side, run, 1-min load average at its end)
     headers: dict[str, str | None] = {}
     load_start = os.getloadavg()[0]
@@ -195,7 +222,10 @@ def main() -> None:
                     headers[side] = sample_headers(urls[side], model, warm[side][2 % n])
                 for r, side in enumerate(order):
                     run = Run(f"{r + 1} {side}")
+                    before = cpu_by_process()
                     run.wall = asyncio.run(_serve_load(urls[side], model, prompts[r], max_tokens, n, run))
+                    for key, seconds in cpu_spent(before, cpu_by_process()).items():
+                        cpu[side][key] += seconds
                     rounds.append((side, run, os.getloadavg()[0]))
                     merge(totals[side], run)
             finally:
@@ -243,6 +273,16 @@ def main() -> None:
         a, b = rounds[2 * k], rounds[2 * k + 1]
         by_side = {a[0]: a[1].tok_s, b[0]: b[1].tok_s}
         pair_pct.append(overhead(by_side[ON], by_side[OFF]))
+    # Where each side's CPU went while it had the load: CPU seconds per 1,000 output tokens by process, the loaded
+    # app's processes apart from the idle app's and the shared ones (Serve's proxy, Ray, this load generator).
+    where = Table(title="CPU seconds per 1,000 output tokens while each side had the load, by process")
+    for col in ("process", "on rounds", "off rounds"):
+        where.add_column(col, justify="right" if col != "process" else "left")
+    for key in sorted(set(cpu[ON]) | set(cpu[OFF]), key=lambda k: -(cpu[ON].get(k, 0) + cpu[OFF].get(k, 0))):
+        per_k = [1000 * cpu[side].get(key, 0.0) / max(totals[side].tokens, 1) for side in (ON, OFF)]
+        if max(per_k) >= 0.005:
+            where.add_row(key, *(f"{v:.3f}" for v in per_k))
+    console.print(where)
     print("overhead per pair of rounds, %: " + " ".join(f"{p:.1f}" for p in pair_pct))
     print(f"Server-Timing of one non-streamed request, on: {headers[ON]}")
     print(f"Server-Timing of one non-streamed request, off: {headers[OFF]}")
