@@ -282,6 +282,9 @@ def main() -> None:
         per_k = [1000 * cpu[side].get(key, 0.0) / max(totals[side].tokens, 1) for side in (ON, OFF)]
         if max(per_k) >= 0.005:
             where.add_row(key, *(f"{v:.3f}" for v in per_k))
+    cpu_per_1k = {side: 1000 * sum(cpu[side].values()) / max(totals[side].tokens, 1) for side in (ON, OFF)}
+    where.add_section()
+    where.add_row("all processes", *(f"{cpu_per_1k[side]:.3f}" for side in (ON, OFF)))
     console.print(where)
     print("overhead per pair of rounds, %: " + " ".join(f"{p:.1f}" for p in pair_pct))
     print(f"Server-Timing of one non-streamed request, on: {headers[ON]}")
