@@ -253,9 +253,13 @@ class NativeEngine:
         seq = self._make_sequence(request)
         marks = _StageMarks()
         if request.sampling.structured is not None:
-            compiled = await asyncio.get_running_loop().run_in_executor(
-                None, self._compile_grammar, request.sampling.structured
-            )
+            # A repeated constraint (one schema for every request, as clients send) is taken from the cache here, so
+            # the request is queued before the next step starts; only a new one is compiled in a worker thread.
+            compiled = self._grammars.cached(request.sampling.structured) if self._grammars else None
+            if compiled is None:
+                compiled = await asyncio.get_running_loop().run_in_executor(
+                    None, self._compile_grammar, request.sampling.structured
+                )
             seq.grammar = GrammarState(compiled)
         try:
             self.scheduler.add(seq)

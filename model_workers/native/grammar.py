@@ -37,6 +37,15 @@ class GrammarCompilers:
         self.compiler = xg.GrammarCompiler(self.info, max_threads=1, cache_enabled=True)
         self._lru: OrderedDict[StructuredOutput, xg.CompiledGrammar] = OrderedDict()
 
+    def cached(self, so: StructuredOutput) -> xg.CompiledGrammar | None:
+        """The compiled grammar of a constraint seen recently, else None: cheap enough for the event loop, so a
+        repeated constraint joins the next step without a hop to a worker thread."""
+        try:
+            self._lru.move_to_end(so)
+            return self._lru[so]
+        except KeyError:  # not compiled yet, or evicted meanwhile by a compile in a worker thread
+            return None
+
     def compile(self, so: StructuredOutput) -> xg.CompiledGrammar:
         if so in self._lru:
             self._lru.move_to_end(so)

@@ -169,6 +169,14 @@ def test_forced_tool_grammar_takes_valid_calls_only(compilers):
         assert not _accepts(compilers, one, bad), bad
 
 
+def test_a_compiled_constraint_is_cached_for_the_event_loop(compilers):
+    so = StructuredOutput("json_schema", json.dumps({"type": "object", "properties": {"k": {"type": "integer"}}}))
+    assert compilers.cached(so) is None  # never compiled: the engine compiles it in a worker thread
+    compiled = compilers.compile(so)
+    assert compilers.cached(so) is compiled
+    assert compilers.cached(StructuredOutput("json_object", "")) is None
+
+
 def test_compact_json_and_unsupported_constructs(compilers):
     so = StructuredOutput("json_schema", json.dumps(SCHEMA))
     assert _accepts(compilers, so, '{"name": "a", "n": 1}')
