@@ -40,14 +40,15 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections import defaultdict
 from pathlib import Path
 
+import psutil
 from rich.console import Console
 from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from openai_load import Run, _free_port, _serve_load, pct, sized_prompts  # noqa: E402
+from proc_cpu import CpuMeter, role_of  # noqa: E402
 
 from cluster.config import G3ServeConfig  # noqa: E402
 
@@ -108,29 +109,14 @@ class OtlpSink:
         self.proc.wait(timeout=30)
 
 
-def cpu_by_process() -> dict[int, tuple[str, float]]:
-    """{pid: (which app's which process, CPU seconds so far)} for this process and its descendants (Ray's)."""
-    import psutil
-    from proc_cpu import role_of
-
-    me = psutil.Process()
-    out = {}
-    for proc in (me, *me.children(recursive=True)):
-        try:
-            title = " ".join(proc.cmdline()) or proc.name()
-            times = proc.cpu_times()
-        except psutil.Error:  # exited meanwhile
-            continue
-        app = next((f"{side} app: " for side, name in APPS.items() if f":{name}:" in title), "")
-        out[proc.pid] = (app + role_of(proc, me.pid), times.user + times.system)
-    return out
-
-
-def cpu_spent(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]]) -> dict[str, float]:
-    spent: dict[str, float] = defaultdict(float)
-    for pid, (key, seconds) in after.items():
-        spent[key] += seconds - before.get(pid, (key, 0.0))[1]
-    return spent
+def app_and_role(proc, me: int) -> str:
+    """A process's line in the CPU table: which app it belongs to (if one) and its role (proc_cpu.role_of)."""
+    try:
+        title = " ".join(proc.cmdline()) or proc.name()
+    except psutil.Error:
+        title = ""
+    app = next((f"{side} app: " for side, name in APPS.items() if f":{name}:" in title), "")
+    return app + role_of(proc, me)
 
 
 def app_config(port: int, on: bool, sink_url: str) -> G3ServeConfig:
@@ -204,7 +190,7 @@ def main() -> None:
     prompts = [sized_prompts(tok, n, args.prompt_tokens, seed=10_000 * (r + 1)) for r in range(len(order) + 2)]
     warm = {ON: prompts[-2], OFF: prompts[-1]}
     totals = {ON: Run(ON), OFF: Run(OFF)}
-    cpu: dict[str, dict[str, float]] = {ON: defaultdict(float), OFF: defaultdict(float)}  # loaded side -> CPU-s
+    meters = {ON: CpuMeter(app_and_role), OFF: CpuMeter(app_and_role)}  # CPU-s by process while a side has the load
     rounds: list[tuple[str, Run, float]] = []  # (side, run, 1-min load average at its end)
     headers: dict[str, str | None] = {}
     load_start = os.getloadavg()[0]
@@ -222,10 +208,9 @@ def main() -> None:
                     headers[side] = sample_headers(urls[side], model, warm[side][2 % n])
                 for r, side in enumerate(order):
                     run = Run(f"{r + 1} {side}")
-                    before = cpu_by_process()
+                    meters[side].start()
                     run.wall = asyncio.run(_serve_load(urls[side], model, prompts[r], max_tokens, n, run))
-                    for key, seconds in cpu_spent(before, cpu_by_process()).items():
-                        cpu[side][key] += seconds
+                    meters[side].stop(run.wall)
                     rounds.append((side, run, os.getloadavg()[0]))
                     merge(totals[side], run)
             finally:
@@ -278,11 +263,12 @@ def main() -> None:
     where = Table(title="CPU seconds per 1,000 output tokens while each side had the load, by process")
     for col in ("process", "on rounds", "off rounds"):
         where.add_column(col, justify="right" if col != "process" else "left")
+    cpu = {side: meters[side].seconds for side in (ON, OFF)}
     for key in sorted(set(cpu[ON]) | set(cpu[OFF]), key=lambda k: -(cpu[ON].get(k, 0) + cpu[OFF].get(k, 0))):
         per_k = [1000 * cpu[side].get(key, 0.0) / max(totals[side].tokens, 1) for side in (ON, OFF)]
         if max(per_k) >= 0.005:
             where.add_row(key, *(f"{v:.3f}" for v in per_k))
-    cpu_per_1k = {side: 1000 * sum(cpu[side].values()) / max(totals[side].tokens, 1) for side in (ON, OFF)}
+    cpu_per_1k = {side: 1000 * meters[side].total / max(totals[side].tokens, 1) for side in (ON, OFF)}
     where.add_section()
     where.add_row("all processes", *(f"{cpu_per_1k[side]:.3f}" for side in (ON, OFF)))
     console.print(where)

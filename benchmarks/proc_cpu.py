@@ -10,6 +10,7 @@ other people run on the same machine are not our descendants and never count.
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable
 
 import psutil
 
@@ -40,34 +41,37 @@ def role_of(proc: psutil.Process, me: int) -> str:
     return next((role for key, role in ROLES if key in title), OTHER)
 
 
-def snapshot() -> dict[int, tuple[str, float]]:
-    """{pid: (role, CPU seconds so far)} for this process and every descendant alive now."""
+def snapshot(label: Callable[[psutil.Process, int], str] = role_of) -> dict[int, tuple[str, float]]:
+    """{pid: (label, CPU seconds so far)} for this process and every descendant alive now; `label(proc, my_pid)`
+    names a process's line (its role by default)."""
     me = psutil.Process()
     out: dict[int, tuple[str, float]] = {}
     for proc in (me, *me.children(recursive=True)):
         try:
             t = proc.cpu_times()
-            out[proc.pid] = (role_of(proc, me.pid), t.user + t.system)
+            out[proc.pid] = (label(proc, me.pid), t.user + t.system)
         except psutil.Error:  # exited meanwhile
             continue
     return out
 
 
 class CpuMeter:
-    """Accumulates CPU seconds by role over any number of windows (`start()` ... `stop()`)."""
+    """Accumulates CPU seconds by role (or by `label`, as `snapshot` takes it) over any number of windows
+    (`start()` ... `stop()`)."""
 
-    def __init__(self) -> None:
+    def __init__(self, label: Callable[[psutil.Process, int], str] = role_of) -> None:
+        self.label = label
         self.seconds: dict[str, float] = defaultdict(float)
         self.wall = 0.0
         self._open: dict[int, tuple[str, float]] | None = None
 
     def start(self) -> None:
-        self._open = snapshot()
+        self._open = snapshot(self.label)
 
     def stop(self, wall: float) -> None:
         """Close the window; `wall`: its length in seconds (for cores = CPU seconds / wall)."""
         before, self._open = self._open or {}, None
-        for pid, (role, cpu) in snapshot().items():
+        for pid, (role, cpu) in snapshot(self.label).items():
             self.seconds[role] += cpu - before.get(pid, (role, 0.0))[1]  # a process born inside counts from 0
         self.wall += wall
 
