@@ -47,9 +47,8 @@ class GrammarCompilers:
             return None
 
     def compile(self, so: StructuredOutput) -> xg.CompiledGrammar:
-        if so in self._lru:
-            self._lru.move_to_end(so)
-            return self._lru[so]
+        if (compiled := self.cached(so)) is not None:
+            return compiled
         grammar = build_grammar(so)
         try:
             compiled = self.compiler.compile_grammar(grammar)
