@@ -139,13 +139,6 @@ def sample_headers(url: str, model: str, prompt: str) -> str | None:
     return r.headers.get("server-timing")
 
 
-def merge(total: Run, run: Run) -> None:
-    total.ttft += run.ttft
-    total.itl += run.itl
-    total.tokens += run.tokens
-    total.wall += run.wall
-
-
 def overhead(on: float, off: float) -> float:
     return 100 * (1 - on / off) if off else float("nan")
 
@@ -212,7 +205,7 @@ def main() -> None:
                     run.wall = asyncio.run(_serve_load(urls[side], model, prompts[r], max_tokens, n, run))
                     meters[side].stop(run.wall)
                     rounds.append((side, run, os.getloadavg()[0]))
-                    merge(totals[side], run)
+                    totals[side].absorb(run)
             finally:
                 serve.shutdown()
                 ray.shutdown()

@@ -32,6 +32,13 @@ class Run:
             self.itl.append((t1 - t0) / max(n, 1))
         self.tokens += sum(n for _, n in stamps)
 
+    def absorb(self, other: Run) -> None:
+        """Add another run's requests and wall time to this one (a load's total over its rounds)."""
+        self.ttft += other.ttft
+        self.itl += other.itl
+        self.tokens += other.tokens
+        self.wall += other.wall
+
     def row(self) -> tuple[str, ...]:
         """name, tok/s, TTFT p50/p99 (s), inter-token latency p50/p99 (ms), tokens: one row of the result table."""
         return (

@@ -62,7 +62,7 @@ async def run_rounds(args: argparse.Namespace) -> tuple[dict[str, Run], list[Run
     loads = {"plain": base, "json_schema": SamplingParams(**{**base.__dict__, "structured": structured})}
     runs = {name: Run(name) for name in loads}
     rounds: list[Run] = []  # every round, in the order run
-    grammar = [0.0]  # seconds the sampler spent on grammar rows during the json_schema rounds
+    grammar_s = 0.0  # seconds the sampler spent on grammar rows during the json_schema rounds
 
     def job(rid: str, text: str, sampling: SamplingParams, target: Run, lengths: list | None = None):
         async def go():
@@ -84,10 +84,9 @@ async def run_rounds(args: argparse.Namespace) -> tuple[dict[str, Run], list[Run
     )
     # A constrained answer ends when its JSON is complete, often well before max_tokens; a plain load of full-length
     # answers would keep a fuller batch to the end and win on batching, not on grammar work. So each plain round
-    # gives its i-th request the length of the latest json_schema round's i-th answer to start (ignore_eos): the two loads
-    # decode the same numbers of tokens per request, on fresh prompts. So the plain round of a pair has to follow its
-    # json_schema round (it needs that round's lengths); the machine's drift between two adjacent rounds is random,
-    # so each pair's cost is printed and the spread over the pairs says how far one figure can be read.
+    # decodes the lengths of the json_schema round before it (ignore_eos, fresh prompts; matched below), which is why
+    # a pair always runs json_schema first; the machine's drift between two adjacent rounds is random, so each pair's
+    # cost is printed and the spread over the pairs says how far one figure can be read.
     sampler = engine.runner.sampler
     lengths: list[tuple[float, int]] = []
     order = [name for _ in range(args.rounds) for name in ("json_schema", "plain")]
@@ -116,14 +115,11 @@ async def run_rounds(args: argparse.Namespace) -> tuple[dict[str, Run], list[Run
         this.wall = await _bounded(args.requests, jobs)
         this.load_avg = os.getloadavg()[0]
         rounds.append(this)
-        for field in ("ttft", "itl"):
-            getattr(runs[name], field).extend(getattr(this, field))
-        runs[name].tokens += this.tokens
-        runs[name].wall += this.wall
+        runs[name].absorb(this)
         if name == "json_schema":
-            grammar[0] += sampler.grammar_seconds - grammar_before
+            grammar_s += sampler.grammar_seconds - grammar_before
     await engine.shutdown()
-    return runs, rounds, grammar[0]
+    return runs, rounds, grammar_s
 
 
 def main() -> None:
