@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import statistics
 import sys
 import time
@@ -40,6 +39,8 @@ from rich.console import Console
 from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from openai_load import _free_port  # noqa: E402
 
 from model_workers.gemma3.checkpoints import default_checkpoint  # noqa: E402
 from model_workers.gemma3.config import Gemma3Config  # noqa: E402
@@ -142,12 +143,6 @@ def rank_main(rank: int, port: int, checkpoint: str, mode: str, pool: torch.Tens
     q.put(out)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="10 timed steps per batch size, fewer decode rows")
@@ -180,7 +175,7 @@ def main() -> None:
             res[(b, "driver")] = timed(lambda h: driver(h, [False] * h.shape[0]).tokens, hs, warm)
             res[(b, "driver_exact")] = timed(lambda h: exact(h, [False] * h.shape[0]).tokens, hs, warm)
 
-    port, ctx = free_port(), mp.get_context("spawn")
+    port, ctx = _free_port(), mp.get_context("spawn")
     q = ctx.Queue()
     procs = [
         ctx.Process(target=rank_main, args=(r, port, str(checkpoint), mode, pool, steps, warm, q)) for r in range(WORLD)
