@@ -13,6 +13,7 @@ from collections import defaultdict
 from collections.abc import Callable
 
 import psutil
+from rich.table import Table
 
 # (substring of the command line / process title, role): first match wins. vLLM retitles its processes
 # (setproctitle), Ray names actor processes `ray::<Class>` and Serve replicas `ray::ServeReplica:<app>:<deployment>`.
@@ -78,3 +79,18 @@ class CpuMeter:
     @property
     def total(self) -> float:
         return sum(self.seconds.values())
+
+
+def cpu_table(meters: dict[str, CpuMeter], tokens: dict[str, int]) -> Table:
+    table = Table(title="CPU seconds per 1,000 output tokens, by process (this run's processes only)")
+    table.add_column("process")
+    for side in meters:
+        table.add_column(side, justify="right")
+    roles = sorted(
+        {r for m in meters.values() for r in m.seconds}, key=lambda r: -max(m.seconds[r] for m in meters.values())
+    )
+    for role in roles:
+        table.add_row(role, *(f"{1000 * m.seconds[role] / max(tokens[s], 1):.2f}" for s, m in meters.items()))
+    table.add_row("total", *(f"{1000 * m.total / max(tokens[s], 1):.2f}" for s, m in meters.items()))
+    table.add_row("cores busy (CPU s / wall s)", *(f"{m.total / max(m.wall, 1e-9):.2f}" for m in meters.values()))
+    return table

@@ -48,15 +48,22 @@ from openai_load import (  # noqa: E402, F401
     prompts,
     sized_prompts,
 )
+from proc_cpu import CpuMeter, cpu_table  # noqa: E402
 
 from cluster.config import G3ServeConfig  # noqa: E402
 from cluster.contracts.messages import GenerateRequest, SamplingParams  # noqa: E402
 
 
 async def run_in_process(
-    config: G3ServeConfig, texts: list[str], max_tokens: int, concurrency: int, warm: list[str] | None = None
+    config: G3ServeConfig,
+    texts: list[str],
+    max_tokens: int,
+    concurrency: int,
+    warm: list[str] | None = None,
+    cpu: CpuMeter | None = None,
 ) -> tuple[Run, int | None]:
-    """The load against the engine in this process: (run, engine steps during it; None if the engine has no count)."""
+    """The load against the engine in this process: (run, engine steps during it; None if the engine has no count);
+    `cpu` counts the CPU seconds of the timed load."""
     from model_workers.deployment import ENGINE_FACTORIES
     from model_workers.gemma3.checkpoints import resolve_checkpoint
     from model_workers.gemma3.tokenizer import Gemma3Tokenizer
@@ -82,7 +89,11 @@ async def run_in_process(
     warm_run = Run("warm-up")  # not reported: first steps pay one-off allocations
     await _bounded(concurrency, [job(-1 - i, t, warm_run) for i, t in enumerate(warm or texts[:2])])
     steps_before = getattr(engine, "steps", None)
+    if cpu:
+        cpu.start()
     run.wall = await _bounded(concurrency, [job(i, t, run) for i, t in enumerate(texts)])
+    if cpu:
+        cpu.stop(run.wall)
     steps = engine.steps - steps_before if steps_before is not None else None
     await engine.shutdown()
     return run, steps
@@ -95,17 +106,25 @@ def run_through_serve(
     concurrency: int,
     tmp: str,
     warm: list[str] | None = None,
+    cpu: CpuMeter | None = None,
 ) -> tuple[list[Run], int]:
     """Each load of `loads` in turn through one `g3serve serve` app: (runs, step-channel messages the decoder
-    replicas sent during the first)."""
+    replicas sent during the first); `cpu` counts the CPU seconds of the timed loads."""
     import ray
     from ray import serve
 
     from cluster.app import APP_NAME, DECODER
     from cluster.app import run as run_app
+    from cluster.local_ray import init_local_ray
 
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(num_cpus=config.ray.num_cpus or 2, include_dashboard=False, _temp_dir=tmp, log_to_driver=False)
+    proxy = init_local_ray(
+        config.ray.http_proxy,
+        num_cpus=config.ray.num_cpus or 2,
+        include_dashboard=False,
+        _temp_dir=tmp,
+        log_to_driver=False,
+    )
+    print(f"HTTP proxy: {proxy.name} ({proxy.reason})")
     try:
         url = run_app(config)
         model = config.model.served_model_name
@@ -115,7 +134,11 @@ def run_through_serve(
         for k, texts in enumerate(loads):
             sent_before = decoder.channel_messages_sent.remote().result()
             run = Run("g3serve (HTTP + Serve)")
+            if cpu:
+                cpu.start()
             run.wall = asyncio.run(_serve_load(url, model, texts, max_tokens, concurrency, run))
+            if cpu:
+                cpu.stop(run.wall)
             runs.append(run)
             if k == 0:
                 messages = decoder.channel_messages_sent.remote().result() - sent_before
@@ -288,10 +311,15 @@ def run_overhead(load: Load, config: G3ServeConfig) -> None:
     n, conc, max_tokens = load.requests, load.concurrency, load.max_tokens
     tok = Gemma3Tokenizer.from_checkpoint(resolve_checkpoint(config.model.checkpoint))
     sets = [load.texts] + [sized_prompts(tok, n, load.prompt_tokens, seed=7919 * k) for k in (1, 2, 3)]
+    meters = {"in process": CpuMeter(), "served": CpuMeter()}
     with tempfile.TemporaryDirectory(prefix="g3b-") as tmp:
-        first, steps = asyncio.run(run_in_process(config, sets[0], max_tokens, conc, load.warm_texts))
-        served, messages = run_through_serve(config, sets[1:3], max_tokens, conc, tmp, load.warm_texts)
-        last, _ = asyncio.run(run_in_process(config, sets[3], max_tokens, conc, load.warm_texts))
+        first, steps = asyncio.run(
+            run_in_process(config, sets[0], max_tokens, conc, load.warm_texts, meters["in process"])
+        )
+        served, messages = run_through_serve(
+            config, sets[1:3], max_tokens, conc, tmp, load.warm_texts, meters["served"]
+        )
+        last, _ = asyncio.run(run_in_process(config, sets[3], max_tokens, conc, load.warm_texts, meters["in process"]))
     inproc = [first, last]
 
     table = Table(title=f"{n} streamed completions, concurrency {conc}, {max_tokens} new tokens, greedy, A B B A")
@@ -299,7 +327,12 @@ def run_overhead(load: Load, config: G3ServeConfig) -> None:
         table.add_column(col, justify="right" if col != "path" else "left", no_wrap=True)
     for r in (first, *served, last):
         table.add_row(*r.row())
-    Console(width=max(Console().width, 150)).print(table)
+    console = Console(width=max(Console().width, 150))
+    console.print(table)
+    # Where the served side's extra time goes: on 2 cores every CPU second outside the engine is taken from it.
+    console.print(
+        cpu_table(meters, {"in process": sum(r.tokens for r in inproc), "served": sum(r.tokens for r in served)})
+    )
     inproc_tok_s = statistics.fmean(r.tok_s for r in inproc)
     serve_tok_s = statistics.fmean(r.tok_s for r in served)
     overhead = 1 - serve_tok_s / inproc_tok_s if inproc_tok_s else float("nan")

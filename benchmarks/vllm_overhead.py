@@ -37,7 +37,7 @@ from rich.table import Table
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from openai_load import Run, _free_port, _serve_load, sized_prompts  # noqa: E402
 from peer_servers import RunningServer, vllm_spec  # noqa: E402
-from proc_cpu import CpuMeter  # noqa: E402
+from proc_cpu import CpuMeter, cpu_table  # noqa: E402
 
 from cluster.config import G3ServeConfig  # noqa: E402
 
@@ -82,21 +82,6 @@ def run_round(url: str, model: str, prompts: list, max_tokens: int, conc: int, r
     t0 = time.perf_counter()
     run.wall += asyncio.run(_serve_load(url, model, prompts, max_tokens, conc, run))
     cpu.stop(time.perf_counter() - t0)
-
-
-def cpu_table(meters: dict[str, CpuMeter], tokens: dict[str, int]) -> Table:
-    table = Table(title="CPU seconds per 1,000 output tokens, by process (this run's processes only)")
-    table.add_column("process")
-    for side in meters:
-        table.add_column(side, justify="right")
-    roles = sorted(
-        {r for m in meters.values() for r in m.seconds}, key=lambda r: -max(m.seconds[r] for m in meters.values())
-    )
-    for role in roles:
-        table.add_row(role, *(f"{1000 * m.seconds[role] / max(tokens[s], 1):.2f}" for s, m in meters.items()))
-    table.add_row("total", *(f"{1000 * m.total / max(tokens[s], 1):.2f}" for s, m in meters.items()))
-    table.add_row("cores busy (CPU s / wall s)", *(f"{m.total / max(m.wall, 1e-9):.2f}" for m in meters.values()))
-    return table
 
 
 def main() -> None:
