@@ -67,6 +67,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from ray import serve
 
     from cluster.app import run
+    from cluster.local_ray import init_local_ray, remove_state
 
     config = load_config(args.config)
     overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
@@ -74,10 +75,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         config = config.model_copy(update={"ingress": config.ingress.model_copy(update=overrides)})
     _resolve_checkpoint(config)
     _stop_on_sigterm()
+    proxy = None
     try:
         if config.ray.address is None:
-            os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # local Ray: no token written to ~/.ray
-            ray.init(num_cpus=config.ray.num_cpus, include_dashboard=False)
+            proxy = init_local_ray(config.ray.http_proxy, num_cpus=config.ray.num_cpus, include_dashboard=False)
+            out.print(f"HTTP proxy: {proxy.name} ({proxy.reason})")
         else:
             ray.init(address=config.ray.address)
         _stop_on_sigterm()  # again: ray.init installs its core worker's own SIGTERM handler (it aborts)
@@ -93,6 +95,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if ray.is_initialized():
             serve.shutdown()
             ray.shutdown()
+        if proxy is not None:
+            remove_state(proxy)
     return 0
 
 

