@@ -30,6 +30,7 @@ import os
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from rich.console import Console
@@ -54,6 +55,36 @@ from cluster.config import G3ServeConfig  # noqa: E402
 from cluster.contracts.messages import GenerateRequest, SamplingParams  # noqa: E402
 
 
+@dataclass
+class EngineBusy:
+    """An engine's steps and the seconds inside their forward passes over the timed loads of one side: how busy the
+    model kept the cores (forward / wall), and how long one forward took (forward / steps)."""
+
+    steps: int = 0
+    forward_s: float = 0.0
+    wall_s: float = 0.0
+
+    def add(self, before: tuple[int, float] | None, after: tuple[int, float] | None, wall: float) -> None:
+        if before is None or after is None:
+            return
+        self.steps += after[0] - before[0]
+        self.forward_s += after[1] - before[1]
+        self.wall_s += wall
+
+    def fields(self, side: str) -> str:
+        if not self.steps:
+            return f"{side}_forward_ms=n/a {side}_forward_share=n/a"
+        return (
+            f"{side}_forward_ms={1000 * self.forward_s / self.steps:.1f} "
+            f"{side}_forward_share={self.forward_s / self.wall_s:.3f}"
+        )
+
+
+def _counters(engine) -> tuple[int, float] | None:
+    steps, forward = getattr(engine, "steps", None), getattr(engine, "forward_seconds", None)
+    return None if steps is None or forward is None else (steps, forward)
+
+
 async def run_in_process(
     config: G3ServeConfig,
     texts: list[str],
@@ -61,9 +92,10 @@ async def run_in_process(
     concurrency: int,
     warm: list[str] | None = None,
     cpu: CpuMeter | None = None,
+    busy: EngineBusy | None = None,
 ) -> tuple[Run, int | None]:
     """The load against the engine in this process: (run, engine steps during it; None if the engine has no count);
-    `cpu` counts the CPU seconds of the timed load."""
+    `cpu` counts the CPU seconds of the timed load, `busy` the engine's forward passes in it."""
     from model_workers.deployment import ENGINE_FACTORIES
     from model_workers.gemma3.checkpoints import resolve_checkpoint
     from model_workers.gemma3.tokenizer import Gemma3Tokenizer
@@ -88,12 +120,14 @@ async def run_in_process(
 
     warm_run = Run("warm-up")  # not reported: first steps pay one-off allocations
     await _bounded(concurrency, [job(-1 - i, t, warm_run) for i, t in enumerate(warm or texts[:2])])
-    steps_before = getattr(engine, "steps", None)
+    steps_before, counted = getattr(engine, "steps", None), _counters(engine)
     if cpu:
         cpu.start()
     run.wall = await _bounded(concurrency, [job(i, t, run) for i, t in enumerate(texts)])
     if cpu:
         cpu.stop(run.wall)
+    if busy:
+        busy.add(counted, _counters(engine), run.wall)
     steps = engine.steps - steps_before if steps_before is not None else None
     await engine.shutdown()
     return run, steps
@@ -107,9 +141,11 @@ def run_through_serve(
     tmp: str,
     warm: list[str] | None = None,
     cpu: CpuMeter | None = None,
+    busy: EngineBusy | None = None,
 ) -> tuple[list[Run], int]:
     """Each load of `loads` in turn through one `g3serve serve` app: (runs, step-channel messages the decoder
-    replicas sent during the first); `cpu` counts the CPU seconds of the timed loads."""
+    replicas sent during the first); `cpu` counts the CPU seconds of the timed loads, `busy` the decoder engine's
+    forward passes in them."""
     import ray
     from ray import serve
 
@@ -134,11 +170,14 @@ def run_through_serve(
         for k, texts in enumerate(loads):
             sent_before = decoder.channel_messages_sent.remote().result()
             run = Run("g3serve (HTTP + Serve)")
+            counted = decoder.engine_counters.remote().result()
             if cpu:
                 cpu.start()
             run.wall = asyncio.run(_serve_load(url, model, texts, max_tokens, concurrency, run))
             if cpu:
                 cpu.stop(run.wall)
+            if busy:
+                busy.add(counted, decoder.engine_counters.remote().result(), run.wall)
             runs.append(run)
             if k == 0:
                 messages = decoder.channel_messages_sent.remote().result() - sent_before
@@ -312,14 +351,14 @@ def run_overhead(load: Load, config: G3ServeConfig) -> None:
     tok = Gemma3Tokenizer.from_checkpoint(resolve_checkpoint(config.model.checkpoint))
     sets = [load.texts] + [sized_prompts(tok, n, load.prompt_tokens, seed=7919 * k) for k in (1, 2, 3)]
     meters = {"in process": CpuMeter(), "served": CpuMeter()}
+    busy = {"in process": EngineBusy(), "served": EngineBusy()}
+    inproc_args = (max_tokens, conc, load.warm_texts, meters["in process"], busy["in process"])
     with tempfile.TemporaryDirectory(prefix="g3b-") as tmp:
-        first, steps = asyncio.run(
-            run_in_process(config, sets[0], max_tokens, conc, load.warm_texts, meters["in process"])
-        )
+        first, steps = asyncio.run(run_in_process(config, sets[0], *inproc_args))
         served, messages = run_through_serve(
-            config, sets[1:3], max_tokens, conc, tmp, load.warm_texts, meters["served"]
+            config, sets[1:3], max_tokens, conc, tmp, load.warm_texts, meters["served"], busy["served"]
         )
-        last, _ = asyncio.run(run_in_process(config, sets[3], max_tokens, conc, load.warm_texts, meters["in process"]))
+        last, _ = asyncio.run(run_in_process(config, sets[3], *inproc_args))
     inproc = [first, last]
 
     table = Table(title=f"{n} streamed completions, concurrency {conc}, {max_tokens} new tokens, greedy, A B B A")
@@ -351,6 +390,7 @@ def run_overhead(load: Load, config: G3ServeConfig) -> None:
         f"itl_p50_serve_ms={1000 * statistics.fmean(pct(r.itl, 0.5) for r in served):.1f} "
         f"itl_p50_inproc_ms={step_ms:.1f} "
         f"inproc_engine_steps={steps if steps is not None else 'n/a'} serve_channel_messages={messages} "
+        f"{busy['in process'].fields('inproc')} {busy['served'].fields('serve')} "
         f"load_avg={os.getloadavg()[0]:.1f}"
     )
 

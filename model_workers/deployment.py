@@ -141,6 +141,12 @@ class DecoderDeployment:
         """Step-channel messages this replica has sent (one per engine step per ingress replica with streams)."""
         return self._sender.messages_sent
 
+    def engine_counters(self) -> tuple[int, float] | None:
+        """(engine steps, seconds inside their forward passes) so far, for the serving benchmark's busy share; None
+        for an engine that does not count them."""
+        steps, forward = getattr(self._engine, "steps", None), getattr(self._engine, "forward_seconds", None)
+        return None if steps is None or forward is None else (steps, forward)
+
     def model_info(self) -> ModelInfo:
         return self._engine.info
 

@@ -98,6 +98,7 @@ class NativeEngine:
         self._dead: str | None = None  # why the engine can no longer serve (a lost rank), once it cannot
         self._stepping = False
         self.steps = 0
+        self.forward_seconds = 0.0  # time inside the forward passes (the worker thread's), for a step's busy share
         self._grammars: GrammarCompilers | None = None  # built on the first structured-output request
 
     # ---- lifecycle ------------------------------------------------------------------------------------------------
@@ -347,7 +348,7 @@ class NativeEngine:
         them and the engine if the runner lost a part of itself)."""
         self._stepping = True
         try:
-            return await asyncio.get_running_loop().run_in_executor(self._executor, self.runner.run, plan)
+            return await asyncio.get_running_loop().run_in_executor(self._executor, self._forward, plan)
         except EngineDeadError as e:
             self._die(str(e))
             return None
@@ -358,6 +359,13 @@ class NativeEngine:
             return None
         finally:
             self._stepping = False
+
+    def _forward(self, plan: StepPlan) -> dict[str, int]:
+        start = time.perf_counter()
+        try:
+            return self.runner.run(plan)
+        finally:
+            self.forward_seconds += time.perf_counter() - start
 
     def _die(self, reason: str) -> None:
         """The engine cannot serve any more: end every open request with the reason, stop the step loop."""
