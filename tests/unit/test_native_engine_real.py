@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 import torch
@@ -37,10 +38,24 @@ async def started(ckpt, **kw) -> NativeEngine:
     return eng
 
 
-async def collect(eng: NativeEngine, rid: str, prompt, max_tokens: int, delay: float = 0.0, **sp):
-    await asyncio.sleep(delay)
+async def collect(
+    eng: NativeEngine,
+    rid: str,
+    prompt,
+    max_tokens: int,
+    after: asyncio.Event | None = None,
+    decoding: asyncio.Event | None = None,
+    **sp,
+):
+    """`after`: start once it is set; `decoding`: set at this request's first token."""
+    if after is not None:
+        await after.wait()
     req = GenerateRequest(rid, tuple(prompt), SamplingParams(max_tokens=max_tokens, **{**GREEDY, **sp}))
-    deltas = [d async for d in eng.generate(req)]
+    deltas = []
+    async for d in eng.generate(req):
+        deltas.append(d)
+        if decoding is not None:
+            decoding.set()
     return [t for d in deltas for t in d.token_ids], "".join(d.text for d in deltas), deltas[-1]
 
 
@@ -51,6 +66,7 @@ def chat(tok, text: str) -> tuple[int, ...]:
 @pytest.mark.parametrize("accel", ["none", "auto"])
 async def test_continuous_batching_equals_transformers(real_270m_ckpt, hf_model, accel):
     """The plain engine (accel none: torch ops, exact head) and the accelerated one give transformers' tokens."""
+    began = time.perf_counter()
     eng = await started(real_270m_ckpt, accel=accel)
     tok = eng.tokenizer
     prompts = [
@@ -59,11 +75,19 @@ async def test_continuous_batching_equals_transformers(real_270m_ckpt, hf_model,
         tok.encode_completion("The quick brown fox jumps over the lazy dog. " * 12).token_ids,  # ~120 tokens: chunked
         chat(tok, "Hi"),
     ]
-    # Later requests arrive while earlier ones decode: they join the running batch (continuous batching).
-    results = await asyncio.gather(*[collect(eng, f"r{i}", p, 16, delay=0.4 * i) for i, p in enumerate(prompts)])
-    steps = eng.steps
+    # Later requests arrive while earlier ones decode (each once the one before has its first token, whatever the
+    # machine's speed): they join the running batch (continuous batching).
+    decoding = [asyncio.Event() for _ in prompts]
+    results = await asyncio.gather(
+        *[
+            collect(eng, f"r{i}", p, 16, after=decoding[i - 1] if i else None, decoding=decoding[i])
+            for i, p in enumerate(prompts)
+        ]
+    )
+    steps, forward = eng.steps, eng.forward_seconds
     await eng.shutdown()
     assert steps < 4 * 16, "requests were not batched together"
+    assert 0 < forward < time.perf_counter() - began  # the steps' forward passes, timed in the worker thread
     for p, (tokens, text, last) in zip(prompts, results, strict=True):
         assert tokens == reference(hf_model, p, 16)
         assert text == tok.decode(tokens) and last.finish_reason is FinishReason.LENGTH
