@@ -80,11 +80,6 @@ class EngineBusy:
         )
 
 
-def _counters(engine) -> tuple[int, float] | None:
-    steps, forward = getattr(engine, "steps", None), getattr(engine, "forward_seconds", None)
-    return None if steps is None or forward is None else (steps, forward)
-
-
 async def run_in_process(
     config: G3ServeConfig,
     texts: list[str],
@@ -96,7 +91,7 @@ async def run_in_process(
 ) -> tuple[Run, int | None]:
     """The load against the engine in this process: (run, engine steps during it; None if the engine has no count);
     `cpu` counts the CPU seconds of the timed load, `busy` the engine's forward passes in it."""
-    from model_workers.deployment import ENGINE_FACTORIES
+    from model_workers.deployment import ENGINE_FACTORIES, engine_counters
     from model_workers.gemma3.checkpoints import resolve_checkpoint
     from model_workers.gemma3.tokenizer import Gemma3Tokenizer
 
@@ -120,14 +115,14 @@ async def run_in_process(
 
     warm_run = Run("warm-up")  # not reported: first steps pay one-off allocations
     await _bounded(concurrency, [job(-1 - i, t, warm_run) for i, t in enumerate(warm or texts[:2])])
-    steps_before, counted = getattr(engine, "steps", None), _counters(engine)
+    steps_before, counted = getattr(engine, "steps", None), engine_counters(engine)
     if cpu:
         cpu.start()
     run.wall = await _bounded(concurrency, [job(i, t, run) for i, t in enumerate(texts)])
     if cpu:
         cpu.stop(run.wall)
     if busy:
-        busy.add(counted, _counters(engine), run.wall)
+        busy.add(counted, engine_counters(engine), run.wall)
     steps = engine.steps - steps_before if steps_before is not None else None
     await engine.shutdown()
     return run, steps

@@ -60,6 +60,13 @@ EngineFactory = Callable[[EngineSettings, ModelSettings, Path, str], DecoderEngi
 ENGINE_FACTORIES: Mapping[str, EngineFactory] = {"native": _native_engine, "vllm": _vllm_engine}
 
 
+def engine_counters(engine: DecoderEngine) -> tuple[int, float] | None:
+    """(steps, seconds inside their forward passes) of an engine so far, for the serving benchmark's busy share; None
+    for an engine that does not count them (vLLM's)."""
+    steps, forward = getattr(engine, "steps", None), getattr(engine, "forward_seconds", None)
+    return None if steps is None or forward is None else (steps, forward)
+
+
 def replica_id() -> str:
     """This replica's Serve id (unique per replica), or the pid outside Serve (in-process benchmarks)."""
     try:
@@ -142,10 +149,8 @@ class DecoderDeployment:
         return self._sender.messages_sent
 
     def engine_counters(self) -> tuple[int, float] | None:
-        """(engine steps, seconds inside their forward passes) so far, for the serving benchmark's busy share; None
-        for an engine that does not count them."""
-        steps, forward = getattr(self._engine, "steps", None), getattr(self._engine, "forward_seconds", None)
-        return None if steps is None or forward is None else (steps, forward)
+        """This replica's engine's `engine_counters`."""
+        return engine_counters(self._engine)
 
     def model_info(self) -> ModelInfo:
         return self._engine.info
