@@ -50,6 +50,7 @@ def test_haproxy_environment_keeps_its_files_and_ports_to_itself(tmp_path):
         assert env[f"RAY_SERVE_HAPROXY_{key}"].startswith(str(tmp_path))
     ports = {int(env["RAY_SERVE_HAPROXY_STATS_PORT"]), int(env["RAY_SERVE_HAPROXY_METRICS_PORT"])}
     assert len(ports) == 2 and not ports & {8404, 9101}  # not Ray's machine-wide defaults
+    assert float(env["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"]) < 30  # Ray's floor is for external balancers
 
 
 def test_http_proxy_is_a_checked_setting():
