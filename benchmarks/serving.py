@@ -146,7 +146,7 @@ def run_through_serve(
 
     from cluster.app import APP_NAME, DECODER
     from cluster.app import run as run_app
-    from cluster.local_ray import init_local_ray
+    from cluster.local_ray import init_local_ray, remove_state
 
     proxy = init_local_ray(
         config.ray.http_proxy,
@@ -180,6 +180,7 @@ def run_through_serve(
     finally:
         serve.shutdown()
         ray.shutdown()
+        remove_state(proxy)
 
 
 KV_BUDGET, KV_SEQ_LEN = 2 * 2**30, 32768
