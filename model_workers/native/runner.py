@@ -8,7 +8,7 @@ The step's index tensors are built once per step (step_batch.py): decodes (one t
 in one padded call per layer; each prefill chunk attends on its own.
 
 Everything that makes a step faster without changing its tokens enters here, through one `Acceleration` handed to
-the runner: the layers' elementwise ops, the decode attention, the projections' packing and the LM head. Its
+the runner: the layers' elementwise ops, the decode and prefill attention, the projections' packing and the LM head. Its
 default, `PLAIN`, is the reference engine: plain torch ops, gather + SDPA, nn.Linear and every logit exact.
 """
 
@@ -28,7 +28,7 @@ from model_workers.gemma3.lm_head import ExactHead, HeadOutput
 from model_workers.native.kv_cache.hybrid import HybridKVCache
 from model_workers.native.sampler import Sampler, with_exact_rows
 from model_workers.native.scheduler import ScheduledChunk, StepPlan
-from model_workers.native.step_batch import DecodeBatch, StepBatch, prepare_step
+from model_workers.native.step_batch import DecodeBatch, PrefillChunk, StepBatch, prepare_step
 
 
 class DecodeAttention(Protocol):
@@ -38,6 +38,16 @@ class DecodeAttention(Protocol):
         self, group: int, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float
     ) -> torch.Tensor:
         """q [D, Hq, Dh] of the decode rows; k_cache/v_cache [num_pages, P, Hkv, Dh] of the layer. Returns [D, Hq, Dh]."""
+
+
+class PrefillAttention(Protocol):
+    """One prefill chunk's attention, built from its `PrefillChunk` (so it can lay out its own per-chunk indices)."""
+
+    def attend(
+        self, group: int, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float
+    ) -> torch.Tensor:
+        """q [n, Hq, Dh] fp32 of the chunk's rows; k_cache/v_cache [num_pages, P, Hkv, Dh] of the layer (the chunk's
+        own K/V already written). Returns [n, Hq, Dh]."""
 
 
 class LmHead(Protocol):
@@ -72,6 +82,23 @@ class TorchDecodeAttention:
         return sdpa(q[:, None].to(kk.dtype), kk, vv, self.masks[group], scale)[:, 0].to(q.dtype)
 
 
+class TorchPrefillAttention:
+    """The reference prefill attention: gather the chunk's pages, then SDPA (flash, causal, where no mask is needed).
+    The bf16 mode's query meets the bf16 cache in its dtype; SDPA's softmax and sums stay fp32 inside."""
+
+    def __init__(self, chunk: PrefillChunk):
+        self.chunk = chunk
+
+    def attend(self, group, q, k_cache, v_cache, scale):
+        _, _, hkv, hd = k_cache.shape
+        pf = self.chunk
+        pages = pf.pages[group]
+        kk = k_cache.index_select(0, pages).view(1, -1, hkv, hd)
+        vv = v_cache.index_select(0, pages).view(1, -1, hkv, hd)
+        mask = None if pf.masks is None else pf.masks[0 if group == 0 else 1]
+        return sdpa(q[None].to(kk.dtype), kk, vv, mask, scale, is_causal=pf.masks is None)[0]
+
+
 def _no_packing(layers: nn.Module) -> int:
     return 0
 
@@ -84,6 +111,7 @@ class Acceleration:
     name: str = "none"
     layer_ops: LayerOps = TORCH_OPS
     decode_attention: Callable[[DecodeBatch], DecodeAttention] = TorchDecodeAttention
+    prefill_attention: Callable[[PrefillChunk], PrefillAttention] = TorchPrefillAttention
     make_head: Callable[[torch.Tensor, float | None], LmHead] = ExactHead  # (tied weight, softcap) -> head
     pack_projections: Callable[[nn.Module], int] = _no_packing  # swaps the layers' nn.Linear in place; how many
 
@@ -98,6 +126,7 @@ class PagedAttention:
         self.kv, self.spec, self.batch, self.scale = kv, cache.spec, batch, scale
         self.slots = [cache.spec.layer_slot(i) for i in range(len(cache.spec.layer_types))]
         self.decode = accel.decode_attention(batch.decode) if batch.decode is not None else None
+        self.prefills = [(pf.rows, accel.prefill_attention(pf)) for pf in batch.prefills]
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         group, slot = self.slots[layer]
@@ -111,13 +140,8 @@ class PagedAttention:
         if self.decode is not None:
             d = b.num_decodes
             out[:d] = self.decode.attend(group, q[:d].contiguous(), k_cache, v_cache, self.scale)
-        for pf in b.prefills:
-            pages = pf.pages[group]
-            kk = k_cache.index_select(0, pages).view(1, -1, hkv, hd)
-            vv = v_cache.index_select(0, pages).view(1, -1, hkv, hd)
-            mask = None if pf.masks is None else pf.masks[0 if group == 0 else 1]
-            qq = q[pf.rows][None].to(kk.dtype)  # bf16 mode: bf16 SDPA over the bf16 cache, fp32 softmax inside
-            out[pf.rows] = sdpa(qq, kk, vv, mask, self.scale, is_causal=pf.masks is None)[0]
+        for rows, prefill in self.prefills:
+            out[rows] = prefill.attend(group, q[rows].contiguous(), k_cache, v_cache, self.scale)
         return out
 
 

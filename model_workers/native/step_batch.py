@@ -34,11 +34,18 @@ class DecodeBatch:
 
 @dataclass(frozen=True)
 class PrefillChunk:
-    """One prefill chunk's rows in the flat batch and its key pages per group."""
+    """One prefill chunk's rows in the flat batch and its key pages per group. Its mask is given twice: as boolean
+    masks (the torch path's) and as what they are made of, for implementations that derive key ranges (accel): each
+    query attends from 0 (global) or its window's start (local) up to its own position, or to the end of its image
+    block when it is an image token."""
 
     rows: slice
     pages: list[torch.Tensor]
     masks: tuple[torch.Tensor, torch.Tensor] | None  # (global, local) [1, 1, n, keys]; None: plain causal on both
+    start: int  # the position of the chunk's first token
+    first_pos: tuple[int, int]  # (global, local): the position held by slot 0 of pages[group][0]
+    image_ends: torch.Tensor | None  # [n] one past the last position of each token's image block, -1 for text
+    sliding_window: int
 
 
 @dataclass(frozen=True)
@@ -144,7 +151,7 @@ def prepare_prefill(
         # A text chunk from position 0 that fits the window: the mask is plain causal on both layer types, which
         # SDPA's flash kernel applies by skipping the blocks above the diagonal (half the chunk's attention FLOPs)
         # instead of reading an explicit mask. Keys past the chunk (the last page's tail) lie above it too.
-        return PrefillChunk(slice(row, row + n), pages, None)
+        return PrefillChunk(slice(row, row + n), pages, None, s, (0, lo_block * P), None, W)
     qpos = torch.arange(s, s + n)
     masks = []
     for is_global, lo in ((True, 0), (False, lo_block * P)):
@@ -155,7 +162,9 @@ def prepare_prefill(
             q_ids = torch.full((n,), -1, dtype=torch.long)
         m = attention_mask(qpos, kpos, None if is_global else W, q_ids, k_img)
         masks.append(m[None, None].to(device))
-    return PrefillChunk(slice(row, row + n), pages, (masks[0], masks[1]))
+    return PrefillChunk(
+        slice(row, row + n), pages, (masks[0], masks[1]), s, (0, lo_block * P), _image_ends(seq, s, s + n), W
+    )
 
 
 def _tables(cache: HybridKVCache, seq: Sequence) -> list[list[int]]:
@@ -183,6 +192,18 @@ def _image_ids(seq: Sequence, lo: int, hi: int) -> torch.Tensor | None:
                 ids = torch.full((hi - lo,), -1, dtype=torch.long)
             ids[a - lo : b - lo] = i
     return ids
+
+
+def _image_ends(seq: Sequence, lo: int, hi: int) -> torch.Tensor | None:
+    """One past the last position of each position's image span in [lo, hi) (-1 for text), or None when none is."""
+    ends = None
+    for span in seq.images:
+        a, b = max(lo, span.offset), min(hi, span.offset + span.length)
+        if a < b:
+            if ends is None:
+                ends = torch.full((hi - lo,), -1, dtype=torch.long)
+            ends[a - lo : b - lo] = span.offset + span.length
+    return ends
 
 
 def _slice_tokens(seq: Sequence, lo: int, hi: int) -> list[int]:

@@ -1,7 +1,7 @@
 """The native engine's CPU speed-ups, handed to the runner as one `runner.Acceleration` (`build_accel`).
 
 What is here makes a step faster and is not needed for correctness: the C++ kernels and their loader (kernels/:
-decode attention reading K/V in place, fused layer ops, the skinny decode projections), the packed and int8
+decode and prefill attention reading K/V in place, fused layer ops, the skinny decode projections), the packed and int8
 projections (packed_linear.py), the LM head that ranks the vocabulary in bf16/int8 and recomputes the possible
 winners in fp32 (candidates_head.py, head_ranking.py), and the rules that pick them from the CPU (cpu_features.py).
 Every piece gives the greedy tokens of the plain engine (tests/unit/test_accel.py and the real-270M parity tests).
@@ -26,9 +26,14 @@ from model_workers.gemma3.decoder import TORCH_OPS
 from model_workers.gemma3.gguf_int8 import layer_blocks
 from model_workers.native.accel.candidates_head import LmHeadMode, make_head
 from model_workers.native.accel.cpu_features import CpuFeatures, head_mode
-from model_workers.native.accel.kernels import FusedLayerOps, KernelDecodeAttention, KernelLibrary
+from model_workers.native.accel.kernels import (
+    FusedLayerOps,
+    KernelDecodeAttention,
+    KernelLibrary,
+    KernelPrefillAttention,
+)
 from model_workers.native.accel.packed_linear import ProjectionKernel, pack_linears, resolve_kernel
-from model_workers.native.runner import PLAIN, Acceleration, TorchDecodeAttention
+from model_workers.native.runner import PLAIN, Acceleration, TorchDecodeAttention, TorchPrefillAttention
 
 log = logging.getLogger(__name__)
 AccelMode = Literal["auto", "none", "cpu"]
@@ -59,8 +64,8 @@ def build_accel(
             raise ValueError(f"engine.native.accel 'cpu' needs a CPU device, not {device.type} (use auto or none)")
         if not library.available:
             raise ValueError(f"engine.native.accel 'cpu': the C++ kernels cannot be built here: {library.error}")
-    # The kernels compute fp32 (fused_layer_ops.cpp, paged_decode_attention.cpp). Both modes keep the residual
-    # stream fp32, and the decode kernel reads a bf16 cache too, so they serve both.
+    # The kernels compute fp32 (fused_layer_ops.cpp, paged_*_attention.cpp). Both modes keep the residual stream
+    # fp32, and the attention kernels read a bf16 cache too, so they serve both.
     use_kernels = on_cpu and dtype in (torch.float32, torch.bfloat16) and library is not None and library.available
     # The tied head's weight and the hidden states it ranks are fp32 in both modes (decoder.py): its exact-argmax
     # ranking applies to the bf16 mode as well.
@@ -94,6 +99,7 @@ def build_accel(
         name="cpu",
         layer_ops=FusedLayerOps() if use_kernels else TORCH_OPS,
         decode_attention=KernelDecodeAttention if use_kernels else TorchDecodeAttention,
+        prefill_attention=KernelPrefillAttention if use_kernels else TorchPrefillAttention,
         make_head=lambda weight, softcap: make_head(weight, head, softcap),
         pack_projections=pack,
     )

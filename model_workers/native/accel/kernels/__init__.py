@@ -1,4 +1,4 @@
-"""g3serve's C++ CPU kernels (decode attention, fused layer ops, skinny projections), compiled on first use and
+"""g3serve's C++ CPU kernels (decode and prefill attention, fused layer ops, skinny projections), compiled on first use and
 cached per source, torch, CPU and build.
 
 They are built with torch's own extension builder (needs a C++ compiler and ninja, both present wherever torch
@@ -22,12 +22,14 @@ from typing import Literal
 import torch
 
 from model_workers.gemma3.decoder import TORCH_OPS
-from model_workers.native.step_batch import DecodeBatch
+from model_workers.native.step_batch import DecodeBatch, PrefillChunk
 
 log = logging.getLogger(__name__)
-# One library (one torch op namespace): decode attention, the layer's fused elementwise ops, decode-size projections.
+# One library (one torch op namespace): decode and prefill attention, the layer's fused elementwise ops, decode-size
+# projections.
 _SOURCES = [
-    Path(__file__).with_name(n) for n in ("paged_decode_attention.cpp", "fused_layer_ops.cpp", "skinny_linear.cpp")
+    Path(__file__).with_name(n)
+    for n in ("paged_decode_attention.cpp", "paged_prefill_attention.cpp", "fused_layer_ops.cpp", "skinny_linear.cpp")
 ]
 Build = Literal["native", "avx2", "scalar"]
 # -fopenmp: at::parallel_for is a header template that splits work over torch's OpenMP pool only when the
@@ -121,6 +123,29 @@ class KernelDecodeAttention:
     def attend(self, group, q, k_cache, v_cache, scale):
         return torch.ops.g3serve.paged_decode_attention(
             q, k_cache, v_cache, self.pages[group], self.first[group], self.key_lo[min(group, 1)], self.key_hi, scale
+        )
+
+
+class KernelPrefillAttention:
+    """runner.PrefillAttention on paged_prefill_attention.cpp: reads the chunk's K/V from the pages in place,
+    flash-style, with fp32 scores and sums over either cache dtype. Each query's key range per layer type is built
+    here, once per chunk: [0 or its window's start, its position + 1, or its image block's end)."""
+
+    def __init__(self, chunk: PrefillChunk):
+        n = chunk.rows.stop - chunk.rows.start
+        qpos = torch.arange(chunk.start, chunk.start + n)
+        hi = qpos + 1
+        if chunk.image_ends is not None:  # an image token sees its whole block (bidirectional), never beyond
+            hi = torch.maximum(hi, chunk.image_ends)
+        self.key_hi = hi
+        self.key_lo = (torch.zeros_like(qpos), (qpos - chunk.sliding_window + 1).clamp(min=0))
+        self.pages = chunk.pages
+        self.first_pos = chunk.first_pos
+
+    def attend(self, group, q, k_cache, v_cache, scale):
+        kind = min(group, 1)  # group 0 is the global layers', every other group a local one's
+        return torch.ops.g3serve.paged_prefill_attention(
+            q, k_cache, v_cache, self.pages[group], self.first_pos[kind], self.key_lo[kind], self.key_hi, scale
         )
 
 

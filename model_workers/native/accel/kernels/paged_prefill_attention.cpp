@@ -1,0 +1,289 @@
+// Prefill attention straight from the paged KV cache: a chunk of query tokens of one sequence against that
+// sequence's keys, as a torch custom op. The cache is fp32 or bf16; q, the scores, the softmax and the sums are fp32
+// (the bf16 values are widened exactly), so the bf16 mode keeps fp32 attention arithmetic over its bf16 cache.
+//
+// Why: SDPA's CPU flash kernel runs Gemma's 256-wide heads far below the projections' GEMM rate, and the torch path
+// first gathers the chunk's pages into a contiguous copy per layer. Here a block of query tokens (all the query heads
+// of one KV head: GQA) meets each block of keys once, flash-style (online softmax), reading the keys in place:
+//   scores  S[m][j] = scale * q_m . k_j   with the key block widened and transposed into a small buffer, so the
+//                                          inner loop is a GEMM's (broadcast q, a vector of 16 keys);
+//   values  acc[m][:] += p[m][j] * v_j     (broadcast p, a vector of 16 dims).
+// Each query token t attends to the key positions [key_lo[t], key_hi[t]): causal, a sliding window, and an image
+// block's bidirectional span are all such ranges (step_batch.py builds them); key blocks no row of a query block
+// reaches are skipped, so a causal chunk costs half of the full square.
+//
+//   q         [T, Hq, D]      fp32, contiguous
+//   k_cache   [N, P, Hkv, D]  fp32 or bf16; v_cache likewise; last three dims contiguous, any page stride
+//   pages     [W] int64       the sequence's page ids; pages[0] holds position first_pos
+//   key_lo    [T] int64       first key position each query token attends
+//   key_hi    [T] int64       one past the last
+//   returns   [T, Hq, D] fp32
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+namespace {
+
+constexpr int64_t QB = 16;  // query tokens per block (x G heads = the block's rows)
+constexpr int64_t KB = 32;  // keys per block: the widened, transposed block is D x 32 fp32 (32 KiB at D = 256)
+
+inline float widen(float x) { return x; }
+inline float widen(at::BFloat16 x) { return static_cast<float>(x); }
+
+// kt[d * KB + j] = k_j[d] (fp32) for the n <= KB keys of a block; the rest of the buffer's columns are zero.
+template <typename T>
+void load_keys_transposed(const T* const* rows, int64_t n, int64_t D, float* kt) {
+  for (int64_t j = 0; j < n; ++j) {
+    const T* k = rows[j];
+    for (int64_t d = 0; d < D; ++d) kt[d * KB + j] = widen(k[d]);
+  }
+  for (int64_t j = n; j < KB; ++j)
+    for (int64_t d = 0; d < D; ++d) kt[d * KB + j] = 0.f;
+}
+
+// vb[j * D + d] = v_j[d] (fp32) for the n keys of a block.
+template <typename T>
+void load_values(const T* const* rows, int64_t n, int64_t D, float* vb) {
+  for (int64_t j = 0; j < n; ++j) {
+    const T* v = rows[j];
+    float* o = vb + j * D;
+#pragma omp simd
+    for (int64_t d = 0; d < D; ++d) o[d] = widen(v[d]);
+  }
+}
+
+// s[m * KB + j] = sc * sum_d q[m * D + d] * kt[d * KB + j] for M rows and all KB (= 32) columns.
+void block_scores(const float* q, int64_t M, int64_t D, const float* kt, float sc, float* s) {
+#if defined(__AVX512F__)
+  int64_t m = 0;
+  for (; m + 6 <= M; m += 6) {  // 6 rows x 32 keys: 12 accumulators, 2 key loads per 12 FMAs
+    __m512 acc[6][2];
+    for (int r = 0; r < 6; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+    for (int64_t d = 0; d < D; ++d) {
+      const __m512 k0 = _mm512_loadu_ps(kt + d * KB), k1 = _mm512_loadu_ps(kt + d * KB + 16);
+      for (int r = 0; r < 6; ++r) {
+        const __m512 qv = _mm512_set1_ps(q[(m + r) * D + d]);
+        acc[r][0] = _mm512_fmadd_ps(qv, k0, acc[r][0]);
+        acc[r][1] = _mm512_fmadd_ps(qv, k1, acc[r][1]);
+      }
+    }
+    const __m512 scv = _mm512_set1_ps(sc);
+    for (int r = 0; r < 6; ++r) {
+      _mm512_storeu_ps(s + (m + r) * KB, _mm512_mul_ps(acc[r][0], scv));
+      _mm512_storeu_ps(s + (m + r) * KB + 16, _mm512_mul_ps(acc[r][1], scv));
+    }
+  }
+  for (; m < M; ++m) {
+    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+    for (int64_t d = 0; d < D; ++d) {
+      const __m512 qv = _mm512_set1_ps(q[m * D + d]);
+      a0 = _mm512_fmadd_ps(qv, _mm512_loadu_ps(kt + d * KB), a0);
+      a1 = _mm512_fmadd_ps(qv, _mm512_loadu_ps(kt + d * KB + 16), a1);
+    }
+    _mm512_storeu_ps(s + m * KB, _mm512_mul_ps(a0, _mm512_set1_ps(sc)));
+    _mm512_storeu_ps(s + m * KB + 16, _mm512_mul_ps(a1, _mm512_set1_ps(sc)));
+  }
+#else
+  for (int64_t m = 0; m < M; ++m) {
+    float row[KB] = {0.f};
+    for (int64_t d = 0; d < D; ++d) {
+      const float qd = q[m * D + d];
+      const float* k = kt + d * KB;
+#pragma omp simd
+      for (int64_t j = 0; j < KB; ++j) row[j] += qd * k[j];
+    }
+    for (int64_t j = 0; j < KB; ++j) s[m * KB + j] = row[j] * sc;
+  }
+#endif
+}
+
+// acc[m * D + d] += sum_{j < n} p[m * KB + j] * vb[j * D + d] for M rows.
+void block_values(const float* p, int64_t M, int64_t n, int64_t D, const float* vb, float* acc) {
+#if defined(__AVX512F__)
+  if (D % 64 == 0) {
+    for (int64_t d0 = 0; d0 < D; d0 += 64) {
+      int64_t m = 0;
+      for (; m + 4 <= M; m += 4) {  // 4 rows x 64 dims: 16 accumulators, 4 value loads per 16 FMAs
+        __m512 a[4][4];
+        for (int r = 0; r < 4; ++r)
+          for (int c = 0; c < 4; ++c) a[r][c] = _mm512_loadu_ps(acc + (m + r) * D + d0 + 16 * c);
+        for (int64_t j = 0; j < n; ++j) {
+          const float* v = vb + j * D + d0;
+          const __m512 v0 = _mm512_loadu_ps(v), v1 = _mm512_loadu_ps(v + 16);
+          const __m512 v2 = _mm512_loadu_ps(v + 32), v3 = _mm512_loadu_ps(v + 48);
+          for (int r = 0; r < 4; ++r) {
+            const __m512 pr = _mm512_set1_ps(p[(m + r) * KB + j]);
+            a[r][0] = _mm512_fmadd_ps(pr, v0, a[r][0]);
+            a[r][1] = _mm512_fmadd_ps(pr, v1, a[r][1]);
+            a[r][2] = _mm512_fmadd_ps(pr, v2, a[r][2]);
+            a[r][3] = _mm512_fmadd_ps(pr, v3, a[r][3]);
+          }
+        }
+        for (int r = 0; r < 4; ++r)
+          for (int c = 0; c < 4; ++c) _mm512_storeu_ps(acc + (m + r) * D + d0 + 16 * c, a[r][c]);
+      }
+      for (; m < M; ++m) {
+        for (int64_t j = 0; j < n; ++j) {
+          const float pr = p[m * KB + j];
+          const float* v = vb + j * D + d0;
+          float* a = acc + m * D + d0;
+#pragma omp simd
+          for (int64_t d = 0; d < 64; ++d) a[d] += pr * v[d];
+        }
+      }
+    }
+    return;
+  }
+#endif
+  for (int64_t m = 0; m < M; ++m) {
+    float* a = acc + m * D;
+    for (int64_t j = 0; j < n; ++j) {
+      const float pr = p[m * KB + j];
+      const float* v = vb + j * D;
+#pragma omp simd
+      for (int64_t d = 0; d < D; ++d) a[d] += pr * v[d];
+    }
+  }
+}
+
+template <typename T>
+void attend_chunk(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& pages,
+                  int64_t first_pos, const at::Tensor& key_lo, const at::Tensor& key_hi, float sc, at::Tensor& out) {
+  const int64_t NT = q.size(0), Hq = q.size(1), D = q.size(2);
+  const int64_t P = k_cache.size(1), Hkv = k_cache.size(2), W = pages.size(0);
+  const int64_t G = Hq / Hkv, page_stride = k_cache.stride(0), pos_stride = k_cache.stride(1);
+  const float* qp = q.data_ptr<float>();
+  const T* kp = k_cache.data_ptr<T>();
+  const T* vp = v_cache.data_ptr<T>();
+  float* op = out.data_ptr<float>();
+  const int64_t* pg = pages.data_ptr<int64_t>();
+  const int64_t* lo_p = key_lo.data_ptr<int64_t>();
+  const int64_t* hi_p = key_hi.data_ptr<int64_t>();
+  for (int64_t t = 0; t < NT; ++t)
+    TORCH_CHECK(lo_p[t] >= first_pos && lo_p[t] < hi_p[t] && (hi_p[t] - 1 - first_pos) / P < W,
+                "key range outside the block table");
+
+  const int64_t blocks = (NT + QB - 1) / QB;
+  const int64_t items = blocks * Hkv;
+  // Under a causal mask later query blocks have more keys. at::parallel_for hands each thread a contiguous range
+  // of items, so the items are dealt in the order first, last, second, second-to-last...: every range mixes cheap
+  // and costly blocks.
+  auto block_of = [&](int64_t i) { return (i % 2 == 0) ? i / 2 : blocks - 1 - i / 2; };
+  at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
+    const int64_t M_max = QB * G;
+    std::vector<float> qb(M_max * D), acc(M_max * D), kt(D * KB), vb(KB * D), s(M_max * KB);
+    std::vector<float> row_max(M_max), row_sum(M_max);
+    std::vector<const T*> k_rows(KB), v_rows(KB);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t h = item / blocks, b = block_of(item % blocks);
+      const int64_t t0 = b * QB, nt = std::min(QB, NT - t0), M = nt * G;
+      // Rows m = tt * G + g: token t0 + tt, query head h * G + g.
+      for (int64_t tt = 0; tt < nt; ++tt)
+        std::copy(qp + ((t0 + tt) * Hq + h * G) * D, qp + ((t0 + tt) * Hq + h * G + G) * D, qb.data() + tt * G * D);
+      std::fill(acc.begin(), acc.begin() + M * D, 0.f);
+      std::fill(row_max.begin(), row_max.begin() + M, -std::numeric_limits<float>::infinity());
+      std::fill(row_sum.begin(), row_sum.begin() + M, 0.f);
+      int64_t lo = lo_p[t0], hi = hi_p[t0];
+      for (int64_t tt = 1; tt < nt; ++tt) {
+        lo = std::min(lo, lo_p[t0 + tt]);
+        hi = std::max(hi, hi_p[t0 + tt]);
+      }
+      for (int64_t k0 = lo; k0 < hi; k0 += KB) {
+        const int64_t n = std::min(KB, hi - k0);
+        for (int64_t j = 0; j < n; ++j) {
+          const int64_t rel = k0 + j - first_pos;
+          const int64_t off = pg[rel / P] * page_stride + (rel % P) * pos_stride + h * D;
+          k_rows[j] = kp + off;
+          v_rows[j] = vp + off;
+        }
+        load_keys_transposed<T>(k_rows.data(), n, D, kt.data());
+        block_scores(qb.data(), M, D, kt.data(), sc, s.data());
+        // Online softmax: mask each row to its key range, rescale what it has summed when its max grows.
+        bool any = false;
+        for (int64_t m = 0; m < M; ++m) {
+          const int64_t t = t0 + m / G;
+          const int64_t a = std::max<int64_t>(0, lo_p[t] - k0), z = std::min<int64_t>(n, hi_p[t] - k0);
+          float* sr = s.data() + m * KB;
+          if (a >= z) {  // no key of this block for this row
+            std::fill(sr, sr + KB, 0.f);
+            continue;
+          }
+          any = true;
+          float mx = row_max[m];
+          for (int64_t j = a; j < z; ++j) mx = std::max(mx, sr[j]);
+          if (mx > row_max[m]) {
+            const float corr = std::exp(row_max[m] - mx);  // exp(-inf) = 0 for a row's first block
+            row_sum[m] *= corr;
+            float* am = acc.data() + m * D;
+            if (corr != 1.f)
+              for (int64_t d = 0; d < D; ++d) am[d] *= corr;
+            row_max[m] = mx;
+          }
+          float total = 0.f;
+          for (int64_t j = 0; j < a; ++j) sr[j] = 0.f;
+          for (int64_t j = a; j < z; ++j) total += (sr[j] = std::exp(sr[j] - mx));
+          for (int64_t j = z; j < KB; ++j) sr[j] = 0.f;
+          row_sum[m] += total;
+        }
+        if (!any) continue;
+        load_values<T>(v_rows.data(), n, D, vb.data());
+        block_values(s.data(), M, n, D, vb.data(), acc.data());
+      }
+      for (int64_t tt = 0; tt < nt; ++tt)
+        for (int64_t g = 0; g < G; ++g) {
+          const int64_t m = tt * G + g;
+          const float inv = 1.f / row_sum[m];
+          const float* am = acc.data() + m * D;
+          float* o = op + ((t0 + tt) * Hq + h * G + g) * D;
+          for (int64_t d = 0; d < D; ++d) o[d] = am[d] * inv;
+        }
+    }
+  });
+}
+
+at::Tensor paged_prefill_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                   const at::Tensor& pages, int64_t first_pos, const at::Tensor& key_lo,
+                                   const at::Tensor& key_hi, double scale) {
+  const auto kv_type = k_cache.scalar_type();
+  TORCH_CHECK(q.scalar_type() == at::kFloat, "q must be fp32");
+  TORCH_CHECK(kv_type == at::kFloat || kv_type == at::kBFloat16, "the KV cache must be fp32 or bf16");
+  TORCH_CHECK(v_cache.scalar_type() == kv_type, "k_cache and v_cache must share a dtype");
+  TORCH_CHECK(q.dim() == 3 && q.is_contiguous(), "q must be a contiguous [T, Hq, D]");
+  TORCH_CHECK(pages.dim() == 1 && pages.is_contiguous() && pages.scalar_type() == at::kLong, "pages: [W] int64");
+  TORCH_CHECK(key_lo.is_contiguous() && key_hi.is_contiguous() && key_lo.size(0) == q.size(0) &&
+                  key_hi.size(0) == q.size(0),
+              "key_lo/key_hi: one int64 per query token");
+  TORCH_CHECK(k_cache.stride(3) == 1 && k_cache.stride(2) == k_cache.size(3) &&
+                  k_cache.stride(1) == k_cache.size(2) * k_cache.size(3),
+              "k_cache: last three dims must be contiguous");
+  TORCH_CHECK(v_cache.strides() == k_cache.strides(), "k_cache and v_cache must share strides");
+  TORCH_CHECK(q.size(1) % k_cache.size(2) == 0 && k_cache.size(3) == q.size(2), "shape mismatch");
+  auto out = at::empty_like(q);
+  if (q.size(0) == 0) return out;
+  const float sc = static_cast<float>(scale);
+  if (kv_type == at::kBFloat16) {
+    attend_chunk<at::BFloat16>(q, k_cache, v_cache, pages, first_pos, key_lo, key_hi, sc, out);
+  } else {
+    attend_chunk<float>(q, k_cache, v_cache, pages, first_pos, key_lo, key_hi, sc, out);
+  }
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(g3serve, m) {
+  m.def(
+      "paged_prefill_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor pages, int first_pos, "
+      "Tensor key_lo, Tensor key_hi, float scale) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(g3serve, CPU, m) { m.impl("paged_prefill_attention", &paged_prefill_attention); }
