@@ -49,6 +49,22 @@ def _case(hq, hkv, d, start, n, window, image, dtype, seed=0):
     return (q, k_cache, v_cache, pages, first, key_lo, key_hi, 0.0625), want
 
 
+def _torch_bf16(q, k_cache, v_cache, pages, first, start, window, image, scale):
+    """runner.TorchPrefillAttention's arithmetic on a bf16 cache: gather, the query in bf16, SDPA in bf16."""
+    hkv, d = k_cache.shape[2], k_cache.shape[3]
+    kk = k_cache.index_select(0, pages).view(1, -1, hkv, d)
+    vv = v_cache.index_select(0, pages).view(1, -1, hkv, d)
+    qpos = torch.arange(start, start + q.shape[0])
+    kpos = torch.arange(first, first + kk.shape[1])
+    groups_q = groups_k = None
+    if image is not None:
+        a, length = image
+        groups_q = torch.where((qpos >= a) & (qpos < a + length), 0, -1)
+        groups_k = torch.where((kpos >= a) & (kpos < a + length), 0, -1)
+    mask = attention_mask(qpos, kpos, window, groups_q, groups_k)[None, None]
+    return sdpa(q[None].to(kk.dtype), kk, vv, mask, scale)[0].float()
+
+
 # (query heads, kv heads, head dim): 256 is the 270M's; 32 and 48 take the portable value loop (not a multiple of 64).
 @pytest.mark.parametrize("hq,hkv,d", [(4, 1, 256), (8, 2, 64), (2, 2, 32), (6, 2, 48)])
 @pytest.mark.parametrize(
@@ -67,8 +83,18 @@ def test_kernel_matches_gather_and_masked_sdpa(hq, hkv, d, start, n, window, ima
     assert KernelLibrary().available, "the kernel must build here (g++ and ninja are installed with the project)"
     args, want = _case(hq, hkv, d, start, n, window, image, dtype)
     got = torch.ops.g3serve.paged_prefill_attention(*args)
-    assert got.dtype == torch.float32  # fp32 sums over a bf16 cache too: it equals the fp32 reference on its values
-    assert torch.allclose(got, want, atol=2e-5, rtol=2e-5), (got - want).abs().max()
+    assert got.dtype == torch.float32
+    err = (got - want).abs().max().item()
+    if dtype == torch.float32:
+        assert err <= 2e-5, err
+        return
+    # The bf16 cache: where the CPU has AVX512-BF16 the kernel rounds the query and the softmax weights to bf16 for
+    # the dot-product instruction (fp32 sums, fp32 softmax), as the torch path's bf16 SDPA does; elsewhere it widens
+    # the cache and computes fp32. Either way it is no further from the fp32 result than the torch path is.
+    q, k_cache, v_cache, pages, first, lo, hi, scale = args
+    torch_path = _torch_bf16(q, k_cache, v_cache, pages, first, start, window, image, scale)
+    torch_err = (torch_path - want).abs().max().item()
+    assert err <= max(1.25 * torch_err, 2e-5), (err, torch_err)
 
 
 def test_kernel_refuses_ranges_outside_the_block_table_and_mixed_dtypes():

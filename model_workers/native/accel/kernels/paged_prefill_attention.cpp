@@ -28,8 +28,12 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <limits>
+#include <type_traits>
 #include <vector>
+
+#include <c10/util/bit_cast.h>
 
 namespace {
 
@@ -106,6 +110,131 @@ void block_scores(const float* q, int64_t M, int64_t D, const float* kt, float s
 #endif
 }
 
+#if defined(__AVX512BF16__)
+// The bf16 cache on CPUs with AVX512-BF16: the scores take the bf16 dot-product instruction (two products per fp32
+// lane, summed in fp32), twice the fp32 FMA rate. The query is rounded to bf16 for it, as SDPA's bf16 path and the
+// peers' bf16 attention do; the keys are the cache's own bf16 values, the sums, the softmax and the values stay fp32.
+constexpr bool kBf16Dot = true;
+
+// kt2[(d / 2) * KB + j] = the bf16 pair (k_j[d], k_j[d + 1]) for the n <= KB keys of a block (zero beyond n).
+void load_key_pairs(const at::BFloat16* const* rows, int64_t n, int64_t D, uint32_t* kt2) {
+  for (int64_t j = 0; j < n; ++j) {
+    const uint32_t* k = reinterpret_cast<const uint32_t*>(rows[j]);
+    for (int64_t dp = 0; dp < D / 2; ++dp) kt2[dp * KB + j] = k[dp];
+  }
+  for (int64_t j = n; j < KB; ++j)
+    for (int64_t dp = 0; dp < D / 2; ++dp) kt2[dp * KB + j] = 0u;
+}
+
+// q2[m * D / 2 + dp] = the bf16 pair (q_m[2 dp], q_m[2 dp + 1]), rounded to nearest even.
+void query_pairs(const float* q, int64_t M, int64_t D, uint32_t* q2) {
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t dp = 0; dp < D / 2; ++dp) {
+      const uint16_t lo = c10::bit_cast<uint16_t>(at::BFloat16(q[m * D + 2 * dp]));
+      const uint16_t hi = c10::bit_cast<uint16_t>(at::BFloat16(q[m * D + 2 * dp + 1]));
+      q2[m * D / 2 + dp] = static_cast<uint32_t>(lo) | (static_cast<uint32_t>(hi) << 16);
+    }
+}
+
+// s[m * KB + j] = sc * q_m . k_j over bf16 pairs, for M rows and all KB (= 32) columns.
+void block_scores_bf16(const uint32_t* q2, int64_t M, int64_t D, const uint32_t* kt2, float sc, float* s) {
+  const int64_t DP = D / 2;
+  const __m512 scv = _mm512_set1_ps(sc);
+  int64_t m = 0;
+  for (; m + 6 <= M; m += 6) {
+    __m512 acc[6][2];
+    for (int r = 0; r < 6; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+    for (int64_t dp = 0; dp < DP; ++dp) {
+      const __m512bh k0 = (__m512bh)_mm512_loadu_si512(kt2 + dp * KB);
+      const __m512bh k1 = (__m512bh)_mm512_loadu_si512(kt2 + dp * KB + 16);
+      for (int r = 0; r < 6; ++r) {
+        const __m512bh qv = (__m512bh)_mm512_set1_epi32(static_cast<int>(q2[(m + r) * DP + dp]));
+        acc[r][0] = _mm512_dpbf16_ps(acc[r][0], qv, k0);
+        acc[r][1] = _mm512_dpbf16_ps(acc[r][1], qv, k1);
+      }
+    }
+    for (int r = 0; r < 6; ++r) {
+      _mm512_storeu_ps(s + (m + r) * KB, _mm512_mul_ps(acc[r][0], scv));
+      _mm512_storeu_ps(s + (m + r) * KB + 16, _mm512_mul_ps(acc[r][1], scv));
+    }
+  }
+  for (; m < M; ++m) {
+    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+    for (int64_t dp = 0; dp < DP; ++dp) {
+      const __m512bh qv = (__m512bh)_mm512_set1_epi32(static_cast<int>(q2[m * DP + dp]));
+      a0 = _mm512_dpbf16_ps(a0, qv, (__m512bh)_mm512_loadu_si512(kt2 + dp * KB));
+      a1 = _mm512_dpbf16_ps(a1, qv, (__m512bh)_mm512_loadu_si512(kt2 + dp * KB + 16));
+    }
+    _mm512_storeu_ps(s + m * KB, _mm512_mul_ps(a0, scv));
+    _mm512_storeu_ps(s + m * KB + 16, _mm512_mul_ps(a1, scv));
+  }
+}
+
+// vt2[jj * D + d] = the bf16 pair (v_{2jj}[d], v_{2jj+1}[d]) for the n keys of a block (a zero value past n).
+void value_pairs(const at::BFloat16* const* rows, int64_t n, int64_t D, uint32_t* vt2) {
+  for (int64_t jj = 0; jj < (n + 1) / 2; ++jj) {
+    const uint16_t* v0 = reinterpret_cast<const uint16_t*>(rows[2 * jj]);
+    const uint16_t* v1 = 2 * jj + 1 < n ? reinterpret_cast<const uint16_t*>(rows[2 * jj + 1]) : nullptr;
+    uint32_t* o = vt2 + jj * D;
+    if (v1 != nullptr) {
+#pragma omp simd
+      for (int64_t d = 0; d < D; ++d) o[d] = static_cast<uint32_t>(v0[d]) | (static_cast<uint32_t>(v1[d]) << 16);
+    } else {
+      for (int64_t d = 0; d < D; ++d) o[d] = static_cast<uint32_t>(v0[d]);
+    }
+  }
+}
+
+// p2[m * KB / 2 + jj] = the bf16 pair (p[m][2jj], p[m][2jj + 1]): the softmax weights rounded for the value products
+// (as SDPA's bf16 path does); their sums stay fp32.
+void prob_pairs(const float* p, int64_t M, uint32_t* p2) {
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t jj = 0; jj < KB / 2; ++jj) {
+      const uint16_t lo = c10::bit_cast<uint16_t>(at::BFloat16(p[m * KB + 2 * jj]));
+      const uint16_t hi = c10::bit_cast<uint16_t>(at::BFloat16(p[m * KB + 2 * jj + 1]));
+      p2[m * KB / 2 + jj] = static_cast<uint32_t>(lo) | (static_cast<uint32_t>(hi) << 16);
+    }
+}
+
+// acc[m * D + d] += sum_jj (p2 pair) . (vt2 pair) for M rows, D a multiple of 64: 4 rows x 64 dims in registers.
+void block_values_bf16(const uint32_t* p2, int64_t M, int64_t pairs, int64_t D, const uint32_t* vt2, float* acc) {
+  for (int64_t d0 = 0; d0 < D; d0 += 64) {
+    int64_t m = 0;
+    for (; m + 4 <= M; m += 4) {
+      __m512 a[4][4];
+      for (int r = 0; r < 4; ++r)
+        for (int c = 0; c < 4; ++c) a[r][c] = _mm512_loadu_ps(acc + (m + r) * D + d0 + 16 * c);
+      for (int64_t jj = 0; jj < pairs; ++jj) {
+        const uint32_t* v = vt2 + jj * D + d0;
+        const __m512bh v0 = (__m512bh)_mm512_loadu_si512(v), v1 = (__m512bh)_mm512_loadu_si512(v + 16);
+        const __m512bh v2 = (__m512bh)_mm512_loadu_si512(v + 32), v3 = (__m512bh)_mm512_loadu_si512(v + 48);
+        for (int r = 0; r < 4; ++r) {
+          const __m512bh pr = (__m512bh)_mm512_set1_epi32(static_cast<int>(p2[(m + r) * KB / 2 + jj]));
+          a[r][0] = _mm512_dpbf16_ps(a[r][0], pr, v0);
+          a[r][1] = _mm512_dpbf16_ps(a[r][1], pr, v1);
+          a[r][2] = _mm512_dpbf16_ps(a[r][2], pr, v2);
+          a[r][3] = _mm512_dpbf16_ps(a[r][3], pr, v3);
+        }
+      }
+      for (int r = 0; r < 4; ++r)
+        for (int c = 0; c < 4; ++c) _mm512_storeu_ps(acc + (m + r) * D + d0 + 16 * c, a[r][c]);
+    }
+    for (; m < M; ++m) {
+      __m512 a[4];
+      for (int c = 0; c < 4; ++c) a[c] = _mm512_loadu_ps(acc + m * D + d0 + 16 * c);
+      for (int64_t jj = 0; jj < pairs; ++jj) {
+        const __m512bh pr = (__m512bh)_mm512_set1_epi32(static_cast<int>(p2[m * KB / 2 + jj]));
+        for (int c = 0; c < 4; ++c)
+          a[c] = _mm512_dpbf16_ps(a[c], pr, (__m512bh)_mm512_loadu_si512(vt2 + jj * D + d0 + 16 * c));
+      }
+      for (int c = 0; c < 4; ++c) _mm512_storeu_ps(acc + m * D + d0 + 16 * c, a[c]);
+    }
+  }
+}
+#else
+constexpr bool kBf16Dot = false;
+#endif
+
 // acc[m * D + d] += sum_{j < n} p[m * KB + j] * vb[j * D + d] for M rows.
 void block_values(const float* p, int64_t M, int64_t n, int64_t D, const float* vb, float* acc) {
 #if defined(__AVX512F__)
@@ -155,6 +284,78 @@ void block_values(const float* p, int64_t M, int64_t n, int64_t D, const float* 
   }
 }
 
+#if defined(__AVX512F__)
+// e^x for x <= 0 (scores minus their row's max), 16 lanes: x = n ln2 + r with |r| <= ln2 / 2, a degree-6 polynomial
+// for e^r (Horner), 2^n by scalef. Relative error about 2 ulp; below -87 (e^x < 1.6e-38) it returns 0-ish values.
+inline __m512 exp_nonpositive(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.0f / 720);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, n);
+}
+#endif
+
+#if defined(__AVX512F__)
+// The lanes [a, z) of a 16-lane vector (a and z may lie outside [0, 16)).
+inline __mmask16 lane_mask(int64_t a, int64_t z) {
+  a = std::clamp<int64_t>(a, 0, 16);
+  z = std::clamp<int64_t>(z, 0, 16);
+  if (a >= z) return 0;
+  const uint32_t below_z = z >= 16 ? 0xFFFFu : ((1u << z) - 1), below_a = (1u << a) - 1;
+  return static_cast<__mmask16>(below_z & ~below_a);
+}
+#endif
+
+// One row's share of a key block in the online softmax. sr: the row's KB scores, of which [a, z) are its keys.
+// Turns sr into exp(score - max) on [a, z) and 0 elsewhere; when the row's max grows, rescales what it has summed
+// (row_sum, its value accumulator am[0, D)) by exp(old max - new max).
+inline void softmax_row(float* sr, int64_t a, int64_t z, float& row_max, float& row_sum, float* am, int64_t D) {
+#if defined(__AVX512F__)
+  static_assert(KB == 32, "two 16-lane vectors per row");
+  const __mmask16 m0 = lane_mask(a, z), m1 = lane_mask(a - 16, z - 16);
+  const __m512 ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  const __m512 s0 = _mm512_mask_loadu_ps(ninf, m0, sr), s1 = _mm512_mask_loadu_ps(ninf, m1, sr + 16);
+  const float mx = std::max(row_max, _mm512_reduce_max_ps(_mm512_max_ps(s0, s1)));
+  if (mx > row_max) {
+    const float corr = std::exp(row_max - mx);  // exp(-inf) = 0 for a row's first block
+    row_sum *= corr;
+    if (corr != 1.f)
+      for (int64_t d = 0; d < D; ++d) am[d] *= corr;
+    row_max = mx;
+  }
+  const __m512 mv = _mm512_set1_ps(mx);
+  const __m512 e0 = _mm512_maskz_mov_ps(m0, exp_nonpositive(_mm512_sub_ps(s0, mv)));
+  const __m512 e1 = _mm512_maskz_mov_ps(m1, exp_nonpositive(_mm512_sub_ps(s1, mv)));
+  _mm512_storeu_ps(sr, e0);
+  _mm512_storeu_ps(sr + 16, e1);
+  row_sum += _mm512_reduce_add_ps(_mm512_add_ps(e0, e1));
+#else
+  float mx = row_max;
+  for (int64_t j = a; j < z; ++j) mx = std::max(mx, sr[j]);
+  if (mx > row_max) {
+    const float corr = std::exp(row_max - mx);
+    row_sum *= corr;
+    if (corr != 1.f)
+      for (int64_t d = 0; d < D; ++d) am[d] *= corr;
+    row_max = mx;
+  }
+  float total = 0.f;
+  for (int64_t j = 0; j < a; ++j) sr[j] = 0.f;
+  for (int64_t j = a; j < z; ++j) total += (sr[j] = std::exp(sr[j] - mx));
+  for (int64_t j = z; j < KB; ++j) sr[j] = 0.f;
+  row_sum += total;
+#endif
+}
+
 template <typename T>
 void attend_chunk(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& pages,
                   int64_t first_pos, const at::Tensor& key_lo, const at::Tensor& key_hi, float sc, at::Tensor& out) {
@@ -172,6 +373,7 @@ void attend_chunk(const at::Tensor& q, const at::Tensor& k_cache, const at::Tens
     TORCH_CHECK(lo_p[t] >= first_pos && lo_p[t] < hi_p[t] && (hi_p[t] - 1 - first_pos) / P < W,
                 "key range outside the block table");
 
+  if constexpr (kBf16Dot && std::is_same_v<T, at::BFloat16>) TORCH_CHECK(D % 2 == 0, "head dim must be even");
   const int64_t blocks = (NT + QB - 1) / QB;
   const int64_t items = blocks * Hkv;
   // Under a causal mask later query blocks have more keys. at::parallel_for hands each thread a contiguous range
@@ -183,12 +385,18 @@ void attend_chunk(const at::Tensor& q, const at::Tensor& k_cache, const at::Tens
     std::vector<float> qb(M_max * D), acc(M_max * D), kt(D * KB), vb(KB * D), s(M_max * KB);
     std::vector<float> row_max(M_max), row_sum(M_max);
     std::vector<const T*> k_rows(KB), v_rows(KB);
+    constexpr bool bf16_dot = kBf16Dot && std::is_same_v<T, at::BFloat16>;
+    std::vector<uint32_t> q2(bf16_dot ? M_max * D / 2 : 0), kt2(bf16_dot ? D / 2 * KB : 0);
+    std::vector<uint32_t> vt2(bf16_dot ? KB / 2 * D : 0), p2(bf16_dot ? M_max * KB / 2 : 0);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t h = item / blocks, b = block_of(item % blocks);
       const int64_t t0 = b * QB, nt = std::min(QB, NT - t0), M = nt * G;
       // Rows m = tt * G + g: token t0 + tt, query head h * G + g.
       for (int64_t tt = 0; tt < nt; ++tt)
         std::copy(qp + ((t0 + tt) * Hq + h * G) * D, qp + ((t0 + tt) * Hq + h * G + G) * D, qb.data() + tt * G * D);
+#if defined(__AVX512BF16__)
+      if constexpr (bf16_dot) query_pairs(qb.data(), M, D, q2.data());
+#endif
       std::fill(acc.begin(), acc.begin() + M * D, 0.f);
       std::fill(row_max.begin(), row_max.begin() + M, -std::numeric_limits<float>::infinity());
       std::fill(row_sum.begin(), row_sum.begin() + M, 0.f);
@@ -205,8 +413,16 @@ void attend_chunk(const at::Tensor& q, const at::Tensor& k_cache, const at::Tens
           k_rows[j] = kp + off;
           v_rows[j] = vp + off;
         }
-        load_keys_transposed<T>(k_rows.data(), n, D, kt.data());
-        block_scores(qb.data(), M, D, kt.data(), sc, s.data());
+#if defined(__AVX512BF16__)
+        if constexpr (bf16_dot) {
+          load_key_pairs(k_rows.data(), n, D, kt2.data());
+          block_scores_bf16(q2.data(), M, D, kt2.data(), sc, s.data());
+        } else
+#endif
+        {
+          load_keys_transposed<T>(k_rows.data(), n, D, kt.data());
+          block_scores(qb.data(), M, D, kt.data(), sc, s.data());
+        }
         // Online softmax: mask each row to its key range, rescale what it has summed when its max grows.
         bool any = false;
         for (int64_t m = 0; m < M; ++m) {
@@ -218,23 +434,19 @@ void attend_chunk(const at::Tensor& q, const at::Tensor& k_cache, const at::Tens
             continue;
           }
           any = true;
-          float mx = row_max[m];
-          for (int64_t j = a; j < z; ++j) mx = std::max(mx, sr[j]);
-          if (mx > row_max[m]) {
-            const float corr = std::exp(row_max[m] - mx);  // exp(-inf) = 0 for a row's first block
-            row_sum[m] *= corr;
-            float* am = acc.data() + m * D;
-            if (corr != 1.f)
-              for (int64_t d = 0; d < D; ++d) am[d] *= corr;
-            row_max[m] = mx;
-          }
-          float total = 0.f;
-          for (int64_t j = 0; j < a; ++j) sr[j] = 0.f;
-          for (int64_t j = a; j < z; ++j) total += (sr[j] = std::exp(sr[j] - mx));
-          for (int64_t j = z; j < KB; ++j) sr[j] = 0.f;
-          row_sum[m] += total;
+          softmax_row(sr, a, z, row_max[m], row_sum[m], acc.data() + m * D, D);
         }
         if (!any) continue;
+#if defined(__AVX512BF16__)
+        if constexpr (bf16_dot) {
+          if (D % 64 == 0) {
+            value_pairs(v_rows.data(), n, D, vt2.data());
+            prob_pairs(s.data(), M, p2.data());
+            block_values_bf16(p2.data(), M, (n + 1) / 2, D, vt2.data(), acc.data());
+            continue;
+          }
+        }
+#endif
         load_values<T>(v_rows.data(), n, D, vb.data());
         block_values(s.data(), M, n, D, vb.data(), acc.data());
       }
