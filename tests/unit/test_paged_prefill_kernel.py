@@ -24,7 +24,7 @@ def _case(hq, hkv, d, start, n, window, image, dtype, seed=0):
     layer slot; `image` (offset, length) marks an image block inside the chunk. Returns the op's arguments and the
     reference output (gather the pages, attention_mask, SDPA in fp32 on the same cache values)."""
     g = torch.Generator().manual_seed(seed)
-    P, n_pages = 4, 64
+    P, n_pages = 4, 100
     kv = torch.randn(2, 2, n_pages, P, hkv, d, generator=g).to(dtype)
     k_cache, v_cache = kv[1, 0], kv[1, 1]
     q = torch.randn(n, hq, d, generator=g)
@@ -76,6 +76,8 @@ def _torch_bf16(q, k_cache, v_cache, pages, first, start, window, image, scale):
         (45, 70, 16, None),  # the same chunk in a local layer: its window starts mid-page
         (10, 50, None, (20, 12)),  # an image block: its tokens see the whole block both ways
         (10, 50, 16, (20, 12)),
+        (0, 300, None, None),  # 256+ query tokens: the bf16 path's large query blocks, the last one partial
+        (45, 300, 16, (100, 12)),
     ],
 )
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

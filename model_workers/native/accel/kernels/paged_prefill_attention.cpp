@@ -37,7 +37,10 @@
 
 namespace {
 
-constexpr int64_t QB = 16;  // query tokens per block (x G heads = the block's rows)
+// Query tokens per block (x G heads = the block's rows). Each block streams its keys once, so larger blocks read
+// a long context's keys fewer times: the bf16 dot-product path, fast enough to wait on those reads, takes large
+// blocks unless the chunk has fewer than 4 of them (both threads get work); the fp32 path measured no gain from them.
+constexpr int64_t QB_LARGE = 64, QB_SMALL = 16;
 constexpr int64_t KB = 32;  // keys per block: the widened, transposed block is D x 32 fp32 (32 KiB at D = 256)
 
 inline float widen(float x) { return x; }
@@ -374,6 +377,8 @@ void attend_chunk(const at::Tensor& q, const at::Tensor& k_cache, const at::Tens
                 "key range outside the block table");
 
   if constexpr (kBf16Dot && std::is_same_v<T, at::BFloat16>) TORCH_CHECK(D % 2 == 0, "head dim must be even");
+  constexpr bool bf16_dot = kBf16Dot && std::is_same_v<T, at::BFloat16>;
+  const int64_t QB = bf16_dot && NT >= 4 * QB_LARGE ? QB_LARGE : QB_SMALL;
   const int64_t blocks = (NT + QB - 1) / QB;
   const int64_t items = blocks * Hkv;
   // Under a causal mask later query blocks have more keys. at::parallel_for hands each thread a contiguous range
@@ -385,7 +390,6 @@ void attend_chunk(const at::Tensor& q, const at::Tensor& k_cache, const at::Tens
     std::vector<float> qb(M_max * D), acc(M_max * D), kt(D * KB), vb(KB * D), s(M_max * KB);
     std::vector<float> row_max(M_max), row_sum(M_max);
     std::vector<const T*> k_rows(KB), v_rows(KB);
-    constexpr bool bf16_dot = kBf16Dot && std::is_same_v<T, at::BFloat16>;
     std::vector<uint32_t> q2(bf16_dot ? M_max * D / 2 : 0), kt2(bf16_dot ? D / 2 * KB : 0);
     std::vector<uint32_t> vt2(bf16_dot ? KB / 2 * D : 0), p2(bf16_dot ? M_max * KB / 2 : 0);
     for (int64_t item = begin; item < end; ++item) {
