@@ -38,8 +38,7 @@
 namespace {
 
 // Query tokens per block (x G heads = the block's rows). Each block streams its keys once, so larger blocks read
-// a long context's keys fewer times: the bf16 dot-product path, fast enough to wait on those reads, takes large
-// blocks unless the chunk has fewer than 4 of them (both threads get work); the fp32 path measured no gain from them.
+// a long context's keys fewer times; a chunk of fewer than 4 large blocks takes small ones, so both threads get work.
 constexpr int64_t QB_LARGE = 64, QB_SMALL = 16;
 constexpr int64_t KB = 32;  // keys per block: the widened, transposed block is D x 32 fp32 (32 KiB at D = 256)
 
@@ -378,7 +377,7 @@ void attend_chunk(const at::Tensor& q, const at::Tensor& k_cache, const at::Tens
 
   if constexpr (kBf16Dot && std::is_same_v<T, at::BFloat16>) TORCH_CHECK(D % 2 == 0, "head dim must be even");
   constexpr bool bf16_dot = kBf16Dot && std::is_same_v<T, at::BFloat16>;
-  const int64_t QB = bf16_dot && NT >= 4 * QB_LARGE ? QB_LARGE : QB_SMALL;
+  const int64_t QB = NT >= 4 * QB_LARGE ? QB_LARGE : QB_SMALL;
   const int64_t blocks = (NT + QB - 1) / QB;
   const int64_t items = blocks * Hkv;
   // Under a causal mask later query blocks have more keys. at::parallel_for hands each thread a contiguous range
