@@ -8,8 +8,8 @@ The step's index tensors are built once per step (step_batch.py): decodes (one t
 in one padded call per layer; each prefill chunk attends on its own.
 
 Everything that makes a step faster without changing its tokens enters here, through one `Acceleration` handed to
-the runner: the layers' elementwise ops, the decode and prefill attention, the projections' packing and the LM head. Its
-default, `PLAIN`, is the reference engine: plain torch ops, gather + SDPA, nn.Linear and every logit exact.
+the runner: the layers' elementwise ops, the decode and prefill attention, the projections' packing and the LM head.
+Its default, `PLAIN`, is the reference engine: plain torch ops, gather + SDPA, nn.Linear and every logit exact.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """The native engine's CPU speed-ups, handed to the runner as one `runner.Acceleration` (`build_accel`).
 
 What is here makes a step faster and is not needed for correctness: the C++ kernels and their loader (kernels/:
-decode and prefill attention reading K/V in place, fused layer ops, the skinny decode projections), the packed and int8
-projections (packed_linear.py), the LM head that ranks the vocabulary in bf16/int8 and recomputes the possible
+decode and prefill attention reading K/V in place, fused layer ops, the skinny decode projections), the packed and
+int8 projections (packed_linear.py), the LM head that ranks the vocabulary in bf16/int8 and recomputes the possible
 winners in fp32 (candidates_head.py, head_ranking.py), and the rules that pick them from the CPU (cpu_features.py).
 Every piece gives the greedy tokens of the plain engine (tests/unit/test_accel.py and the real-270M parity tests).
 
@@ -83,6 +83,12 @@ def build_accel(
         why = f"not built on {device.type}"
     elif library.available:
         why = f"{library.build} build loaded" + ("" if use_kernels else f", unused for {dtype}")
+        if use_kernels and dtype == torch.bfloat16:
+            why += (
+                ", prefill attention with bf16 dot products (the build has AVX512-BF16)"
+                if library.prefill_bf16_dot()
+                else ", prefill attention in fp32 arithmetic (the build has no AVX512-BF16)"
+            )
     else:
         why = f"unavailable ({library.error})"
     log.info(

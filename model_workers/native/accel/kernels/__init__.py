@@ -1,5 +1,5 @@
-"""g3serve's C++ CPU kernels (decode and prefill attention, fused layer ops, skinny projections), compiled on first use and
-cached per source, torch, CPU and build.
+"""g3serve's C++ CPU kernels (decode and prefill attention, fused layer ops, skinny projections), compiled on first
+use and cached per source, torch, CPU and build.
 
 They are built with torch's own extension builder (needs a C++ compiler and ninja, both present wherever torch
 wheels are built from source and installed with g3serve) into ~/.cache/g3serve/kernels/<key>; when the build is not
@@ -103,6 +103,10 @@ class KernelLibrary:
     def available(self) -> bool:
         return self.error is None
 
+    def prefill_bf16_dot(self) -> bool:
+        """Whether the prefill attention takes bf16 dot products on a bf16 cache (a build with AVX512-BF16)."""
+        return self.available and bool(torch.ops.g3serve.prefill_bf16_dot())
+
     def skinny_supported(self) -> bool:
         """Whether skinny_pack / skinny_linear run in this build (compiled with AVX-512)."""
         return self.available and bool(torch.ops.g3serve.skinny_supported())
@@ -128,8 +132,9 @@ class KernelDecodeAttention:
 
 class KernelPrefillAttention:
     """runner.PrefillAttention on paged_prefill_attention.cpp: reads the chunk's K/V from the pages in place,
-    flash-style, with fp32 scores and sums over either cache dtype. Each query's key range per layer type is built
-    here, once per chunk: [0 or its window's start, its position + 1, or its image block's end)."""
+    flash-style, with fp32 softmax and sums (on a bf16 cache where the CPU has AVX512-BF16, bf16 dot products, as
+    SDPA's bf16 path rounds the query and weights too). Each query's key range per layer type is built here, once
+    per chunk: [0 or its window's start, its position + 1, or its image block's end)."""
 
     def __init__(self, chunk: PrefillChunk):
         n = chunk.rows.stop - chunk.rows.start

@@ -1,6 +1,8 @@
 // Prefill attention straight from the paged KV cache: a chunk of query tokens of one sequence against that
-// sequence's keys, as a torch custom op. The cache is fp32 or bf16; q, the scores, the softmax and the sums are fp32
-// (the bf16 values are widened exactly), so the bf16 mode keeps fp32 attention arithmetic over its bf16 cache.
+// sequence's keys, as a torch custom op. The cache is fp32 or bf16. The softmax and every sum are fp32. On a bf16
+// cache, where the build has AVX512-BF16 (prefill_bf16_dot()), the products take the bf16 dot-product instruction
+// with the query and the softmax weights rounded to bf16 (as SDPA's bf16 path rounds them); elsewhere the bf16
+// values are widened exactly and multiplied in fp32.
 //
 // Why: SDPA's CPU flash kernel runs Gemma's 256-wide heads far below the projections' GEMM rate, and the torch path
 // first gathers the chunk's pages into a contiguous copy per layer. Here a block of query tokens (all the query heads
@@ -495,7 +497,10 @@ at::Tensor paged_prefill_attention(const at::Tensor& q, const at::Tensor& k_cach
 
 }  // namespace
 
+bool bf16_dot_built() { return kBf16Dot; }
+
 TORCH_LIBRARY_FRAGMENT(g3serve, m) {
+  m.def("prefill_bf16_dot() -> bool", &bf16_dot_built);  // no tensor arguments: a catch-all kernel
   m.def(
       "paged_prefill_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor pages, int first_pos, "
       "Tensor key_lo, Tensor key_hi, float scale) -> Tensor");
