@@ -1,4 +1,5 @@
-"""The C++ paged decode attention equals the torch path (page gather + SDPA), alone and inside the engine's runner."""
+"""The C++ paged decode attention equals the torch path (page gather + SDPA), alone and inside the engine's runner
+(with the prefill attention kernel, test_paged_prefill_kernel.py)."""
 
 from __future__ import annotations
 
@@ -6,8 +7,8 @@ import pytest
 import torch
 
 from model_workers.gemma3.attention import sdpa
-from model_workers.native.accel.kernels import KernelDecodeAttention, KernelLibrary
-from model_workers.native.runner import TorchDecodeAttention
+from model_workers.native.accel.kernels import KernelDecodeAttention, KernelLibrary, KernelPrefillAttention
+from model_workers.native.runner import TorchDecodeAttention, TorchPrefillAttention
 from tests.fixtures.runner_decode import greedy_decode
 
 
@@ -52,11 +53,15 @@ def test_kernel_matches_gather_and_sdpa_with_gqa_and_windows(hq, hkv, d):
     assert torch.allclose(got, _reference(q, k_cache, v_cache, pages, zero, zero, hi, 0.125), atol=1e-5, rtol=1e-5)
 
 
-def test_runner_with_kernel_decodes_the_same_tokens(tiny_text_ckpt):
+def test_runner_with_kernels_prefills_and_decodes_the_same_tokens(tiny_text_ckpt):
+    """Four prompts past the 16-token window, chunked by a 64-token budget (prefill chunks from later positions too),
+    through the decode and prefill attention kernels and through the torch path."""
     with_kernel, runner = greedy_decode(tiny_text_ckpt, "cpu")
     without, plain = greedy_decode(tiny_text_ckpt, "none")
     assert runner.accel.decode_attention is KernelDecodeAttention
     assert plain.accel.decode_attention is TorchDecodeAttention
+    assert runner.accel.prefill_attention is KernelPrefillAttention
+    assert plain.accel.prefill_attention is TorchPrefillAttention
     assert with_kernel == without
     assert all(len(t) == 24 for t in with_kernel.values())
 

@@ -1,5 +1,6 @@
 """The C++ paged prefill attention equals the torch path (page gather + masked SDPA): chunks from position 0 and
-later, sliding windows, image blocks, GQA, both cache dtypes; and inside the runner, the same greedy tokens."""
+later, sliding windows, image blocks, GQA, both cache dtypes; and inside the runner, the same greedy tokens with an
+image block (test_paged_decode_kernel.py decodes text prompts with both kernels against the torch path)."""
 
 from __future__ import annotations
 
@@ -8,15 +9,10 @@ import torch
 
 from cluster.contracts.messages import ImageSpan, SamplingParams
 from model_workers.gemma3.attention import attention_mask, sdpa
-from model_workers.gemma3.decoder import Gemma3Decoder
 from model_workers.native.accel import build_accel
 from model_workers.native.accel.kernels import KernelLibrary, KernelPrefillAttention
-from model_workers.native.kv_cache.hybrid import HybridKVCache
-from model_workers.native.kv_cache.spec import KVCacheSpec
-from model_workers.native.runner import ModelRunner, TorchPrefillAttention
-from model_workers.native.scheduler import Scheduler, SchedulerConfig
 from model_workers.native.sequence import Sequence
-from tests.fixtures.runner_decode import greedy_decode
+from tests.fixtures.runner_decode import tiny_runner
 
 
 def _case(hq, hkv, d, start, n, window, image, dtype, seed=0):
@@ -117,27 +113,12 @@ def test_kernel_refuses_ranges_outside_the_block_table_and_mixed_dtypes():
         op(q, k, v.bfloat16(), pages, first, lo, hi, scale)
 
 
-def test_runner_with_kernel_prefills_and_decodes_the_same_tokens(tiny_text_ckpt):
-    """Four prompts past the 16-token window, chunked by a 64-token budget (chunks from later positions too)."""
-    with_kernel, runner = greedy_decode(tiny_text_ckpt, "cpu")
-    without, plain = greedy_decode(tiny_text_ckpt, "none")
-    assert runner.accel.prefill_attention is KernelPrefillAttention
-    assert plain.accel.prefill_attention is TorchPrefillAttention
-    assert with_kernel == without
-    assert all(len(t) == 24 for t in with_kernel.values())
-
-
 def _decode_with_image(ckpt, accel) -> list[int]:
-    model = Gemma3Decoder.from_checkpoint(ckpt)
-    c = model.cfg
-    spec = KVCacheSpec(c.layer_types, 4, c.sliding_window, c.num_kv_heads, c.head_dim, 4)
-    cache = HybridKVCache(spec, 256)
-    sched = Scheduler(SchedulerConfig(max_model_len=256, max_num_batched_tokens=24), cache)
-    runner = ModelRunner(model, cache, accel=accel)
+    sched, runner = tiny_runner(ckpt, accel, max_num_batched_tokens=24)
     g = torch.Generator().manual_seed(3)
     prompt = [2] + torch.randint(3, 290, (40,), generator=g).tolist()
     span = ImageSpan(offset=12, length=8, content_hash="img")
-    runner.image_embeds["a"] = [torch.randn(8, c.hidden_size, generator=g)]
+    runner.image_embeds["a"] = [torch.randn(8, runner.model.cfg.hidden_size, generator=g)]
     seq = Sequence("a", prompt, 12, page_size=4, sampling=SamplingParams(temperature=0), images=(span,))
     sched.add(seq)
     with torch.inference_mode():

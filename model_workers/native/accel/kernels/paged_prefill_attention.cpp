@@ -377,8 +377,8 @@ void attend_chunk(const at::Tensor& q, const at::Tensor& k_cache, const at::Tens
     TORCH_CHECK(lo_p[t] >= first_pos && lo_p[t] < hi_p[t] && (hi_p[t] - 1 - first_pos) / P < W,
                 "key range outside the block table");
 
-  if constexpr (kBf16Dot && std::is_same_v<T, at::BFloat16>) TORCH_CHECK(D % 2 == 0, "head dim must be even");
   constexpr bool bf16_dot = kBf16Dot && std::is_same_v<T, at::BFloat16>;
+  if constexpr (bf16_dot) TORCH_CHECK(D % 2 == 0, "head dim must be even");
   const int64_t QB = NT >= 4 * QB_LARGE ? QB_LARGE : QB_SMALL;
   const int64_t blocks = (NT + QB - 1) / QB;
   const int64_t items = blocks * Hkv;
