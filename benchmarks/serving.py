@@ -19,6 +19,7 @@ over the best peer and over each vLLM row. The run also prints the KV capacity f
     python benchmarks/serving.py --peers vllm       # g3serve's modes vs vLLM's defaults only
     python benchmarks/serving.py --quick            # g3serve alone, 8 requests x 16 new tokens (peers: --peers ...)
     python benchmarks/serving.py --peers none       # g3serve vs the same engine in-process (serving overhead)
+    python benchmarks/serving.py --peers none --config reserved.yaml   # the same with `ray: {reserved_cpus: 1}`
     python benchmarks/serving.py --engine vllm      # g3serve (engine: vllm) vs vLLM's own server (vllm_overhead.py)
 """
 
@@ -30,6 +31,7 @@ import os
 import statistics
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,6 +55,21 @@ from proc_cpu import CpuMeter, cpu_table  # noqa: E402
 
 from cluster.config import G3ServeConfig  # noqa: E402
 from cluster.contracts.messages import GenerateRequest, SamplingParams  # noqa: E402
+from cluster.local_ray import CpuLayout, plan_cpu_layout, with_cpu_layout  # noqa: E402
+
+
+@contextmanager
+def on_cpus(cpus: tuple[int, ...]):
+    """This thread (the load generator's event loop) on `cpus` for the block; no change for ()."""
+    if not cpus:
+        yield
+        return
+    own = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, cpus)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, own)
 
 
 @dataclass
@@ -88,9 +105,11 @@ async def run_in_process(
     warm: list[str] | None = None,
     cpu: CpuMeter | None = None,
     busy: EngineBusy | None = None,
+    reserved: tuple[int, ...] = (),
 ) -> tuple[Run, int | None]:
     """The load against the engine in this process: (run, engine steps during it; None if the engine has no count);
-    `cpu` counts the CPU seconds of the timed load, `busy` the engine's forward passes in it."""
+    `cpu` counts the CPU seconds of the timed load, `busy` the engine's forward passes in it; with `reserved` CPUs
+    the load runs on them (the engine's own CPUs come with `config`, as served)."""
     from model_workers.deployment import ENGINE_FACTORIES, engine_counters
     from model_workers.gemma3.checkpoints import resolve_checkpoint
     from model_workers.gemma3.tokenizer import Gemma3Tokenizer
@@ -118,7 +137,8 @@ async def run_in_process(
     steps_before, counted = getattr(engine, "steps", None), engine_counters(engine)
     if cpu:
         cpu.start()
-    run.wall = await _bounded(concurrency, [job(i, t, run) for i, t in enumerate(texts)])
+    with on_cpus(reserved):
+        run.wall = await _bounded(concurrency, [job(i, t, run) for i, t in enumerate(texts)])
     if cpu:
         cpu.stop(run.wall)
     if busy:
@@ -137,10 +157,12 @@ def run_through_serve(
     warm: list[str] | None = None,
     cpu: CpuMeter | None = None,
     busy: EngineBusy | None = None,
+    layout: CpuLayout | None = None,
 ) -> tuple[list[Run], int]:
     """Each load of `loads` in turn through one `g3serve serve` app: (runs, step-channel messages the decoder
     replicas sent during the first); `cpu` counts the CPU seconds of the timed loads, `busy` the decoder engine's
-    forward passes in them."""
+    forward passes in them; `layout` is the CPU layout `g3serve serve` would start with (`config` already bound to
+    it), and the load generator runs on its reserved CPUs, beside the serving processes."""
     import ray
     from ray import serve
 
@@ -150,6 +172,7 @@ def run_through_serve(
 
     proxy = init_local_ray(
         config.ray.http_proxy,
+        layout,
         num_cpus=config.ray.num_cpus or 2,
         include_dashboard=False,
         _temp_dir=tmp,
@@ -168,7 +191,8 @@ def run_through_serve(
             counted = decoder.engine_counters.remote().result()
             if cpu:
                 cpu.start()
-            run.wall = asyncio.run(_serve_load(url, model, texts, max_tokens, concurrency, run))
+            with on_cpus(layout.reserved if layout else ()):
+                run.wall = asyncio.run(_serve_load(url, model, texts, max_tokens, concurrency, run))
             if cpu:
                 cpu.stop(run.wall)
             if busy:
@@ -343,16 +367,21 @@ def run_overhead(load: Load, config: G3ServeConfig) -> None:
     config = config.model_copy(
         update={"ingress": config.ingress.model_copy(update={"port": _free_port(), "api_keys": None})}
     )
+    # Both sides on the CPU layout `g3serve serve` would pick (ray.reserved_cpus): the engine's threads on its CPUs,
+    # the load generator (and, served, Ray's processes) on the reserved ones.
+    layout = plan_cpu_layout(config, os.sched_getaffinity(0))
+    config = with_cpu_layout(config, layout)
+    print(f"CPU layout: {layout.reason}")
     n, conc, max_tokens = load.requests, load.concurrency, load.max_tokens
     tok = Gemma3Tokenizer.from_checkpoint(resolve_checkpoint(config.model.checkpoint))
     sets = [load.texts] + [sized_prompts(tok, n, load.prompt_tokens, seed=7919 * k) for k in (1, 2, 3)]
     meters = {"in process": CpuMeter(), "served": CpuMeter()}
     busy = {"in process": EngineBusy(), "served": EngineBusy()}
-    inproc_args = (max_tokens, conc, load.warm_texts, meters["in process"], busy["in process"])
+    inproc_args = (max_tokens, conc, load.warm_texts, meters["in process"], busy["in process"], layout.reserved)
     with tempfile.TemporaryDirectory(prefix="g3b-") as tmp:
         first, steps = asyncio.run(run_in_process(config, sets[0], *inproc_args))
         served, messages = run_through_serve(
-            config, sets[1:3], max_tokens, conc, tmp, load.warm_texts, meters["served"], busy["served"]
+            config, sets[1:3], max_tokens, conc, tmp, load.warm_texts, meters["served"], busy["served"], layout
         )
         last, _ = asyncio.run(run_in_process(config, sets[3], *inproc_args))
     inproc = [first, last]
@@ -387,7 +416,7 @@ def run_overhead(load: Load, config: G3ServeConfig) -> None:
         f"itl_p50_inproc_ms={step_ms:.1f} "
         f"inproc_engine_steps={steps if steps is not None else 'n/a'} serve_channel_messages={messages} "
         f"{busy['in process'].fields('inproc')} {busy['served'].fields('serve')} "
-        f"load_avg={os.getloadavg()[0]:.1f}"
+        f"reserved_cpus={len(layout.reserved)} load_avg={os.getloadavg()[0]:.1f}"
     )
 
 

@@ -67,7 +67,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from ray import serve
 
     from cluster.app import run
-    from cluster.local_ray import init_local_ray, remove_state
+    from cluster.local_ray import init_local_ray, plan_cpu_layout, remove_state, with_cpu_layout
 
     config = load_config(args.config)
     overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
@@ -78,8 +78,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     proxy = None
     try:
         if config.ray.address is None:
-            proxy = init_local_ray(config.ray.http_proxy, num_cpus=config.ray.num_cpus, include_dashboard=False)
+            try:
+                layout = plan_cpu_layout(config, os.sched_getaffinity(0))
+            except ValueError as e:
+                raise config_error(args.config or "the embedded defaults", e) from e
+            config = with_cpu_layout(config, layout)
+            proxy = init_local_ray(config.ray.http_proxy, layout, num_cpus=config.ray.num_cpus, include_dashboard=False)
             out.print(f"HTTP proxy: {proxy.name} ({proxy.reason})")
+            out.print(f"CPU layout: {layout.reason}")
         else:
             ray.init(address=config.ray.address)
         _stop_on_sigterm()  # again: ray.init installs its core worker's own SIGTERM handler (it aborts)

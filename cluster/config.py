@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
 from pydantic import Field, model_validator
@@ -107,6 +107,15 @@ class RaySettings(ConfigSection):
         "request to an ingress replica's own HTTP server: streamed tokens skip Serve's Python proxy); 'serve' is "
         "Serve's Python proxy actor; 'auto' takes haproxy when Ray finds its binary, else serve, and logs which and "
         "why. A cluster at ray.address keeps its own setting (RAY_SERVE_ENABLE_HA_PROXY in its nodes' environment).",
+    )
+    reserved_cpus: Annotated[int, Field(ge=0)] | Literal["auto"] = Field(
+        "auto",
+        description="In the local Ray g3serve starts: CPUs kept for the serving processes (Ray, Serve, HAProxy, the "
+        "ingress), which then run only there, while the decoder engine computes on the others (engine.native.cpus), "
+        "so their work never preempts its compute threads. 0: no split, all share every CPU. 'auto': 1 from 4 CPUs "
+        "on (vLLM CPU also keeps one CPU off its compute threads), 0 below (on 2 CPUs one engine thread on a CPU of "
+        "its own served fewer tokens than two shared; docs/benchmarks.md). Applies to one native decoder replica "
+        "of one rank; the choice and its reason are logged.",
     )
 
 

@@ -19,8 +19,12 @@ import os
 import shutil
 import socket
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from cluster.config import G3ServeConfig
 
 log = logging.getLogger(__name__)
 
@@ -89,9 +93,69 @@ def haproxy_environment(state_dir: str) -> dict[str, str]:
     }
 
 
-def init_local_ray(setting: str, **ray_init_kwargs) -> HttpProxyChoice:
+AUTO_RESERVE_FROM = 4  # CPUs from which `ray.reserved_cpus: auto` keeps one for the serving processes
+
+
+@dataclass(frozen=True)
+class CpuLayout:
+    """Where a local cluster's processes compute: Ray's processes (and so the ingress, Serve and HAProxy) on
+    `reserved`, the decoder engine's compute threads on `engine`; both empty when every process shares every CPU."""
+
+    reserved: tuple[int, ...]
+    engine: tuple[int, ...]
+    reason: str
+
+
+def plan_cpu_layout(config: G3ServeConfig, allowed: Iterable[int]) -> CpuLayout:
+    """The layout `ray.reserved_cpus` asks for on the CPUs this process may run on (`allowed`). An explicit count
+    that cannot apply is an error; `auto` falls back to sharing and says why."""
+    cpus = sorted(allowed)
+    setting = config.ray.reserved_cpus
+    explicit = setting != "auto" and setting > 0
+
+    def shared(why: str) -> CpuLayout:
+        if explicit:
+            raise ValueError(f"ray.reserved_cpus {setting}: {why}; set it to 0 or 'auto'")
+        return CpuLayout((), (), why)
+
+    d = config.decoder
+    if config.engine.kind != "native":
+        return shared(f"engine.kind is {config.engine.kind!r}: only the native engine's threads are bound")
+    if config.engine.native.cpus:
+        return shared(f"engine.native.cpus is set ({list(config.engine.native.cpus)}): the layout is the config's")
+    if d.autoscaling is not None or (d.num_replicas or 1) > 1 or config.engine.native.tensor_parallel_size > 1:
+        return shared("it applies to one decoder replica of one rank (no autoscaling)")
+    if setting == "auto":
+        if len(cpus) < AUTO_RESERVE_FROM:
+            return CpuLayout(
+                (),
+                (),
+                f"auto: {len(cpus)} CPUs, all shared (below {AUTO_RESERVE_FROM}, an engine thread given up for the "
+                "serving processes costs more than their preemptions)",
+            )
+        setting = 1
+    if setting == 0:
+        return CpuLayout((), (), "ray.reserved_cpus is 0: all CPUs shared")
+    if setting >= len(cpus):
+        return shared(f"this process may run on {len(cpus)} CPUs ({cpus}), the engine needs one besides")
+    reserved, engine = tuple(cpus[:setting]), tuple(cpus[setting:])
+    why = "auto" if config.ray.reserved_cpus == "auto" else "ray.reserved_cpus"
+    return CpuLayout(reserved, engine, f"{why}: serving processes on CPUs {list(reserved)}, engine on {list(engine)}")
+
+
+def with_cpu_layout(config: G3ServeConfig, layout: CpuLayout) -> G3ServeConfig:
+    """`config` with the decoder engine bound to the layout's engine CPUs (unchanged when the layout shares)."""
+    if not layout.engine:
+        return config
+    native = config.engine.native.model_copy(update={"cpus": layout.engine})
+    return config.model_copy(update={"engine": config.engine.model_copy(update={"native": native})})
+
+
+def init_local_ray(setting: str, layout: CpuLayout | None = None, **ray_init_kwargs) -> HttpProxyChoice:
     """Start a local Ray whose Serve answers HTTP as `setting` resolves (`ray.http_proxy`), log the choice and return
-    it. The environment is set in this process before Ray starts, since Ray's processes inherit it."""
+    it. The environment is set in this process before Ray starts, since Ray's processes inherit it; so is the CPU
+    affinity: with a `layout` that reserves CPUs, Ray's processes start bound to them (this thread's own affinity is
+    restored once Ray is up)."""
     import ray
 
     choice = choose_http_proxy(setting)
@@ -103,7 +167,17 @@ def init_local_ray(setting: str, **ray_init_kwargs) -> HttpProxyChoice:
         state_dir = tempfile.mkdtemp(prefix="g3h-", dir="/tmp")
         os.environ.update(haproxy_environment(state_dir))
         choice = HttpProxyChoice(choice.name, choice.reason, state_dir)
-    ray.init(**ray_init_kwargs)
+    if layout is not None:
+        log.info("CPU layout: %s", layout.reason)
+    if layout is None or not layout.reserved:
+        ray.init(**ray_init_kwargs)
+        return choice
+    own = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, layout.reserved)  # this thread: the processes Ray forks from it inherit the binding
+    try:
+        ray.init(**ray_init_kwargs)
+    finally:
+        os.sched_setaffinity(0, own)
     return choice
 
 

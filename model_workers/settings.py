@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from cluster.contracts.settings_base import ConfigSection
 from model_workers.gemma3.checkpoints import EMBEDDED_MODEL
@@ -59,9 +59,18 @@ class NativeEngineConfig(ConfigSection):
     num_threads: int | None = Field(
         None,
         ge=1,
-        description="torch intra-op threads. Default: every core the replica's process may run on when the decoder "
+        description="torch intra-op threads. Default: the count of engine.native.cpus when set, else every core "
+        "the replica's process may run on when the decoder "
         "has one fixed replica (Ray would otherwise cap it at decoder.num_cpus through OMP_NUM_THREADS), else "
         "decoder.num_cpus rounded up, so replicas sharing a node do not oversubscribe it.",
+    )
+    cpus: tuple[int, ...] | None = Field(
+        None,
+        min_length=1,
+        description="CPU ids the engine computes on: its step thread and torch's compute threads (created from it) "
+        "are bound to them, and num_threads defaults to their count. Other threads of the replica (Serve's loop, the "
+        "step sender) stay where they were. None: wherever the replica's process may run. A local Ray that g3serve "
+        "starts fills this from ray.reserved_cpus; on a cluster, name CPUs that the node's other processes keep off.",
     )
     device: str = Field("cpu", description='torch device of the replica: "cpu", "cuda", "cuda:1", ...')
     tensor_parallel_size: int = Field(
@@ -126,6 +135,17 @@ class NativeEngineConfig(ConfigSection):
     checkpoint: str = Field("", exclude=True, description="Filled from model.checkpoint (resolved to a directory).")
     served_model_name: str = Field("", exclude=True, description="Filled from model.served_model_name.")
     max_model_len: int | None = Field(None, exclude=True, description="Filled from model.max_model_len.")
+
+    @model_validator(mode="after")
+    def _cpus_bind_one_rank(self) -> NativeEngineConfig:
+        if self.cpus and self.tensor_parallel_size > 1:
+            raise ValueError(
+                "engine.native.cpus binds one process's compute threads; with tensor_parallel_size > 1 each rank is "
+                "a process of its own: leave cpus unset"
+            )
+        if self.cpus and (len(set(self.cpus)) != len(self.cpus) or min(self.cpus) < 0):
+            raise ValueError(f"engine.native.cpus {list(self.cpus)}: distinct CPU ids >= 0")
+        return self
 
     def with_model(self, model: ModelSettings, checkpoint_dir: str | Path) -> NativeEngineConfig:
         """This config with the model fields filled in (`checkpoint_dir` already resolved)."""

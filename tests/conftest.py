@@ -6,4 +6,5 @@ pytest_plugins = [
     "tests.fixtures.real_model",  # the real Gemma 3 270M from the PyPI package (converted once, cached)
     "tests.fixtures.redis_server",  # a real redis-server on 127.0.0.1 at a free port
     "tests.fixtures.ray_cluster",  # a local Ray instance started by the session
+    "tests.fixtures.cli_serve",  # `g3serve serve` as a subprocess with a Ray temp dir of its own
 ]

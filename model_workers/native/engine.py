@@ -68,6 +68,17 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
+def bind_step_thread(cpus: tuple[int, ...]) -> None:
+    """Bind the calling thread (the engine's step thread) to `cpus`. torch's OpenMP workers for the ops this thread
+    runs are created at its first parallel op and inherit the binding, so call it before any torch op here."""
+    try:
+        os.sched_setaffinity(0, cpus)  # 0: the calling thread (Linux)
+    except AttributeError as e:
+        raise RuntimeError("engine.native.cpus needs Linux (os.sched_setaffinity)") from e
+    except OSError as e:
+        raise RuntimeError(f"engine.native.cpus {list(cpus)}: the replica may not run there ({e})") from e
+
+
 class _StageMarks:
     """When one request reached the engine, was first scheduled, and got its first and second token (monotonic)."""
 
@@ -110,7 +121,12 @@ class NativeEngine:
         self.config = cfg = self.config.model_copy(update={"dtype": precision.name})
         # Not torch's default: inside a Ray actor OMP_NUM_THREADS is the actor's num_cpus (1 for the embedded
         # decoder), which would leave the machine's other cores idle while the model computes.
-        torch.set_num_threads(cfg.num_threads or available_cores())
+        if cfg.cpus:
+            bind_step_thread(cfg.cpus)
+        threads = cfg.num_threads or (len(cfg.cpus) if cfg.cpus else available_cores())
+        torch.set_num_threads(threads)
+        where = f"bound to CPUs {list(cfg.cpus)}" if cfg.cpus else "unbound"
+        log.info("native engine: %d compute thread(s), %s", threads, where)
         device = torch.device(cfg.device)
         dtype = precision.dtype  # the projections' and the KV cache's; the residual stream is fp32 in both modes
         mcfg = Gemma3Config.from_checkpoint(cfg.checkpoint)
