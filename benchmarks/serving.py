@@ -59,17 +59,30 @@ from cluster.local_ray import CpuLayout, plan_cpu_layout, with_cpu_layout  # noq
 
 
 @contextmanager
-def on_cpus(cpus: tuple[int, ...]):
-    """This thread (the load generator's event loop) on `cpus` for the block; no change for ()."""
-    if not cpus:
+def on_cpus(layout: CpuLayout | None):
+    """This process's threads (the load generator's loop, Ray's driver threads) on the layout's reserved CPUs for
+    the block, beside the serving processes, except the threads already bound to the engine's CPUs (in process:
+    the engine's own); no change when the layout shares every CPU."""
+    if layout is None or not layout.reserved:
         yield
         return
-    own = os.sched_getaffinity(0)
-    os.sched_setaffinity(0, cpus)
+    moved = {}
+    for tid in (int(t) for t in os.listdir("/proc/self/task")):
+        try:
+            cpus = os.sched_getaffinity(tid)
+            if cpus != set(layout.engine):
+                os.sched_setaffinity(tid, layout.reserved)
+                moved[tid] = cpus
+        except OSError:  # a thread that ended meanwhile
+            continue
     try:
         yield
     finally:
-        os.sched_setaffinity(0, own)
+        for tid, cpus in moved.items():
+            try:
+                os.sched_setaffinity(tid, cpus)
+            except OSError:
+                continue
 
 
 @dataclass
@@ -105,11 +118,11 @@ async def run_in_process(
     warm: list[str] | None = None,
     cpu: CpuMeter | None = None,
     busy: EngineBusy | None = None,
-    reserved: tuple[int, ...] = (),
+    layout: CpuLayout | None = None,
 ) -> tuple[Run, int | None]:
     """The load against the engine in this process: (run, engine steps during it; None if the engine has no count);
-    `cpu` counts the CPU seconds of the timed load, `busy` the engine's forward passes in it; with `reserved` CPUs
-    the load runs on them (the engine's own CPUs come with `config`, as served)."""
+    `cpu` counts the CPU seconds of the timed load, `busy` the engine's forward passes in it; with a `layout` that
+    reserves CPUs the load runs on them (the engine's own CPUs come with `config`, as served)."""
     from model_workers.deployment import ENGINE_FACTORIES, engine_counters
     from model_workers.gemma3.checkpoints import resolve_checkpoint
     from model_workers.gemma3.tokenizer import Gemma3Tokenizer
@@ -137,7 +150,7 @@ async def run_in_process(
     steps_before, counted = getattr(engine, "steps", None), engine_counters(engine)
     if cpu:
         cpu.start()
-    with on_cpus(reserved):
+    with on_cpus(layout):
         run.wall = await _bounded(concurrency, [job(i, t, run) for i, t in enumerate(texts)])
     if cpu:
         cpu.stop(run.wall)
@@ -162,7 +175,7 @@ def run_through_serve(
     """Each load of `loads` in turn through one `g3serve serve` app: (runs, step-channel messages the decoder
     replicas sent during the first); `cpu` counts the CPU seconds of the timed loads, `busy` the decoder engine's
     forward passes in them; `layout` is the CPU layout `g3serve serve` would start with (`config` already bound to
-    it), and the load generator runs on its reserved CPUs, beside the serving processes."""
+    it), and the load generator runs on its reserved CPUs (on_cpus), beside the serving processes."""
     import ray
     from ray import serve
 
@@ -191,7 +204,7 @@ def run_through_serve(
             counted = decoder.engine_counters.remote().result()
             if cpu:
                 cpu.start()
-            with on_cpus(layout.reserved if layout else ()):
+            with on_cpus(layout):
                 run.wall = asyncio.run(_serve_load(url, model, texts, max_tokens, concurrency, run))
             if cpu:
                 cpu.stop(run.wall)
@@ -377,7 +390,7 @@ def run_overhead(load: Load, config: G3ServeConfig) -> None:
     sets = [load.texts] + [sized_prompts(tok, n, load.prompt_tokens, seed=7919 * k) for k in (1, 2, 3)]
     meters = {"in process": CpuMeter(), "served": CpuMeter()}
     busy = {"in process": EngineBusy(), "served": EngineBusy()}
-    inproc_args = (max_tokens, conc, load.warm_texts, meters["in process"], busy["in process"], layout.reserved)
+    inproc_args = (max_tokens, conc, load.warm_texts, meters["in process"], busy["in process"], layout)
     with tempfile.TemporaryDirectory(prefix="g3b-") as tmp:
         first, steps = asyncio.run(run_in_process(config, sets[0], *inproc_args))
         served, messages = run_through_serve(
