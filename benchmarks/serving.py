@@ -382,11 +382,14 @@ def run_overhead(load: Load, config: G3ServeConfig) -> None:
     )
     # Both sides on the CPU layout `g3serve serve` would pick (ray.reserved_cpus): the engine's threads on its CPUs,
     # the load generator (and, served, Ray's processes) on the reserved ones.
-    layout = plan_cpu_layout(config, os.sched_getaffinity(0))
+    from cluster.app import has_vision_tower
+
+    checkpoint = resolve_checkpoint(config.model.checkpoint)
+    layout = plan_cpu_layout(config, os.sched_getaffinity(0), vision=has_vision_tower(checkpoint))
     config = with_cpu_layout(config, layout)
     print(f"CPU layout: {layout.reason}")
     n, conc, max_tokens = load.requests, load.concurrency, load.max_tokens
-    tok = Gemma3Tokenizer.from_checkpoint(resolve_checkpoint(config.model.checkpoint))
+    tok = Gemma3Tokenizer.from_checkpoint(checkpoint)
     sets = [load.texts] + [sized_prompts(tok, n, load.prompt_tokens, seed=7919 * k) for k in (1, 2, 3)]
     meters = {"in process": CpuMeter(), "served": CpuMeter()}
     busy = {"in process": EngineBusy(), "served": EngineBusy()}

@@ -66,20 +66,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import ray
     from ray import serve
 
-    from cluster.app import run
+    from cluster.app import has_vision_tower, run
     from cluster.local_ray import init_local_ray, plan_cpu_layout, remove_state, with_cpu_layout
 
     config = load_config(args.config)
     overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
     if overrides:
         config = config.model_copy(update={"ingress": config.ingress.model_copy(update=overrides)})
-    _resolve_checkpoint(config)
+    checkpoint = _resolve_checkpoint(config)
     _stop_on_sigterm()
     proxy = None
     try:
         if config.ray.address is None:
             try:
-                layout = plan_cpu_layout(config, os.sched_getaffinity(0))
+                layout = plan_cpu_layout(config, os.sched_getaffinity(0), vision=has_vision_tower(checkpoint))
             except ValueError as e:
                 raise config_error(args.config or "the embedded defaults", e) from e
             config = with_cpu_layout(config, layout)
@@ -106,7 +106,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _resolve_checkpoint(config: G3ServeConfig) -> None:
+def _resolve_checkpoint(config: G3ServeConfig) -> Path:
     """Resolve (and on first use convert) the checkpoint before Ray starts and before the "starting" spinner.
 
     Why here: the spinner redirects stderr line by line, so the conversion's progress bar (carriage returns, no
@@ -117,7 +117,7 @@ def _resolve_checkpoint(config: G3ServeConfig) -> None:
     from model_workers.gemma3.config import CheckpointError
 
     try:
-        resolve_checkpoint(config.model.checkpoint)
+        return resolve_checkpoint(config.model.checkpoint)
     except (CheckpointError, OSError) as e:
         raise CliError(f"[red]model.checkpoint {escape(str(config.model.checkpoint))}:[/] {escape(str(e))}") from e
 

@@ -114,7 +114,8 @@ class RaySettings(ConfigSection):
         "ingress), which then run only there, while the decoder engine computes on the others (engine.native.cpus), "
         "so their work never preempts its compute threads. 0: no split, all share every CPU. 'auto': 1 from 4 CPUs "
         "on (vLLM CPU also keeps one CPU off its compute threads), 0 below (on 2 CPUs one engine thread on a CPU of "
-        "its own served fewer tokens than two shared; docs/benchmarks.md). Applies to one native decoder replica "
+        "its own served fewer tokens than two shared; docs/benchmarks.md), and 0 for a checkpoint with a vision tower "
+        "(its encoder, a Ray worker, would compute on the reserved CPUs). Applies to one native decoder replica "
         "of one rank; the choice and its reason are logged.",
     )
 

@@ -106,9 +106,10 @@ class CpuLayout:
     reason: str
 
 
-def plan_cpu_layout(config: G3ServeConfig, allowed: Iterable[int]) -> CpuLayout:
-    """The layout `ray.reserved_cpus` asks for on the CPUs this process may run on (`allowed`). An explicit count
-    that cannot apply is an error; `auto` falls back to sharing and says why."""
+def plan_cpu_layout(config: G3ServeConfig, allowed: Iterable[int], vision: bool = False) -> CpuLayout:
+    """The layout `ray.reserved_cpus` asks for on the CPUs this process may run on (`allowed`), for a checkpoint
+    with a vision tower or not (`vision`: its encoder is a Ray worker, so it would compute on the reserved CPUs). An
+    explicit count that cannot apply is an error; `auto` falls back to sharing and says why."""
     cpus = sorted(allowed)
     setting = config.ray.reserved_cpus
     explicit = setting != "auto" and setting > 0
@@ -126,6 +127,12 @@ def plan_cpu_layout(config: G3ServeConfig, allowed: Iterable[int]) -> CpuLayout:
     if d.autoscaling is not None or (d.num_replicas or 1) > 1 or config.engine.native.tensor_parallel_size > 1:
         return shared("it applies to one decoder replica of one rank (no autoscaling)")
     if setting == "auto":
+        if vision:
+            return CpuLayout(
+                (),
+                (),
+                "auto: all CPUs shared, the checkpoint has a vision tower (reserved CPUs would confine its encoder)",
+            )
         if len(cpus) < AUTO_RESERVE_FROM:
             return CpuLayout(
                 (),
@@ -140,7 +147,10 @@ def plan_cpu_layout(config: G3ServeConfig, allowed: Iterable[int]) -> CpuLayout:
         return shared(f"this process may run on {len(cpus)} CPUs ({cpus}), the engine needs one besides")
     reserved, engine = tuple(cpus[:setting]), tuple(cpus[setting:])
     why = "auto" if config.ray.reserved_cpus == "auto" else "ray.reserved_cpus"
-    return CpuLayout(reserved, engine, f"{why}: serving processes on CPUs {list(reserved)}, engine on {list(engine)}")
+    also = " (the vision encoder computes on the serving CPUs)" if vision else ""
+    return CpuLayout(
+        reserved, engine, f"{why}: serving processes on CPUs {list(reserved)}, engine on {list(engine)}{also}"
+    )
 
 
 def with_cpu_layout(config: G3ServeConfig, layout: CpuLayout) -> G3ServeConfig:

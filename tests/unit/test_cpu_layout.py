@@ -43,6 +43,14 @@ def test_auto_keeps_one_cpu_for_the_serving_processes_from_four_on():
     assert bound.engine.native.model_dump() == {**_config().engine.native.model_dump(), "cpus": (4, 5, 7)}
 
 
+def test_auto_shares_for_a_vision_tower_and_an_explicit_count_says_where_it_computes():
+    layout = plan_cpu_layout(_config(), range(8), vision=True)
+    assert layout.engine == () and "vision tower" in layout.reason
+    layout = plan_cpu_layout(_config(ray={"reserved_cpus": 2}), range(8), vision=True)
+    assert (layout.reserved, layout.engine) == ((0, 1), (2, 3, 4, 5, 6, 7))
+    assert layout.reason.endswith("(the vision encoder computes on the serving CPUs)")
+
+
 def test_an_explicit_count_splits_even_two_cpus():
     layout = plan_cpu_layout(_config(ray={"reserved_cpus": 1}), {0, 1})
     assert (layout.reserved, layout.engine) == ((0,), (1,))
