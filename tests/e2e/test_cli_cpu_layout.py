@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.fixtures.cli_serve import CliServer, stream_and_reject_through, tiny_cli_config
-from tests.fixtures.processes import still_running
+from tests.fixtures.processes import cpu_ticks, still_running, thread_cpus
 
 pytestmark = pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs 2 CPUs")
 
@@ -27,22 +27,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _thread_cpus(pid: int) -> dict[int, set[int]]:
-    """tid -> the CPUs that thread of `pid` may run on (threads that end meanwhile are left out)."""
-    out = {}
-    for t in os.listdir(f"/proc/{pid}/task"):
-        try:
-            out[int(t)] = set(os.sched_getaffinity(int(t)))
-        except OSError:
-            continue
-    return out
-
-
-def _cpu_ticks(pid: int, tid: int) -> int:
-    fields = Path(f"/proc/{pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
-    return int(fields[11]) + int(fields[12])  # utime + stime
 
 
 def _cmdline(pid: int) -> str:
@@ -72,12 +56,12 @@ def test_reserved_cpu_keeps_the_serving_processes_off_the_engines_cpu(tiny_mm_se
         others = [pid for pid in tree if pid not in decoders]
         assert any("raylet" in _cmdline(p) for p in others) and any("ingress" in _cmdline(p) for p in others)
         for pid in others:
-            for tid, cpus in _thread_cpus(pid).items():
+            for tid, cpus in thread_cpus(pid).items():
                 assert cpus == reserved, f"{_cmdline(pid)[:80]} thread {tid} may run on {cpus}"
-        threads = _thread_cpus(decoders[0])
+        threads = thread_cpus(decoders[0])
         on_engine = [t for t, cpus in threads.items() if cpus == engine]
         assert len(on_engine) >= 2, threads  # the step thread and its OpenMP worker
-        assert sum(_cpu_ticks(decoders[0], t) for t in on_engine) > 0
+        assert sum(cpu_ticks(decoders[0], t) for t in on_engine) > 0
         assert all(cpus in (reserved, engine) for cpus in threads.values()), threads
         assert os.sched_getaffinity(server.proc.pid) == set(allowed)  # the CLI's thread, restored after ray.init
 

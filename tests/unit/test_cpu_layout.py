@@ -12,7 +12,6 @@ import asyncio
 import logging
 import os
 import threading
-from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
@@ -20,6 +19,7 @@ from pydantic import ValidationError
 from cluster.config import G3ServeConfig
 from cluster.contracts.messages import GenerateRequest, SamplingParams
 from cluster.local_ray import AUTO_RESERVE_FROM, plan_cpu_layout, with_cpu_layout
+from tests.fixtures.processes import cpu_ticks, thread_cpus
 
 
 def _config(**sections) -> G3ServeConfig:
@@ -89,20 +89,6 @@ def test_reserved_cpus_and_engine_cpus_are_validated():
         _config(engine={"native": {"cpus": [1], "tensor_parallel_size": 2}})
 
 
-def _allowed(tid: int) -> set[int]:
-    """The CPUs thread `tid` of this process may run on."""
-    return set(os.sched_getaffinity(tid))
-
-
-def _threads() -> list[int]:
-    return [int(t) for t in os.listdir("/proc/self/task")]
-
-
-def _cpu_ticks(tid: int) -> int:
-    fields = Path(f"/proc/self/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
-    return int(fields[11]) + int(fields[12])  # utime + stime
-
-
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs 2 CPUs: one to bind the engine to, one not")
 def test_engine_cpus_bind_its_step_thread_and_compute_threads(tiny_text_ckpt, caplog):
     from model_workers.native.engine import NativeEngine
@@ -110,7 +96,7 @@ def test_engine_cpus_bind_its_step_thread_and_compute_threads(tiny_text_ckpt, ca
 
     own = os.sched_getaffinity(0)
     target = max(own)
-    before = {t: _allowed(t) for t in _threads()}
+    before = thread_cpus(os.getpid())
     # Two compute threads on one CPU: the step thread and one OpenMP worker, which must inherit the binding.
     cfg = NativeEngineConfig(
         checkpoint=str(tiny_text_ckpt), kv_cache_bytes=8 * 2**20, num_threads=2, cpus=(target,), accel="none"
@@ -124,19 +110,20 @@ def test_engine_cpus_bind_its_step_thread_and_compute_threads(tiny_text_ckpt, ca
                 "r", tuple(range(2, 40)), SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
             )
             tokens = [t async for d in eng.generate(req) for t in d.token_ids]
-            bound = [t for t in _threads() if t not in before and _allowed(t) == {target}]
-            return tokens, bound
+            bound = [t for t, cpus in thread_cpus(os.getpid()).items() if t not in before and cpus == {target}]
+            return tokens, bound, sum(cpu_ticks(os.getpid(), t) for t in bound)
         finally:
             await eng.shutdown()
 
     with caplog.at_level(logging.INFO, logger="model_workers.native.engine"):
-        tokens, bound = asyncio.run(run())
+        tokens, bound, ticks = asyncio.run(run())
     assert len(tokens) == 6
     assert f"native engine: 2 compute thread(s), bound to CPUs [{target}]" in caplog.text
     # The step thread and the OpenMP worker it created (the only threads it starts); the tiny model's ops are
     # mostly too small for torch to split, so it is the step thread that must have computed.
     assert len(bound) >= 2, "the step thread and its OpenMP worker"
-    assert sum(_cpu_ticks(t) for t in bound if Path(f"/proc/self/task/{t}").exists()) > 0
+    assert ticks > 0
     # Nothing else moved: the caller's thread and the threads that were already there keep their CPUs.
     assert os.sched_getaffinity(0) == own and threading.current_thread() is threading.main_thread()
-    assert all(_allowed(t) == cpus for t, cpus in before.items() if Path(f"/proc/self/task/{t}").exists())
+    now = thread_cpus(os.getpid())
+    assert all(now[t] == cpus for t, cpus in before.items() if t in now)
