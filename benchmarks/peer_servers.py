@@ -153,8 +153,10 @@ def vllm_spec(
     kv_gib: int = 2,
     extra: tuple[str, ...] = (),
     defaults: bool = False,
+    all_cpus: bool = True,
 ) -> ServerSpec:
-    """vLLM CPU's OpenAI server with both cores (VLLM_CPU_NUM_OF_RESERVED_CPU=0) and `kv_gib` GiB of KV.
+    """vLLM CPU's OpenAI server with both cores (VLLM_CPU_NUM_OF_RESERVED_CPU=0) and `kv_gib` GiB of KV; with
+    `all_cpus=False`, vLLM's own default binding instead: one CPU kept off its OpenMP threads for its front end.
 
     `defaults=True` is vLLM as its users start it: no dtype and no eager flag, so `dtype auto` (bf16 for Gemma 3 on a
     CPU with native bf16, the model's training dtype) and compiled graphs (the first start compiles for minutes;
@@ -165,8 +167,12 @@ def vllm_spec(
     if not defaults:
         cmd += ["--enforce-eager", "--dtype", "float32"]
     cmd += list(extra)
-    env = {"VLLM_CPU_KVCACHE_SPACE": str(kv_gib), "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
+    env = {"VLLM_CPU_KVCACHE_SPACE": str(kv_gib)}
+    if all_cpus:
+        env["VLLM_CPU_NUM_OF_RESERVED_CPU"] = "0"
     name = "vLLM CPU (defaults: bf16, compiled)" if defaults else "vLLM CPU (fp32, eager)"
+    if not all_cpus:
+        name += " + its reserved CPU"
     return ServerSpec(name, cmd, port, model, env, prompt_ids=True)
 
 

@@ -8,6 +8,8 @@ alternates (A B C, C B A: none always goes first); the table gives each server's
     `auto`), and its fp32-exact mode (`model.dtype: float32`);
   - vLLM CPU's OpenAI server as users start it (no dtype or eager flag: bf16 on CPUs with native bf16, compiled
     graphs), and fp32 `--enforce-eager` as one extra row; the same 270M converted to safetensors, both cores, 2 GiB KV;
+    `--peers ...,vllm_reserved` adds vLLM's defaults with its own CPU binding too (VLLM_CPU_OMP_THREADS_BIND=auto keeps
+    one CPU off its compute threads for its front end; the `vllm` row gives it both cores);
   - Ray Serve LLM over vLLM, its defaults (benchmarks/peers/ray_serve_llm.py): the peer doing g3serve's job;
   - llama.cpp's `llama-server` on the GGUF: `-np 32 -c 32768 -t 2` (benchmarks/peers/build_llama_server.sh).
 The peers get the prompts as the token ids g3serve's tokenizer makes of them (BOS included), so every server
@@ -222,7 +224,10 @@ def run_through_serve(
 
 KV_BUDGET, KV_SEQ_LEN = 2 * 2**30, 32768
 OURS = ("g3serve", "g3serve_fp32")  # g3serve's modes: precision `auto` (its default) and fp32-exact
-PEERS = ("vllm", "vllm_fp32_eager", "rayllm", "llamacpp")
+PEERS = ("vllm", "vllm_fp32_eager", "rayllm", "llamacpp", "vllm_reserved")
+# Run unless --peers names others. vllm_reserved is vLLM's defaults with its own CPU binding left on (one CPU kept off
+# its compute threads): opt-in, since the `vllm` row, on every CPU, is the stronger of the two on 2 cores.
+DEFAULT_PEERS = ("vllm", "vllm_fp32_eager", "rayllm", "llamacpp")
 
 
 def _g3serve_fp32_config(tmp: Path) -> str:
@@ -250,11 +255,16 @@ def server_factories(peers: list[str], checkpoint: Path, model: str, tmp: Path, 
         "g3serve": lambda: g3serve_spec(_free_port(), model),
         "g3serve_fp32": lambda: _named(g3serve_spec(_free_port(), model, fp32_config), "g3serve (fp32-exact)"),
     }
-    if any(p in peers for p in ("vllm", "vllm_fp32_eager", "rayllm")) and not vllm_installed():
+    vllm_peers = ("vllm", "vllm_fp32_eager", "rayllm", "vllm_reserved")
+    if any(p in peers for p in vllm_peers) and not vllm_installed():
         notes.append("vLLM peers skipped: vllm is not importable (README: vLLM engine, CPU install)")
-        peers = [p for p in peers if p not in ("vllm", "vllm_fp32_eager", "rayllm")]
+        peers = [p for p in peers if p not in vllm_peers]
     if "vllm" in peers:
         factories["vllm"] = lambda: vllm_spec(checkpoint, _free_port(), model, KV_SEQ_LEN, kv_gib, defaults=True)
+    if "vllm_reserved" in peers:
+        factories["vllm_reserved"] = lambda: vllm_spec(
+            checkpoint, _free_port(), model, KV_SEQ_LEN, kv_gib, defaults=True, all_cpus=False
+        )
     if "vllm_fp32_eager" in peers:
         factories["vllm_fp32_eager"] = lambda: vllm_spec(checkpoint, _free_port(), model, KV_SEQ_LEN, kv_gib)
     if "rayllm" in peers:
@@ -332,7 +342,7 @@ def _result_fields(load: Load, results: dict, rounds: int) -> list[str]:
             continue
         ratio = mine.tok_s / peer_runs[best].tok_s if best else float("nan")
         fields.append(f"{ours}_vs_best_peer={ratio:.3f}")
-        for peer in ("vllm", "vllm_fp32_eager"):
+        for peer in ("vllm", "vllm_fp32_eager", "vllm_reserved"):
             if peer in peer_runs:
                 fields.append(f"{ours}_vs_{peer}={mine.tok_s / peer_runs[peer].tok_s:.3f}")
                 fields.append(f"{ours}_ttft_vs_{peer}={mine.ttft_p50()[0] / peer_runs[peer].ttft_p50()[0]:.3f}")
@@ -480,7 +490,7 @@ def main() -> None:
     load = make_load(checkpoint, *load_args)
     if args.peers == "none":
         return run_overhead(load, config)
-    requested = (args.peers or ("" if args.quick else ",".join(PEERS))).replace("-", "_").split(",")
+    requested = (args.peers or ("" if args.quick else ",".join(DEFAULT_PEERS))).replace("-", "_").split(",")
     unknown = [p for p in requested if p and p not in PEERS]
     if unknown:
         ap.error(f"unknown peers {unknown}: choose from {PEERS} or 'none'")

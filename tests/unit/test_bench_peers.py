@@ -118,6 +118,11 @@ def test_vllm_as_users_start_it_has_no_dtype_or_eager_flag(tmp_path):
     assert eager.cmd[eager.cmd.index("--dtype") + 1] == "float32" and "--enforce-eager" in eager.cmd
     rayllm = ray_serve_llm_spec(tmp_path, 8001, "m")
     assert rayllm.health_path == "/v1/models" and rayllm.cmd[1].endswith("peers/ray_serve_llm.py")
+    # Both cores for vLLM's compute threads, or (vllm_reserved) its own binding, which keeps one CPU off them.
+    assert default.env["VLLM_CPU_NUM_OF_RESERVED_CPU"] == "0"
+    own = vllm_spec(tmp_path, 8000, "m", 4096, defaults=True, all_cpus=False)
+    assert "VLLM_CPU_NUM_OF_RESERVED_CPU" not in own.env and own.cmd == default.cmd
+    assert own.name == "vLLM CPU (defaults: bf16, compiled) + its reserved CPU"
 
 
 def test_server_runs_report_mean_and_spread():
