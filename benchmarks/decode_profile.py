@@ -4,6 +4,9 @@
     python benchmarks/decode_profile.py --quick    # 8 sequences, 4 steps
     python benchmarks/decode_profile.py --dtype bfloat16   # the bf16 mode (model_workers/native/precision.py)
 
+The prompts are the serving load's (benchmarks/serving.py: 256 tokens of text each); `--random-ids` gives arbitrary
+token ids instead, whose flat logits send the LM head's int8 ranking to its bf16 fallback.
+
 Wraps the parts of one `ModelRunner.run` (LM head, paged attention, sampler, step-input building) and the
 scheduler's two calls with wall-clock timers; the rest of `run` is the layers' projections, MLP and norms.
 """
@@ -15,12 +18,14 @@ import time
 from collections import defaultdict
 
 import torch
+from openai_load import sized_prompts
 from rich.console import Console
 from rich.table import Table
 
 from cluster.contracts.messages import SamplingParams
 from model_workers.gemma3.checkpoints import default_checkpoint
 from model_workers.gemma3.decoder import Gemma3Decoder
+from model_workers.gemma3.tokenizer import Gemma3Tokenizer
 from model_workers.native import runner as runner_mod
 from model_workers.native import step_batch
 from model_workers.native.accel import build_accel
@@ -47,6 +52,12 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--seqs", type=int, default=32)
     ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="the precision mode")
+    ap.add_argument(
+        "--random-ids",
+        action="store_true",
+        help="prompts of arbitrary token ids instead of text: flat logits, which send the LM head's int8 ranking "
+        "to its bf16 fallback",
+    )
     args = ap.parse_args()
     n_seqs, steps = (8, 4) if args.quick else (args.seqs, 8)
     checkpoint = default_checkpoint()
@@ -59,9 +70,13 @@ def main() -> None:
     # the engine's defaults: C++ decode attention, packed weights (the GGUF's exact int8 form for decode steps)
     accel = build_accel("auto", dtype=dtype, checkpoint=checkpoint)
     runner = runner_mod.ModelRunner(model, cache, dtype=dtype, accel=accel)
-    for i in range(n_seqs):
-        prompt = [2] + [(i * 7919 + j * 31) % 200000 + 3 for j in range(255)]
-        sched.add(Sequence(f"s{i}", prompt, 128, page_size=16, sampling=SamplingParams(temperature=0)))
+    if args.random_ids:
+        prompts = [[2] + [(i * 7919 + j * 31) % 200000 + 3 for j in range(255)] for i in range(n_seqs)]
+    else:  # the serving load's prompts: text, whose peaked logits the LM head ranks as it does when serving
+        tok = Gemma3Tokenizer.from_checkpoint(checkpoint)
+        prompts = [tok.encode_completion(t).token_ids for t in sized_prompts(tok, n_seqs, 256)]
+    for i, prompt in enumerate(prompts):
+        sched.add(Sequence(f"s{i}", list(prompt), 128, page_size=16, sampling=SamplingParams(temperature=0)))
     prefill_s, prefill_tokens, timed_tokens = 0.0, 0, 0
     while any(s.is_prefilling for s in sched.running) or sched.waiting:
         plan = sched.schedule()
