@@ -76,6 +76,9 @@ class _Slot:
             self._ingress.metrics.in_flight.set(self._ingress.in_flight)
 
 
+TOKENIZER_WARM_WAIT_S = 10.0  # how long a request waits for the start-up tokenizer load before loading its own
+
+
 @serve.ingress(api)
 class G3ServeIngress(CompletionsEndpoint, TokenizeEndpoints):
     """Wrapped by `serve.deployment` in cluster/app.py. Handles are Serve DeploymentHandles to the other two."""
@@ -120,6 +123,21 @@ class G3ServeIngress(CompletionsEndpoint, TokenizeEndpoints):
             default_max_tokens=self.settings.default_max_tokens,
             max_images=self.settings.max_images_per_request,
         )
+        # The tokenizer takes about a second to load: load it now, not in the first request's TTFT.
+        self._warming = asyncio.get_running_loop().create_task(self._warm_tokenizer())
+
+    async def _warm_tokenizer(self) -> None:
+        """Build the tokenizer once the decoder answers (its model info gives the soft tokens per image), off the
+        event loop; a request that comes first builds it itself, and a failure here leaves it to the first request."""
+        try:
+            info = await self._model_info()
+            tokenizer = await asyncio.to_thread(
+                Gemma3Tokenizer.from_checkpoint, self._checkpoint, info.mm_tokens_per_image
+            )
+        except Exception:  # the decoder not up yet, or going away: the request path reports what is wrong
+            return
+        if self._tokenizer is None:
+            self._tokenizer = tokenizer
 
     # ------------------------------------------------------------------------------------------------ routes
 
@@ -459,6 +477,9 @@ class G3ServeIngress(CompletionsEndpoint, TokenizeEndpoints):
     async def _model_info(self) -> ModelInfo:
         if self._info is None:
             self._info = await self._decoder.model_info.remote()
+        if self._tokenizer is None and not self._warming.done() and asyncio.current_task() is not self._warming:
+            # The tokenizer is on its way: wait for it (a while at most) rather than load a second one.
+            await asyncio.wait({self._warming}, timeout=TOKENIZER_WARM_WAIT_S)
         return self._info
 
     def _authorize(self, request: Request) -> None:
@@ -476,6 +497,8 @@ class G3ServeIngress(CompletionsEndpoint, TokenizeEndpoints):
             )
 
     async def __del__(self) -> None:
+        if getattr(self, "_warming", None) is not None:
+            self._warming.cancel()
         await self.steps.close()
 
     def _error(self, err: oa.ApiError, endpoint: str) -> Response:
