@@ -12,34 +12,19 @@ then SIGTERM stops it all.
 from __future__ import annotations
 
 import os
-import socket
-from pathlib import Path
 
 import pytest
 
 from tests.fixtures.cli_serve import CliServer, stream_and_reject_through, tiny_cli_config
-from tests.fixtures.processes import cpu_ticks, still_running, thread_cpus
+from tests.fixtures.processes import cmdline, cpu_ticks, still_running, thread_cpus
 
 pytestmark = pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs 2 CPUs")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
 
 
 def test_reserved_cpu_keeps_the_serving_processes_off_the_engines_cpu(tiny_mm_servable_ckpt, tmp_path, ray_tmpdir):
     allowed = sorted(os.sched_getaffinity(0))
     reserved, engine = {allowed[0]}, set(allowed[1:])
-    config = tiny_cli_config(tiny_mm_servable_ckpt, _free_port(), reserved_cpus=1)
+    config = tiny_cli_config(tiny_mm_servable_ckpt, reserved_cpus=1)
     # Two compute threads: the step thread and one OpenMP worker, which must inherit the step thread's binding.
     config["engine"]["native"]["num_threads"] = 2
     with CliServer(config, tmp_path, ray_tmpdir) as server:
@@ -51,13 +36,15 @@ def test_reserved_cpu_keeps_the_serving_processes_off_the_engines_cpu(tiny_mm_se
         stream_and_reject_through(server.port)
 
         tree = server.snapshot_tree()
-        decoders = [pid for pid in tree if "ServeReplica:g3serve:decoder" in _cmdline(pid)]
-        assert len(decoders) == 1, [_cmdline(p)[:80] for p in tree]
+        decoders = [pid for pid in tree if "ServeReplica:g3serve:decoder" in (cmdline(pid) or "")]
+        assert len(decoders) == 1, [(cmdline(p) or "")[:80] for p in tree]
         others = [pid for pid in tree if pid not in decoders]
-        assert any("raylet" in _cmdline(p) for p in others) and any("ingress" in _cmdline(p) for p in others)
+        assert any("raylet" in (cmdline(p) or "") for p in others) and any(
+            "ingress" in (cmdline(p) or "") for p in others
+        )
         for pid in others:
             for tid, cpus in thread_cpus(pid).items():
-                assert cpus == reserved, f"{_cmdline(pid)[:80]} thread {tid} may run on {cpus}"
+                assert cpus == reserved, f"{(cmdline(pid) or '')[:80]} thread {tid} may run on {cpus}"
         threads = thread_cpus(decoders[0])
         on_engine = [t for t, cpus in threads.items() if cpus == engine]
         assert len(on_engine) >= 2, threads  # the step thread and its OpenMP worker

@@ -17,16 +17,9 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 
 from tests.fixtures.cli_serve import CliServer, stream_and_reject_through, tiny_cli_config
 from tests.fixtures.processes import still_running
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _name(pid: int) -> str:
@@ -42,8 +35,7 @@ def _environ(pid: int) -> str:
 
 
 def test_sigterm_stops_serve_cleanly_without_orphans(tiny_mm_servable_ckpt, tmp_path, ray_tmpdir):
-    port = _free_port()
-    with CliServer(tiny_cli_config(tiny_mm_servable_ckpt, port), tmp_path, ray_tmpdir) as server:
+    with CliServer(tiny_cli_config(tiny_mm_servable_ckpt), tmp_path, ray_tmpdir) as server:
         server.wait_healthy()
         text = server.log()
         assert "HTTP proxy: haproxy" in text, text[-3000:]
@@ -52,7 +44,7 @@ def test_sigterm_stops_serve_cleanly_without_orphans(tiny_mm_servable_ckpt, tmp_
         haproxy = [pid for pid in tree if _name(pid) == "haproxy"]
         assert haproxy, "no HAProxy process under the CLI"
         state_dir = re.search(r"^RAY_SERVE_HAPROXY_SERVER_STATE_BASE=(.+)$", _environ(haproxy[0]), re.M)
-        stream_and_reject_through(port)
+        stream_and_reject_through(server.port)
         code = server.terminate()
         assert code == 0, server.log()[-3000:]
         # ray.shutdown() returns once it has signalled its processes; terminate() gave them a moment to exit.
