@@ -131,13 +131,9 @@ class G3ServeIngress(CompletionsEndpoint, TokenizeEndpoints):
         event loop; a request that comes first builds it itself, and a failure here leaves it to the first request."""
         try:
             info = await self._model_info()
-            tokenizer = await asyncio.to_thread(
-                Gemma3Tokenizer.from_checkpoint, self._checkpoint, info.mm_tokens_per_image
-            )
+            await asyncio.to_thread(self._get_tokenizer, info)
         except Exception:  # the decoder not up yet, or going away: the request path reports what is wrong
             return
-        if self._tokenizer is None:
-            self._tokenizer = tokenizer
 
     # ------------------------------------------------------------------------------------------------ routes
 
