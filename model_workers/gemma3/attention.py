@@ -62,7 +62,8 @@ class DenseAttention:
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         is_global = self.cfg.layer_types[layer] == FULL_ATTENTION
-        return sdpa(q[None], k[None], v[None], self.masks[is_global], self.scale)[0]
+        # v comes in the projections' dtype (bf16 in the bf16 mode); the reference attends in the query's
+        return sdpa(q[None], k[None].to(q.dtype), v[None].to(q.dtype), self.masks[is_global], self.scale)[0]
 
 
 def image_groups_from_mask(image_mask: torch.Tensor, block_len: int) -> torch.Tensor:

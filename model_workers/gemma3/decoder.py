@@ -14,7 +14,9 @@ Gemma 3 specifics, each from the report / the reference implementation:
 Precision (`from_checkpoint(dtype=...)`): float32 is everything in fp32. bfloat16 is the bf16 mode: the projections'
 weights are bf16 (`CastLinear`: bf16 GEMM, fp32 accumulation) while the residual stream, the norms, RoPE, the
 embeddings and the tied head's weight stay fp32 -- the parts vLLM and transformers keep in fp32 for Gemma 3, since
-its activations are large and its norms sensitive. The KV cache's dtype is the engine's (runner.py).
+its activations are large and its norms sensitive. The projections take and give bf16 (`DecoderLayer.proj_dtype`):
+the norms before them write bf16, the ops after them read bf16 and compute in fp32, so no separate cast pass runs
+between a projection and its neighbours. The KV cache's dtype is the engine's (runner.py).
 
 Tensor parallelism (Megatron-style, `TensorShard`): a rank's decoder holds its slice of the query heads, of the KV
 heads (replicated where the model has fewer KV heads than ranks) and of the MLP's intermediate dimension, plus the
@@ -40,12 +42,14 @@ from model_workers.gemma3.weights import CheckpointReader
 
 class AttentionBackend(Protocol):
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """q: [T, Hq, D], k/v: [T, Hkv, D] for the step's new tokens (after RoPE). Returns [T, Hq, D]."""
+        """q: [T, Hq, D], k/v: [T, Hkv, D] for the step's new tokens (after RoPE). Returns [T, Hq, D]. q and k are
+        in the residual stream's dtype, v in the projections' (bf16 in the bf16 mode: a view of the qkv output)."""
 
 
 class CastLinear(nn.Linear):
     """A bias-free projection whose weight is narrower than the residual stream (the bf16 mode): the input is cast
-    to the weight's dtype, the GEMM accumulates in fp32 (oneDNN / cuBLAS), the output comes back in the input's."""
+    to the weight's dtype where it is not already (the norms write it so), the GEMM accumulates in fp32 (oneDNN /
+    cuBLAS), and the output stays in the weight's dtype (rounded once, as the GEMM writes it): the layer ops read it."""
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, dtype: torch.dtype) -> CastLinear:
@@ -55,7 +59,7 @@ class CastLinear(nn.Linear):
         return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x.to(self.weight.dtype), self.weight).to(x.dtype)
+        return F.linear(x.to(self.weight.dtype), self.weight)
 
 
 PROJECTIONS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
@@ -76,39 +80,47 @@ class LayerOps(Protocol):
     `accel: none`); the accel package swaps in fused C++ ops (model_workers/native/accel/kernels) that compute the
     same per-element arithmetic in one pass each."""
 
-    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor: ...
+    def rms_norm(
+        self, x: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype: torch.dtype | None = None
+    ) -> torch.Tensor:
+        """Computed in fp32; written in `out_dtype` (x's when None): bf16 where a bf16 projection reads it."""
 
     def add_rms_norm(self, residual: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        """residual + rms_norm(y): Gemma's post-norms sit on the branch, before the residual add."""
+        """residual + rms_norm(y) in the residual's dtype (y may be a bf16 projection's output): Gemma's post-norms
+        sit on the branch, before the residual add."""
 
     def qk_norm_rope(
         self, qkv: torch.Tensor, q_weight, k_weight, cos, sin, nq: int, nkv: int, eps: float
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """q [T, nq, D] and k [T, nkv, D] out of the fused qkv [T, (nq + 2 nkv) D]: per-head RMSNorm, then RoPE."""
+        """q [T, nq, D] and k [T, nkv, D] in cos's dtype out of the fused qkv [T, (nq + 2 nkv) D]: per-head RMSNorm,
+        then RoPE."""
 
     def gelu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
-        """gelu_tanh(gate) * up for the fused [T, 2 I] gate/up projection."""
+        """gelu_tanh(gate) * up for the fused [T, 2 I] gate/up projection, computed in fp32, in gate_up's dtype."""
 
 
 class TorchLayerOps:
-    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    def rms_norm(
+        self, x: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype: torch.dtype | None = None
+    ) -> torch.Tensor:
         # Computed in fp32 whatever the activations' dtype: Gemma's activations overflow fp16 otherwise. Gemma scales
         # by (1 + w); F.rms_norm computes x * rsqrt(mean(x^2) + eps) * weight, bit for bit the unfused formula.
-        return F.rms_norm(x.float(), (x.shape[-1],), 1.0 + weight.float(), eps).type_as(x)
+        out = F.rms_norm(x.float(), (x.shape[-1],), 1.0 + weight.float(), eps)
+        return out.to(x.dtype if out_dtype is None else out_dtype)
 
     def add_rms_norm(self, residual: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        return residual + self.rms_norm(y, weight, eps)
+        return residual + self.rms_norm(y, weight, eps, residual.dtype)
 
     def qk_norm_rope(self, qkv, q_weight, k_weight, cos, sin, nq: int, nkv: int, eps: float):
         t, hd = qkv.shape[0], q_weight.shape[0]
         q, k = qkv[:, : nq * hd].view(t, nq, hd), qkv[:, nq * hd : (nq + nkv) * hd].view(t, nkv, hd)
-        return apply_rope(self.rms_norm(q, q_weight, eps), cos, sin), apply_rope(
-            self.rms_norm(k, k_weight, eps), cos, sin
+        return apply_rope(self.rms_norm(q, q_weight, eps, cos.dtype), cos, sin), apply_rope(
+            self.rms_norm(k, k_weight, eps, cos.dtype), cos, sin
         )
 
     def gelu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
-        gate, up = gate_up.chunk(2, dim=-1)
-        return F.gelu(gate, approximate="tanh") * up
+        gate, up = gate_up.float().chunk(2, dim=-1)
+        return (F.gelu(gate, approximate="tanh") * up).to(gate_up.dtype)
 
 
 TORCH_OPS = TorchLayerOps()
@@ -197,6 +209,8 @@ class DecoderLayer(nn.Module):
         self.gate_up_proj = nn.Linear(h, 2 * inter, bias=False)
         self.down_proj = nn.Linear(inter, h, bias=False)
         self.parts = shard.parts(cfg)  # which slice of each checkpoint projection this layer holds ({}: all)
+        # The dtype the projections take (and give): the residual stream's, or bf16 in the bf16 mode (`load`).
+        self.proj_dtype = torch.float32
         # Tensor parallel: sums the ranks' partial projections (set by the rank worker); None on one rank.
         self.all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
         self.input_layernorm = RMSNorm(h, eps)
@@ -216,7 +230,7 @@ class DecoderLayer(nn.Module):
         """`out_rows`: keep only these rows after attention (the last layer: K/V of every token are stored, but
         only the rows whose next token is sampled need the rest of the layer)."""
         t, eps = x.shape[0], self.input_layernorm.eps
-        qkv = self.qkv_proj(ops.rms_norm(x, self.input_layernorm.weight, eps))
+        qkv = self.qkv_proj(ops.rms_norm(x, self.input_layernorm.weight, eps, self.proj_dtype))
         q, k = ops.qk_norm_rope(qkv, self.q_norm.weight, self.k_norm.weight, cos, sin, self.nq, self.nkv, eps)
         v = qkv[:, (self.nq + self.nkv) * self.hd :].view(t, self.nkv, self.hd)
         o = attn.attend(self.index, q, k, v).reshape(t, self.nq * self.hd)
@@ -225,12 +239,13 @@ class DecoderLayer(nn.Module):
                 return x[:0]
             x, o = x[out_rows], o[out_rows]
         a = self.o_proj(o)
-        if self.all_reduce is not None:
-            a = self.all_reduce(a)
+        if self.all_reduce is not None:  # the ranks' partial sums add in the residual's dtype
+            a = self.all_reduce(a.to(x.dtype))
         x = ops.add_rms_norm(x, a, self.post_attention_layernorm.weight, eps)
-        h = self.down_proj(ops.gelu_mul(self.gate_up_proj(ops.rms_norm(x, self.pre_feedforward_layernorm.weight, eps))))
+        y = ops.rms_norm(x, self.pre_feedforward_layernorm.weight, eps, self.proj_dtype)
+        h = self.down_proj(ops.gelu_mul(self.gate_up_proj(y)))
         if self.all_reduce is not None:
-            h = self.all_reduce(h)
+            h = self.all_reduce(h.to(x.dtype))
         return ops.add_rms_norm(x, h, self.post_feedforward_layernorm.weight, eps)
 
 
@@ -355,6 +370,7 @@ class Gemma3Decoder(nn.Module):
             return self
         # The bf16 mode: only the projections narrow; everything else stays fp32 (see the module docstring).
         for layer in self.layers:
+            layer.proj_dtype = dtype
             for name in PROJECTIONS:
                 setattr(layer, name, CastLinear.from_linear(getattr(layer, name), dtype))
         return self

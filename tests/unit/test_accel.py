@@ -146,8 +146,12 @@ def test_portable_kernel_builds_match_the_native_build_and_the_plain_tokens(buil
     native, reference = kernel_outputs(FusedLayerOps()), kernel_outputs(TORCH_OPS)
     assert got["outputs"].keys() == native.keys()
     for name, t in got["outputs"].items():
-        scale = native[name].abs().max().clamp(min=1)
-        assert (t - native[name]).abs().max() <= 2e-6 * scale, name
-        assert (t - reference[name]).abs().max() <= 2e-6 * scale, name
+        assert t.dtype == native[name].dtype == reference[name].dtype, name
+        for want in (native[name], reference[name]):
+            t32, want32 = t.float(), want.float()
+            tol = 2e-6 * want32.abs().max().clamp(min=1)
+            if t.dtype == torch.bfloat16:  # fp32 results a rounding apart may round to neighbouring bf16 values
+                tol = tol + 2**-7 * want32.abs()
+            assert ((t32 - want32).abs() <= tol).all(), name
     plain, _ = greedy_decode(tiny_text_ckpt, "none")
     assert got["tokens"] == plain

@@ -8,9 +8,11 @@ import logging
 
 import pytest
 import torch
+from torch import nn
 
 from cluster.contracts.messages import SamplingParams
-from model_workers.gemma3.decoder import CastLinear, Gemma3Decoder
+from model_workers.gemma3.attention import DenseAttention
+from model_workers.gemma3.decoder import PROJECTIONS, CastLinear, Gemma3Decoder
 from model_workers.native import precision
 from model_workers.native.kv_cache.hybrid import HybridKVCache
 from model_workers.native.kv_cache.spec import KVCacheSpec
@@ -45,8 +47,50 @@ def test_bf16_mode_narrows_only_the_projections(tiny_text_ckpt):
     assert narrow and all(n.split(".")[-2].endswith("proj") for n in narrow)
     assert all(isinstance(layer.qkv_proj, CastLinear) for layer in model.layers)
     assert model.embed_tokens.weight.dtype == torch.float32 and model.norm.weight.dtype == torch.float32
-    x = model.embed(torch.tensor([2, 5, 7]))
-    assert model.layers[0].qkv_proj(x[:, :64]).dtype == torch.float32  # the residual stream stays fp32
+    ids = torch.tensor([2, 5, 7])
+    x = model.embed(ids)
+    # the projections read and write bf16 (the norms around them convert in their own pass) ...
+    assert all(layer.proj_dtype == torch.bfloat16 for layer in model.layers)
+    assert model.layers[0].qkv_proj(x.bfloat16()).dtype == torch.bfloat16
+    # ... and the residual stream stays fp32
+    hidden = model(x, torch.arange(3), DenseAttention(model.cfg, torch.arange(3)))
+    assert hidden.dtype == torch.float32 and torch.isfinite(hidden).all()
+
+
+class _CastAround(nn.Module):
+    """A bf16 projection as the bf16 mode computed it with a cast on each side: fp32 in, bf16 GEMM, fp32 out."""
+
+    def __init__(self, linear: nn.Module):
+        super().__init__()
+        self.linear = linear
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x.to(torch.bfloat16)).float()
+
+
+@pytest.mark.parametrize("ops", ["torch", "fused"])
+@torch.no_grad()
+def test_bf16_mode_forward_is_the_casts_around_each_projection_bit_for_bit(tiny_text_ckpt, ops):
+    """The projections read and write bf16 and the layer ops convert in their own pass: the same hidden states, bit
+    for bit, as a cast to bf16 before each projection and back to fp32 after it."""
+    model = Gemma3Decoder.from_checkpoint(tiny_text_ckpt, dtype=torch.bfloat16)
+    if ops == "fused":
+        from model_workers.native.accel.kernels import FusedLayerOps, KernelLibrary
+
+        if not KernelLibrary().available:
+            pytest.skip(f"the C++ kernels cannot be built here: {KernelLibrary().error}")
+        model.ops = FusedLayerOps()
+    ids = torch.tensor([2] + [(j * 7) % 250 + 3 for j in range(40)])  # past the 16-token window
+    positions = torch.arange(len(ids))
+    attn = DenseAttention(model.cfg, positions)
+    x = model.embed(ids)
+    got = model(x, positions, attn)
+    for layer in model.layers:
+        layer.proj_dtype = torch.float32
+        for name in PROJECTIONS:
+            setattr(layer, name, _CastAround(getattr(layer, name)))
+    want = model(x, positions, attn)
+    assert got.dtype == torch.float32 and torch.equal(got, want)
 
 
 def _engine_run(ckpt, monkeypatch, has_bf16: bool, **cfg):

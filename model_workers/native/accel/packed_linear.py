@@ -80,7 +80,7 @@ class OneDnnLinear(nn.Module):
             raise ValueError("OneDnnLinear covers the bias-free projections of Gemma 3 only")
         self.out_features = linear.out_features
         weight = linear.weight.detach()
-        self.dtype = weight.dtype  # bf16 in the bf16 mode (decoder.CastLinear): inputs are cast to it, outputs back
+        self.dtype = weight.dtype  # bf16 in the bf16 mode (decoder.CastLinear): inputs are cast to it, outputs stay
         self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, PACK_ROWS)
         self.skinny = self.skinny_int8 = None
         if skinny and self.out_features % SKINNY_PANEL == 0 and self.dtype == torch.float32:
@@ -98,9 +98,7 @@ class OneDnnLinear(nn.Module):
                 return torch.ops.g3serve.skinny_int8_linear(flat, *self.skinny_int8).view(*x.shape[:-1], -1)
             if self.skinny is not None:
                 return torch.ops.g3serve.skinny_linear(flat, self.skinny).view(*x.shape[:-1], self.out_features)
-        if x.dtype != self.dtype:
-            return torch.ops.mkldnn._linear_pointwise(x.to(self.dtype), self.packed, None, "none", [], "").to(x.dtype)
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
+        return torch.ops.mkldnn._linear_pointwise(x.to(self.dtype), self.packed, None, "none", [], "")
 
 
 def _panels(t: torch.Tensor) -> torch.Tensor:

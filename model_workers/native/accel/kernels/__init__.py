@@ -155,20 +155,23 @@ class KernelPrefillAttention:
 
 
 class FusedLayerOps:
-    """`decoder.LayerOps` on the fused fp32 CPU ops of fused_layer_ops.cpp (same arithmetic, one pass each)."""
+    """`decoder.LayerOps` on the fused CPU ops of fused_layer_ops.cpp (same arithmetic, one pass each, in fp32; the
+    bf16 mode's projection outputs are read, and its projection inputs written, in bf16 by the ops themselves)."""
 
-    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        if not _fits(x):
-            return TORCH_OPS.rms_norm(x, weight, eps)
-        return torch.ops.g3serve.rms_norm(x.contiguous(), weight, eps)
+    def rms_norm(
+        self, x: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype: torch.dtype | None = None
+    ) -> torch.Tensor:
+        if not (_fits(x, _FP32) and out_dtype in (None, *_ACTIVATIONS)):
+            return TORCH_OPS.rms_norm(x, weight, eps, out_dtype)
+        return torch.ops.g3serve.rms_norm(x.contiguous(), weight, eps, out_dtype)
 
     def add_rms_norm(self, residual: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        if not _fits(y):
+        if not (_fits(residual, _FP32) and _fits(y, _ACTIVATIONS)):
             return TORCH_OPS.add_rms_norm(residual, y, weight, eps)
         return torch.ops.g3serve.add_rms_norm(residual.contiguous(), y.contiguous(), weight, eps)
 
     def qk_norm_rope(self, qkv, q_weight, k_weight, cos, sin, nq: int, nkv: int, eps: float):
-        if not _fits(qkv):
+        if not (_fits(qkv, _ACTIVATIONS) and _fits(cos, _FP32)):
             return TORCH_OPS.qk_norm_rope(qkv, q_weight, k_weight, cos, sin, nq, nkv, eps)
         t, d = qkv.shape[0], q_weight.shape[0]
         return torch.ops.g3serve.qk_norm_rope(
@@ -176,10 +179,14 @@ class FusedLayerOps:
         )
 
     def gelu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
-        if not _fits(gate_up):
+        if not _fits(gate_up, _ACTIVATIONS):
             return TORCH_OPS.gelu_mul(gate_up)
         return torch.ops.g3serve.gelu_mul(gate_up.contiguous())
 
 
-def _fits(x: torch.Tensor) -> bool:
-    return x.device.type == "cpu" and x.dtype == torch.float32
+_FP32 = (torch.float32,)
+_ACTIVATIONS = (torch.float32, torch.bfloat16)  # what the ops read and write besides fp32: the bf16 mode's
+
+
+def _fits(x: torch.Tensor, dtypes: tuple[torch.dtype, ...]) -> bool:
+    return x.device.type == "cpu" and x.dtype in dtypes
