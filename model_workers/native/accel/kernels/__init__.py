@@ -5,7 +5,8 @@ They are built with torch's own extension builder (needs a C++ compiler and ninj
 wheels are built from source and installed with g3serve) into ~/.cache/g3serve/kernels/<key>; when the build is not
 possible the accel package keeps the torch path for these parts and logs why, so a machine without a compiler still
 serves. A `KernelLibrary` names one build: `native` (-march=native, what the engine uses) or one of the portable
-builds (`avx2`, `scalar`) that compile the sources' fallback branches on this CPU, for tests. torch registers one op
+builds (`avx512`: AVX-512 without AVX512-BF16; `avx2`; `scalar`) that compile the sources' fallback branches on this
+CPU, for tests. torch registers one op
 namespace per process, so a process loads one build only.
 """
 
@@ -31,12 +32,14 @@ _SOURCES = [
     Path(__file__).with_name(n)
     for n in ("paged_decode_attention.cpp", "paged_prefill_attention.cpp", "fused_layer_ops.cpp", "skinny_linear.cpp")
 ]
-Build = Literal["native", "avx2", "scalar"]
+Build = Literal["native", "avx512", "avx2", "scalar"]
 # -fopenmp: at::parallel_for is a header template that splits work over torch's OpenMP pool only when the
 # extension itself is compiled with OpenMP; without it the kernel ran on one thread.
 _BUILD_FLAGS: dict[str, list[str]] = {
     "native": ["-O3", "-march=native", "-fopenmp"],
-    # The sources' #if branches below AVX-512, compiled and run on this CPU (they are what an older CPU runs).
+    # The sources' #if branches for older CPUs, compiled and run on this one: AVX-512 without AVX512-BF16 (Skylake-X
+    # to Ice Lake: a bf16 cache widened to fp32 in the attention kernels), then below AVX-512.
+    "avx512": ["-O3", "-march=native", "-mno-avx512bf16", "-fopenmp"],
     "avx2": ["-O3", "-march=native", "-mno-avx512f", "-fopenmp"],
     "scalar": ["-O3", "-march=native", "-mno-avx512f", "-mno-avx2", "-fopenmp"],
 }

@@ -47,9 +47,57 @@ constexpr int64_t KB = 32;  // keys per block: the widened, transposed block is 
 inline float widen(float x) { return x; }
 inline float widen(at::BFloat16 x) { return static_cast<float>(x); }
 
-// kt[d * KB + j] = k_j[d] (fp32) for the n <= KB keys of a block; the rest of the buffer's columns are zero.
+#if defined(__AVX512F__)
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+// bf16 -> fp32 is exact: the 16 bits become the high half of the fp32 word.
+inline __m512 load16(const at::BFloat16* p) {
+  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+
+// r[c] <- column c of the 16 x 16 block whose rows are r[0..16) (unpack pairs, then 4-lane groups, then 128-bit lanes).
+inline void transpose16(__m512 r[16]) {
+  __m512 t[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[4 * i] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+    r[4 * i + 1] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    r[4 * i + 2] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+    r[4 * i + 3] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+  for (int i = 0; i < 2; ++i)
+    for (int c = 0; c < 4; ++c) {
+      t[8 * i + c] = _mm512_shuffle_f32x4(r[8 * i + c], r[8 * i + 4 + c], 0x88);
+      t[8 * i + 4 + c] = _mm512_shuffle_f32x4(r[8 * i + c], r[8 * i + 4 + c], 0xDD);
+    }
+  for (int c = 0; c < 8; ++c) {
+    r[c] = _mm512_shuffle_f32x4(t[c], t[8 + c], 0x88);
+    r[8 + c] = _mm512_shuffle_f32x4(t[c], t[8 + c], 0xDD);
+  }
+}
+#endif
+
+// kt[d * KB + j] = k_j[d] (fp32) for the n <= KB keys of a block; the rest of the buffer's columns are zero. With
+// AVX-512, 16 x 16 blocks transposed in registers (the scalar form's strided stores cost a sizable share of the fp32
+// path's time).
 template <typename T>
 void load_keys_transposed(const T* const* rows, int64_t n, int64_t D, float* kt) {
+#if defined(__AVX512F__)
+  static_assert(KB % 16 == 0, "whole 16-key groups");
+  if (D % 16 == 0) {
+    for (int64_t j0 = 0; j0 < KB; j0 += 16)
+      for (int64_t d0 = 0; d0 < D; d0 += 16) {
+        __m512 r[16];
+        for (int64_t j = 0; j < 16; ++j) r[j] = j0 + j < n ? load16(rows[j0 + j] + d0) : _mm512_setzero_ps();
+        transpose16(r);
+        for (int64_t c = 0; c < 16; ++c) _mm512_storeu_ps(kt + (d0 + c) * KB + j0, r[c]);
+      }
+    return;
+  }
+#endif
   for (int64_t j = 0; j < n; ++j) {
     const T* k = rows[j];
     for (int64_t d = 0; d < D; ++d) kt[d * KB + j] = widen(k[d]);
@@ -58,16 +106,6 @@ void load_keys_transposed(const T* const* rows, int64_t n, int64_t D, float* kt)
     for (int64_t d = 0; d < D; ++d) kt[d * KB + j] = 0.f;
 }
 
-// vb[j * D + d] = v_j[d] (fp32) for the n keys of a block.
-template <typename T>
-void load_values(const T* const* rows, int64_t n, int64_t D, float* vb) {
-  for (int64_t j = 0; j < n; ++j) {
-    const T* v = rows[j];
-    float* o = vb + j * D;
-#pragma omp simd
-    for (int64_t d = 0; d < D; ++d) o[d] = widen(v[d]);
-  }
-}
 
 // s[m * KB + j] = sc * sum_d q[m * D + d] * kt[d * KB + j] for M rows and all KB (= 32) columns.
 void block_scores(const float* q, int64_t M, int64_t D, const float* kt, float sc, float* s) {
@@ -239,8 +277,9 @@ void block_values_bf16(const uint32_t* p2, int64_t M, int64_t pairs, int64_t D, 
 constexpr bool kBf16Dot = false;
 #endif
 
-// acc[m * D + d] += sum_{j < n} p[m * KB + j] * vb[j * D + d] for M rows.
-void block_values(const float* p, int64_t M, int64_t n, int64_t D, const float* vb, float* acc) {
+// acc[m * D + d] += sum_{j < n} p[m * KB + j] * v_j[d] for M rows, the value rows read in place (widened as read).
+template <typename T>
+void block_values(const float* p, int64_t M, int64_t n, int64_t D, const T* const* rows, float* acc) {
 #if defined(__AVX512F__)
   if (D % 64 == 0) {
     for (int64_t d0 = 0; d0 < D; d0 += 64) {
@@ -250,9 +289,9 @@ void block_values(const float* p, int64_t M, int64_t n, int64_t D, const float* 
         for (int r = 0; r < 4; ++r)
           for (int c = 0; c < 4; ++c) a[r][c] = _mm512_loadu_ps(acc + (m + r) * D + d0 + 16 * c);
         for (int64_t j = 0; j < n; ++j) {
-          const float* v = vb + j * D + d0;
-          const __m512 v0 = _mm512_loadu_ps(v), v1 = _mm512_loadu_ps(v + 16);
-          const __m512 v2 = _mm512_loadu_ps(v + 32), v3 = _mm512_loadu_ps(v + 48);
+          const T* v = rows[j] + d0;
+          const __m512 v0 = load16(v), v1 = load16(v + 16);
+          const __m512 v2 = load16(v + 32), v3 = load16(v + 48);
           for (int r = 0; r < 4; ++r) {
             const __m512 pr = _mm512_set1_ps(p[(m + r) * KB + j]);
             a[r][0] = _mm512_fmadd_ps(pr, v0, a[r][0]);
@@ -267,10 +306,10 @@ void block_values(const float* p, int64_t M, int64_t n, int64_t D, const float* 
       for (; m < M; ++m) {
         for (int64_t j = 0; j < n; ++j) {
           const float pr = p[m * KB + j];
-          const float* v = vb + j * D + d0;
+          const T* v = rows[j] + d0;
           float* a = acc + m * D + d0;
 #pragma omp simd
-          for (int64_t d = 0; d < 64; ++d) a[d] += pr * v[d];
+          for (int64_t d = 0; d < 64; ++d) a[d] += pr * widen(v[d]);
         }
       }
     }
@@ -281,9 +320,9 @@ void block_values(const float* p, int64_t M, int64_t n, int64_t D, const float* 
     float* a = acc + m * D;
     for (int64_t j = 0; j < n; ++j) {
       const float pr = p[m * KB + j];
-      const float* v = vb + j * D;
+      const T* v = rows[j];
 #pragma omp simd
-      for (int64_t d = 0; d < D; ++d) a[d] += pr * v[d];
+      for (int64_t d = 0; d < D; ++d) a[d] += pr * widen(v[d]);
     }
   }
 }
@@ -388,7 +427,7 @@ void attend_chunk(const at::Tensor& q, const at::Tensor& k_cache, const at::Tens
   auto block_of = [&](int64_t i) { return (i % 2 == 0) ? i / 2 : blocks - 1 - i / 2; };
   at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
     const int64_t M_max = QB * G;
-    std::vector<float> qb(M_max * D), acc(M_max * D), kt(D * KB), vb(KB * D), s(M_max * KB);
+    std::vector<float> qb(M_max * D), acc(M_max * D), kt(D * KB), s(M_max * KB);
     std::vector<float> row_max(M_max), row_sum(M_max);
     std::vector<const T*> k_rows(KB), v_rows(KB);
     std::vector<uint32_t> q2(bf16_dot ? M_max * D / 2 : 0), kt2(bf16_dot ? D / 2 * KB : 0);
@@ -452,8 +491,7 @@ void attend_chunk(const at::Tensor& q, const at::Tensor& k_cache, const at::Tens
           }
         }
 #endif
-        load_values<T>(v_rows.data(), n, D, vb.data());
-        block_values(s.data(), M, n, D, vb.data(), acc.data());
+        block_values<T>(s.data(), M, n, D, v_rows.data(), acc.data());
       }
       for (int64_t tt = 0; tt < nt; ++tt)
         for (int64_t g = 0; g < G; ++g) {
