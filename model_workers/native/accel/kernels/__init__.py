@@ -6,8 +6,7 @@ wheels are built from source and installed with g3serve) into ~/.cache/g3serve/k
 possible the accel package keeps the torch path for these parts and logs why, so a machine without a compiler still
 serves. A `KernelLibrary` names one build: `native` (-march=native, what the engine uses) or one of the portable
 builds (`avx512`: AVX-512 without AVX512-BF16; `avx2`; `scalar`) that compile the sources' fallback branches on this
-CPU, for tests. torch registers one op
-namespace per process, so a process loads one build only.
+CPU, for tests. torch registers one op namespace per process, so a process loads one build only.
 """
 
 from __future__ import annotations
