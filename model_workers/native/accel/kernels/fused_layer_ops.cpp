@@ -87,11 +87,11 @@ inline void store16(bf16* p, __m512 v) {
 
 // bf16 -> fp32, exact.
 inline void to_float(const bf16* src, float* dst, int64_t n) {
-  const uint16_t* s = reinterpret_cast<const uint16_t*>(src);
   int64_t i = 0;
 #if defined(__AVX512F__)
   for (; i + 16 <= n; i += 16) _mm512_storeu_ps(dst + i, load16(src + i));
 #elif defined(__AVX2__)
+  const uint16_t* s = reinterpret_cast<const uint16_t*>(src);
   for (; i + 8 <= n; i += 8) {
     const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s + i)));
     _mm256_storeu_ps(dst + i, _mm256_castsi256_ps(_mm256_slli_epi32(w, 16)));
