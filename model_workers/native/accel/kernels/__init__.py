@@ -31,6 +31,7 @@ _SOURCES = [
     Path(__file__).with_name(n)
     for n in ("paged_decode_attention.cpp", "paged_prefill_attention.cpp", "fused_layer_ops.cpp", "skinny_linear.cpp")
 ]
+_HEADERS = [Path(__file__).with_name("simd_widen.h")]  # included by the sources: part of the build key
 Build = Literal["native", "avx512", "avx2", "scalar"]
 # -fopenmp: at::parallel_for is a header template that splits work over torch's OpenMP pool only when the
 # extension itself is compiled with OpenMP; without it the kernel ran on one thread.
@@ -58,7 +59,7 @@ def cpu_flags_line() -> str:
 def _build_key(build: str) -> str:
     # -march=native code is only valid on the CPU it was built for: the CPU's flags are part of the key.
     flags = " ".join(_BUILD_FLAGS[build] + _LDFLAGS).encode()
-    sources = b"".join(src.read_bytes() for src in _SOURCES)
+    sources = b"".join(src.read_bytes() for src in [*_SOURCES, *_HEADERS])
     h = hashlib.sha256(sources + flags + torch.__version__.encode() + cpu_flags_line().encode())
     return h.hexdigest()[:16]
 

@@ -32,18 +32,13 @@
 #include <type_traits>
 #include <vector>
 
-#if defined(__AVX512F__) || defined(__AVX2__)
-#include <immintrin.h>
-#endif
+#include "simd_widen.h"  // load16, and SLEEF's AVX-512 exp
 
-// torch's own vectorized exp (SLEEF, exported by libtorch_cpu; 1-ulp accurate).
-extern "C" {
-#if defined(__AVX512F__)
-__m512 Sleef_expf16_u10(__m512);
-#elif defined(__AVX2__)
-__m256 Sleef_expf8_u10(__m256);
+#if defined(__AVX2__) && !defined(__AVX512F__)
+#include <immintrin.h>
+// torch's own vectorized exp, 8 lanes (SLEEF, exported by libtorch_cpu; 1-ulp accurate).
+extern "C" __m256 Sleef_expf8_u10(__m256);
 #endif
-}
 
 namespace {
 
@@ -65,12 +60,7 @@ void check_act(const at::Tensor& t, const char* name) {
 using bf16 = at::BFloat16;
 
 #if defined(__AVX512F__)
-// 16 lanes of fp32 or bf16 as fp32 (bf16 -> fp32 is exact: the 16 bits become the high half of the fp32 word).
-inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 load16(const bf16* p) {
-  const __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
-}
+using g3serve_simd::load16;  // 16 lanes of fp32 or bf16 as fp32 (simd_widen.h)
 
 // 16 fp32 lanes stored as fp32, or rounded to bf16: to nearest even (bits + 0x7fff + the kept part's lowest bit,
 // then the high half), the rule of torch's CPU cast (c10::BFloat16 and its vectorized conversion). NaN stays NaN.

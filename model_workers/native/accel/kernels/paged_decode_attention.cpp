@@ -16,11 +16,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#if defined(__AVX512F__)
-#include <immintrin.h>
-// torch's own vectorized exp (SLEEF, exported by libtorch_cpu).
-extern "C" __m512 Sleef_expf16_u10(__m512);
-#endif
+#include "simd_widen.h"
 
 #include <algorithm>
 #include <type_traits>
@@ -51,12 +47,7 @@ inline float to_float(at::BFloat16 x) { return static_cast<float>(x); }
 // (benchmarks/decode_profile.py).
 // Rows come as pointers (one per key position), so pages may lie anywhere.
 
-inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-// bf16 -> fp32 is exact: the 16 bits become the high half of the fp32 word.
-inline __m512 load16(const at::BFloat16* p) {
-  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
-}
+using g3serve_simd::load16;
 
 // out[g * stride + i] = scale * q_g . k_i for GB heads and every key row; four keys at a time share each q load.
 template <int GB, typename T>

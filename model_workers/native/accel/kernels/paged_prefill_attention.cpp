@@ -24,9 +24,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#if defined(__AVX512F__)
-#include <immintrin.h>
-#endif
+#include "simd_widen.h"
 
 #include <algorithm>
 #include <cmath>
@@ -48,12 +46,7 @@ inline float widen(float x) { return x; }
 inline float widen(at::BFloat16 x) { return static_cast<float>(x); }
 
 #if defined(__AVX512F__)
-inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-// bf16 -> fp32 is exact: the 16 bits become the high half of the fp32 word.
-inline __m512 load16(const at::BFloat16* p) {
-  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
-}
+using g3serve_simd::load16;
 
 // r[c] <- column c of the 16 x 16 block whose rows are r[0..16) (unpack pairs, then 4-lane groups, then 128-bit lanes).
 inline void transpose16(__m512 r[16]) {
