@@ -136,3 +136,73 @@ def test_server_runs_report_mean_and_spread():
     res = ServerRuns("x", "x", runs)
     assert res.spread(lambda r: r.tok_s) == (200.0, 100.0, 300.0)
     assert res.ttft_p50() == (2.0, 1.0, 3.0)
+
+
+def _sse_server(frames_by_prompt: dict[str, list[bytes]], status: int = 200):
+    """A real HTTP server on 127.0.0.1 that answers /v1/completions with the frames given for the request's prompt
+    (each written and flushed on its own, so a client sees them as separate reads)."""
+    import asyncio
+
+    from aiohttp import web
+
+    async def completions(request):
+        body = await request.json()
+        assert body["stream"] is True and body["stream_options"] == {"include_usage": True}
+        if status != 200:
+            return web.json_response({"error": {"message": "no"}}, status=status)
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        for frame in frames_by_prompt[body["prompt"]]:
+            await resp.write(frame)
+            await asyncio.sleep(0.005)
+        return resp
+
+    app = web.Application()
+    app.router.add_post("/v1/completions", completions)
+    return app
+
+
+def _run_load(app, prompts_: list[str]):
+    import asyncio
+
+    from aiohttp import web
+    from openai_load import Run, _serve_load
+
+    async def go():
+        runner = web.AppRunner(app)
+        await runner.setup()
+        port = _free_port()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        try:
+            run = Run("x")
+            run.wall = await _serve_load(f"http://127.0.0.1:{port}", "m", prompts_, 8, 2, run)
+            return run
+        finally:
+            await runner.cleanup()
+
+    return asyncio.run(go())
+
+
+def test_load_client_counts_tokens_from_sse_frames_and_usage():
+    """Text deltas are stamped as they arrive; a usage chunk that reports more tokens than deltas (a delta carrying
+    several) adds them to the last delta; frames split across reads and CRLF line ends parse the same."""
+
+    def chunk(text):
+        return b'data: {"choices": [{"index": 0, "text": "%s"}]}\n\n' % text.encode()
+
+    usage = b'data: {"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 5}}\n\n'
+    frames = {
+        "a": [chunk("x"), chunk("y"), chunk("") + usage[:20], usage[20:], b"data: [DONE]\n\n"],
+        "b": [chunk("p").replace(b"\n", b"\r\n"), chunk("q")[:9], chunk("q")[9:] + b"data: [DONE]\r\n\r\n"],
+    }
+    run = _run_load(_sse_server(frames), ["a", "b"])
+    assert run.tokens == 5 + 2  # "a": 2 deltas, usage says 5; "b": 2 deltas, no usage
+    assert len(run.ttft) == 2 and len(run.itl) == 2 and run.wall > 0
+
+
+def test_load_client_raises_on_http_errors_and_error_events():
+    with pytest.raises(RuntimeError, match="HTTP 400"):
+        _run_load(_sse_server({}, status=400), ["a"])
+    frames = {"a": [b'data: {"choices": [{"index": 0, "text": "x"}]}\n\n', b'data: {"error": {"message": "boom"}}\n\n']}
+    with pytest.raises(RuntimeError, match="boom"):
+        _run_load(_sse_server(frames), ["a"])
