@@ -164,6 +164,52 @@ def test_int8_ranking_bound_holds_for_every_token():
     assert float(width.median()) < 2 * float(Bf16Ranker(w)(h).row_bound.median())
 
 
+def _int8_kernel_built() -> bool:
+    from model_workers.native.accel.kernels import KernelLibrary
+
+    return KernelLibrary().int8_rank_supported()
+
+
+needs_int8_kernel = pytest.mark.skipif(
+    not (int8_available(torch.device("cpu")) and _int8_kernel_built()),
+    reason="needs oneDNN's int8 GEMM and a kernel build with AVX512-VNNI",
+)
+
+
+@needs_int8_kernel
+@pytest.mark.parametrize("rows", [1, 5, 12, 13, 32, 40])
+def test_int8_ranking_kernel_gives_onednns_values_bit_for_bit(rows):
+    """kernels/int8_ranking.cpp against oneDNN's u8s8 GEMM on the same quantized head: the int32 sums are exact in
+    both, then one fp32 multiply and one bf16 rounding. Row counts across the kernel's 12-row register blocks."""
+    w = _weights(vocab=4096, hidden=128, seed=11)
+    w[5] = 0
+    w[9] *= 40
+    g = torch.Generator().manual_seed(12)
+    h = torch.randn(rows, 128, generator=g)
+    h[:, [3, 77]] *= 60
+    h[0] = 0
+    ours, onednn = Int8Ranker(w, kernel=True), Int8Ranker(w)
+    assert ours.kernel and not onednn.kernel
+    a, b = ours(h), onednn(h)
+    assert a.approx.dtype == b.approx.dtype == torch.bfloat16
+    assert torch.equal(a.approx.view(torch.int16), b.approx.view(torch.int16))
+
+
+@needs_int8_kernel
+def test_int8_mode_on_the_kernel_gives_the_fp32_argmax():
+    w = _weights(vocab=4096)
+    h = torch.randn(16, 64, generator=torch.Generator().manual_seed(13)) * 30
+    head = make_head(w, "candidates-int8", int8_kernel=True)
+    assert head.int8.kernel
+    out = head(h, [False] * 16)
+    assert out.tokens.tolist() == exact_logits(h, w).argmax(-1).tolist()
+
+
+@needs_int8_kernel
+def test_int8_kernel_is_left_for_onednn_where_the_head_does_not_fit_it():
+    assert not Int8Ranker(_weights(vocab=3000), kernel=True).kernel  # 3000 outputs: not whole 32-wide panels
+
+
 @needs_int8
 def test_int8_mode_ranks_sampled_steps_with_bf16():
     w = _weights()

@@ -69,7 +69,19 @@ def build_accel(
     use_kernels = on_cpu and dtype in (torch.float32, torch.bfloat16) and library is not None and library.available
     # The tied head's weight and the hidden states it ranks are fp32 in both modes (decoder.py): its exact-argmax
     # ranking applies to the bf16 mode as well.
-    head = head_mode(lm_head, device, torch.float32, cpu)
+    head = head_kind = head_mode(lm_head, device, torch.float32, cpu)
+    # The int8 ranking's GEMM: g3serve's VNNI kernel, the same values bit for bit, faster than oneDNN's at decode
+    # sizes on AVX512-VNNI (docs/benchmarks.md, "Decode step profile"); with AMX oneDNN's tile GEMM is the faster one.
+    int8_kernel = (
+        head == "candidates-int8" and use_kernels and library.int8_rank_supported() and "amx_int8" not in cpu.flags
+    )
+    if head == "candidates-int8":
+        head += (
+            " (ranking GEMM: g3serve's VNNI kernel)"
+            if int8_kernel
+            else " (ranking GEMM: oneDNN's"
+            + (", AMX tiles)" if "amx_int8" in cpu.flags else ", no VNNI kernel in this build)")
+        )
     kernel = resolve_kernel(projections, device, dtype, cpu, use_kernels and library.skinny_supported())
 
     def pack(layers: nn.Module) -> int:
@@ -106,6 +118,6 @@ def build_accel(
         layer_ops=FusedLayerOps() if use_kernels else TORCH_OPS,
         decode_attention=KernelDecodeAttention if use_kernels else TorchDecodeAttention,
         prefill_attention=KernelPrefillAttention if use_kernels else TorchPrefillAttention,
-        make_head=lambda weight, softcap: make_head(weight, head, softcap),
+        make_head=lambda weight, softcap: make_head(weight, head_kind, softcap, int8_kernel),
         pack_projections=pack,
     )

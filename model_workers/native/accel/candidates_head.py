@@ -52,14 +52,18 @@ BF16_STEPS = 16
 
 
 def make_head(
-    weight: torch.Tensor, mode: Literal["exact", "candidates", "candidates-int8"], softcap: float | None = None
+    weight: torch.Tensor,
+    mode: Literal["exact", "candidates", "candidates-int8"],
+    softcap: float | None = None,
+    int8_kernel: bool = False,
 ) -> ExactHead | CandidatesHead:
-    """The head of a resolved mode (cpu_features.head_mode)."""
+    """The head of a resolved mode (cpu_features.head_mode); `int8_kernel`: candidates-int8 ranks with g3serve's
+    int8_rank op (kernels/int8_ranking.cpp) instead of oneDNN's GEMM."""
     if mode == "exact":
         return ExactHead(weight, softcap)
     if mode == "candidates-int8" and not int8_available(weight.device):
         raise ValueError(f"lm_head: 'candidates-int8' needs oneDNN's int8 GEMM (CPU), not {weight.device.type}")
-    return CandidatesHead(weight, mode, softcap=softcap)
+    return CandidatesHead(weight, mode, softcap=softcap, int8_kernel=int8_kernel)
 
 
 def block_topk(
@@ -88,13 +92,14 @@ class CandidatesHead:
         mode: Literal["candidates", "candidates-int8"] = "candidates",
         num_candidates: int = 32,
         softcap: float | None = None,
+        int8_kernel: bool = False,
     ):
         weight = weight.detach()  # the head is inference-only; a Parameter would drag autograd into every call
         self.weight, self.softcap, self.mode = weight, softcap, mode
         self.k = min(num_candidates, weight.shape[0])
         self.bf16 = Bf16Ranker(weight)
         # candidates-int8: +1 byte/parameter more (168 MB on the 270M) beside the bf16 copy sampled rows need.
-        self.int8 = Int8Ranker(weight) if self.mode == "candidates-int8" else None
+        self.int8 = Int8Ranker(weight, kernel=int8_kernel) if self.mode == "candidates-int8" else None
         self._bf16_steps = 0  # greedy steps left to rank with bf16 after one whose int8 bound left too much in play
 
     def __call__(self, hidden: torch.Tensor, need_logits: list[bool]) -> HeadOutput:

@@ -7,7 +7,8 @@ i and token v, an upper bound on |fp32_logit[i, v] - approx[i, v]|. Two rankers:
 - `Bf16Ranker`: bf16(h) @ bf16(W).T (AMX / AVX512-BF16 / GPUs), one bound per row:
       (3u + 4u^2 + 3*gamma_K) * ||h|| * max_v ||W_v||,   u = 2^-8, gamma_K = K * 2^-24
   (rounding h and W to bf16: 2u; the bf16 output: u; fp32 sums of K terms: gamma_K; Cauchy-Schwarz).
-- `Int8Ranker`: int8(h) @ int8(W).T with oneDNN's u8s8 GEMM (AMX / VNNI), half the bytes of the bf16 head, which
+- `Int8Ranker`: int8(h) @ int8(W).T with oneDNN's u8s8 GEMM (AMX / VNNI) or, on VNNI without AMX, g3serve's
+  (kernels/int8_ranking.cpp: the same values bit for bit, faster at decode sizes), half the bytes of the bf16 head, which
   matters because the ranking GEMM is bound by reading the head. W is quantized once per vocabulary row (W ~ s_v q_v),
   h per row at run time (h ~ s_h q_h); the sums of q_h q_v are exact int32. Writing E = W - s_v q_v and
   D = h - s_h q_h, exactly h.W_v - s_h s_v (q_h.q_v) = h.E_v + D.W_v - D.E_v, so
@@ -153,7 +154,9 @@ def int8_available(device: torch.device) -> bool:
 class Int8Ranker:
     BATCH = 32  # the row count oneDNN packs the weights for (a full decode step)
 
-    def __init__(self, weight: torch.Tensor, chunk: int = 512):  # small slices keep their temporaries in cache
+    def __init__(self, weight: torch.Tensor, chunk: int = 512, kernel: bool = False):
+        """`kernel`: g3serve's int8_rank op for the GEMM (the caller checked the build has it) where the head's shape
+        fits it (32 | V, 4 | K); else oneDNN's. `chunk`: small slices keep the quantization's temporaries in cache."""
         v, k = weight.shape
         q = torch.empty(v, k, dtype=torch.int8)
         self.w_scale, err, norm = torch.empty(v), torch.empty(v), torch.empty(v)
@@ -179,7 +182,12 @@ class Int8Ranker:
         self.tok_e, self.tok_f = tok_e[self.column_ids], tok_f[self.column_ids]
         self.w_scale = self.w_scale[self.column_ids]
         self.blk_e, self.blk_f = block_max(self.tok_e[None])[0], block_max(self.tok_f[None])[0]
-        self.packed = torch.ops.onednn.qlinear_prepack(q[self.column_ids], [self.BATCH, k])
+        q = q[self.column_ids]
+        self.kernel = kernel and v % 32 == 0 and k % 4 == 0
+        if self.kernel:  # the u8 zero point's share, 128 * sum_k q[v, k], subtracted from each exact int32 sum
+            self.packed, self.comp = torch.ops.g3serve.int8_rank_pack(q), 128 * q.sum(dim=1, dtype=torch.int32)
+        else:
+            self.packed = torch.ops.onednn.qlinear_prepack(q, [self.BATCH, k])
         self.w_zero = torch.zeros(v, dtype=torch.long)
         # The output: fp32(s_v * exact int32 sum) rounded to bf16 (round to nearest even): at most 2^-8 of it,
         # plus the fp32 scale product (2^-24); tests/unit/test_lm_head.py checks oneDNN keeps within this.
@@ -193,9 +201,12 @@ class Int8Ranker:
         dnorm = (h.double() - s.double()[:, None] * qh.double()).norm(dim=1)
         x = (qh + 128).to(torch.uint8)  # oneDNN's u8 activations with zero point 128: q_h + 128 in [1, 255]
         # x_scale 1: the per-row s_h stays out of the GEMM (a positive row scale does not change a row's ranking)
-        out = torch.ops.onednn.qlinear_pointwise(
-            x, 1.0, 128, self.packed, self.w_scale, self.w_zero, None, 1.0, 0, torch.bfloat16, "none", [], ""
-        )
+        if self.kernel:
+            out = torch.ops.g3serve.int8_rank(x, self.packed, self.comp, self.w_scale)
+        else:
+            out = torch.ops.onednn.qlinear_pointwise(
+                x, 1.0, 128, self.packed, self.w_scale, self.w_zero, None, 1.0, 0, torch.bfloat16, "none", [], ""
+            )
         return Ranking(
             out,
             s,

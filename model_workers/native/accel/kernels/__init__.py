@@ -26,10 +26,16 @@ from model_workers.native.step_batch import DecodeBatch, PrefillChunk
 
 log = logging.getLogger(__name__)
 # One library (one torch op namespace): decode and prefill attention, the layer's fused elementwise ops, decode-size
-# projections.
+# projections, the LM head's int8 ranking GEMM.
 _SOURCES = [
     Path(__file__).with_name(n)
-    for n in ("paged_decode_attention.cpp", "paged_prefill_attention.cpp", "fused_layer_ops.cpp", "skinny_linear.cpp")
+    for n in (
+        "paged_decode_attention.cpp",
+        "paged_prefill_attention.cpp",
+        "fused_layer_ops.cpp",
+        "skinny_linear.cpp",
+        "int8_ranking.cpp",
+    )
 ]
 _HEADERS = [Path(__file__).with_name("simd_widen.h")]  # included by the sources: part of the build key
 Build = Literal["native", "avx512", "avx2", "scalar"]
@@ -105,6 +111,10 @@ class KernelLibrary:
     @property
     def available(self) -> bool:
         return self.error is None
+
+    def int8_rank_supported(self) -> bool:
+        """Whether int8_rank_pack / int8_rank (the LM head's int8 ranking GEMM) run in this build (AVX512-VNNI)."""
+        return self.available and bool(torch.ops.g3serve.int8_rank_supported())
 
     def prefill_bf16_dot(self) -> bool:
         """Whether the prefill attention takes bf16 dot products on a bf16 cache (a build with AVX512-BF16)."""
