@@ -52,7 +52,10 @@ def test_auto_picks_per_cpu_flags(cpu_class):
     assert head_mode("auto", CPU, BF16, cpu) == "exact"  # a bf16 model's logits are bf16 already
     assert resolve_kernel("auto", CPU, FP32, cpu, skinny_built=True) == projections
     assert resolve_kernel("auto", CPU, FP32, cpu, skinny_built=False) == "onednn"  # no compiler: no skinny kernel
-    assert resolve_kernel("auto", CPU, BF16, cpu, skinny_built=True) == "onednn"  # the skinny kernel is fp32
+    # bf16: the skinny kernel's AVX512-BF16 form, except with AMX (oneDNN's tiles)
+    bf16_skinny = "avx512_bf16" in flags and "amx_bf16" not in flags
+    assert resolve_kernel("auto", CPU, BF16, cpu, skinny_built=True) == ("onednn-skinny" if bf16_skinny else "onednn")
+    assert resolve_kernel("auto", CPU, BF16, cpu, skinny_built=False) == "onednn"
 
 
 def test_auto_off_cpu_ranks_with_bf16_and_keeps_plain_projections():
@@ -147,6 +150,7 @@ def test_portable_kernel_builds_match_the_native_build_and_the_plain_tokens(buil
     assert got["skinny"] is (build == "avx512")
     # the int8 ranking kernel needs AVX512-VNNI: the avx512 build keeps it where the CPU has it
     assert got["int8_rank"] is (build == "avx512" and KernelLibrary().int8_rank_supported())
+    assert got["skinny_bf16"] is False  # its bf16 form needs AVX512-BF16, which no portable build has
     native, reference = kernel_outputs(FusedLayerOps()), kernel_outputs(TORCH_OPS)
     assert got["outputs"].keys() == native.keys()
     outputs = got["outputs"]

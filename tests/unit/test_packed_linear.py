@@ -74,6 +74,40 @@ def test_skinny_linear_matches_f_linear_to_rounding(rows, out, k):
     assert got.shape == ref.shape and (got - ref).abs().max() <= 1e-5 * ref.abs().max()
 
 
+needs_skinny_bf16 = pytest.mark.skipif(
+    not (onednn_available(CPU, torch.bfloat16) and KernelLibrary().skinny_bf16_supported()),
+    reason="the bf16 skinny kernel needs oneDNN and a kernel build with AVX512-BF16",
+)
+
+
+@needs_skinny_bf16
+@pytest.mark.parametrize("rows", [1, 11, 12, 13, 32, 37, SKINNY_MAX_ROWS, SKINNY_MAX_ROWS + 1])
+@pytest.mark.parametrize("out,k", [(1536, 640), (640, 2048), (96, 40)])
+def test_skinny_bf16_sums_exact_products_in_fp32_and_rounds_once(rows, out, k):
+    """The bf16 form: within one bf16 rounding of the exact sum of the bf16 products, plus fp32 accumulation's
+    gamma_K of the sum of their magnitudes; oneDNN's output (above SKINNY_MAX_ROWS rows) keeps the same bound."""
+    lin, x = _linear(rows, out, k)
+    lin = lin.to(torch.bfloat16)
+    x = x.to(torch.bfloat16)
+    layer = OneDnnLinear(lin, skinny=True)
+    assert layer.skinny_bf16 is not None and layer.skinny is None
+    got = layer(x)
+    assert got.dtype == torch.bfloat16 and got.shape == (rows, out)
+    xd, wd = x.double(), lin.weight.double()
+    exact = xd @ wd.t()
+    gamma = k * 2.0**-24 / (1 - k * 2.0**-24)
+    bound = 2.0**-8 * exact.abs() * (1 + gamma) + gamma * (xd.abs() @ wd.abs().t()) * (1 + 2.0**-8)
+    assert bool(((got.double() - exact).abs() <= bound + 1e-30).all())
+
+
+@needs_skinny_bf16
+def test_skinny_bf16_is_skipped_for_widths_it_cannot_pack():
+    lin, x = _linear(8, 100, 64)  # 100 outputs: not whole 32-wide panels
+    lin = lin.to(torch.bfloat16)
+    layer = OneDnnLinear(lin, skinny=True)
+    assert layer.skinny_bf16 is None and layer(x.to(torch.bfloat16)).dtype == torch.bfloat16
+
+
 def _int8_linear(out: int, k: int, seed: int) -> tuple[nn.Linear, Int8Blocks]:
     # A weight that IS scale * q - min per 16 inputs, as GGUF's Q4_K (with a min) and Q8_0/Q5_0/Q6_K (without) are.
     g = torch.Generator().manual_seed(seed)

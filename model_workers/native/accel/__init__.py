@@ -82,7 +82,10 @@ def build_accel(
             else " (ranking GEMM: oneDNN's"
             + (", AMX tiles)" if "amx_int8" in cpu.flags else ", no VNNI kernel in this build)")
         )
-    kernel = resolve_kernel(projections, device, dtype, cpu, use_kernels and library.skinny_supported())
+    skinny_built = use_kernels and (
+        library.skinny_bf16_supported() if dtype == torch.bfloat16 else library.skinny_supported()
+    )
+    kernel = resolve_kernel(projections, device, dtype, cpu, skinny_built)
 
     def pack(layers: nn.Module) -> int:
         if kernel == "plain":

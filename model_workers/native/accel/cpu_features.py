@@ -93,13 +93,16 @@ def head_mode(
 def projection_kernel(
     kernel: str, device: torch.device, dtype, cpu: CpuFeatures, onednn: bool, mkl: bool, skinny_built: bool
 ) -> str:
-    """The projections' packer. `auto`: onednn-skinny (fp32, where the skinny kernel is built: it needs AVX-512),
-    else onednn (fp32/bf16 with a oneDNN torch), else plain. `onednn`/`mkl`: whether this torch build has them;
-    `skinny_built`: the kernel library loaded with its AVX-512 path."""
+    """The projections' packer. `auto`: onednn-skinny (fp32 where the skinny kernel is built: it needs AVX-512; bf16
+    where its bf16 form is built and the CPU has AVX512-BF16 and no AMX), else onednn (fp32/bf16 with a oneDNN torch),
+    else plain. `onednn`/`mkl`: whether this torch build has them; `skinny_built`: the kernel library loaded with the
+    skinny kernel for `dtype` (skinny_linear.cpp for fp32, skinny_bf16.cpp for bf16)."""
     fp32 = dtype == torch.float32
     onednn = onednn and device.type == "cpu" and dtype in (torch.float32, torch.bfloat16)
+    # bf16: the skinny kernel's AVX512-BF16 path, except with AMX, whose tiles make oneDNN's bf16 GEMM the faster one
+    bf16_skinny = dtype == torch.bfloat16 and "avx512_bf16" in cpu.flags and "amx_bf16" not in cpu.flags
     available = {
-        "onednn-skinny": onednn and fp32 and skinny_built and cpu.avx512,
+        "onednn-skinny": onednn and (fp32 or bf16_skinny) and skinny_built and cpu.avx512,
         "onednn": onednn,
         "mkl": mkl and device.type == "cpu" and fp32,
         "plain": True,

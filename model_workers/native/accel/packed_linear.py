@@ -13,6 +13,9 @@ kernel's panel layout. Packing once at load removes that work. The choices of `e
   at memory speed, where a decode step is bound by the weight stream (see that file for why oneDNN is not). The
   price is a second packed copy of the projection weights: where the checkpoint came from a GGUF file, their exact
   int8 form (gguf_int8.py; 150 MB more for the 270M, and fewer bytes per weight to stream), else fp32 (400 MB more).
+  In the bf16 mode (a CPU with AVX512-BF16 and no AMX) the decode steps take kernels/skinny_bf16.cpp instead, on a
+  second bf16 copy (200 MB more for the 270M): oneDNN's bf16 GEMM issues its dot products well below the CPU's rate
+  at 32 rows. Its sums run in another order than oneDNN's: outputs differ by bf16 rounding.
 - `mkl`: MKL's packed sgemm (`torch.ops.mkl._mkl_reorder_linear_weight`), fp32 only, bit-for-bit F.linear's
   output, without re-packing the weights on every call.
 
@@ -72,7 +75,8 @@ def resolve_kernel(
 class OneDnnLinear(nn.Module):
     """A bias-free nn.Linear on oneDNN's packed copy of its weight (the plain copy is dropped: no extra RAM); with
     `skinny`, calls of at most SKINNY_MAX_ROWS rows run the skinny kernel on a copy packed for it: the weight's exact
-    int8 form where the checkpoint has one (`int8`, gguf_int8.py: 1.5 bytes per weight), else fp32."""
+    int8 form where the checkpoint has one (`int8`, gguf_int8.py: 1.5 bytes per weight), else fp32; a bf16 weight's
+    bf16 form (skinny_bf16.cpp)."""
 
     def __init__(self, linear: nn.Linear, skinny: bool = False, int8: Int8Blocks | None = None):
         super().__init__()
@@ -82,12 +86,14 @@ class OneDnnLinear(nn.Module):
         weight = linear.weight.detach()
         self.dtype = weight.dtype  # bf16 in the bf16 mode (decoder.CastLinear): inputs are cast to it, outputs stay
         self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, PACK_ROWS)
-        self.skinny = self.skinny_int8 = None
+        self.skinny = self.skinny_int8 = self.skinny_bf16 = None
         if skinny and self.out_features % SKINNY_PANEL == 0 and self.dtype == torch.float32:
             if int8 is not None:
                 self.skinny_int8 = tuple(_panels(t) for t in (int8.q, int8.scale, int8.minv))
             else:
                 self.skinny = torch.ops.g3serve.skinny_pack(weight.contiguous())
+        elif skinny and self.out_features % SKINNY_PANEL == 0 and weight.shape[1] % 2 == 0:  # bf16 (the caller checked)
+            self.skinny_bf16 = torch.ops.g3serve.skinny_bf16_pack(weight.contiguous())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         k = x.shape[-1]
@@ -98,6 +104,9 @@ class OneDnnLinear(nn.Module):
                 return torch.ops.g3serve.skinny_int8_linear(flat, *self.skinny_int8).view(*x.shape[:-1], -1)
             if self.skinny is not None:
                 return torch.ops.g3serve.skinny_linear(flat, self.skinny).view(*x.shape[:-1], self.out_features)
+            if self.skinny_bf16 is not None:
+                out = torch.ops.g3serve.skinny_bf16_linear(flat.to(torch.bfloat16), self.skinny_bf16)
+                return out.view(*x.shape[:-1], self.out_features)
         return torch.ops.mkldnn._linear_pointwise(x.to(self.dtype), self.packed, None, "none", [], "")
 
 

@@ -34,6 +34,7 @@ _SOURCES = [
         "paged_prefill_attention.cpp",
         "fused_layer_ops.cpp",
         "skinny_linear.cpp",
+        "skinny_bf16.cpp",
         "int8_ranking.cpp",
     )
 ]
@@ -111,6 +112,10 @@ class KernelLibrary:
     @property
     def available(self) -> bool:
         return self.error is None
+
+    def skinny_bf16_supported(self) -> bool:
+        """Whether skinny_bf16_pack / skinny_bf16_linear run in this build (compiled with AVX512-BF16)."""
+        return self.available and bool(torch.ops.g3serve.skinny_bf16_supported())
 
     def int8_rank_supported(self) -> bool:
         """Whether int8_rank_pack / int8_rank (the LM head's int8 ranking GEMM) run in this build (AVX512-VNNI)."""
