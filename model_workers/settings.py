@@ -108,9 +108,10 @@ class NativeEngineConfig(ConfigSection):
         description="Only with accel auto/cpu: the CPU GEMM kernel of the layer projections, on weights packed once "
         "at load: 'onednn' (fp32 and bf16, every batch size), 'onednn-skinny' (fp32: onednn, plus g3serve's AVX-512 "
         "kernel at <= 96 rows, which streams the weights at memory speed in decode steps from a second packed copy: "
-        "a GGUF checkpoint's exact int8 form, 1.5 bytes per weight, else fp32), 'mkl' (fp32, 16-64 rows, "
-        "bit-for-bit F.linear), 'plain' (F.linear). 'auto' = onednn-skinny, else onednn, where available, else "
-        "plain.",
+        "a GGUF checkpoint's exact int8 form, 1.5 bytes per weight, else fp32; bf16: onednn, plus g3serve's "
+        "AVX512-BF16 kernel at <= 96 rows on a second bf16 copy, on CPUs with AVX512-BF16 and no AMX), 'mkl' (fp32, "
+        "16-64 rows, bit-for-bit F.linear), 'plain' (F.linear). 'auto' = onednn-skinny, else onednn, where "
+        "available, else plain.",
     )
     lm_head: Literal["auto", "exact", "candidates", "candidates-int8"] = Field(
         "auto",
