@@ -82,15 +82,8 @@ async def _bounded(concurrency: int, jobs) -> float:
 
 
 async def open_stream(client, model: str, prompt: str | list[int], max_tokens: int):
-    """One streamed greedy /v1/completions with usage in its last chunk: the request every load here sends."""
-    return await client.completions.create(
-        model=model,
-        prompt=prompt,
-        max_tokens=max_tokens,
-        temperature=0,
-        stream=True,
-        stream_options={"include_usage": True},
-    )
+    """`_stream_body`'s request through the `openai` client (long_context.py's single streams)."""
+    return await client.completions.create(**_stream_body(model, prompt, max_tokens))
 
 
 async def _serve_load(
@@ -128,7 +121,7 @@ async def _serve_load(
 
 
 def _stream_body(model: str, prompt: str | list[int], max_tokens: int) -> dict:
-    """One streamed greedy /v1/completions with usage in its last chunk (open_stream's request)."""
+    """One streamed greedy /v1/completions with usage in its last chunk: the request every load here sends."""
     return {
         "model": model,
         "prompt": prompt,

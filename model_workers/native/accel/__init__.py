@@ -69,19 +69,19 @@ def build_accel(
     use_kernels = on_cpu and dtype in (torch.float32, torch.bfloat16) and library is not None and library.available
     # The tied head's weight and the hidden states it ranks are fp32 in both modes (decoder.py): its exact-argmax
     # ranking applies to the bf16 mode as well.
-    head = head_kind = head_mode(lm_head, device, torch.float32, cpu)
+    head = head_mode(lm_head, device, torch.float32, cpu)
     # The int8 ranking's GEMM: g3serve's VNNI kernel, the same values bit for bit, faster than oneDNN's at decode
     # sizes on AVX512-VNNI (docs/benchmarks.md, "Decode step profile"); with AMX oneDNN's tile GEMM is the faster one.
     int8_kernel = (
         head == "candidates-int8" and use_kernels and library.int8_rank_supported() and "amx_int8" not in cpu.flags
     )
+    head_line = head
     if head == "candidates-int8":
-        head += (
-            " (ranking GEMM: g3serve's VNNI kernel)"
-            if int8_kernel
-            else " (ranking GEMM: oneDNN's"
-            + (", AMX tiles)" if "amx_int8" in cpu.flags else ", no VNNI kernel in this build)")
-        )
+        if int8_kernel:
+            gemm = "g3serve's VNNI kernel"
+        else:
+            gemm = "oneDNN's, " + ("AMX tiles" if "amx_int8" in cpu.flags else "no VNNI kernel in this build")
+        head_line = f"{head} (ranking GEMM: {gemm})"
     skinny_built = use_kernels and (
         library.skinny_bf16_supported() if dtype == torch.bfloat16 else library.skinny_supported()
     )
@@ -114,13 +114,13 @@ def build_accel(
         cpu.describe(),
         why,
         kernel,
-        head,
+        head_line,
     )
     return Acceleration(
         name="cpu",
         layer_ops=FusedLayerOps() if use_kernels else TORCH_OPS,
         decode_attention=KernelDecodeAttention if use_kernels else TorchDecodeAttention,
         prefill_attention=KernelPrefillAttention if use_kernels else TorchPrefillAttention,
-        make_head=lambda weight, softcap: make_head(weight, head_kind, softcap, int8_kernel),
+        make_head=lambda weight, softcap: make_head(weight, head, softcap, int8_kernel),
         pack_projections=pack,
     )

@@ -87,13 +87,14 @@ class OneDnnLinear(nn.Module):
         self.dtype = weight.dtype  # bf16 in the bf16 mode (decoder.CastLinear): inputs are cast to it, outputs stay
         self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, PACK_ROWS)
         self.skinny = self.skinny_int8 = self.skinny_bf16 = None
-        if skinny and self.out_features % SKINNY_PANEL == 0 and self.dtype == torch.float32:
-            if int8 is not None:
+        if skinny and self.out_features % SKINNY_PANEL == 0:
+            if self.dtype != torch.float32:  # bf16 (the caller checked the build has its kernel)
+                if weight.shape[1] % 2 == 0:
+                    self.skinny_bf16 = torch.ops.g3serve.skinny_bf16_pack(weight.contiguous())
+            elif int8 is not None:
                 self.skinny_int8 = tuple(_panels(t) for t in (int8.q, int8.scale, int8.minv))
             else:
                 self.skinny = torch.ops.g3serve.skinny_pack(weight.contiguous())
-        elif skinny and self.out_features % SKINNY_PANEL == 0 and weight.shape[1] % 2 == 0:  # bf16 (the caller checked)
-            self.skinny_bf16 = torch.ops.g3serve.skinny_bf16_pack(weight.contiguous())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         k = x.shape[-1]

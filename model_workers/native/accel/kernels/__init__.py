@@ -38,7 +38,9 @@ _SOURCES = [
         "int8_ranking.cpp",
     )
 ]
-_HEADERS = [Path(__file__).with_name("simd_widen.h")]  # included by the sources: part of the build key
+_HEADERS = [
+    Path(__file__).with_name(n) for n in ("simd_widen.h", "panel_loop.h")
+]  # included by the sources: part of the build key
 Build = Literal["native", "avx512", "avx2", "scalar"]
 # -fopenmp: at::parallel_for is a header template that splits work over torch's OpenMP pool only when the
 # extension itself is compiled with OpenMP; without it the kernel ran on one thread.

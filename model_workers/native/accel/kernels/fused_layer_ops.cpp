@@ -60,19 +60,8 @@ void check_act(const at::Tensor& t, const char* name) {
 using bf16 = at::BFloat16;
 
 #if defined(__AVX512F__)
-using g3serve_simd::load16;  // 16 lanes of fp32 or bf16 as fp32 (simd_widen.h)
-
-// 16 fp32 lanes stored as fp32, or rounded to bf16: to nearest even (bits + 0x7fff + the kept part's lowest bit,
-// then the high half), the rule of torch's CPU cast (c10::BFloat16 and its vectorized conversion). NaN stays NaN.
-inline void store16(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
-inline void store16(bf16* p, __m512 v) {
-  const __m512i one = _mm512_set1_epi32(1), bias = _mm512_set1_epi32(0x7fff), nan = _mm512_set1_epi32(0x7fc0);
-  const __m512i bits = _mm512_castps_si512(v);
-  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), one);
-  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(bits, bias), lsb), 16);
-  r = _mm512_mask_blend_epi32(_mm512_cmp_ps_mask(v, v, _CMP_ORD_Q), nan, r);
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(r));
-}
+using g3serve_simd::load16;   // 16 lanes of fp32 or bf16 as fp32 (simd_widen.h)
+using g3serve_simd::store16;  // 16 fp32 lanes as fp32, or rounded to bf16 as torch's cast rounds (simd_widen.h)
 #endif
 
 // bf16 -> fp32, exact.

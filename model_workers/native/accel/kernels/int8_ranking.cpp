@@ -24,6 +24,9 @@
 #include <immintrin.h>
 #endif
 
+#include "panel_loop.h"  // for_panel_blocks
+#include "simd_widen.h"  // store16
+
 #include <algorithm>
 
 namespace {
@@ -43,19 +46,12 @@ bool supported() {
 #if defined(G3SERVE_INT8_RANK)
 typedef int32_t int32_u __attribute__((aligned(1), may_alias));  // one group of 4 u8 inputs, read as one int32
 
-// fp32 -> bf16 bits, rounded to nearest even (the values here are finite: no NaN case).
-inline __m256i to_bf16(__m512 v) {
-  const __m512i bits = _mm512_castps_si512(v);
-  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-  const __m512i rounded = _mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
-  return _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded, 16));
-}
-
 // R rows x 32 outputs of one panel: int32 sums over K, then the compensation, the scale and the bf16 rounding.
 // noinline: inlined into the parallel loop, GCC ran out of registers there and kept the sums on the stack.
 template <int R>
-__attribute__((noinline)) void block(const uint8_t* x, int64_t K, const int8_t* w, const int32_t* comp, const float* scale, uint16_t* y,
-                  int64_t N, const int8_t* next, int64_t phase, int64_t step) {
+__attribute__((noinline)) void block(const uint8_t* x, int64_t K, const int8_t* w, const int32_t* comp,
+                                     const float* scale, at::BFloat16* y, int64_t N, const int8_t* next, int64_t phase,
+                                     int64_t step) {
   __m512i lo[R], hi[R];
 #pragma GCC unroll 12
   for (int m = 0; m < R; ++m) lo[m] = hi[m] = _mm512_setzero_si512();
@@ -84,18 +80,11 @@ __attribute__((noinline)) void block(const uint8_t* x, int64_t K, const int8_t* 
   for (int m = 0; m < R; ++m) {
     const __m512 v0 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(lo[m], c0)), s0);
     const __m512 v1 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(hi[m], c1)), s1);
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + m * N), to_bf16(v0));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + m * N + 16), to_bf16(v1));
+    g3serve_simd::store16(y + m * N, v0);  // rounded to bf16, to nearest even
+    g3serve_simd::store16(y + m * N + 16, v1);
   }
 }
 
-template <int R = MR, typename F>
-inline void with_rows(int64_t rows, F&& f) {
-  if constexpr (R > 0) {
-    if (rows == R) return f(std::integral_constant<int, R>{});
-    return with_rows<R - 1>(rows, f);
-  }
-}
 #endif
 
 at::Tensor int8_rank_pack(const at::Tensor& q) {
@@ -120,20 +109,12 @@ at::Tensor int8_rank(const at::Tensor& x, const at::Tensor& packed, const at::Te
   const int8_t* wp = packed.data_ptr<int8_t>();
   const int32_t* cp = comp.data_ptr<int32_t>();
   const float* sp = scale.data_ptr<float>();
-  uint16_t* yp = reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>());
-  const int64_t blocks = (M + MR - 1) / MR, panel_bytes = K * PANEL;
-  // Threads take contiguous runs of panels: one sequential weight stream each.
-  at::parallel_for(0, panels, 1, [&](int64_t lo, int64_t hi) {
-    for (int64_t p = lo; p < hi; ++p) {
-      const int8_t* w = wp + p * panel_bytes;
-      const int8_t* next = wp + std::min(p + 1, panels - 1) * panel_bytes;
-      for (int64_t b = 0; b < blocks; ++b) {
-        const int64_t r0 = b * MR, rows = std::min(MR, M - r0);
-        with_rows<MR>(rows, [&](auto r) {
-          block<r>(xp + r0 * K, K, w, cp + p * PANEL, sp + p * PANEL, yp + r0 * N + p * PANEL, N, next, b, blocks);
-        });
-      }
-    }
+  at::BFloat16* yp = y.data_ptr<at::BFloat16>();
+  const int64_t panel_bytes = K * PANEL;
+  g3serve_panels::for_panel_blocks<MR>(panels, M, [&](int64_t p, int64_t b, int64_t blocks, auto rows) {
+    const int8_t* next = wp + std::min(p + 1, panels - 1) * panel_bytes;
+    block<rows>(xp + b * MR * K, K, wp + p * panel_bytes, cp + p * PANEL, sp + p * PANEL, yp + b * MR * N + p * PANEL,
+                N, next, b, blocks);
   });
 #endif
   return y;

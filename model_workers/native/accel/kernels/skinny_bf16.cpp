@@ -22,6 +22,8 @@
 #include <immintrin.h>
 #endif
 
+#include "panel_loop.h"  // for_panel_blocks
+
 #include <algorithm>
 
 namespace {
@@ -73,13 +75,6 @@ __attribute__((noinline)) void block(const uint16_t* x, int64_t K, const uint16_
   }
 }
 
-template <int R = MR, typename F>
-inline void with_rows(int64_t rows, F&& f) {
-  if constexpr (R > 0) {
-    if (rows == R) return f(std::integral_constant<int, R>{});
-    return with_rows<R - 1>(rows, f);
-  }
-}
 #endif
 
 at::Tensor skinny_bf16_pack(const at::Tensor& w) {
@@ -101,17 +96,10 @@ at::Tensor skinny_bf16_linear(const at::Tensor& x, const at::Tensor& packed) {
   const uint16_t* xp = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
   const uint16_t* wp = reinterpret_cast<const uint16_t*>(packed.data_ptr<at::BFloat16>());
   uint16_t* yp = reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>());
-  const int64_t blocks = (M + MR - 1) / MR, panel_elems = K * PANEL;
-  // Threads take contiguous runs of panels: one sequential weight stream each.
-  at::parallel_for(0, panels, 1, [&](int64_t lo, int64_t hi) {
-    for (int64_t p = lo; p < hi; ++p) {
-      const uint16_t* w = wp + p * panel_elems;
-      const uint16_t* next = wp + std::min(p + 1, panels - 1) * panel_elems;
-      for (int64_t b = 0; b < blocks; ++b) {
-        const int64_t r0 = b * MR, rows = std::min(MR, M - r0);
-        with_rows<MR>(rows, [&](auto r) { block<r>(xp + r0 * K, K, w, yp + r0 * N + p * PANEL, N, next, b, blocks); });
-      }
-    }
+  const int64_t panel_elems = K * PANEL;
+  g3serve_panels::for_panel_blocks<MR>(panels, M, [&](int64_t p, int64_t b, int64_t blocks, auto rows) {
+    const uint16_t* next = wp + std::min(p + 1, panels - 1) * panel_elems;
+    block<rows>(xp + b * MR * K, K, wp + p * panel_elems, yp + b * MR * N + p * PANEL, N, next, b, blocks);
   });
 #endif
   return y;

@@ -23,8 +23,9 @@
 #include <immintrin.h>
 #endif
 
+#include "panel_loop.h"  // for_panel_blocks, with_rows
+
 #include <algorithm>
-#include <type_traits>
 #include <vector>
 
 namespace {
@@ -98,14 +99,7 @@ inline void block_int8(const float* x, int64_t K, const int8_t* q, const float* 
   store_rows<R>(lo, hi, y, N);
 }
 
-// The row count of the last block is a runtime value: call f with it as a template constant (1..R).
-template <int R, class F>
-inline void with_rows(int64_t rows, F&& f) {
-  if constexpr (R > 0) {
-    if (rows == R) return f(std::integral_constant<int, R>{});
-    with_rows<R - 1>(rows, f);
-  }
-}
+using g3serve_panels::with_rows;
 #endif
 
 bool supported() {
@@ -133,19 +127,9 @@ at::Tensor skinny_linear(const at::Tensor& x, const at::Tensor& packed) {
   const float* xp = x.data_ptr<float>();
   const float* wp = packed.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  const int64_t blocks = (M + MR - 1) / MR;
-  // Threads take contiguous runs of panels: one sequential weight stream each.
-  at::parallel_for(0, panels, 1, [&](int64_t lo, int64_t hi) {
-    for (int64_t p = lo; p < hi; ++p) {
-      const float* w = wp + p * K * PANEL;
-      const char* next = reinterpret_cast<const char*>(wp + std::min(p + 1, panels - 1) * K * PANEL);
-      for (int64_t b = 0; b < blocks; ++b) {
-        const int64_t r0 = b * MR, rows = std::min(MR, M - r0);
-        with_rows<MR>(rows, [&](auto r) {
-          block<r>(xp + r0 * K, K, w, yp + r0 * N + p * PANEL, N, next, PANEL * 4, b, blocks);
-        });
-      }
-    }
+  g3serve_panels::for_panel_blocks<MR>(panels, M, [&](int64_t p, int64_t b, int64_t blocks, auto rows) {
+    const char* next = reinterpret_cast<const char*>(wp + std::min(p + 1, panels - 1) * K * PANEL);
+    block<rows>(xp + b * MR * K, K, wp + p * K * PANEL, yp + b * MR * N + p * PANEL, N, next, PANEL * 4, b, blocks);
   });
 #endif
   return y;
