@@ -188,7 +188,7 @@ class Int8Ranker:
             self.packed, self.comp = torch.ops.g3serve.int8_rank_pack(q), 128 * q.sum(dim=1, dtype=torch.int32)
         else:
             self.packed = torch.ops.onednn.qlinear_prepack(q, [self.BATCH, k])
-        self.w_zero = torch.zeros(v, dtype=torch.long)
+            self.w_zero = torch.zeros(v, dtype=torch.long)  # oneDNN's per-column weight zero points
         # The output: fp32(s_v * exact int32 sum) rounded to bf16 (round to nearest even): at most 2^-8 of it,
         # plus the fp32 scale product (2^-24); tests/unit/test_lm_head.py checks oneDNN keeps within this.
         self.rel = _U_BF16 * (1 + 2.0**-14)
