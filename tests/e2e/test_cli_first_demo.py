@@ -9,23 +9,16 @@ the same app shows its readings without prometheus_client's `*_created` timestam
 
 from __future__ import annotations
 
-import socket
-
 import openai
 import pytest
 from rich.console import Console
 
 from cluster import cli
 from cluster.config import G3ServeConfig
+from cluster.local_ray import quiet_free_port
 
 PROMPT = "The capital of France is"  # the README's first demo
 MAX_TOKENS = 16
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +33,7 @@ def served_270m(ray_cluster, real_270m_ckpt) -> str:
             "engine": {"native": {"kv_cache_bytes": 32 * 2**20, "max_num_seqs": 4, "num_threads": 1}},
             "decoder": {"num_cpus": 1},
             "vision": {"deployment": {"num_cpus": 0.25}},
-            "ingress": {"port": _free_port(), "deployment": {"num_cpus": 0.25}},
+            "ingress": {"port": quiet_free_port(), "deployment": {"num_cpus": 0.25}},
         }
     )
     url = run(config)

@@ -24,13 +24,13 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 import time
 
 import openai
 import pytest
 
 from cluster.config import G3ServeConfig
+from cluster.local_ray import quiet_free_port
 
 pytestmark = pytest.mark.slow
 MODEL = "tiny-gemma3-128k"
@@ -51,12 +51,6 @@ QUESTIONS = (
 )
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _config(ckpt) -> G3ServeConfig:
     return G3ServeConfig.model_validate(
         {
@@ -71,7 +65,7 @@ def _config(ckpt) -> G3ServeConfig:
             "decoder": {"num_cpus": 0.25},
             "vision": {"deployment": {"num_cpus": 0.25}},
             "ingress": {
-                "port": _free_port(),
+                "port": quiet_free_port(),
                 "deployment": {"num_cpus": 0.25},
                 "request_timeout_s": 1800,
                 "max_tokens": 131072,  # the KV and context refusals of step 4, not the max_tokens cap, answer

@@ -16,7 +16,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,17 +25,12 @@ import openai
 import pytest
 
 from cluster.config import G3ServeConfig
+from cluster.local_ray import quiet_free_port
 
 API_KEY = "e2e-secret-key"
 MAX_MODEL_LEN = 512
 MAX_TOKENS_CAP = 400
 ENGINES = ["native", pytest.param("vllm", marks=[pytest.mark.vllm, pytest.mark.real_model])]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass(frozen=True)
@@ -79,7 +73,7 @@ def served(request, ray_cluster) -> Served:
             "decoder": {"num_cpus": 1},
             "vision": {"deployment": {"num_cpus": 0.25}},
             "ingress": {
-                "port": _free_port(),
+                "port": quiet_free_port(),
                 "api_keys": [API_KEY],
                 "max_tokens": MAX_TOKENS_CAP,
                 "max_images_per_request": 2,

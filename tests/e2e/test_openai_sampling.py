@@ -9,7 +9,6 @@ engines serve fp32, so greedy tokens equal the reference's.
 from __future__ import annotations
 
 import gc
-import socket
 from dataclasses import dataclass
 
 import openai
@@ -17,6 +16,7 @@ import pytest
 import torch
 
 from cluster.config import G3ServeConfig
+from cluster.local_ray import quiet_free_port
 
 pytestmark = pytest.mark.real_model
 
@@ -30,12 +30,6 @@ PENALTIES = {
     "frequency": {"frequency_penalty": 2.0},
     "repetition": {"repetition_penalty": 1.6},
 }
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass(frozen=True)
@@ -72,7 +66,7 @@ def served(request, ray_cluster, real_270m_ckpt, reference) -> Served:
             "engine": _engine_settings(kind),
             "decoder": {"num_cpus": 1},
             "vision": {"deployment": {"num_cpus": 0.25}},
-            "ingress": {"port": _free_port(), "max_tokens": 64, "deployment": {"num_cpus": 0.25}},
+            "ingress": {"port": quiet_free_port(), "max_tokens": 64, "deployment": {"num_cpus": 0.25}},
         }
     )
     url = run(config)

@@ -6,21 +6,15 @@ request is read from each pool deployment's KV hub (the pages its replica stored
 
 from __future__ import annotations
 
-import socket
 import time
 
 import openai
 import pytest
 
 from cluster.config import G3ServeConfig
+from cluster.local_ray import quiet_free_port
 
 MODEL = "tiny-gemma3"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +29,7 @@ def pools_url(ray_cluster, tiny_mm_servable_ckpt):
             "engine": {"native": {"kv_cache_bytes": 16 * 2**20, "num_threads": 1}},
             "decoder": {"num_cpus": 0.25},
             "vision": {"deployment": {"num_cpus": 0.25}},
-            "ingress": {"port": _free_port(), "deployment": {"num_cpus": 0.25}},
+            "ingress": {"port": quiet_free_port(), "deployment": {"num_cpus": 0.25}},
             "router": {
                 "pools": [
                     {"name": "short", "max_context": 256, "kv_cache_bytes": 8 * 2**20},

@@ -58,3 +58,27 @@ def test_http_proxy_is_a_checked_setting():
     assert G3ServeConfig.model_validate({"ray": {"http_proxy": "serve"}}).ray.http_proxy == "serve"
     with pytest.raises(pydantic.ValidationError, match="http_proxy"):
         G3ServeConfig.model_validate({"ray": {"http_proxy": "nginx"}})
+
+
+def test_quiet_free_port_stays_out_of_the_ports_others_are_handed():
+    from cluster.local_ray import QUIET_PORTS, _ephemeral_ports, quiet_free_port
+
+    port = quiet_free_port()
+    assert port in QUIET_PORTS and port not in _ephemeral_ports()
+    assert not set(QUIET_PORTS) & set(range(30000, 31001))  # Ray Serve's direct-ingress HTTP ports
+
+
+def test_quiet_free_port_skips_a_taken_port():
+    import random
+    import socket
+
+    from cluster.local_ray import quiet_free_port
+
+    first = quiet_free_port(random.Random(11))
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", first))
+        held.listen()
+        second = quiet_free_port(random.Random(11))  # the same candidates, in the same order
+        assert second != first
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", second))  # and it is free
