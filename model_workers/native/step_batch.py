@@ -81,8 +81,8 @@ def prepare_step(
         pos.extend(range(s, s + n))
         for g, t in enumerate(chunk_tables):
             slots[g].extend(max(t[p // P], 0) * P + p % P for p in range(s, s + n))
-        q_img = _image_ids(seq, s, s + n)
-        img_mask.append(q_img >= 0 if q_img is not None else torch.zeros(n, dtype=torch.bool))
+        q_img = _image_ids(seq, s, s + n) if seq.images else None
+        img_mask.append((n, q_img))
         if q_img is not None:
             img_rows.extend(_image_rows(seq, image_embeds[seq.seq_id], s, s + n))
         if i >= num_decodes:
@@ -98,7 +98,7 @@ def prepare_step(
         input_ids=torch.tensor(ids, dtype=torch.long, device=device),
         positions=torch.tensor(pos, dtype=torch.long, device=device),
         write_slots=[torch.tensor(s, dtype=torch.long, device=device) for s in slots],
-        image_mask=torch.cat(img_mask).to(device) if img_mask else None,
+        image_mask=_image_mask(img_mask, device) if img_rows else None,
         image_embeds=torch.cat(img_rows).to(device) if img_rows else None,
         sample_rows=sample_rows,
         sample_seqs=sample_seqs,
@@ -121,8 +121,8 @@ def prepare_decode(
             for t, s, lo in zip(tables, positions, lo_blocks, strict=True)
         ]
         width = max(len(p) for p in rows)
-        padded = [[max(x, 0) for x in p] + [0] * (width - len(p)) for p in rows]
-        pages.append(torch.tensor(padded, dtype=torch.long, device=device))
+        padded = [p + [0] * (width - len(p)) for p in rows]  # unallocated entries (< 0) read page 0, as padding does
+        pages.append(torch.tensor(padded, dtype=torch.long, device=device).clamp_(min=0))
     return DecodeBatch(
         positions=torch.tensor(positions, device=device),
         window_lo=torch.tensor([lo * P for lo in lo_blocks], device=device),
@@ -165,6 +165,11 @@ def prepare_prefill(
     return PrefillChunk(
         slice(row, row + n), pages, (masks[0], masks[1]), s, (0, lo_block * P), _image_ends(seq, s, s + n), W
     )
+
+
+def _image_mask(chunks: list[tuple[int, torch.Tensor | None]], device) -> torch.Tensor:
+    """[T] rows holding image soft tokens, from each chunk's (rows, image ids or None for text only)."""
+    return torch.cat([torch.zeros(n, dtype=torch.bool) if ids is None else ids >= 0 for n, ids in chunks]).to(device)
 
 
 def _tables(cache: HybridKVCache, seq: Sequence) -> list[list[int]]:
