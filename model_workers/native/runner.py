@@ -56,6 +56,23 @@ class LmHead(Protocol):
     def __call__(self, hidden: torch.Tensor, need_logits: list[bool]) -> HeadOutput: ...
 
 
+class WriteKV(Protocol):
+    def __call__(
+        self, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor
+    ) -> None:
+        """k, v [T, Hkv, Dh] of the step's rows into k_cache/v_cache [num_pages, P, Hkv, Dh] at positions `slots` [T]
+        of the flattened pages, in the cache's dtype."""
+
+
+def torch_write_kv(
+    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor
+) -> None:
+    """The reference K/V write: cast, then index_copy_ into the flattened pages."""
+    _, _, hkv, hd = k_cache.shape
+    k_cache.view(-1, hkv, hd).index_copy_(0, slots, k.to(k_cache.dtype))
+    v_cache.view(-1, hkv, hd).index_copy_(0, slots, v.to(v_cache.dtype))
+
+
 class TorchDecodeAttention:
     """The reference decode attention: gather each row's pages, then one padded SDPA call with a per-row mask."""
 
@@ -112,6 +129,7 @@ class Acceleration:
     layer_ops: LayerOps = TORCH_OPS
     decode_attention: Callable[[DecodeBatch], DecodeAttention] = TorchDecodeAttention
     prefill_attention: Callable[[PrefillChunk], PrefillAttention] = TorchPrefillAttention
+    write_kv: WriteKV = torch_write_kv
     make_head: Callable[[torch.Tensor, float | None], LmHead] = ExactHead  # (tied weight, softcap) -> head
     pack_projections: Callable[[nn.Module], int] = _no_packing  # swaps the layers' nn.Linear in place; how many
 
@@ -125,6 +143,7 @@ class PagedAttention:
     def __init__(self, kv: torch.Tensor, cache: HybridKVCache, batch: StepBatch, scale: float, accel: Acceleration):
         self.kv, self.spec, self.batch, self.scale = kv, cache.spec, batch, scale
         self.slots = [cache.spec.layer_slot(i) for i in range(len(cache.spec.layer_types))]
+        self.write_kv = accel.write_kv
         self.decode = accel.decode_attention(batch.decode) if batch.decode is not None else None
         self.prefills = [(pf.rows, accel.prefill_attention(pf)) for pf in batch.prefills]
 
@@ -132,10 +151,7 @@ class PagedAttention:
         group, slot = self.slots[layer]
         b = self.batch
         k_cache, v_cache = self.kv[slot, 0], self.kv[slot, 1]  # [num_pages, P, Hkv, D]
-        _, _, hkv, hd = k_cache.shape
-        flat_slots = b.write_slots[group]
-        k_cache.view(-1, hkv, hd).index_copy_(0, flat_slots, k.to(k_cache.dtype))
-        v_cache.view(-1, hkv, hd).index_copy_(0, flat_slots, v.to(v_cache.dtype))
+        self.write_kv(k, v, k_cache, v_cache, b.write_slots[group])
         out = torch.empty_like(q)
         if self.decode is not None:
             d = b.num_decodes

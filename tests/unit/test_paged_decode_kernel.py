@@ -7,8 +7,13 @@ import pytest
 import torch
 
 from model_workers.gemma3.attention import sdpa
-from model_workers.native.accel.kernels import KernelDecodeAttention, KernelLibrary, KernelPrefillAttention
-from model_workers.native.runner import TorchDecodeAttention, TorchPrefillAttention
+from model_workers.native.accel.kernels import (
+    KernelDecodeAttention,
+    KernelLibrary,
+    KernelPrefillAttention,
+    kernel_write_kv,
+)
+from model_workers.native.runner import TorchDecodeAttention, TorchPrefillAttention, torch_write_kv
 from tests.fixtures.runner_decode import greedy_decode
 
 
@@ -87,3 +92,27 @@ def test_kernel_reads_a_bf16_cache_with_fp32_sums(hq, hkv, d):
     assert torch.allclose(got, want, atol=1e-5, rtol=1e-5)
     with pytest.raises(RuntimeError, match="share a dtype"):
         op(q, k_cache, v_cache.float(), pages, first, lo, hi, 0.125)
+
+
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("src_dtype", [torch.float32, torch.bfloat16])
+def test_write_kv_equals_the_torch_write(kv_dtype, src_dtype):
+    """g3serve::write_kv puts each row where the torch path's index_copy_ does, cast as torch casts (bf16: nearest
+    even), with v a strided view into a fused qkv row and the cache a non-first layer slot."""
+    assert KernelLibrary().available
+    g = torch.Generator().manual_seed(3)
+    hkv, d, n_pages, P, t = 2, 64, 12, 4, 9
+    qkv = (torch.randn(t, (4 + 2 * hkv) * d, generator=g) * 100).to(src_dtype)
+    k = qkv[:, 4 * d : (4 + hkv) * d].reshape(t, hkv, d).contiguous()
+    v = qkv[:, (4 + hkv) * d :].view(t, hkv, d)  # a view: row stride = qkv's width
+    assert not v.is_contiguous()
+    slots = torch.randperm(n_pages * P, generator=g)[:t]
+    caches = []
+    for write in (torch_write_kv, kernel_write_kv):
+        kv = torch.zeros(3, 2, n_pages, P, hkv, d, dtype=kv_dtype)
+        write(k, v, kv[1, 0], kv[1, 1], slots)
+        caches.append(kv)
+    assert torch.equal(caches[0], caches[1])
+    assert caches[1][1, 0].view(-1, hkv, d)[slots].ne(0).any()  # the rows arrived
+    with pytest.raises(RuntimeError, match="slot outside"):
+        kernel_write_kv(k, v, caches[1][1, 0], caches[1][1, 1], torch.full((t,), n_pages * P))

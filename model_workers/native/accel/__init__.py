@@ -31,9 +31,16 @@ from model_workers.native.accel.kernels import (
     KernelDecodeAttention,
     KernelLibrary,
     KernelPrefillAttention,
+    kernel_write_kv,
 )
 from model_workers.native.accel.packed_linear import ProjectionKernel, pack_linears, resolve_kernel
-from model_workers.native.runner import PLAIN, Acceleration, TorchDecodeAttention, TorchPrefillAttention
+from model_workers.native.runner import (
+    PLAIN,
+    Acceleration,
+    TorchDecodeAttention,
+    TorchPrefillAttention,
+    torch_write_kv,
+)
 
 log = logging.getLogger(__name__)
 AccelMode = Literal["auto", "none", "cpu"]
@@ -121,6 +128,7 @@ def build_accel(
         layer_ops=FusedLayerOps() if use_kernels else TORCH_OPS,
         decode_attention=KernelDecodeAttention if use_kernels else TorchDecodeAttention,
         prefill_attention=KernelPrefillAttention if use_kernels else TorchPrefillAttention,
+        write_kv=kernel_write_kv if use_kernels else torch_write_kv,
         make_head=lambda weight, softcap: make_head(weight, head, softcap, int8_kernel),
         pack_projections=pack,
     )

@@ -25,8 +25,8 @@ from model_workers.gemma3.decoder import TORCH_OPS
 from model_workers.native.step_batch import DecodeBatch, PrefillChunk
 
 log = logging.getLogger(__name__)
-# One library (one torch op namespace): decode and prefill attention, the layer's fused elementwise ops, decode-size
-# projections, the LM head's int8 ranking GEMM.
+# One library (one torch op namespace): decode and prefill attention, the K/V write into the pages, the layer's fused
+# elementwise ops, decode-size projections, the LM head's int8 ranking GEMM.
 _SOURCES = [
     Path(__file__).with_name(n)
     for n in (
@@ -36,6 +36,7 @@ _SOURCES = [
         "skinny_linear.cpp",
         "skinny_bf16.cpp",
         "int8_ranking.cpp",
+        "paged_kv_write.cpp",
     )
 ]
 _HEADERS = [
@@ -148,6 +149,13 @@ class KernelDecodeAttention:
         return torch.ops.g3serve.paged_decode_attention(
             q, k_cache, v_cache, self.pages[group], self.first[group], self.key_lo[min(group, 1)], self.key_hi, scale
         )
+
+
+def kernel_write_kv(
+    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor
+) -> None:
+    """runner.WriteKV on paged_kv_write.cpp: both tensors' rows into their slots in one call, cast on the way."""
+    torch.ops.g3serve.write_kv(k, v, k_cache, v_cache, slots)
 
 
 class KernelPrefillAttention:
