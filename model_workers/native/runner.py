@@ -152,6 +152,8 @@ class PagedAttention:
         b = self.batch
         k_cache, v_cache = self.kv[slot, 0], self.kv[slot, 1]  # [num_pages, P, Hkv, D]
         self.write_kv(k, v, k_cache, v_cache, b.write_slots[group])
+        if self.decode is not None and not self.prefills:  # decode rows only: the attention's output as it is
+            return self.decode.attend(group, q.contiguous(), k_cache, v_cache, self.scale)
         out = torch.empty_like(q)
         if self.decode is not None:
             d = b.num_decodes
