@@ -81,7 +81,7 @@ def prepare_step(
         pos.extend(range(s, s + n))
         for g, t in enumerate(chunk_tables):
             slots[g].extend(max(t[p // P], 0) * P + p % P for p in range(s, s + n))
-        q_img = _image_ids(seq, s, s + n) if seq.images else None
+        q_img = _image_ids(seq, s, s + n)
         img_mask.append((n, q_img))
         if q_img is not None:
             img_rows.extend(_image_rows(seq, image_embeds[seq.seq_id], s, s + n))

@@ -136,7 +136,7 @@ class CandidatesHead:
         _, cand_cols = block_topk(r.approx, self.k, maxima=maxima)
         cand = r.tokens(cand_cols)
         w_cand = self.weight.index_select(0, cand.reshape(-1)).view(*cand.shape, -1).float()  # [M, k, H]
-        exact = torch.linalg.vecdot(w_cand, hidden[:, None, :])  # [M, k] fp32 (bmm of [k, H] x [H, 1]: 5x slower)
+        exact = torch.linalg.vecdot(w_cand, hidden[:, None, :])  # [M, k] fp32 (a one-column bmm is far slower here)
         # Ties between candidates go to the lowest vocabulary id, as a full-row argmax would.
         best = exact.max(dim=-1).values
         lowest_tied = torch.where(exact == best[:, None], cand, torch.full_like(cand, torch.iinfo(cand.dtype).max))
