@@ -279,6 +279,11 @@ class Gemma3Decoder(nn.Module):
         self.attn_scale = cfg.query_pre_attn_scalar**-0.5
         self.ops: LayerOps = TORCH_OPS  # the engine's acceleration may set fused kernels here (ModelRunner)
 
+    @property
+    def proj_dtype(self) -> torch.dtype:
+        """The projections' input and output dtype (the bf16 mode's bf16; fp32 otherwise)."""
+        return self.layers[0].proj_dtype
+
     def embed(
         self, input_ids: torch.Tensor, image_embeds: torch.Tensor | None = None, image_mask: torch.Tensor | None = None
     ) -> torch.Tensor:

@@ -44,10 +44,16 @@ class PrefillAttention(Protocol):
     """One prefill chunk's attention, built from its `PrefillChunk` (so it can lay out its own per-chunk indices)."""
 
     def attend(
-        self, group: int, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float
-    ) -> torch.Tensor:
+        self,
+        group: int,
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        scale: float,
+        out: torch.Tensor,
+    ) -> None:
         """q [n, Hq, Dh] fp32 of the chunk's rows; k_cache/v_cache [num_pages, P, Hkv, Dh] of the layer (the chunk's
-        own K/V already written). Returns [n, Hq, Dh]."""
+        own K/V already written). Writes [n, Hq, Dh] into `out` (the step output's rows, in its dtype)."""
 
 
 class LmHead(Protocol):
@@ -106,14 +112,14 @@ class TorchPrefillAttention:
     def __init__(self, chunk: PrefillChunk):
         self.chunk = chunk
 
-    def attend(self, group, q, k_cache, v_cache, scale):
+    def attend(self, group, q, k_cache, v_cache, scale, out):
         _, _, hkv, hd = k_cache.shape
         pf = self.chunk
         pages = pf.pages[group]
         kk = k_cache.index_select(0, pages).view(1, -1, hkv, hd)
         vv = v_cache.index_select(0, pages).view(1, -1, hkv, hd)
         mask = None if pf.masks is None else pf.masks[0 if group == 0 else 1]
-        return sdpa(q[None].to(kk.dtype), kk, vv, mask, scale, is_causal=pf.masks is None)[0]
+        out.copy_(sdpa(q[None].to(kk.dtype), kk, vv, mask, scale, is_causal=pf.masks is None)[0])
 
 
 def _no_packing(layers: nn.Module) -> int:
@@ -140,8 +146,18 @@ PLAIN = Acceleration()
 class PagedAttention:
     """The AttentionBackend of one step: writes the new K/V into their pages, then attends over the pages."""
 
-    def __init__(self, kv: torch.Tensor, cache: HybridKVCache, batch: StepBatch, scale: float, accel: Acceleration):
-        self.kv, self.spec, self.batch, self.scale = kv, cache.spec, batch, scale
+    def __init__(
+        self,
+        kv: torch.Tensor,
+        cache: HybridKVCache,
+        batch: StepBatch,
+        scale: float,
+        accel: Acceleration,
+        out_dtype: torch.dtype | None = None,
+    ):
+        """`out_dtype`: the dtype of the output projection's input (the bf16 mode's bf16), which a step with prefill
+        rows writes its attention output in (default: the query's); a decode-only step returns the decode's own."""
+        self.kv, self.spec, self.batch, self.scale, self.out_dtype = kv, cache.spec, batch, scale, out_dtype
         self.slots = [cache.spec.layer_slot(i) for i in range(len(cache.spec.layer_types))]
         self.write_kv = accel.write_kv
         self.decode = accel.decode_attention(batch.decode) if batch.decode is not None else None
@@ -154,12 +170,12 @@ class PagedAttention:
         self.write_kv(k, v, k_cache, v_cache, b.write_slots[group])
         if self.decode is not None and not self.prefills:  # decode rows only: the attention's output as it is
             return self.decode.attend(group, q.contiguous(), k_cache, v_cache, self.scale)
-        out = torch.empty_like(q)
+        out = torch.empty(q.shape, dtype=self.out_dtype or q.dtype, device=q.device)
         if self.decode is not None:
             d = b.num_decodes
             out[:d] = self.decode.attend(group, q[:d].contiguous(), k_cache, v_cache, self.scale)
         for rows, prefill in self.prefills:
-            out[rows] = prefill.attend(group, q[rows].contiguous(), k_cache, v_cache, self.scale)
+            prefill.attend(group, q[rows].contiguous(), k_cache, v_cache, self.scale, out[rows])
         return out
 
 
@@ -199,7 +215,7 @@ class ModelRunner:
     def run(self, plan: StepPlan) -> dict[str, int]:
         batch = prepare_step(plan, self.cache, self.image_embeds, self.device)
         x = self.model.embed(batch.input_ids, batch.image_embeds, batch.image_mask)
-        attn = PagedAttention(self.kv, self.cache, batch, self.model.attn_scale, self.accel)
+        attn = PagedAttention(self.kv, self.cache, batch, self.model.attn_scale, self.accel, self.model.proj_dtype)
         # Only the sampled rows go past the last layer's attention: the others were run for their K/V.
         rows = self.model(
             x, batch.positions, attn, torch.tensor(batch.sample_rows, dtype=torch.long, device=self.device)

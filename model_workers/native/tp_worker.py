@@ -158,7 +158,9 @@ class TPWorker:
         """One step; rank 0 returns the sampled rows' hidden states. Also the seconds spent in all-reduce."""
         self.reduce_s = 0.0
         batch = step.batch if self.device.type == "cpu" else to_device(step.batch, self.device)
-        attn = PagedAttention(self.kv, SimpleNamespace(spec=self.spec), batch, self.model.attn_scale, self.accel)
+        attn = PagedAttention(
+            self.kv, SimpleNamespace(spec=self.spec), batch, self.model.attn_scale, self.accel, self.model.proj_dtype
+        )
         x = self.model(step.x.to(self.device), batch.positions, attn, step.sample_rows.to(self.device))
         return (x.cpu() if self.rank == 0 else None), self.reduce_s
 

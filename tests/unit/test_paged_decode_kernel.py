@@ -96,13 +96,22 @@ def test_kernel_reads_a_bf16_cache_with_fp32_sums(hq, hkv, d):
 
 @pytest.mark.parametrize("kv_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("src_dtype", [torch.float32, torch.bfloat16])
-def test_write_kv_equals_the_torch_write(kv_dtype, src_dtype):
+@pytest.mark.parametrize("d", [64, 20])  # 20: rows of 40 values, so the 16-lane loop leaves a tail
+def test_write_kv_equals_the_torch_write(kv_dtype, src_dtype, d):
     """g3serve::write_kv puts each row where the torch path's index_copy_ does, cast as torch casts (bf16: nearest
-    even), with v a strided view into a fused qkv row and the cache a non-first layer slot."""
+    even, ties included; infinities and NaN kept), bit for bit but for NaN payloads, with v a strided view into a fused qkv row and the
+    cache a non-first layer slot."""
     assert KernelLibrary().available
     g = torch.Generator().manual_seed(3)
-    hkv, d, n_pages, P, t = 2, 64, 12, 4, 9
-    qkv = (torch.randn(t, (4 + 2 * hkv) * d, generator=g) * 100).to(src_dtype)
+    hkv, n_pages, P, t = 2, 12, 4, 9
+    qkv = torch.randn(t, (4 + 2 * hkv) * d, generator=g) * 100
+    # fp32 values halfway between two bf16 values (both parities of the kept part), and the special values
+    specials = [0x3F808000, 0x3F818000, 0xBF808000, 0x7F800000, 0xFF800000, 0x7FC00001]
+    qkv[0, 4 * d : 4 * d + 6] = (
+        torch.tensor([b - (1 << 32) if b >= 1 << 31 else b for b in specials]).to(torch.int32).view(torch.float32)
+    )
+    qkv[1, -3:] = torch.tensor([float("nan"), float("inf"), -0.0])
+    qkv = qkv.to(src_dtype)
     k = qkv[:, 4 * d : (4 + hkv) * d].reshape(t, hkv, d).contiguous()
     v = qkv[:, (4 + hkv) * d :].view(t, hkv, d)  # a view: row stride = qkv's width
     assert not v.is_contiguous()
@@ -112,7 +121,12 @@ def test_write_kv_equals_the_torch_write(kv_dtype, src_dtype):
         kv = torch.zeros(3, 2, n_pages, P, hkv, d, dtype=kv_dtype)
         write(k, v, kv[1, 0], kv[1, 1], slots)
         caches.append(kv)
-    assert torch.equal(caches[0], caches[1])
+    want, got = caches
+    assert torch.equal(want.isnan(), got.isnan())  # a NaN's payload differs between torch's own two casts
+    bits = torch.int16 if kv_dtype == torch.bfloat16 else torch.int32
+    inf = float("inf")
+    no_nan = [c.nan_to_num(0.0, posinf=inf, neginf=-inf).view(bits) for c in caches]
+    assert torch.equal(*no_nan)
     assert caches[1][1, 0].view(-1, hkv, d)[slots].ne(0).any()  # the rows arrived
     with pytest.raises(RuntimeError, match="slot outside"):
         kernel_write_kv(k, v, caches[1][1, 0], caches[1][1, 1], torch.full((t,), n_pages * P))

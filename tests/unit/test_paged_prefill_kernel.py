@@ -95,6 +95,25 @@ def test_kernel_matches_gather_and_masked_sdpa(hq, hkv, d, start, n, window, ima
     assert err <= max(1.25 * torch_err, 2e-5), (err, torch_err)
 
 
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("d", [256, 40])  # 40: a row the 16-lane store leaves a tail of
+def test_into_writes_the_same_values_into_a_row_range_of_the_step_output(kv_dtype, d):
+    """paged_prefill_attention_into: the functional op's output in rows [5, 5 + n) of a larger step output, fp32 as
+    it is or bf16 as torch's cast rounds it (bit for bit), every other row untouched."""
+    assert KernelLibrary().available
+    args, _ = _case(4, 1, d, 45, 70, 16, None, kv_dtype)
+    want = torch.ops.g3serve.paged_prefill_attention(*args)
+    for out_dtype in (torch.float32, torch.bfloat16):
+        step_out = torch.full((80, 4, d), 7.0, dtype=out_dtype)
+        torch.ops.g3serve.paged_prefill_attention_into(*args, step_out[5:75])
+        assert torch.equal(step_out[5:75], want.to(out_dtype))
+        assert step_out[:5].eq(7).all() and step_out[75:].eq(7).all()
+    with pytest.raises(RuntimeError, match="q's shape"):
+        torch.ops.g3serve.paged_prefill_attention_into(*args, torch.empty(69, 4, d))
+    with pytest.raises(RuntimeError, match="contiguous"):
+        torch.ops.g3serve.paged_prefill_attention_into(*args, torch.empty(70, d, 4).transpose(1, 2))
+
+
 def test_bf16_dot_products_exactly_where_the_cpu_has_avx512_bf16():
     from model_workers.native.accel.cpu_features import CpuFeatures
 

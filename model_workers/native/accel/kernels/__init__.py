@@ -175,10 +175,10 @@ class KernelPrefillAttention:
         self.pages = chunk.pages
         self.first_pos = chunk.first_pos
 
-    def attend(self, group, q, k_cache, v_cache, scale):
+    def attend(self, group, q, k_cache, v_cache, scale, out):
         kind = min(group, 1)  # group 0 is the global layers', every other group a local one's
-        return torch.ops.g3serve.paged_prefill_attention(
-            q, k_cache, v_cache, self.pages[group], self.first_pos[kind], self.key_lo[kind], self.key_hi, scale
+        torch.ops.g3serve.paged_prefill_attention_into(
+            q, k_cache, v_cache, self.pages[group], self.first_pos[kind], self.key_lo[kind], self.key_hi, scale, out
         )
 
 

@@ -12,19 +12,34 @@
 #include <torch/library.h>
 
 #include <cstdint>
+#include <cstring>
+#include <type_traits>
+
+#include "simd_widen.h"  // load16 / store16 (AVX-512 builds)
 
 namespace {
+
+// One row of `width` values, converted: a plain copy within a dtype; AVX-512 widens or rounds 16 lanes at a time
+// (simd_widen.h's store16 rounds as c10::BFloat16 does), the scalar loop takes the rest and the builds without it.
+template <typename S, typename C>
+inline void copy_row(const S* from, C* to, int64_t width) {
+  if constexpr (std::is_same_v<S, C>) {
+    std::memcpy(to, from, width * sizeof(C));
+  } else {
+    int64_t i = 0;
+#if defined(__AVX512F__)
+    for (; i + 16 <= width; i += 16) g3serve_simd::store16(to + i, g3serve_simd::load16(from + i));
+#endif
+    for (; i < width; ++i) to[i] = static_cast<C>(from[i]);
+  }
+}
 
 template <typename S, typename C>
 void copy_rows(const at::Tensor& src, at::Tensor& cache, const int64_t* slots, int64_t T, int64_t width) {
   const S* s = src.data_ptr<S>();
   C* c = cache.data_ptr<C>();
   const int64_t stride = src.stride(0);
-  for (int64_t t = 0; t < T; ++t) {
-    const S* from = s + t * stride;
-    C* to = c + slots[t] * width;
-    for (int64_t i = 0; i < width; ++i) to[i] = static_cast<C>(from[i]);
-  }
+  for (int64_t t = 0; t < T; ++t) copy_row(s + t * stride, c + slots[t] * width, width);
 }
 
 template <typename S>

@@ -20,6 +20,10 @@
 //   key_lo    [T] int64       first key position each query token attends
 //   key_hi    [T] int64       one past the last
 //   returns   [T, Hq, D] fp32
+// paged_prefill_attention_into writes the same values into `out` instead: [T, Hq, D] fp32, or bf16 rounded once to
+// nearest even (what torch's cast of the fp32 output gives), each row's Hq x D values contiguous, any row stride: a
+// row range of the step's attention output, in the dtype of the projection that reads it (the bf16 mode's bf16), so
+// neither a copy nor a cast follows.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -392,7 +396,20 @@ inline void softmax_row(float* sr, int64_t a, int64_t z, float& row_max, float& 
 #endif
 }
 
-template <typename T>
+// One output row: acc * inv, stored as O (bf16: the fp32 product rounded once, as torch's cast rounds it).
+template <typename O>
+inline void store_row(const float* am, float inv, O* o, int64_t D) {
+  int64_t d = 0;
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<O, at::BFloat16>) {
+    const __m512 iv = _mm512_set1_ps(inv);
+    for (; d + 16 <= D; d += 16) g3serve_simd::store16(o + d, _mm512_mul_ps(load16(am + d), iv));
+  }
+#endif
+  for (; d < D; ++d) o[d] = static_cast<O>(am[d] * inv);
+}
+
+template <typename T, typename O>
 void attend_chunk(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& pages,
                   int64_t first_pos, const at::Tensor& key_lo, const at::Tensor& key_hi, float sc, at::Tensor& out) {
   const int64_t NT = q.size(0), Hq = q.size(1), D = q.size(2);
@@ -401,7 +418,8 @@ void attend_chunk(const at::Tensor& q, const at::Tensor& k_cache, const at::Tens
   const float* qp = q.data_ptr<float>();
   const T* kp = k_cache.data_ptr<T>();
   const T* vp = v_cache.data_ptr<T>();
-  float* op = out.data_ptr<float>();
+  O* op = out.data_ptr<O>();
+  const int64_t out_stride = out.stride(0);
   const int64_t* pg = pages.data_ptr<int64_t>();
   const int64_t* lo_p = key_lo.data_ptr<int64_t>();
   const int64_t* hi_p = key_hi.data_ptr<int64_t>();
@@ -489,18 +507,15 @@ void attend_chunk(const at::Tensor& q, const at::Tensor& k_cache, const at::Tens
       for (int64_t tt = 0; tt < nt; ++tt)
         for (int64_t g = 0; g < G; ++g) {
           const int64_t m = tt * G + g;
-          const float inv = 1.f / row_sum[m];
-          const float* am = acc.data() + m * D;
-          float* o = op + ((t0 + tt) * Hq + h * G + g) * D;
-          for (int64_t d = 0; d < D; ++d) o[d] = am[d] * inv;
+          store_row(acc.data() + m * D, 1.f / row_sum[m], op + (t0 + tt) * out_stride + (h * G + g) * D, D);
         }
     }
   });
 }
 
-at::Tensor paged_prefill_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                                   const at::Tensor& pages, int64_t first_pos, const at::Tensor& key_lo,
-                                   const at::Tensor& key_hi, double scale) {
+void paged_prefill_attention_into(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                  const at::Tensor& pages, int64_t first_pos, const at::Tensor& key_lo,
+                                  const at::Tensor& key_hi, double scale, at::Tensor out) {
   const auto kv_type = k_cache.scalar_type();
   TORCH_CHECK(q.scalar_type() == at::kFloat, "q must be fp32");
   TORCH_CHECK(kv_type == at::kFloat || kv_type == at::kBFloat16, "the KV cache must be fp32 or bf16");
@@ -515,14 +530,32 @@ at::Tensor paged_prefill_attention(const at::Tensor& q, const at::Tensor& k_cach
               "k_cache: last three dims must be contiguous");
   TORCH_CHECK(v_cache.strides() == k_cache.strides(), "k_cache and v_cache must share strides");
   TORCH_CHECK(q.size(1) % k_cache.size(2) == 0 && k_cache.size(3) == q.size(2), "shape mismatch");
-  auto out = at::empty_like(q);
-  if (q.size(0) == 0) return out;
+  TORCH_CHECK(out.sizes() == q.sizes() && out.device().is_cpu() &&
+                  (out.scalar_type() == at::kFloat || out.scalar_type() == at::kBFloat16),
+              "out must be a CPU fp32 or bf16 tensor of q's shape");
+  TORCH_CHECK(out.stride(2) == 1 && out.stride(1) == out.size(2) && out.stride(0) >= out.size(1) * out.size(2),
+              "each row of out must be contiguous");
+  if (q.size(0) == 0) return;
   const float sc = static_cast<float>(scale);
+  const bool bf16_out = out.scalar_type() == at::kBFloat16;
   if (kv_type == at::kBFloat16) {
-    attend_chunk<at::BFloat16>(q, k_cache, v_cache, pages, first_pos, key_lo, key_hi, sc, out);
+    if (bf16_out)
+      attend_chunk<at::BFloat16, at::BFloat16>(q, k_cache, v_cache, pages, first_pos, key_lo, key_hi, sc, out);
+    else
+      attend_chunk<at::BFloat16, float>(q, k_cache, v_cache, pages, first_pos, key_lo, key_hi, sc, out);
   } else {
-    attend_chunk<float>(q, k_cache, v_cache, pages, first_pos, key_lo, key_hi, sc, out);
+    if (bf16_out)
+      attend_chunk<float, at::BFloat16>(q, k_cache, v_cache, pages, first_pos, key_lo, key_hi, sc, out);
+    else
+      attend_chunk<float, float>(q, k_cache, v_cache, pages, first_pos, key_lo, key_hi, sc, out);
   }
+}
+
+at::Tensor paged_prefill_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                   const at::Tensor& pages, int64_t first_pos, const at::Tensor& key_lo,
+                                   const at::Tensor& key_hi, double scale) {
+  auto out = at::empty_like(q);
+  paged_prefill_attention_into(q, k_cache, v_cache, pages, first_pos, key_lo, key_hi, scale, out);
   return out;
 }
 
@@ -535,6 +568,12 @@ TORCH_LIBRARY_FRAGMENT(g3serve, m) {
   m.def(
       "paged_prefill_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor pages, int first_pos, "
       "Tensor key_lo, Tensor key_hi, float scale) -> Tensor");
+  m.def(
+      "paged_prefill_attention_into(Tensor q, Tensor k_cache, Tensor v_cache, Tensor pages, int first_pos, "
+      "Tensor key_lo, Tensor key_hi, float scale, Tensor(a!) out) -> ()");
 }
 
-TORCH_LIBRARY_IMPL(g3serve, CPU, m) { m.impl("paged_prefill_attention", &paged_prefill_attention); }
+TORCH_LIBRARY_IMPL(g3serve, CPU, m) {
+  m.impl("paged_prefill_attention", &paged_prefill_attention);
+  m.impl("paged_prefill_attention_into", &paged_prefill_attention_into);
+}
