@@ -4,6 +4,8 @@ inputs and outputs (the bf16 mode's projections) bit for bit the casts they repl
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -55,6 +57,22 @@ def test_gelu_mul_including_saturated_inputs(rows):
         gate_up[0, :4] = torch.tensor([-100.0, 100.0, -1e4, 1e4])  # exp over/underflow must saturate, not NaN
     got = FUSED.gelu_mul(gate_up)
     assert torch.isfinite(got).all() and close(got, TORCH_OPS.gelu_mul(gate_up))
+
+
+def test_gelu_mul_is_within_a_few_ulp_of_its_formula_with_an_exact_exp():
+    """The op computes g / (1 + exp(-2 z)) * u in fp32 with its own vector exp: against the same fp32 steps with the
+    exp taken in float64 and rounded once, every output is within 8 ulp of its own size (an exp off by more than a
+    couple of ulp, or a lane mixed up, would show here; `close` bounds errors against the largest output only)."""
+    g = _g(11)
+    gate = torch.cat([torch.randn(16, 2048, generator=g) * 4, torch.linspace(-12, 12, 2048)[None]])
+    up = torch.randn(gate.shape, generator=g)
+    got = FUSED.gelu_mul(torch.cat([gate, up], 1))
+    beta = torch.tensor(math.sqrt(2 / math.pi), dtype=torch.float32)
+    inner = beta * (gate + torch.tensor(0.044715) * ((gate * gate) * gate))
+    e = torch.exp((torch.tensor(-2.0) * inner).double()).float()
+    want = (gate / (1 + e)) * up
+    ulp = (torch.nextafter(want.abs(), torch.tensor(math.inf)) - want.abs()).clamp(min=torch.finfo(torch.float32).tiny)
+    assert ((got - want).abs() <= 8 * ulp).all()
 
 
 BF16 = torch.bfloat16

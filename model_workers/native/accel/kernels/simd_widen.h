@@ -1,5 +1,5 @@
 // The kernels' shared AVX-512 pieces (one header, included by each .cpp of the library): 16 lanes of fp32 or bf16
-// read as fp32 and written back from fp32, and torch's own vectorized exp.
+// read as fp32 and written back from fp32, an inlined exp, and torch's own vectorized exp.
 #pragma once
 
 #if defined(__AVX512F__)
@@ -25,6 +25,26 @@ inline void store16(at::BFloat16* p, __m512 v) {
   __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(bits, bias), lsb), 16);
   r = _mm512_mask_blend_epi32(_mm512_cmp_ps_mask(v, v, _CMP_ORD_Q), nan, r);
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(r));
+}
+
+// exp of 16 lanes, inlined (SLEEF's is a call, which keeps a loop from overlapping its lanes' long dependency
+// chains): x = n ln2 + r with |r| <= ln2 / 2 (Cody-Waite: ln2 in two parts), e^r by Cephes expf's degree-6
+// polynomial, then 2^n by scalef, which takes overflow to inf and underflow to 0. About as accurate as SLEEF's
+// 1-ulp exp (tests/unit/test_fused_layer_ops.py bounds it against float64). NaN stays NaN.
+inline __m512 exp16(__m512 x) {
+  const __m512 xc = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-104.f)), _mm512_set1_ps(89.f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(xc, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), xc);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
+  return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), _mm512_scalef_ps(p, n), x);
 }
 
 }  // namespace g3serve_simd
