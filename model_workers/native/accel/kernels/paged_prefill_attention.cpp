@@ -37,7 +37,6 @@
 #include <type_traits>
 #include <vector>
 
-#include <c10/util/bit_cast.h>
 
 namespace {
 
@@ -155,24 +154,40 @@ void block_scores(const float* q, int64_t M, int64_t D, const float* kt, float s
 // peers' bf16 attention do; the keys are the cache's own bf16 values, the sums, the softmax and the values stay fp32.
 constexpr bool kBf16Dot = true;
 
-// kt2[(d / 2) * KB + j] = the bf16 pair (k_j[d], k_j[d + 1]) for the n <= KB keys of a block (zero beyond n).
+// kt2[(d / 2) * KB + j] = the bf16 pair (k_j[d], k_j[d + 1]) for the n <= KB keys of a block (zero beyond n): 16 x 16
+// blocks of pairs transposed in registers (the pairs' bits moved as they are), where D is a multiple of 32.
 void load_key_pairs(const at::BFloat16* const* rows, int64_t n, int64_t D, uint32_t* kt2) {
+  const int64_t DP = D / 2;
+  if (DP % 16 == 0) {
+    for (int64_t j0 = 0; j0 < KB; j0 += 16)
+      for (int64_t dp0 = 0; dp0 < DP; dp0 += 16) {
+        __m512 r[16];
+        for (int64_t j = 0; j < 16; ++j)
+          r[j] = j0 + j < n ? _mm512_castsi512_ps(_mm512_loadu_si512(rows[j0 + j] + 2 * dp0)) : _mm512_setzero_ps();
+        transpose16(r);
+        for (int64_t c = 0; c < 16; ++c) _mm512_storeu_ps(reinterpret_cast<float*>(kt2 + (dp0 + c) * KB + j0), r[c]);
+      }
+    return;
+  }
   for (int64_t j = 0; j < n; ++j) {
     const uint32_t* k = reinterpret_cast<const uint32_t*>(rows[j]);
-    for (int64_t dp = 0; dp < D / 2; ++dp) kt2[dp * KB + j] = k[dp];
+    for (int64_t dp = 0; dp < DP; ++dp) kt2[dp * KB + j] = k[dp];
   }
   for (int64_t j = n; j < KB; ++j)
-    for (int64_t dp = 0; dp < D / 2; ++dp) kt2[dp * KB + j] = 0u;
+    for (int64_t dp = 0; dp < DP; ++dp) kt2[dp * KB + j] = 0u;
+}
+
+// The bf16 values of n fp32 ones, in order, rounded to nearest even (simd_widen.h's store16: the rounding of torch's
+// cast, NaN kept) 16 at a time: a row of bf16 pairs as the dot-product instruction reads them.
+inline void round_row(const float* x, int64_t n, at::BFloat16* out) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) g3serve_simd::store16(out + i, load16(x + i));
+  for (; i < n; ++i) out[i] = at::BFloat16(x[i]);
 }
 
 // q2[m * D / 2 + dp] = the bf16 pair (q_m[2 dp], q_m[2 dp + 1]), rounded to nearest even.
 void query_pairs(const float* q, int64_t M, int64_t D, uint32_t* q2) {
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t dp = 0; dp < D / 2; ++dp) {
-      const uint16_t lo = c10::bit_cast<uint16_t>(at::BFloat16(q[m * D + 2 * dp]));
-      const uint16_t hi = c10::bit_cast<uint16_t>(at::BFloat16(q[m * D + 2 * dp + 1]));
-      q2[m * D / 2 + dp] = static_cast<uint32_t>(lo) | (static_cast<uint32_t>(hi) << 16);
-    }
+  for (int64_t m = 0; m < M; ++m) round_row(q + m * D, D, reinterpret_cast<at::BFloat16*>(q2 + m * D / 2));
 }
 
 // s[m * KB + j] = sc * q_m . k_j over bf16 pairs, for M rows and all KB (= 32) columns.
@@ -227,12 +242,7 @@ void value_pairs(const at::BFloat16* const* rows, int64_t n, int64_t D, uint32_t
 // p2[m * KB / 2 + jj] = the bf16 pair (p[m][2jj], p[m][2jj + 1]): the softmax weights rounded for the value products
 // (as SDPA's bf16 path does); their sums stay fp32.
 void prob_pairs(const float* p, int64_t M, uint32_t* p2) {
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t jj = 0; jj < KB / 2; ++jj) {
-      const uint16_t lo = c10::bit_cast<uint16_t>(at::BFloat16(p[m * KB + 2 * jj]));
-      const uint16_t hi = c10::bit_cast<uint16_t>(at::BFloat16(p[m * KB + 2 * jj + 1]));
-      p2[m * KB / 2 + jj] = static_cast<uint32_t>(lo) | (static_cast<uint32_t>(hi) << 16);
-    }
+  for (int64_t m = 0; m < M; ++m) round_row(p + m * KB, KB, reinterpret_cast<at::BFloat16*>(p2 + m * KB / 2));
 }
 
 // acc[m * D + d] += sum_jj (p2 pair) . (vt2 pair) for M rows, D a multiple of 64: 4 rows x 64 dims in registers.
