@@ -99,8 +99,8 @@ def test_kernel_reads_a_bf16_cache_with_fp32_sums(hq, hkv, d):
 @pytest.mark.parametrize("d", [64, 20])  # 20: rows of 40 values, so the 16-lane loop leaves a tail
 def test_write_kv_equals_the_torch_write(kv_dtype, src_dtype, d):
     """g3serve::write_kv puts each row where the torch path's index_copy_ does, cast as torch casts (bf16: nearest
-    even, ties included; infinities and NaN kept), bit for bit but for NaN payloads, with v a strided view into a fused qkv row and the
-    cache a non-first layer slot."""
+    even, ties included; infinities and NaN kept), bit for bit but for NaN payloads, with v a strided view into a
+    fused qkv row and the cache a non-first layer slot."""
     assert KernelLibrary().available
     g = torch.Generator().manual_seed(3)
     hkv, n_pages, P, t = 2, 12, 4, 9

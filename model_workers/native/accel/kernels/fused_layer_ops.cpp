@@ -64,29 +64,8 @@ using g3serve_simd::load16;   // 16 lanes of fp32 or bf16 as fp32 (simd_widen.h)
 using g3serve_simd::store16;  // 16 fp32 lanes as fp32, or rounded to bf16 as torch's cast rounds (simd_widen.h)
 #endif
 
-// bf16 -> fp32, exact.
-inline void to_float(const bf16* src, float* dst, int64_t n) {
-  int64_t i = 0;
-#if defined(__AVX512F__)
-  for (; i + 16 <= n; i += 16) _mm512_storeu_ps(dst + i, load16(src + i));
-#elif defined(__AVX2__)
-  const uint16_t* s = reinterpret_cast<const uint16_t*>(src);
-  for (; i + 8 <= n; i += 8) {
-    const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s + i)));
-    _mm256_storeu_ps(dst + i, _mm256_castsi256_ps(_mm256_slli_epi32(w, 16)));
-  }
-#endif
-  for (; i < n; ++i) dst[i] = static_cast<float>(src[i]);
-}
-
-// fp32 -> bf16, rounded to nearest even as torch's cast rounds (store16; c10::BFloat16 for the tail).
-inline void from_float(const float* src, bf16* dst, int64_t n) {
-  int64_t i = 0;
-#if defined(__AVX512F__)
-  for (; i + 16 <= n; i += 16) store16(dst + i, _mm512_loadu_ps(src + i));
-#endif
-  for (; i < n; ++i) dst[i] = bf16(src[i]);
-}
+using g3serve_simd::from_float;  // rows of fp32 rounded to bf16 (simd_widen.h)
+using g3serve_simd::to_float;    // rows of bf16 widened to fp32 (simd_widen.h)
 
 // A row of an fp32 or bf16 tensor as fp32: the row itself, or its widened copy in `scratch`.
 inline const float* row_f32(const at::Tensor& t, int64_t offset, int64_t n, float* scratch) {

@@ -15,23 +15,20 @@
 #include <cstring>
 #include <type_traits>
 
-#include "simd_widen.h"  // load16 / store16 (AVX-512 builds)
+#include "simd_widen.h"  // from_float / to_float
 
 namespace {
 
-// One row of `width` values, converted: a plain copy within a dtype; AVX-512 widens or rounds 16 lanes at a time
-// (simd_widen.h's store16 rounds as c10::BFloat16 does), the scalar loop takes the rest and the builds without it.
+// One row of `width` values, converted: a plain copy within a dtype, else simd_widen.h's row conversions (bf16
+// widened exactly; fp32 rounded to nearest even as c10::BFloat16 does).
 template <typename S, typename C>
 inline void copy_row(const S* from, C* to, int64_t width) {
-  if constexpr (std::is_same_v<S, C>) {
+  if constexpr (std::is_same_v<S, C>)
     std::memcpy(to, from, width * sizeof(C));
-  } else {
-    int64_t i = 0;
-#if defined(__AVX512F__)
-    for (; i + 16 <= width; i += 16) g3serve_simd::store16(to + i, g3serve_simd::load16(from + i));
-#endif
-    for (; i < width; ++i) to[i] = static_cast<C>(from[i]);
-  }
+  else if constexpr (std::is_same_v<C, at::BFloat16>)
+    g3serve_simd::from_float(from, to, width);
+  else
+    g3serve_simd::to_float(from, to, width);
 }
 
 template <typename S, typename C>

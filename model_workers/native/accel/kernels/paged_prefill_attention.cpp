@@ -37,7 +37,6 @@
 #include <type_traits>
 #include <vector>
 
-
 namespace {
 
 // Query tokens per block (x G heads = the block's rows). Each block streams its keys once, so larger blocks read
@@ -177,17 +176,10 @@ void load_key_pairs(const at::BFloat16* const* rows, int64_t n, int64_t D, uint3
     for (int64_t dp = 0; dp < DP; ++dp) kt2[dp * KB + j] = 0u;
 }
 
-// The bf16 values of n fp32 ones, in order, rounded to nearest even (simd_widen.h's store16: the rounding of torch's
-// cast, NaN kept) 16 at a time: a row of bf16 pairs as the dot-product instruction reads them.
-inline void round_row(const float* x, int64_t n, at::BFloat16* out) {
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16) g3serve_simd::store16(out + i, load16(x + i));
-  for (; i < n; ++i) out[i] = at::BFloat16(x[i]);
-}
-
-// q2[m * D / 2 + dp] = the bf16 pair (q_m[2 dp], q_m[2 dp + 1]), rounded to nearest even.
+// q2[m * D / 2 + dp] = the bf16 pair (q_m[2 dp], q_m[2 dp + 1]), rounded to nearest even: a row of bf16 values in
+// order is a row of pairs as the dot-product instruction reads them (simd_widen.h's from_float rounds them).
 void query_pairs(const float* q, int64_t M, int64_t D, uint32_t* q2) {
-  for (int64_t m = 0; m < M; ++m) round_row(q + m * D, D, reinterpret_cast<at::BFloat16*>(q2 + m * D / 2));
+  for (int64_t m = 0; m < M; ++m) g3serve_simd::from_float(q + m * D, reinterpret_cast<at::BFloat16*>(q2 + m * D / 2), D);
 }
 
 // s[m * KB + j] = sc * q_m . k_j over bf16 pairs, for M rows and all KB (= 32) columns.
@@ -242,7 +234,7 @@ void value_pairs(const at::BFloat16* const* rows, int64_t n, int64_t D, uint32_t
 // p2[m * KB / 2 + jj] = the bf16 pair (p[m][2jj], p[m][2jj + 1]): the softmax weights rounded for the value products
 // (as SDPA's bf16 path does); their sums stay fp32.
 void prob_pairs(const float* p, int64_t M, uint32_t* p2) {
-  for (int64_t m = 0; m < M; ++m) round_row(p + m * KB, KB, reinterpret_cast<at::BFloat16*>(p2 + m * KB / 2));
+  for (int64_t m = 0; m < M; ++m) g3serve_simd::from_float(p + m * KB, reinterpret_cast<at::BFloat16*>(p2 + m * KB / 2), KB);
 }
 
 // acc[m * D + d] += sum_jj (p2 pair) . (vt2 pair) for M rows, D a multiple of 64: 4 rows x 64 dims in registers.

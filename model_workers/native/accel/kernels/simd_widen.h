@@ -1,11 +1,17 @@
-// The kernels' shared AVX-512 pieces (one header, included by each .cpp of the library): 16 lanes of fp32 or bf16
-// read as fp32 and written back from fp32, an inlined exp, and torch's own vectorized exp.
+// The kernels' shared pieces (one header, included by each .cpp of the library): 16 lanes of fp32 or bf16 read as fp32
+// and written back from fp32, an inlined exp, and torch's own vectorized exp (AVX-512); and rows of bf16 widened to fp32
+// or fp32 rounded to bf16 (every build: vector loops where the build has them, c10's conversions for the rest).
 #pragma once
 
-#if defined(__AVX512F__)
 #include <ATen/ATen.h>
-#include <immintrin.h>
 
+#include <cstdint>
+
+#if defined(__AVX2__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+#if defined(__AVX512F__)
 namespace g3serve_simd {
 
 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
@@ -52,3 +58,31 @@ inline __m512 exp16(__m512 x) {
 // torch's own vectorized exp (SLEEF, exported by libtorch_cpu; 1-ulp accurate).
 extern "C" __m512 Sleef_expf16_u10(__m512);
 #endif
+
+namespace g3serve_simd {
+
+// bf16 -> fp32, exact.
+inline void to_float(const at::BFloat16* src, float* dst, int64_t n) {
+  int64_t i = 0;
+#if defined(__AVX512F__)
+  for (; i + 16 <= n; i += 16) _mm512_storeu_ps(dst + i, load16(src + i));
+#elif defined(__AVX2__)
+  const uint16_t* s = reinterpret_cast<const uint16_t*>(src);
+  for (; i + 8 <= n; i += 8) {
+    const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s + i)));
+    _mm256_storeu_ps(dst + i, _mm256_castsi256_ps(_mm256_slli_epi32(w, 16)));
+  }
+#endif
+  for (; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+}
+
+// fp32 -> bf16, rounded to nearest even as torch's cast rounds (store16; c10::BFloat16 for the tail).
+inline void from_float(const float* src, at::BFloat16* dst, int64_t n) {
+  int64_t i = 0;
+#if defined(__AVX512F__)
+  for (; i + 16 <= n; i += 16) store16(dst + i, _mm512_loadu_ps(src + i));
+#endif
+  for (; i < n; ++i) dst[i] = at::BFloat16(src[i]);
+}
+
+}  // namespace g3serve_simd
