@@ -49,6 +49,32 @@ from router.routing_metrics import RoutingMetrics
 logger = logging.getLogger("ray.serve")
 
 
+class PollFailures:
+    """A streak of failed hub polls, logged once: the first failure with its traceback, the recovery with the count.
+    (A hub that is gone, as at an app's shutdown, would otherwise log a traceback at every retry.)"""
+
+    def __init__(self, log: logging.Logger):
+        self._log = log
+        self.count = 0
+
+    def failed(self, retry_s: float) -> None:
+        """Call from the `except` block of a failed poll."""
+        self.count += 1
+        if self.count == 1:
+            self._log.warning(
+                "KV router: polling the hub failed; routing on what is known, retrying every %g s",
+                retry_s,
+                exc_info=True,
+            )
+        else:
+            self._log.debug("KV router: polling the hub failed again (%d in a row)", self.count, exc_info=True)
+
+    def succeeded(self) -> None:
+        if self.count:
+            self._log.info("KV router: polling the hub works again after %d failed polls", self.count)
+        self.count = 0
+
+
 class KvAwareRequestRouter(LocalityMixin, MultiplexMixin, RequestRouter):
     def initialize_state(
         self,
@@ -82,6 +108,7 @@ class KvAwareRequestRouter(LocalityMixin, MultiplexMixin, RequestRouter):
         self.idle_poll_s, self.idle_after_s = max(1.0, poll_interval_s), 2.0
         self._last_route = float("-inf")
         self._wake = asyncio.Event()
+        self._poll_failures = PollFailures(logger)
         self.decisions: dict[str, int] = {"kv": 0, "session": 0, "load": 0, "fallback": 0}
         self.metrics = RoutingMetrics()
         self.tracing = Tracing(TracingSettings(**tracing) if tracing else None, "router")
@@ -119,12 +146,16 @@ class KvAwareRequestRouter(LocalityMixin, MultiplexMixin, RequestRouter):
             except asyncio.CancelledError:
                 raise
             except Exception:  # the hub restarting or unreachable: route on what we know, retry
-                logger.warning("KV router: polling the hub failed", exc_info=True)
+                self._poll_failures.failed(self.idle_poll_s)
                 self._hub = None
-            idle = time.monotonic() - self._last_route > self.idle_after_s
+            else:
+                self._poll_failures.succeeded()
+            # While the hub fails, wait the idle pace between retries (a gone hub, as at the app's shutdown, is not
+            # asked again every poll interval).
+            slow = self._poll_failures.count or time.monotonic() - self._last_route > self.idle_after_s
             self._wake.clear()
             try:
-                await asyncio.wait_for(self._wake.wait(), self.idle_poll_s if idle else self.poll_interval_s)
+                await asyncio.wait_for(self._wake.wait(), self.idle_poll_s if slow else self.poll_interval_s)
             except TimeoutError:
                 pass
 
