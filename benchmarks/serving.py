@@ -34,8 +34,9 @@ import statistics
 import sys
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.table import Table
@@ -58,6 +59,9 @@ from proc_cpu import CpuMeter, cpu_table  # noqa: E402
 from cluster.config import G3ServeConfig  # noqa: E402
 from cluster.contracts.messages import GenerateRequest, SamplingParams  # noqa: E402
 from cluster.local_ray import CpuLayout, plan_cpu_layout, with_cpu_layout  # noqa: E402
+
+if TYPE_CHECKING:
+    from model_workers.deployment import EngineCounters
 
 
 @contextmanager
@@ -90,25 +94,33 @@ def on_cpus(layout: CpuLayout | None):
 @dataclass
 class EngineBusy:
     """An engine's steps and the seconds inside their forward passes over the timed loads of one side: how busy the
-    model kept the cores (forward / wall), and how long one forward took (forward / steps)."""
+    model kept the cores (forward / wall), how long one forward took (forward / steps), and the wall time of its
+    decode-only steps (the p50 is what one streamed token costs at the engine)."""
 
     steps: int = 0
     forward_s: float = 0.0
     wall_s: float = 0.0
+    decode_steps_s: list[float] = field(default_factory=list)
 
-    def add(self, before: tuple[int, float] | None, after: tuple[int, float] | None, wall: float) -> None:
+    def add(self, before: EngineCounters | None, after: EngineCounters | None, wall: float) -> None:
         if before is None or after is None:
             return
-        self.steps += after[0] - before[0]
-        self.forward_s += after[1] - before[1]
+        self.steps += after.steps - before.steps
+        self.forward_s += after.forward_seconds - before.forward_seconds
         self.wall_s += wall
+        self.decode_steps_s += after.decode_steps_since(before)
+
+    def decode_step_p50_ms(self) -> float | None:
+        return 1000 * statistics.median(self.decode_steps_s) if self.decode_steps_s else None
 
     def fields(self, side: str) -> str:
         if not self.steps:
-            return f"{side}_forward_ms=n/a {side}_forward_share=n/a"
+            return f"{side}_forward_ms=n/a {side}_forward_share=n/a {side}_decode_step_p50_ms=n/a"
+        step = self.decode_step_p50_ms()
         return (
             f"{side}_forward_ms={1000 * self.forward_s / self.steps:.1f} "
-            f"{side}_forward_share={self.forward_s / self.wall_s:.3f}"
+            f"{side}_forward_share={self.forward_s / self.wall_s:.3f} "
+            f"{side}_decode_step_p50_ms={'n/a' if step is None else f'{step:.1f}'}"
         )
 
 
@@ -423,11 +435,19 @@ def run_overhead(load: Load, config: G3ServeConfig) -> None:
     console.print(
         cpu_table(meters, {"in process": sum(r.tokens for r in inproc), "served": sum(r.tokens for r in served)})
     )
+    steps_ms = {side: b.decode_step_p50_ms() for side, b in busy.items()}
+    if None not in steps_ms.values():
+        console.print(
+            f"Decode step p50 (the engine's decode-only steps, scheduled to postprocessed): in process "
+            f"{steps_ms['in process']:.1f} ms, served {steps_ms['served']:.1f} ms; served ITL p50 "
+            f"{1000 * statistics.fmean(pct(r.itl, 0.5) for r in served):.1f} ms"
+        )
     inproc_tok_s = statistics.fmean(r.tok_s for r in inproc)
     serve_tok_s = statistics.fmean(r.tok_s for r in served)
     overhead = 1 - serve_tok_s / inproc_tok_s if inproc_tok_s else float("nan")
-    # In process every stream gets one token per engine step, so the in-process ITL p50 is the decode step; served,
-    # a per-token ITL p50 at or under it means the stream is not paced or merged on its way to the client.
+    # In process every stream gets one token per engine step, so the in-process ITL p50 is the decode step. Served,
+    # the decoder engine's own decode steps (decode_step_p50) are the step the stream is paced by, if at all: a
+    # served ITL p50 at or under that step means each step's tokens reach the client as it ends, none held back.
     step_ms = 1000 * statistics.fmean(pct(r.itl, 0.5) for r in inproc)
     print(
         f"RESULT requests={n} concurrency={conc} max_tokens={max_tokens} "

@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import AsyncIterator, Callable, Mapping
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from cluster.contracts.kv_events import KvEventSink, KvEventSinkFactory
@@ -60,11 +60,29 @@ EngineFactory = Callable[[EngineSettings, ModelSettings, Path, str], DecoderEngi
 ENGINE_FACTORIES: Mapping[str, EngineFactory] = {"native": _native_engine, "vllm": _vllm_engine}
 
 
-def engine_counters(engine: DecoderEngine) -> tuple[int, float] | None:
-    """(steps, seconds inside their forward passes) of an engine so far, for the serving benchmark's busy share; None
-    for an engine that does not count them (vLLM's)."""
+@dataclass(frozen=True)
+class EngineCounters:
+    """An engine's step counts so far, for the serving benchmark (busy share, the decode step beside the ITL)."""
+
+    steps: int
+    forward_seconds: float  # inside the steps' forward passes
+    decode_steps: int  # decode-only steps (one token per sequence)
+    recent_decode_step_seconds: tuple[float, ...]  # wall time of the latest decode-only steps, oldest first
+
+    def decode_steps_since(self, before: EngineCounters) -> tuple[float, ...]:
+        """The decode step times recorded after `before` was taken (as far as the engine kept them)."""
+        new = self.decode_steps - before.decode_steps
+        return self.recent_decode_step_seconds[-new:] if new > 0 else ()
+
+
+def engine_counters(engine: DecoderEngine) -> EngineCounters | None:
+    """An engine's counters so far; None for an engine that does not count its steps (vLLM's)."""
     steps, forward = getattr(engine, "steps", None), getattr(engine, "forward_seconds", None)
-    return None if steps is None or forward is None else (steps, forward)
+    if steps is None or forward is None:
+        return None
+    return EngineCounters(
+        steps, forward, getattr(engine, "decode_steps", 0), tuple(getattr(engine, "decode_step_seconds", ()))
+    )
 
 
 def replica_id() -> str:
@@ -148,7 +166,7 @@ class DecoderDeployment:
         """Step-channel messages this replica has sent (one per engine step per ingress replica with streams)."""
         return self._sender.messages_sent
 
-    def engine_counters(self) -> tuple[int, float] | None:
+    def engine_counters(self) -> EngineCounters | None:
         """This replica's engine's `engine_counters`."""
         return engine_counters(self._engine)
 

@@ -22,6 +22,7 @@ import functools
 import logging
 import os
 import time
+from collections import deque
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
@@ -47,6 +48,7 @@ from model_workers.native.sequence import Sequence
 from model_workers.settings import NativeEngineConfig
 
 log = logging.getLogger(__name__)
+DECODE_STEP_WINDOW = 4096  # decode step times kept (NativeEngine.decode_step_seconds)
 
 
 def kv_budget_bytes(cfg: NativeEngineConfig, device: torch.device) -> int:
@@ -110,6 +112,10 @@ class NativeEngine:
         self._stepping = False
         self.steps = 0
         self.forward_seconds = 0.0  # time inside the forward passes (the worker thread's), for a step's busy share
+        # Decode-only steps (one token per sequence): how many, and the wall time of the latest (scheduled to
+        # postprocessed, seconds), what one streamed token costs when steps run back to back.
+        self.decode_steps = 0
+        self.decode_step_seconds: deque[float] = deque(maxlen=DECODE_STEP_WINDOW)
         self._grammars: GrammarCompilers | None = None  # built on the first structured-output request
 
     # ---- lifecycle ------------------------------------------------------------------------------------------------
@@ -346,6 +352,7 @@ class NativeEngine:
 
     async def _step(self) -> None:
         """One step: schedule -> run -> postprocess."""
+        began = time.perf_counter()
         plan = self.scheduler.schedule()
         if plan.is_empty:  # everything waits for pages that a running abort will free
             await asyncio.sleep(0.005)
@@ -358,6 +365,9 @@ class NativeEngine:
         sampled = await self._run(plan)
         if sampled is not None:
             self._postprocess(plan, sampled)
+            if plan.num_tokens == len(plan.chunks):
+                self.decode_steps += 1
+                self.decode_step_seconds.append(time.perf_counter() - began)
 
     async def _run(self, plan: StepPlan) -> dict[str, int] | None:
         """The forward pass in the worker thread; None if it failed (its requests failed, not the replica; all of

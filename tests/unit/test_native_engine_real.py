@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from cluster.contracts.messages import FinishReason, GenerateRequest, SamplingParams
+from model_workers.deployment import EngineCounters, engine_counters
 from model_workers.gemma3.tokenizer import ChatTurn
 from model_workers.native.engine import NativeEngine
 from model_workers.settings import NativeEngineConfig
@@ -85,9 +86,17 @@ async def test_continuous_batching_equals_transformers(real_270m_ckpt, hf_model,
         ]
     )
     steps, forward = eng.steps, eng.forward_seconds
+    counters = engine_counters(eng)
     await eng.shutdown()
+    elapsed = time.perf_counter() - began
     assert steps < 4 * 16, "requests were not batched together"
-    assert 0 < forward < time.perf_counter() - began  # the steps' forward passes, timed in the worker thread
+    assert 0 < forward < elapsed  # the steps' forward passes, timed in the worker thread
+    assert (counters.steps, counters.forward_seconds) == (steps, forward)
+    # Decode-only steps are counted apart (the prompts' steps are not), each timed whole.
+    assert 15 <= counters.decode_steps < steps
+    assert len(counters.recent_decode_step_seconds) == counters.decode_steps
+    assert all(0 < s < elapsed for s in counters.recent_decode_step_seconds)
+    assert sum(counters.recent_decode_step_seconds) < elapsed
     for p, (tokens, text, last) in zip(prompts, results, strict=True):
         assert tokens == reference(hf_model, p, 16)
         assert text == tok.decode(tokens) and last.finish_reason is FinishReason.LENGTH
@@ -268,3 +277,12 @@ async def test_a_slow_consumer_gets_merged_deltas_with_every_token(real_270m_ckp
     await eng.shutdown()
     assert [t for d in deltas for t in d.token_ids] == ref and "".join(d.text for d in deltas) == ref_text
     assert len(deltas) < 12 and deltas[-1].completion_tokens == 12
+
+
+def test_decode_steps_since_takes_the_steps_after_a_snapshot_as_far_as_kept():
+    before = EngineCounters(10, 1.0, 5, (0.1, 0.2, 0.3))
+    after = EngineCounters(14, 1.5, 8, (0.3, 0.4, 0.5, 0.6))  # a window of 4: 0.1 and 0.2 dropped out
+    assert after.decode_steps_since(before) == (0.4, 0.5, 0.6)
+    assert after.decode_steps_since(after) == ()
+    much_later = EngineCounters(40, 5.0, 30, (0.7, 0.8, 0.9, 1.0))  # 25 new steps, 4 kept
+    assert much_later.decode_steps_since(before) == (0.7, 0.8, 0.9, 1.0)
