@@ -71,21 +71,24 @@ def test_runner_with_kernels_prefills_and_decodes_the_same_tokens(tiny_text_ckpt
     assert all(len(t) == 24 for t in with_kernel.values())
 
 
-@pytest.mark.parametrize("hq,hkv,d", [(8, 2, 32), (4, 1, 256), (10, 2, 64)])
-def test_kernel_reads_a_bf16_cache_with_fp32_sums(hq, hkv, d):
+@pytest.mark.parametrize("hq,hkv,d", [(8, 2, 32), (4, 1, 256), (10, 2, 64), (6, 2, 128)])
+@pytest.mark.parametrize("span", [7, 300])  # keys per sequence: a few, and more than the blocks' prefetch distance
+def test_kernel_reads_a_bf16_cache_with_fp32_sums(hq, hkv, d, span):
     """The bf16 mode's cache: the kernel widens each bf16 key/value exactly and sums in fp32, so it equals the fp32
-    reference run on the same (bf16-rounded) values."""
+    reference run on the same (bf16-rounded) values; key counts of 1, 2 and odd ones leave tails in the key blocks."""
     assert KernelLibrary().available
     op = torch.ops.g3serve.paged_decode_attention
     g = torch.Generator().manual_seed(1)
-    n_pages, P = 40, 4
+    P, b = 4, 5
+    width = (span + 2 * P) // P + 1
+    n_pages = b * width
     kv = torch.randn(2, 2, n_pages, P, hkv, d, generator=g).bfloat16()
     k_cache, v_cache = kv[1, 0], kv[1, 1]
-    q = torch.randn(5, hq, d, generator=g)
-    hi = torch.tensor([1, 5, 9, 13, 16])
-    lo = (hi - 7).clamp(min=0)
+    q = torch.randn(b, hq, d, generator=g)
+    hi = torch.tensor([1, 2, span - 1, span, span + 3])
+    lo = (hi - span).clamp(min=0)
     first = (lo // P) * P
-    pages = torch.randperm(n_pages, generator=g)[:20].view(5, 4).contiguous()
+    pages = torch.randperm(n_pages, generator=g)[: b * width].view(b, width).contiguous()
     got = op(q, k_cache, v_cache, pages, first, lo, hi, 0.125)
     assert got.dtype == torch.float32
     want = _reference(q, k_cache.float(), v_cache.float(), pages, first, lo, hi, 0.125)
