@@ -438,7 +438,7 @@ def run_overhead(load: Load, config: G3ServeConfig) -> None:
     steps_ms = {side: b.decode_step_p50_ms() for side, b in busy.items()}
     if None not in steps_ms.values():
         console.print(
-            f"Decode step p50 (the engine's decode-only steps, scheduled to postprocessed): in process "
+            f"Decode step p50 (the engine's decode-only step intervals): in process "
             f"{steps_ms['in process']:.1f} ms, served {steps_ms['served']:.1f} ms; served ITL p50 "
             f"{1000 * statistics.fmean(pct(r.itl, 0.5) for r in served):.1f} ms"
         )
@@ -446,8 +446,8 @@ def run_overhead(load: Load, config: G3ServeConfig) -> None:
     serve_tok_s = statistics.fmean(r.tok_s for r in served)
     overhead = 1 - serve_tok_s / inproc_tok_s if inproc_tok_s else float("nan")
     # In process every stream gets one token per engine step, so the in-process ITL p50 is the decode step. Served,
-    # the decoder engine's own decode steps (decode_step_p50) are the step the stream is paced by, if at all: a
-    # served ITL p50 at or under that step means each step's tokens reach the client as it ends, none held back.
+    # the decoder engine's own decode step intervals (decode_step_p50) pace the stream: a served ITL p50 at or under
+    # that step means each step's tokens reach the client as it ends, none held back or merged.
     step_ms = 1000 * statistics.fmean(pct(r.itl, 0.5) for r in inproc)
     print(
         f"RESULT requests={n} concurrency={conc} max_tokens={max_tokens} "

@@ -112,10 +112,12 @@ class NativeEngine:
         self._stepping = False
         self.steps = 0
         self.forward_seconds = 0.0  # time inside the forward passes (the worker thread's), for a step's busy share
-        # Decode-only steps (one token per sequence): how many, and the wall time of the latest (scheduled to
-        # postprocessed, seconds), what one streamed token costs when steps run back to back.
+        # Decode-only steps (one token per sequence): how many, and the latest ones' wall time in seconds, from the
+        # end of the step before (from their own start after an idle wait) to their tokens handed to the streams:
+        # the interval at which each stream gets a token while the engine decodes.
         self.decode_steps = 0
         self.decode_step_seconds: deque[float] = deque(maxlen=DECODE_STEP_WINDOW)
+        self._last_step_end: float | None = None  # None after an idle wait
         self._grammars: GrammarCompilers | None = None  # built on the first structured-output request
 
     # ---- lifecycle ------------------------------------------------------------------------------------------------
@@ -342,6 +344,7 @@ class NativeEngine:
             while not self._closed and self._dead is None:
                 self._apply_aborts()
                 if not self.scheduler.has_work:
+                    self._last_step_end = None
                     self._wake.clear()
                     await self._wake.wait()
                     continue
@@ -365,9 +368,11 @@ class NativeEngine:
         sampled = await self._run(plan)
         if sampled is not None:
             self._postprocess(plan, sampled)
+            end = time.perf_counter()
             if plan.num_tokens == len(plan.chunks):
                 self.decode_steps += 1
-                self.decode_step_seconds.append(time.perf_counter() - began)
+                self.decode_step_seconds.append(end - (began if self._last_step_end is None else self._last_step_end))
+            self._last_step_end = end
 
     async def _run(self, plan: StepPlan) -> dict[str, int] | None:
         """The forward pass in the worker thread; None if it failed (its requests failed, not the replica; all of
