@@ -94,13 +94,13 @@ def on_cpus(layout: CpuLayout | None):
 @dataclass
 class EngineBusy:
     """An engine's steps and the seconds inside their forward passes over the timed loads of one side: how busy the
-    model kept the cores (forward / wall), how long one forward took (forward / steps), and the wall time of its
-    decode-only steps (the p50 is what one streamed token costs at the engine)."""
+    model kept the cores (forward / wall), how long one forward took (forward / steps), and its step intervals (the
+    time between one step's tokens and the next's, what a decoding stream waits per token at the engine)."""
 
     steps: int = 0
     forward_s: float = 0.0
     wall_s: float = 0.0
-    decode_steps_s: list[float] = field(default_factory=list)
+    step_times: list[tuple[float, bool]] = field(default_factory=list)  # (seconds, decode-only)
 
     def add(self, before: EngineCounters | None, after: EngineCounters | None, wall: float) -> None:
         if before is None or after is None:
@@ -108,19 +108,22 @@ class EngineBusy:
         self.steps += after.steps - before.steps
         self.forward_s += after.forward_seconds - before.forward_seconds
         self.wall_s += wall
-        self.decode_steps_s += after.decode_steps_since(before)
+        self.step_times += after.steps_since(before)
 
-    def decode_step_p50_ms(self) -> float | None:
-        return 1000 * statistics.median(self.decode_steps_s) if self.decode_steps_s else None
+    def step_p50_ms(self, decode_only: bool = False) -> float | None:
+        times = [t for t, decode in self.step_times if decode or not decode_only]
+        return 1000 * statistics.median(times) if times else None
 
     def fields(self, side: str) -> str:
         if not self.steps:
-            return f"{side}_forward_ms=n/a {side}_forward_share=n/a {side}_decode_step_p50_ms=n/a"
-        step = self.decode_step_p50_ms()
+            return f"{side}_forward_ms=n/a {side}_forward_share=n/a"
+        steps = " ".join(
+            f"{side}_{name}_p50_ms={'n/a' if ms is None else f'{ms:.1f}'}"
+            for name, ms in (("step", self.step_p50_ms()), ("decode_step", self.step_p50_ms(decode_only=True)))
+        )
         return (
             f"{side}_forward_ms={1000 * self.forward_s / self.steps:.1f} "
-            f"{side}_forward_share={self.forward_s / self.wall_s:.3f} "
-            f"{side}_decode_step_p50_ms={'n/a' if step is None else f'{step:.1f}'}"
+            f"{side}_forward_share={self.forward_s / self.wall_s:.3f} {steps}"
         )
 
 
@@ -435,12 +438,13 @@ def run_overhead(load: Load, config: G3ServeConfig) -> None:
     console.print(
         cpu_table(meters, {"in process": sum(r.tokens for r in inproc), "served": sum(r.tokens for r in served)})
     )
-    steps_ms = {side: b.decode_step_p50_ms() for side, b in busy.items()}
-    if None not in steps_ms.values():
+    intervals = {side: (b.step_p50_ms(), b.step_p50_ms(decode_only=True)) for side, b in busy.items()}
+    if None not in (ms for pair in intervals.values() for ms in pair):
         console.print(
-            f"Decode step p50 (the engine's decode-only step intervals): in process "
-            f"{steps_ms['in process']:.1f} ms, served {steps_ms['served']:.1f} ms; served ITL p50 "
-            f"{1000 * statistics.fmean(pct(r.itl, 0.5) for r in served):.1f} ms"
+            "Engine step interval p50, every step (decode-only steps): in process {:.1f} ms ({:.1f}), served {:.1f} ms "
+            "({:.1f}); served ITL p50 {:.1f} ms".format(
+                *intervals["in process"], *intervals["served"], 1000 * statistics.fmean(pct(r.itl, 0.5) for r in served)
+            )
         )
     inproc_tok_s = statistics.fmean(r.tok_s for r in inproc)
     serve_tok_s = statistics.fmean(r.tok_s for r in served)

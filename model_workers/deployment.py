@@ -62,17 +62,16 @@ ENGINE_FACTORIES: Mapping[str, EngineFactory] = {"native": _native_engine, "vllm
 
 @dataclass(frozen=True)
 class EngineCounters:
-    """An engine's step counts so far, for the serving benchmark (busy share, the decode step beside the ITL)."""
+    """An engine's step counts so far, for the serving benchmark (busy share, the step interval beside the ITL)."""
 
     steps: int
     forward_seconds: float  # inside the steps' forward passes
-    decode_steps: int  # decode-only steps (one token per sequence)
-    recent_decode_step_seconds: tuple[float, ...]  # wall time of the latest decode-only steps, oldest first
+    recent_steps: tuple[tuple[float, bool], ...]  # the latest steps' (wall seconds, decode-only), oldest first
 
-    def decode_steps_since(self, before: EngineCounters) -> tuple[float, ...]:
-        """The decode step times recorded after `before` was taken (as far as the engine kept them)."""
-        new = self.decode_steps - before.decode_steps
-        return self.recent_decode_step_seconds[-new:] if new > 0 else ()
+    def steps_since(self, before: EngineCounters) -> tuple[tuple[float, bool], ...]:
+        """The steps recorded after `before` was taken (as far as the engine kept them)."""
+        new = self.steps - before.steps
+        return self.recent_steps[-new:] if new > 0 else ()
 
 
 def engine_counters(engine: DecoderEngine) -> EngineCounters | None:
@@ -80,9 +79,7 @@ def engine_counters(engine: DecoderEngine) -> EngineCounters | None:
     steps, forward = getattr(engine, "steps", None), getattr(engine, "forward_seconds", None)
     if steps is None or forward is None:
         return None
-    return EngineCounters(
-        steps, forward, getattr(engine, "decode_steps", 0), tuple(getattr(engine, "decode_step_seconds", ()))
-    )
+    return EngineCounters(steps, forward, tuple(getattr(engine, "step_seconds", ())))
 
 
 def replica_id() -> str:

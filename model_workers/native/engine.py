@@ -48,7 +48,7 @@ from model_workers.native.sequence import Sequence
 from model_workers.settings import NativeEngineConfig
 
 log = logging.getLogger(__name__)
-DECODE_STEP_WINDOW = 4096  # decode step times kept (NativeEngine.decode_step_seconds)
+STEP_WINDOW = 4096  # step times kept (NativeEngine.step_seconds)
 
 
 def kv_budget_bytes(cfg: NativeEngineConfig, device: torch.device) -> int:
@@ -112,11 +112,10 @@ class NativeEngine:
         self._stepping = False
         self.steps = 0
         self.forward_seconds = 0.0  # time inside the forward passes (the worker thread's), for a step's busy share
-        # Decode-only steps (one token per sequence): how many, and the latest ones' wall time in seconds, from the
-        # end of the step before (from their own start after an idle wait) to their tokens handed to the streams:
-        # the interval at which each stream gets a token while the engine decodes.
-        self.decode_steps = 0
-        self.decode_step_seconds: deque[float] = deque(maxlen=DECODE_STEP_WINDOW)
+        # The latest steps' wall time in seconds, from the end of the step before (from their own start after an
+        # idle wait) to their tokens handed to the streams, each with whether it was decode-only (one token per
+        # sequence): the interval at which a decoding stream gets its next token. `steps` counts them all.
+        self.step_seconds: deque[tuple[float, bool]] = deque(maxlen=STEP_WINDOW)
         self._last_step_end: float | None = None  # None after an idle wait
         self._grammars: GrammarCompilers | None = None  # built on the first structured-output request
 
@@ -369,9 +368,8 @@ class NativeEngine:
         if sampled is not None:
             self._postprocess(plan, sampled)
             end = time.perf_counter()
-            if plan.num_tokens == len(plan.chunks):
-                self.decode_steps += 1
-                self.decode_step_seconds.append(end - (began if self._last_step_end is None else self._last_step_end))
+            since = began if self._last_step_end is None else self._last_step_end
+            self.step_seconds.append((end - since, plan.num_tokens == len(plan.chunks)))
             self._last_step_end = end
 
     async def _run(self, plan: StepPlan) -> dict[str, int] | None:

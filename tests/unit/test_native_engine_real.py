@@ -92,11 +92,12 @@ async def test_continuous_batching_equals_transformers(real_270m_ckpt, hf_model,
     assert steps < 4 * 16, "requests were not batched together"
     assert 0 < forward < elapsed  # the steps' forward passes, timed in the worker thread
     assert (counters.steps, counters.forward_seconds) == (steps, forward)
-    # Decode-only steps are counted apart (the prompts' steps are not), each timed whole.
-    assert 15 <= counters.decode_steps < steps
-    assert len(counters.recent_decode_step_seconds) == counters.decode_steps
-    assert all(0 < s < elapsed for s in counters.recent_decode_step_seconds)
-    assert sum(counters.recent_decode_step_seconds) < elapsed
+    # Every step's interval is kept (the window holds them all here), decode-only steps marked: the last request's
+    # 15 tokens after its first came from steps without prompt chunks.
+    assert len(counters.recent_steps) == steps
+    assert 15 <= sum(decode for _, decode in counters.recent_steps) < steps
+    assert all(0 < t < elapsed for t, _ in counters.recent_steps)
+    assert sum(t for t, _ in counters.recent_steps) < elapsed
     for p, (tokens, text, last) in zip(prompts, results, strict=True):
         assert tokens == reference(hf_model, p, 16)
         assert text == tok.decode(tokens) and last.finish_reason is FinishReason.LENGTH
@@ -279,10 +280,10 @@ async def test_a_slow_consumer_gets_merged_deltas_with_every_token(real_270m_ckp
     assert len(deltas) < 12 and deltas[-1].completion_tokens == 12
 
 
-def test_decode_steps_since_takes_the_steps_after_a_snapshot_as_far_as_kept():
-    before = EngineCounters(10, 1.0, 5, (0.1, 0.2, 0.3))
-    after = EngineCounters(14, 1.5, 8, (0.3, 0.4, 0.5, 0.6))  # a window of 4: 0.1 and 0.2 dropped out
-    assert after.decode_steps_since(before) == (0.4, 0.5, 0.6)
-    assert after.decode_steps_since(after) == ()
-    much_later = EngineCounters(40, 5.0, 30, (0.7, 0.8, 0.9, 1.0))  # 25 new steps, 4 kept
-    assert much_later.decode_steps_since(before) == (0.7, 0.8, 0.9, 1.0)
+def test_steps_since_takes_the_steps_after_a_snapshot_as_far_as_kept():
+    before = EngineCounters(3, 1.0, ((0.1, False), (0.2, True), (0.3, True)))
+    after = EngineCounters(6, 1.5, ((0.3, True), (0.4, True), (0.5, False), (0.6, True)))  # a window of 4
+    assert after.steps_since(before) == ((0.4, True), (0.5, False), (0.6, True))
+    assert after.steps_since(after) == ()
+    much_later = EngineCounters(30, 5.0, ((0.7, True), (0.8, True), (0.9, True), (1.0, True)))  # 27 new, 4 kept
+    assert much_later.steps_since(before) == ((0.7, True), (0.8, True), (0.9, True), (1.0, True))
