@@ -75,7 +75,7 @@ def _decoder(name: str, config: G3ServeConfig) -> Application:
     decoder_opts = decoder_options(name, config)
     kv_events = None
     if config.router.enabled:
-        kv_events = HubPublisherFactory(period_s=config.router.publish_interval_s)
+        kv_events = HubPublisherFactory(period_s=config.router.publish_interval_s, log_size=config.router.hub_log_size)
         router_kwargs = config.router.request_router_kwargs(engine_page_size(config))
         if config.tracing.enabled:
             router_kwargs["tracing"] = config.tracing.model_dump()

@@ -1,6 +1,6 @@
 """How KV events travel from decoder replicas to the routers: one small named Ray actor per decoder deployment.
 
-    decoder replica --publish(replica_id, events, load) every 0.1 s, when changed--> KvEventHub
+    decoder replica --publish(replica_id, events, load) every 0.1 s, when changed--> KvEventHub (the replicas create it)
     every router (one per process holding a handle) <--events_since(cursor) every 0.1 s (1 s between bursts)-- KvEventHub
 
 Why a hub: Ray Serve's own channel (`record_routing_stats`, polled by the controller and broadcast with the
@@ -95,8 +95,17 @@ class KvEventHub(KvEventHubImpl):
     pass
 
 
+def find_hub(app_name: str, deployment: str):
+    """The deployment's hub if it exists, else None. Routers only look it up; the decoder replicas create it, so a
+    router never brings back a hub that `serve.shutdown()` removed (it would then outlive the app)."""
+    try:
+        return ray.get_actor(hub_name(app_name, deployment), namespace=HUB_NAMESPACE)
+    except ValueError:
+        return None
+
+
 def get_or_create_hub(app_name: str, deployment: str, log_size: int = 100_000):
-    """The deployment's hub, created by whichever side (replica or router) asks first."""
+    """The deployment's hub, created by the first decoder replica that asks (`log_size` applies to that one)."""
     name = hub_name(app_name, deployment)
     hub = KvEventHub.options(name=name, namespace=HUB_NAMESPACE, get_if_exists=True, lifetime="detached").remote(
         log_size=log_size
@@ -129,11 +138,13 @@ class KvEventPublisher:
         self._sent_at = float("-inf")
 
     @classmethod
-    def for_current_replica(cls, engine: KvEventSource, period_s: float = 0.1) -> KvEventPublisher:
+    def for_current_replica(
+        cls, engine: KvEventSource, period_s: float = 0.1, log_size: int = 100_000
+    ) -> KvEventPublisher:
         from ray import serve
 
         ctx = serve.get_replica_context()
-        hub = get_or_create_hub(ctx.app_name, ctx.deployment)
+        hub = get_or_create_hub(ctx.app_name, ctx.deployment, log_size)
         return cls(engine, ctx.replica_id.unique_id, hub, period_s)
 
     async def publish_once(self, first: bool = False) -> bool:
@@ -193,6 +204,7 @@ class HubPublisherFactory:
     the deployment's arguments, and called inside the replica, where the Serve context names the hub."""
 
     period_s: float = 0.1
+    log_size: int = 100_000  # the hub's event log, if this deployment's first replica creates the hub
 
     def __call__(self, source: KvEventSource) -> KvEventPublisher:
-        return KvEventPublisher.for_current_replica(source, period_s=self.period_s)
+        return KvEventPublisher.for_current_replica(source, period_s=self.period_s, log_size=self.log_size)

@@ -40,7 +40,7 @@ from cluster.contracts.messages import GenerateRequest
 from cluster.contracts.prefix_hash import page_hashes
 from cluster.contracts.stage_timing import ROUTE
 from cluster.contracts.tracing import Tracing, TracingSettings
-from router.kv_hub import HubUpdate, get_or_create_hub
+from router.kv_hub import HubUpdate, find_hub
 from router.kv_index import KvIndex
 from router.load_view import LoadView
 from router.policy import Candidate, Decision, PolicyConfig, RouteQuery, choose_replica
@@ -84,7 +84,6 @@ class KvAwareRequestRouter(LocalityMixin, MultiplexMixin, RequestRouter):
         predict_on_route: bool = True,
         poll_interval_s: float = 0.1,
         inflight_ttl_s: float = 2.0,
-        hub_log_size: int = 100_000,
         tracing: dict[str, Any] | None = None,
         **_: Any,
     ) -> None:
@@ -93,7 +92,6 @@ class KvAwareRequestRouter(LocalityMixin, MultiplexMixin, RequestRouter):
         self.loads = LoadView(inflight_ttl_s=inflight_ttl_s, report_lag_s=poll_interval_s)
         self.predict_on_route = predict_on_route
         self.poll_interval_s = poll_interval_s
-        self.hub_log_size = hub_log_size
         self._session_map_size = session_map_size
         self._sessions: OrderedDict[str, str] = OrderedDict()  # session id -> replica unique id
         self._hash_cache: OrderedDict[str, tuple[int, list[int]]] = OrderedDict()  # request id -> (page, hashes)
@@ -137,22 +135,23 @@ class KvAwareRequestRouter(LocalityMixin, MultiplexMixin, RequestRouter):
     async def _poll_forever(self) -> None:
         while True:
             try:
-                if self._hub is None:
-                    self._hub = get_or_create_hub(
-                        self._deployment_id.app_name, self._deployment_id.name, self.hub_log_size
-                    )
-                upd = await self._hub.events_since.remote(self._epoch, self._cursor)
-                self.apply_update(upd)
+                if self._hub is None:  # none yet (no decoder replica has started one), or gone: look again
+                    self._hub = find_hub(self._deployment_id.app_name, self._deployment_id.name)
+                if self._hub is not None:
+                    self.apply_update(await self._hub.events_since.remote(self._epoch, self._cursor))
+                    self._poll_failures.succeeded()
             except asyncio.CancelledError:
                 raise
             except Exception:  # the hub restarting or unreachable: route on what we know, retry
                 self._poll_failures.failed(self.idle_poll_s)
                 self._hub = None
-            else:
-                self._poll_failures.succeeded()
-            # While the hub fails, wait the idle pace between retries (a gone hub, as at the app's shutdown, is not
-            # asked again every poll interval).
-            slow = self._poll_failures.count or time.monotonic() - self._last_route > self.idle_after_s
+            # Without a hub, or while it fails, wait the idle pace between tries (a hub gone at the app's shutdown
+            # is not asked again every poll interval).
+            slow = (
+                self._hub is None
+                or self._poll_failures.count
+                or time.monotonic() - self._last_route > self.idle_after_s
+            )
             self._wake.clear()
             try:
                 await asyncio.wait_for(self._wake.wait(), self.idle_poll_s if slow else self.poll_interval_s)

@@ -103,5 +103,4 @@ class RouterSettings(ConfigSection):
             "predict_on_route": self.predict_on_route,
             "poll_interval_s": self.poll_interval_s,
             "inflight_ttl_s": self.inflight_ttl_s,
-            "hub_log_size": self.hub_log_size,
         }

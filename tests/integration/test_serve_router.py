@@ -118,3 +118,11 @@ async def test_router_follows_published_kv_events(kv_app):
         except Exception:  # a request in flight to the dying actor may fail once; the router must move on
             continue
     assert served and dead not in served
+
+
+async def test_routers_find_the_hub_the_replicas_created_and_none_where_there_is_none(kv_app):
+    from router.kv_hub import find_hub
+
+    assert find_hub(APP, "KvStub") is not None  # created by the replicas (get_or_create_hub)
+    assert find_hub(APP, "NoSuchDeployment") is None  # a router only looks: nothing is created for it
+    assert find_hub(APP, "NoSuchDeployment") is None
