@@ -21,7 +21,7 @@ ROLES: tuple[tuple[str, str], ...] = (
     ("VLLM::Worker", "vLLM worker (model forward)"),
     ("VLLM::EngineCore", "vLLM engine core (scheduler)"),
     ("vllm.entrypoints.openai.api_server", "vLLM API server (HTTP, tokenize, detokenize)"),
-    (":decoder", "g3serve decoder replica (AsyncLLM front end, adapter)"),
+    (":decoder", "g3serve decoder replica (the native engine, or the vLLM adapter)"),
     (":ingress", "g3serve ingress (FastAPI, tokenize, SSE)"),
     ("ProxyActor", "Ray Serve HTTP proxy"),
     ("KvEventHub", "g3serve KV event hub"),
