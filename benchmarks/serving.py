@@ -438,13 +438,12 @@ def run_overhead(load: Load, config: G3ServeConfig) -> None:
     console.print(
         cpu_table(meters, {"in process": sum(r.tokens for r in inproc), "served": sum(r.tokens for r in served)})
     )
+    itl_serve_ms = 1000 * statistics.fmean(pct(r.itl, 0.5) for r in served)
     intervals = {side: (b.step_p50_ms(), b.step_p50_ms(decode_only=True)) for side, b in busy.items()}
     if None not in (ms for pair in intervals.values() for ms in pair):
         console.print(
             "Engine step interval p50, every step (decode-only steps): in process {:.1f} ms ({:.1f}), served {:.1f} ms "
-            "({:.1f}); served ITL p50 {:.1f} ms".format(
-                *intervals["in process"], *intervals["served"], 1000 * statistics.fmean(pct(r.itl, 0.5) for r in served)
-            )
+            "({:.1f}); served ITL p50 {:.1f} ms".format(*intervals["in process"], *intervals["served"], itl_serve_ms)
         )
     inproc_tok_s = statistics.fmean(r.tok_s for r in inproc)
     serve_tok_s = statistics.fmean(r.tok_s for r in served)
@@ -462,7 +461,7 @@ def run_overhead(load: Load, config: G3ServeConfig) -> None:
         f"served_vs_inproc={serve_tok_s / inproc_tok_s if inproc_tok_s else float('nan'):.3f} "
         f"ttft_p50_inproc_s={statistics.fmean(pct(r.ttft, 0.5) for r in inproc):.3f} "
         f"ttft_p50_serve_s={statistics.fmean(pct(r.ttft, 0.5) for r in served):.3f} "
-        f"itl_p50_serve_ms={1000 * statistics.fmean(pct(r.itl, 0.5) for r in served):.1f} "
+        f"itl_p50_serve_ms={itl_serve_ms:.1f} "
         f"itl_p50_inproc_ms={step_ms:.1f} "
         f"inproc_engine_steps={steps if steps is not None else 'n/a'} serve_channel_messages={messages} "
         f"{busy['in process'].fields('inproc')} {busy['served'].fields('serve')} "

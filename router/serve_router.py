@@ -145,13 +145,9 @@ class KvAwareRequestRouter(LocalityMixin, MultiplexMixin, RequestRouter):
             except Exception:  # the hub restarting or unreachable: route on what we know, retry
                 self._poll_failures.failed(self.idle_poll_s)
                 self._hub = None
-            # Without a hub, or while it fails, wait the idle pace between tries (a hub gone at the app's shutdown
-            # is not asked again every poll interval).
-            slow = (
-                self._hub is None
-                or self._poll_failures.count
-                or time.monotonic() - self._last_route > self.idle_after_s
-            )
+            # Without a hub (none yet, or dropped after a failed poll), wait the idle pace between tries: a hub gone
+            # at the app's shutdown is not asked again every poll interval.
+            slow = self._hub is None or time.monotonic() - self._last_route > self.idle_after_s
             self._wake.clear()
             try:
                 await asyncio.wait_for(self._wake.wait(), self.idle_poll_s if slow else self.poll_interval_s)

@@ -124,5 +124,5 @@ async def test_routers_find_the_hub_the_replicas_created_and_none_where_there_is
     from router.kv_hub import find_hub
 
     assert find_hub(APP, "KvStub") is not None  # created by the replicas (get_or_create_hub)
-    assert find_hub(APP, "NoSuchDeployment") is None  # a router only looks: nothing is created for it
     assert find_hub(APP, "NoSuchDeployment") is None
+    assert find_hub(APP, "NoSuchDeployment") is None  # still none: a lookup creates nothing

@@ -179,7 +179,8 @@ void load_key_pairs(const at::BFloat16* const* rows, int64_t n, int64_t D, uint3
 // q2[m * D / 2 + dp] = the bf16 pair (q_m[2 dp], q_m[2 dp + 1]), rounded to nearest even: a row of bf16 values in
 // order is a row of pairs as the dot-product instruction reads them (simd_widen.h's from_float rounds them).
 void query_pairs(const float* q, int64_t M, int64_t D, uint32_t* q2) {
-  for (int64_t m = 0; m < M; ++m) g3serve_simd::from_float(q + m * D, reinterpret_cast<at::BFloat16*>(q2 + m * D / 2), D);
+  for (int64_t m = 0; m < M; ++m)
+    g3serve_simd::from_float(q + m * D, reinterpret_cast<at::BFloat16*>(q2 + m * D / 2), D);
 }
 
 // s[m * KB + j] = sc * q_m . k_j over bf16 pairs, for M rows and all KB (= 32) columns.
@@ -234,7 +235,8 @@ void value_pairs(const at::BFloat16* const* rows, int64_t n, int64_t D, uint32_t
 // p2[m * KB / 2 + jj] = the bf16 pair (p[m][2jj], p[m][2jj + 1]): the softmax weights rounded for the value products
 // (as SDPA's bf16 path does); their sums stay fp32.
 void prob_pairs(const float* p, int64_t M, uint32_t* p2) {
-  for (int64_t m = 0; m < M; ++m) g3serve_simd::from_float(p + m * KB, reinterpret_cast<at::BFloat16*>(p2 + m * KB / 2), KB);
+  for (int64_t m = 0; m < M; ++m)
+    g3serve_simd::from_float(p + m * KB, reinterpret_cast<at::BFloat16*>(p2 + m * KB / 2), KB);
 }
 
 // acc[m * D + d] += sum_jj (p2 pair) . (vt2 pair) for M rows, D a multiple of 64: 4 rows x 64 dims in registers.

@@ -1,6 +1,6 @@
-// The kernels' shared pieces (one header, included by each .cpp of the library): 16 lanes of fp32 or bf16 read as fp32
-// and written back from fp32, an inlined exp, and torch's own vectorized exp (AVX-512); and rows of bf16 widened to fp32
-// or fp32 rounded to bf16 (every build: vector loops where the build has them, c10's conversions for the rest).
+// The kernels' shared pieces (one header, included by each .cpp of the library): 16 lanes of fp32 or bf16 read as
+// fp32 and written back from fp32, an inlined exp, and torch's own vectorized exp (AVX-512); and rows of bf16 widened
+// to fp32 or fp32 rounded to bf16 (every build: vector loops where the build has them, c10's conversions for the rest).
 #pragma once
 
 #include <ATen/ATen.h>
