@@ -126,3 +126,45 @@ async def test_routers_find_the_hub_the_replicas_created_and_none_where_there_is
     assert find_hub(APP, "KvStub") is not None  # created by the replicas (get_or_create_hub)
     assert find_hub(APP, "NoSuchDeployment") is None
     assert find_hub(APP, "NoSuchDeployment") is None  # still none: a lookup creates nothing
+
+
+def test_the_hub_a_replica_creates_keeps_the_configured_log_size(ray_cluster):
+    """router.hub_log_size reaches the hub: the app hands it to the decoder replicas' publisher factory
+    (tests/unit/test_hub_poll_failures.py), and the hub the first replica creates keeps that many events, so a router
+    that fell further behind gets a snapshot."""
+    import ray
+    from ray import serve
+
+    from router.kv_hub import HubPublisherFactory, find_hub
+
+    class _Source:  # the engine side of a publisher (KvEventSource); unused here: the test publishes itself
+        def drain_kv_events(self):
+            return []
+
+        def load(self):
+            return ReplicaLoad("engine", running=0, waiting=0, free_pages=1, total_pages=1, page_size=PAGE)
+
+    @serve.deployment(ray_actor_options={"num_cpus": 0}, logging_config={"enable_access_log": False})
+    class SmallLog:
+        def __init__(self) -> None:
+            self.hub = HubPublisherFactory(log_size=16)(_Source()).hub
+
+        async def publish(self, n: int) -> None:
+            for i in range(n):
+                await self.hub.publish.remote("r", [KvEvent("r", stored=(i,))], None)
+
+    app = "kvhub-logsize-test"
+    handle = serve.run(SmallLog.bind(), name=app, route_prefix=None)
+    hub = None
+    try:
+        hub = find_hub(app, "SmallLog")
+        assert hub is not None
+        first = ray.get(hub.events_since.remote(None, 0))
+        handle.publish.remote(10).result()
+        assert not ray.get(hub.events_since.remote(first.epoch, first.cursor)).snapshot  # 10 events: in the log
+        handle.publish.remote(30).result()
+        assert ray.get(hub.events_since.remote(first.epoch, first.cursor)).snapshot  # 40 > 16: fell behind
+    finally:
+        serve.delete(app)
+        if hub is not None:  # serve.delete leaves the hub (only serve.shutdown removes it)
+            ray.kill(hub)
